@@ -1,0 +1,40 @@
+# The README's two commands: `make serve` and `make test`. Both create .venv and install what is needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+# Where no NVIDIA GPU is visible, install a CPU build of torch (a local +cpu wheel where the machine
+# has one, else PyTorch's CPU index) instead of the multi-GB CUDA build. Override with TORCH_SPEC=...
+HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: serve test bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	@if $(PYTHON) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then \
+	  echo "using the system's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV); fi
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if $(BIN)/python -c 'import torch' 2>/dev/null; then echo "torch already installed"; \
+	elif [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; \
+	elif [ -n "$(HAVE_GPU)" ]; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q --only-binary=:all: "torch==2.13.0+cpu" 2>/dev/null \
+	  || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu; fi
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+serve: $(BIN)/.installed
+	$(BIN)/wattproxy serve $(ARGS)
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check proxy backends tests bench
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench.run_all
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check proxy backends tests bench
+	$(BIN)/ruff format --check proxy backends tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache
