@@ -1,0 +1,91 @@
+"""The `Backend` protocol: what the proxy asks of a model runner.
+
+A backend is loaded once, then runs *batches* of compatible requests (equal `batch_key`) one at a
+time on its device, from the device's worker thread. It never imports `proxy`: the proxy measures
+energy around `run()` and splits it by the `work_units` each result reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Task = Literal["text", "image"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """One completion (`prompt`) or chat (`messages`) request, already validated."""
+
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    # Called from the worker thread with each new piece of text as it is generated (streaming).
+    on_text: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class TextResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+    work_units: float  # prompt + generated tokens: the share of the batch's energy this member gets
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    n: int = 1
+    width: int = 64
+    height: int = 64
+    steps: int = 4
+    guidance_scale: float = 7.5
+    seed: int | None = None
+    negative_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    images_png: tuple[bytes, ...]
+    seeds: tuple[int, ...]  # the seed of each image's own torch.Generator (reproducible)
+    work_units: float  # steps x pixels x images (x2 with classifier-free guidance)
+
+
+BackendRequest = TextRequest | ImageRequest
+BackendResult = TextResult | ImageResult
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model runner. `load`, `run` and `synchronize` block: call them from a worker thread."""
+
+    name: str
+    task: Task
+    device: str  # "cpu", "cuda:0", ...
+
+    def load(self) -> None:
+        """Load weights (from_pretrained, safetensors only, no remote code) onto `device`."""
+
+    def batch_key(self, request: BackendRequest) -> Hashable:
+        """Requests with equal keys may run in one batch."""
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        """Run one batch; results are in the order of `batch`."""
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished the work queued so far (before a meter read)."""
+
+    def close(self) -> None:
+        """Release the model and its device memory."""

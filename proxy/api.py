@@ -1,0 +1,565 @@
+"""Thin HTTP handlers: parse, validate against the model's limits, enqueue, await, respond (SSE when
+streaming). The energy extension rides in every usage object and, for plain responses, in headers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from backends.base import ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
+from proxy.config import ModelSettings, parse_size
+from proxy.errors import ApiError, InvalidRequest, NotFound, Overloaded, RateLimited, ServerError
+from proxy.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    ChunkChoice,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    EnergyUsage,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageUsage,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from proxy.scheduler import ModelQueue, Outcome, QueueFull, RequestTag, WorkItem
+from proxy.state import REQUEST_ID, SERVICE, USER, ServedModel, Service
+
+JOULES_PER_KWH = 3.6e6
+
+
+def _json(model: BaseModel, *, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=model.model_dump_json(exclude_none=False), content_type="application/json", headers=headers
+    )
+
+
+async def _body(request: web.Request) -> Any:
+    if request.content_type not in ("application/json", "", "application/octet-stream", "text/plain"):
+        raise InvalidRequest(f"unsupported content type {request.content_type!r}; send application/json")
+    raw = await request.read()
+    if not raw:
+        raise InvalidRequest("request body is empty; send a JSON object", code="invalid_json")
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _model(service: Service, name: str | None, task: str) -> ServedModel:
+    if name is None:
+        served = next((m for m in service.models.values() if m.settings.task == task), None)
+        if served is None:
+            raise NotFound(f"no {task} model is served", param="model", code="model_not_found")
+    else:
+        served = service.models.get(name)
+        if served is None:
+            raise NotFound(f"The model '{name}' does not exist", param="model", code="model_not_found")
+    if served.settings.task != task:
+        raise InvalidRequest(
+            f"model '{served.settings.name}' is a {served.settings.task} model, not a {task} model",
+            param="model",
+            code="wrong_task",
+        )
+    if served.queue is None:
+        raise Overloaded(f"model '{served.settings.name}' is still loading", retry_after_s=5)
+    return served
+
+
+def _tag(request: web.Request, served: ServedModel) -> RequestTag:
+    return RequestTag(
+        request_id=request[REQUEST_ID],
+        model=served.settings.name,
+        task=served.settings.task,
+        user=request.get(USER, "anonymous"),
+    )
+
+
+def _submit(
+    queue: ModelQueue, req: Any, tag: RequestTag, pieces: asyncio.Queue[str | None] | None = None
+) -> WorkItem:
+    try:
+        return queue.submit(req, tag, pieces=pieces)
+    except QueueFull as e:
+        raise RateLimited(str(e), retry_after_s=e.retry_after_s) from e
+
+
+async def _wait(queue: ModelQueue, items: Sequence[WorkItem]) -> list[Outcome]:
+    """Await every item; if the client leaves, queued items are dropped and never run."""
+    try:
+        return list(await asyncio.gather(*(it.future for it in items)))
+    except asyncio.CancelledError:
+        _abandon(queue, items)
+        raise
+
+
+def _abandon(queue: ModelQueue, items: Sequence[WorkItem]) -> None:
+    for it in items:
+        queue.drop(it)
+        if not it.future.done():
+            it.future.cancel()
+
+
+def _raise_failed(outcomes: Sequence[Outcome]) -> None:
+    failed = next((o for o in outcomes if o.error is not None), None)
+    if failed is not None:
+        raise ServerError(f"the model failed while generating (request id {failed.tag.request_id})")
+
+
+def energy_usage(outcomes: Sequence[Outcome]) -> EnergyUsage:
+    """The energy extension for one response, summed over its members."""
+    joules = sum(o.charge.joules for o in outcomes)
+    first = outcomes[0]
+    carbon = [o.tag.carbon for o in outcomes if o.tag.carbon is not None]
+    co2 = sum(c.co2_grams for c in carbon)
+    embodied = sum(c.embodied_co2_grams for c in carbon)
+    return EnergyUsage(
+        kwh=joules / JOULES_PER_KWH,
+        joules=joules,
+        co2_grams=co2,
+        measurement=first.charge.measurement,  # type: ignore[arg-type]
+        device=first.charge.device,
+        uncertainty_kwh=sum(o.charge.uncertainty_joules for o in outcomes) / JOULES_PER_KWH,
+        carbon_intensity_g_per_kwh=carbon[0].intensity_g_per_kwh if carbon else 0.0,
+        pue=carbon[0].pue if carbon else 1.0,
+        idle_joules=sum(o.charge.idle_joules for o in outcomes),
+        embodied_co2_grams=embodied if carbon and embodied else None,
+        carbon_source=carbon[0].source if carbon else None,
+    )
+
+
+def energy_headers(energy: EnergyUsage, request_id: str) -> dict[str, str]:
+    return {
+        "X-Energy-kWh": repr(energy.kwh),
+        "X-Energy-Joules": repr(energy.joules),
+        "X-CO2-Grams": repr(energy.co2_grams),
+        "X-Energy-Measurement": energy.measurement,
+        "X-Request-Id": request_id,
+    }
+
+
+def _text_usage(outcomes: Sequence[Outcome]) -> Usage:
+    results = [o.result for o in outcomes if isinstance(o.result, TextResult)]
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        energy=energy_usage(outcomes),
+    )
+
+
+def _max_tokens(ms: ModelSettings, *candidates: int | None) -> int:
+    asked = next((c for c in candidates if c is not None), None)
+    if asked is None:
+        return ms.default_max_tokens
+    if asked > ms.max_tokens:
+        raise InvalidRequest(
+            f"max_tokens is {asked}, above this model's limit of {ms.max_tokens}",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
+    return asked
+
+
+def _check_n(ms: ModelSettings, n: int) -> None:
+    if n > ms.max_n:
+        raise InvalidRequest(
+            f"n is {n}, above this model's limit of {ms.max_n}", param="n", code="n_exceeded"
+        )
+
+
+def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> None:
+    counted = served.count_prompt_tokens(req)
+    if counted > served.settings.max_prompt_tokens:
+        raise InvalidRequest(
+            f"the prompt has {counted} tokens, above this model's limit "
+            f"of {served.settings.max_prompt_tokens}",
+            param=param,
+            code="context_length_exceeded",
+        )
+    context = served.max_context_tokens()
+    if context is not None and counted + req.max_tokens > context:
+        raise InvalidRequest(
+            f"prompt ({counted} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's context of "
+            f"{context} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+
+class _Streamer:
+    """Feeds text pieces from the worker thread into an asyncio queue, in order."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def __call__(self, piece: str) -> None:
+        self.loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
+
+
+async def _sse(resp: web.StreamResponse, payload: BaseModel | dict[str, Any] | str) -> None:
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump_json(exclude_none=True)
+    elif isinstance(payload, dict):
+        data = json.dumps(payload)
+    else:
+        data = payload
+    await resp.write(f"data: {data}\n\n".encode())
+
+
+async def _start_sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Request-Id": request[REQUEST_ID],
+        }
+    )
+    await resp.prepare(request)
+    return resp
+
+
+async def _stream_text(
+    request: web.Request,
+    queue: ModelQueue,
+    items: Sequence[WorkItem],
+    streamers: Sequence[_Streamer],
+    make_chunk: Any,
+    include_usage: bool,
+) -> web.StreamResponse:
+    """Stream each member's pieces in order (index by index), then finish reasons and usage."""
+    resp = await _start_sse(request)
+    try:
+        await make_chunk.start(resp)
+        for index, streamer in enumerate(streamers):
+            while (piece := await streamer.pieces.get()) is not None:
+                await _sse(resp, make_chunk.piece(index, piece))
+        outcomes = await _wait(queue, items)
+        if any(o.error is not None for o in outcomes):
+            err = ServerError(f"the model failed while generating (request id {request[REQUEST_ID]})")
+            await _sse(resp, err.body())
+        else:
+            for index, o in enumerate(outcomes):
+                assert isinstance(o.result, TextResult)
+                await _sse(resp, make_chunk.finish(index, o.result.finish_reason))
+            if include_usage:
+                await _sse(resp, make_chunk.usage(_text_usage(outcomes)))
+        await _sse(resp, "[DONE]")
+        await resp.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        _abandon(queue, items)
+        raise
+    return resp
+
+
+class _ChatChunks:
+    def __init__(self, rid: str, model: str, n: int) -> None:
+        self.id, self.model, self.n, self.created = f"chatcmpl-{rid}", model, n, int(time.time())
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    async def start(self, resp: web.StreamResponse) -> None:
+        for i in range(self.n):
+            await _sse(
+                resp, self._chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
+            )
+
+    def piece(self, index: int, text: str) -> ChatCompletionChunk:
+        return self._chunk([ChunkChoice(index=index, delta=ChunkDelta(content=text))])
+
+    def finish(self, index: int, reason: str) -> ChatCompletionChunk:
+        return self._chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason)])  # type: ignore[arg-type]
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        chunk = self._chunk([], usage).model_dump(exclude_none=True)
+        chunk["choices"] = []
+        return chunk
+
+
+class _CompletionChunks(_ChatChunks):
+    def __init__(self, rid: str, model: str, n: int) -> None:
+        super().__init__(rid, model, n)
+        self.id = f"cmpl-{rid}"
+
+    async def start(self, resp: web.StreamResponse) -> None:
+        return None
+
+    def piece(self, index: int, text: str) -> dict[str, Any]:  # type: ignore[override]
+        return self._completion([CompletionChoice(index=index, text=text, finish_reason=None)])
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:  # type: ignore[override]
+        return self._completion([CompletionChoice(index=index, text="", finish_reason=reason)])  # type: ignore[arg-type]
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return self._completion([], usage)
+
+    def _completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, Any]:
+        c = Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return c.model_dump(exclude_none=False, exclude={"usage"} if usage is None else set())
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    req = ChatCompletionRequest.model_validate(await _body(request))
+    served = _model(service, req.model, "text")
+    ms = served.settings
+    _check_n(ms, req.n)
+    max_tokens = _max_tokens(ms, req.max_completion_tokens, req.max_tokens)
+    messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
+    base = TextRequest(
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stop_list(),
+        seed=req.seed,
+    )
+    _check_prompt(served, base, "messages")
+    assert served.queue is not None
+    queue = served.queue
+    if req.stream:
+        streamers = [_Streamer() for _ in range(req.n)]
+        items = []
+        try:
+            for s in streamers:
+                items.append(_submit(queue, _with_stream(base, s), _tag(request, served), s.pieces))
+        except ApiError:
+            _abandon(queue, items)
+            raise
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _stream_text(
+            request,
+            queue,
+            items,
+            streamers,
+            _ChatChunks(request[REQUEST_ID], ms.name, req.n),
+            include_usage,
+        )
+    items = _submit_all(queue, [base] * req.n, request, served)
+    outcomes = await _wait(queue, items)
+    _raise_failed(outcomes)
+    usage = _text_usage(outcomes)
+    choices = []
+    for i, o in enumerate(outcomes):
+        assert isinstance(o.result, TextResult)
+        choices.append(
+            ChatChoice(
+                index=i, message=ChatMessageOut(content=o.result.text), finish_reason=o.result.finish_reason
+            )
+        )
+    body = ChatCompletion(id=f"chatcmpl-{request[REQUEST_ID]}", model=ms.name, choices=choices, usage=usage)
+    assert usage.energy is not None
+    return _json(body, headers=energy_headers(usage.energy, request[REQUEST_ID]))
+
+
+def _with_stream(base: TextRequest, streamer: _Streamer) -> TextRequest:
+    from dataclasses import replace
+
+    return replace(base, on_text=streamer)
+
+
+def _submit_all(
+    queue: ModelQueue, reqs: Sequence[Any], request: web.Request, served: ServedModel
+) -> list[WorkItem]:
+    items: list[WorkItem] = []
+    try:
+        for r in reqs:
+            items.append(_submit(queue, r, _tag(request, served)))
+    except ApiError:
+        _abandon(queue, items)
+        raise
+    return items
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    req = CompletionRequest.model_validate(await _body(request))
+    served = _model(service, req.model, "text")
+    ms = served.settings
+    prompts = req.prompts()
+    _check_n(ms, req.n * len(prompts))
+    max_tokens = _max_tokens(ms, req.max_tokens)
+    bases = []
+    for p in prompts:
+        base = TextRequest(
+            prompt=p,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop_list(),
+            seed=req.seed,
+        )
+        _check_prompt(served, base, "prompt")
+        bases.extend([base] * req.n)
+    assert served.queue is not None
+    queue = served.queue
+    if req.stream:
+        streamers = [_Streamer() for _ in bases]
+        items = []
+        try:
+            for b, s in zip(bases, streamers, strict=True):
+                items.append(_submit(queue, _with_stream(b, s), _tag(request, served), s.pieces))
+        except ApiError:
+            _abandon(queue, items)
+            raise
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _stream_text(
+            request,
+            queue,
+            items,
+            streamers,
+            _CompletionChunks(request[REQUEST_ID], ms.name, len(bases)),
+            include_usage,
+        )
+    items = _submit_all(queue, bases, request, served)
+    outcomes = await _wait(queue, items)
+    _raise_failed(outcomes)
+    usage = _text_usage(outcomes)
+    choices = []
+    for i, o in enumerate(outcomes):
+        assert isinstance(o.result, TextResult)
+        choices.append(CompletionChoice(index=i, text=o.result.text, finish_reason=o.result.finish_reason))
+    body = Completion(id=f"cmpl-{request[REQUEST_ID]}", model=ms.name, choices=choices, usage=usage)
+    assert usage.energy is not None
+    return _json(body, headers=energy_headers(usage.energy, request[REQUEST_ID]))
+
+
+async def images_generations(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    req = ImageGenerationRequest.model_validate(await _body(request))
+    served = _model(service, req.model, "image")
+    ms = served.settings
+    if req.response_format == "url":
+        raise InvalidRequest(
+            "response_format 'url' is not supported: WattProxy stores no images; use 'b64_json'",
+            param="response_format",
+            code="unsupported_value",
+        )
+    if len(req.prompt) > ms.max_prompt_chars:
+        raise InvalidRequest(
+            f"the prompt has {len(req.prompt)} characters, above this model's limit of {ms.max_prompt_chars}",
+            param="prompt",
+            code="prompt_too_long",
+        )
+    _check_n(ms, req.n)
+    size = ms.default_size if req.size in (None, "auto") else req.size
+    assert size is not None
+    width, height = parse_size(size)
+    if width % 8 or height % 8:
+        raise InvalidRequest(
+            f"size {size}: width and height must be multiples of 8", param="size", code="invalid_size"
+        )
+    if size not in ms.sizes:
+        raise InvalidRequest(
+            f"size {size} is not allowed for this model; allowed: {', '.join(ms.sizes)}",
+            param="size",
+            code="invalid_size",
+        )
+    steps = req.steps if req.steps is not None else ms.default_steps
+    if steps > ms.max_steps:
+        raise InvalidRequest(
+            f"steps is {steps}, above this model's limit of {ms.max_steps}",
+            param="steps",
+            code="steps_exceeded",
+        )
+    guidance = req.guidance_scale if req.guidance_scale is not None else ms.default_guidance_scale
+    image_req = ImageRequest(
+        prompt=req.prompt,
+        n=req.n,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=req.seed,
+        negative_prompt=req.negative_prompt,
+    )
+    assert served.queue is not None
+    queue = served.queue
+    items = [_submit(queue, image_req, _tag(request, served))]
+    outcomes = await _wait(queue, items)
+    _raise_failed(outcomes)
+    result = outcomes[0].result
+    assert isinstance(result, ImageResult)
+    energy = energy_usage(outcomes)
+    body = ImagesResponse(
+        data=[
+            ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed)
+            for png, seed in zip(result.images_png, result.seeds, strict=True)
+        ],
+        usage=ImageUsage(
+            images=len(result.images_png),
+            pixels=width * height * len(result.images_png),
+            steps=steps,
+            energy=energy,
+        ),
+    )
+    return _json(body, headers=energy_headers(energy, request[REQUEST_ID]))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    cards = [
+        ModelCard(id=m.settings.name, created=m.created, task=m.settings.task)
+        for m in service.models.values()
+    ]
+    return _json(ModelList(data=cards))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    m = service.models.get(request.match_info["model"])
+    if m is None:
+        raise NotFound(
+            f"The model '{request.match_info['model']}' does not exist", param="model", code="model_not_found"
+        )
+    return _json(ModelCard(id=m.settings.name, created=m.created, task=m.settings.task))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    models = {
+        name: ("ready" if m.queue is not None else (m.load_error and "failed") or "loading")
+        for name, m in service.models.items()
+    }
+    ready = all(v == "ready" for v in models.values()) and not service.draining
+    status = "draining" if service.draining else ("ready" if ready else "loading")
+    return web.json_response({"status": status, "models": models}, status=200 if ready else 503)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/images/generations", images_generations)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

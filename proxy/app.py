@@ -1,0 +1,270 @@
+"""The composition root: `create_app` wires settings, meters, monitors, carbon, backends, scheduler,
+metrics and routes. Long-lived objects live in `cleanup_ctx` under typed app keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from backends import load_backend
+from backends.base import Backend, ImageResult, TextResult
+from proxy import api
+from proxy.carbon import CarbonModel, build_carbon
+from proxy.config import Settings
+from proxy.energy.meter import EnergyMeter, open_meter
+from proxy.energy.monitor import Charge, DeviceMonitor
+from proxy.errors import Overloaded, error_middleware, error_response
+from proxy.metrics import JOULES_PER_KWH, EnergyBook, EnergyEntry, Metrics, metrics_handler
+from proxy.scheduler import DeviceWorker, ModelQueue, Outcome, RequestTag, Scheduler
+from proxy.state import REQUEST_ID, SERVICE, USER, ServedModel, Service
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+MONITORS = web.AppKey("monitors", dict[str, DeviceMonitor])
+METRICS = web.AppKey("metrics", Metrics)
+CARBON = web.AppKey("carbon", CarbonModel)
+BOOK = web.AppKey("book", EnergyBook)
+
+ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics")
+
+
+class Accountant:
+    """Turns each device commit into CO2 and book entries (runs under the monitor's lock)."""
+
+    def __init__(self, book: EnergyBook, carbon: CarbonModel, clock: Callable[[], float]) -> None:
+        self.book = book
+        self.carbon = carbon
+        self._wall_minus_clock_s = time.time() - clock()
+
+    def on_commit(self, device: str, idle_j: float, commits: Sequence[tuple[object, Charge]]) -> None:
+        entries = []
+        for tag, charge in commits:
+            assert isinstance(tag, RequestTag)
+            when = datetime.fromtimestamp(self._wall_minus_clock_s + charge.start_s, tz=timezone.utc)
+            tag.carbon = self.carbon.charge(charge.joules / JOULES_PER_KWH, when, charge.device_seconds)
+            entries.append(EnergyEntry(tag.model, tag.task, tag.user, charge.joules, tag.carbon.co2_grams))
+        self.book.commit(device, idle_j, entries)
+
+
+def _meter_for(settings: Settings, device: str, clock: Callable[[], float]) -> EnergyMeter:
+    e = settings.energy
+    return open_meter(
+        settings.meter,
+        device,
+        clock=clock,
+        synthetic={
+            "idle_watts": e.synthetic_idle_watts,
+            "busy_watts": e.synthetic_busy_watts,
+            "update_period_s": e.synthetic_update_period_s,
+        },
+        estimated={"watts_per_core": e.estimated_watts_per_core, "idle_watts": e.estimated_idle_watts},
+        nvml={"step_hint_s": e.nvml_step_hint_s},
+    )
+
+
+def _resolve_source(source: str, cache_dir: Path, dtype: str) -> str | Path:
+    if source.startswith("tiny:"):
+        from backends.tiny import ensure_model
+
+        return ensure_model(source.removeprefix("tiny:"), cache_dir / "models")
+    return source
+
+
+def create_app(
+    settings: Settings,
+    *,
+    meters: Mapping[str, EnergyMeter] | None = None,
+    backends: Mapping[str, Backend] | None = None,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    """Build the service. `meters` (by device) and `backends` (by model name) replace the configured
+    ones, for tests and embedding; everything else comes from `settings`."""
+    service = Service(models={m.name: ServedModel(settings=m) for m in settings.models})
+    registry = registry if registry is not None else CollectorRegistry()
+    book = EnergyBook()
+    metrics = Metrics(registry, book)
+
+    def request_id_of(request: web.Request) -> str | None:
+        return request.get(REQUEST_ID)
+
+    @web.middleware
+    async def request_context(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        request[REQUEST_ID] = uuid.uuid4().hex
+        request[USER] = "anonymous"
+        if service.draining and request.path not in ALWAYS_OPEN:
+            return error_response(
+                Overloaded("the server is shutting down", retry_after_s=5), request[REQUEST_ID]
+            )
+        service.inflight += 1
+        try:
+            return await handler(request)
+        finally:
+            service.inflight -= 1
+
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[request_context, error_middleware(request_id_of, settings.max_body_bytes)],
+    )
+    app[SETTINGS] = settings
+    app[SERVICE] = service
+    app[METRICS] = metrics
+    app[BOOK] = book
+    scheduler = Scheduler()
+    app[SCHEDULER] = scheduler
+
+    async def carbon_ctx(app: web.Application) -> AsyncIterator[None]:
+        carbon = build_carbon(settings.carbon)
+        await carbon.start()
+        app[CARBON] = carbon
+        yield
+        await carbon.close()
+
+    async def monitors_ctx(app: web.Application) -> AsyncIterator[None]:
+        accountant = Accountant(book, app[CARBON], clock)
+        monitors: dict[str, DeviceMonitor] = {}
+        loop = asyncio.get_running_loop()
+        for device in sorted({m.device for m in settings.models}):
+            meter = (meters or {}).get(device) or await loop.run_in_executor(
+                None, _meter_for, settings, device, clock
+            )
+            monitor = DeviceMonitor(
+                meter,
+                idle_policy=settings.idle_policy,
+                sample_period_s=settings.energy.sample_period_s,
+                max_finalize_delay_s=settings.energy.max_finalize_delay_s,
+                clock=clock,
+                on_commit=accountant.on_commit,
+            )
+            book.add_device(device)
+            monitor.start()
+            log.info(
+                "energy meter on %s: %s (%s, %s)",
+                device,
+                type(meter).__name__,
+                meter.measurement,
+                meter.method,
+            )
+            monitors[device] = monitor
+            scheduler.add_device(DeviceWorker(device, monitor))
+        app[MONITORS] = monitors
+        carbon = app[CARBON]
+
+        def intensity() -> tuple[str, str, float]:
+            now = carbon.current()
+            return now.zone, now.source, now.g_per_kwh
+
+        metrics.attach(
+            power=lambda: {d: m.power_watts() for d, m in monitors.items()},
+            queue_depths=scheduler.depths,
+            intensity=intensity,
+        )
+        yield
+        await scheduler.stop()
+        for monitor in monitors.values():
+            await loop.run_in_executor(None, monitor.stop)
+            await loop.run_in_executor(None, monitor.meter.close)
+
+    async def models_ctx(app: web.Application) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load_models(settings, service, scheduler, metrics, backends or {}))
+        yield
+        loader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loader
+        for served in service.models.values():
+            if served.backend is not None:
+                served.backend.close()
+
+    app.cleanup_ctx.extend([carbon_ctx, monitors_ctx, models_ctx])
+    api.add_routes(app)
+    app.router.add_get("/metrics", metrics_handler(registry))
+    return app
+
+
+async def _load_models(
+    settings: Settings,
+    service: Service,
+    scheduler: Scheduler,
+    metrics: Metrics,
+    given: Mapping[str, Backend],
+) -> None:
+    """Load every model off the event loop (readiness flips per model as each one is ready)."""
+    loop = asyncio.get_running_loop()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    record = _recorder(metrics)
+    for name, served in service.models.items():
+        ms = served.settings
+        try:
+            backend = given.get(name)
+            if backend is None:
+                source = await loop.run_in_executor(
+                    None, _resolve_source, ms.source, settings.cache_dir, ms.dtype
+                )
+                backend = await loop.run_in_executor(
+                    None,
+                    lambda ms=ms, source=source: load_backend(
+                        ms.task, ms.name, source, device=ms.device, dtype=ms.dtype
+                    ),
+                )
+        except Exception as e:
+            served.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading model %s from %s failed", name, ms.source)
+            continue
+        served.backend = backend
+        queue = ModelQueue(
+            name=name,
+            task=ms.task,
+            backend=backend,
+            device=scheduler.devices[ms.device],
+            max_batch_size=ms.max_batch_size,
+            max_wait_s=ms.max_wait_ms / 1000.0,
+            max_queue=ms.max_queue,
+            record=record,
+        )
+        scheduler.add_model(queue)
+        served.queue = queue
+        log.info("model %s (%s) ready on %s", name, ms.task, ms.device)
+
+
+def _recorder(metrics: Metrics) -> Callable[[Sequence[Outcome]], Awaitable[None]]:
+    """Metrics for each finished member (the ledger joins here with group commit)."""
+
+    async def record(outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
+        first = outcomes[0]
+        metrics.batch_size.labels(first.tag.model).observe(first.batch_size)
+        for o in outcomes:
+            tag = o.tag
+            metrics.requests.labels(tag.model, tag.task, tag.user, o.status).inc()
+            kwh = o.charge.joules / JOULES_PER_KWH
+            metrics.request_energy.labels(tag.model, tag.task).observe(
+                kwh, exemplar={"request_id": tag.request_id}
+            )
+            if tag.carbon is not None:
+                metrics.request_co2.labels(tag.model, tag.task).observe(tag.carbon.co2_grams)
+            metrics.queue_wait.labels(tag.model, tag.task).observe(o.queue_wait_s)
+            metrics.request_duration.labels(tag.model, tag.task).observe(o.duration_s)
+            if isinstance(o.result, TextResult):
+                metrics.tokens.labels(tag.model, tag.user, "prompt").inc(o.result.prompt_tokens)
+                metrics.tokens.labels(tag.model, tag.user, "completion").inc(o.result.completion_tokens)
+            elif isinstance(o.result, ImageResult):
+                metrics.images.labels(tag.model, tag.user).inc(len(o.result.images_png))
+
+    return record

@@ -1,0 +1,187 @@
+"""Settings: TOML file < `WATTPROXY_*` environment < command-line flags. The only module that reads the
+environment. Defaults serve the embedded random-weight models on a CPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.carbon import CarbonSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "WATTPROXY_"
+SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message says which setting and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'512x384' -> (width, height). Raises ValueError for anything else."""
+    m = SIZE_RE.match(size)
+    if not m:
+        raise ValueError(f"size must look like 'WIDTHxHEIGHT' (e.g. '512x512'), not {size!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+class ModelSettings(_Strict):
+    """One served model. `source` is a hub name, a local directory, or `tiny:PRESET` (built locally)."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")
+    task: Literal["text", "image"]
+    source: str
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    max_queue: int = Field(64, ge=1, le=100_000)
+    # text limits
+    max_tokens: int = Field(256, ge=1)  # upper bound on max_tokens a request may ask for
+    default_max_tokens: int = Field(16, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=1)
+    # image limits
+    sizes: list[str] = Field(default_factory=lambda: ["64x64", "128x128", "256x256"])
+    default_size: str = "64x64"
+    max_n: int = Field(4, ge=1, le=64)
+    default_steps: int = Field(4, ge=1)
+    max_steps: int = Field(50, ge=1)
+    default_guidance_scale: float = Field(7.5, ge=0)
+    max_prompt_chars: int = Field(4000, ge=1)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            w, h = parse_size(size)
+            if w % 8 or h % 8 or w <= 0 or h <= 0:
+                raise ValueError(f"size {size!r}: width and height must be positive multiples of 8")
+        return sizes
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ModelSettings:
+        if self.task == "image" and self.default_size not in self.sizes:
+            raise ValueError(f"default_size {self.default_size!r} is not in sizes {self.sizes}")
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("default_max_tokens exceeds max_tokens")
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps exceeds max_steps")
+        return self
+
+
+def embedded_models() -> list[ModelSettings]:
+    """The embedded default: small random-weight models of real architectures, built locally."""
+    return [
+        ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2"),
+        ModelSettings(name="tiny-sd", task="image", source="tiny:tiny-sd", max_batch_size=4),
+    ]
+
+
+class EnergySettings(_Strict):
+    """How energy is measured and attributed. Units in the names."""
+
+    sample_period_s: float = Field(0.05, gt=0, le=10)
+    max_finalize_delay_s: float = Field(1.0, gt=0, le=60)
+    nvml_step_hint_s: float = Field(0.1, gt=0)
+    synthetic_idle_watts: float = Field(50.0, ge=0)
+    synthetic_busy_watts: float = Field(300.0, ge=0)
+    synthetic_update_period_s: float = Field(0.0, ge=0)
+    estimated_watts_per_core: float = Field(10.0, ge=0)
+    estimated_idle_watts: float = Field(0.0, ge=0)
+
+
+class Settings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    models: list[ModelSettings] = Field(default_factory=embedded_models)
+    cache_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_cache_dir("wattproxy")))
+    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("wattproxy")))
+    meter: Literal["auto", "nvml", "estimated", "synthetic"] = "auto"
+    idle_policy: Literal["separate", "amortize"] = "separate"
+    energy: EnergySettings = Field(default_factory=EnergySettings)
+    carbon: CarbonSettings = Field(default_factory=CarbonSettings)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # test-only: lets tests hold a batch until released (never set in production configs)
+    test_hooks: bool = False
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        if not self.models:
+            raise ValueError("at least one model must be configured")
+        return self
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """WATTPROXY_PORT=9000 -> {"port": "9000"}; WATTPROXY_CARBON__ZONE=FR -> {"carbon": {"zone": "FR"}}."""
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from a TOML file, the environment and flag overrides (later wins).
+
+    Raises ConfigError with every problem found, each naming its setting."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    data = _merge(data, _env_overrides(env))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from e

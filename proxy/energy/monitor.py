@@ -1,0 +1,351 @@
+"""Per-device energy bookkeeping: a background sampler, job spans, incremental attribution.
+
+One `DeviceMonitor` per device. It reads the device's meter from a sampler thread (every
+`sample_period_s`) and around every job (`begin`/`end`, called by the device worker after the device
+is synchronized), keeps the unprocessed part of the timeline, and attributes each interval with the
+pure functions of `attribution` as soon as every job it touches has ended. A job is finalized once a
+change point at or after its end has been processed (for a stepped counter: the next counter update,
+at most `max_finalize_delay_s` later), and its members get their `Charge` through a future.
+
+Conservation, per device, at every commit: sum(committed charges) + committed idle == meter energy
+processed so far. `on_commit` sees each commit atomically (it runs under the monitor's lock), so a
+metrics snapshot built from commits always satisfies the identity.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from proxy.energy.attribution import Interval, Span, amortize, split_by_work, split_interval
+from proxy.energy.meter import EnergyMeter, MeterError, Reading
+
+log = logging.getLogger(__name__)
+
+IdlePolicy = Literal["separate", "amortize"]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one request is charged for one job. Units: J, s."""
+
+    joules: float  # its share of the job's energy, plus amortized idle under `amortize`
+    idle_joules: float  # the amortized idle part of `joules` (0 under `separate`)
+    uncertainty_joules: float  # energy placed by the uniform-power assumption (counter steps)
+    measurement: str  # "measured" | "estimated" | "synthetic"
+    device: str
+    start_s: float  # job start and end on the monitor's monotonic clock
+    end_s: float
+    device_seconds: float  # its share (by work) of the job's device time, for embodied carbon
+
+
+CommitHook = Callable[[str, float, Sequence[tuple[Hashable, Charge]]], None]
+
+
+@dataclass
+class _Job:
+    key: int
+    start_s: float
+    end_s: float | None = None
+    weight: float = 1.0
+    members: Sequence[tuple[Hashable, float]] = ()
+    energy_j: float = 0.0
+    uncertainty_j: float = 0.0
+    future: concurrent.futures.Future[dict[Hashable, Charge]] | None = None
+
+
+class JobHandle:
+    """Returned by `DeviceMonitor.begin`; `result` resolves to {member: Charge} once finalized."""
+
+    __slots__ = ("key", "result", "start_s")
+
+    def __init__(self, key: int, start_s: float) -> None:
+        self.key = key
+        self.start_s = start_s
+        self.result: concurrent.futures.Future[dict[Hashable, Charge]] = concurrent.futures.Future()
+
+
+class DeviceMonitor:
+    """Samples one meter and attributes its energy to jobs; thread-safe."""
+
+    def __init__(
+        self,
+        meter: EnergyMeter,
+        *,
+        idle_policy: IdlePolicy = "separate",
+        sample_period_s: float = 0.05,
+        max_finalize_delay_s: float = 1.0,
+        power_window_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_commit: CommitHook | None = None,
+        max_points: int = 4096,
+    ) -> None:
+        if idle_policy not in ("separate", "amortize"):
+            raise ValueError(f"idle_policy must be 'separate' or 'amortize', not {idle_policy!r}")
+        if sample_period_s <= 0:
+            raise ValueError("sample_period_s must be > 0")
+        self.meter = meter
+        self.device = meter.device
+        self.idle_policy: IdlePolicy = idle_policy
+        self.sample_period_s = sample_period_s
+        self.max_finalize_delay_s = max_finalize_delay_s
+        self._clock = clock
+        self._on_commit = on_commit
+        self._max_points = max_points
+        self._lock = threading.Lock()
+        self._points: list[tuple[float, float]] = []  # unprocessed change points; [0] is the anchor
+        self._latest: tuple[float, float] | None = None  # the latest sample, change point or not
+        self._recent: deque[tuple[float, float]] = deque(maxlen=4096)  # for the power gauge
+        self._power_window_s = power_window_s
+        self._jobs: dict[int, _Job] = {}
+        self._next_key = 0
+        self._pending_idle_j = 0.0  # amortize: idle processed but not yet charged
+        self.processed_j = 0.0  # meter energy processed (attributed + idle, pending included)
+        self.committed_idle_j = 0.0
+        self.committed_attributed_j = 0.0
+        self.read_errors = 0
+        self._first_energy_j: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the first reading and start the sampler thread."""
+        with self._lock:
+            self._sample_locked()
+        self._thread = threading.Thread(target=self._run, name=f"sampler-{self.device}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling, take a last reading and finalize every closed job (no joule left behind)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        with self._lock:
+            self._sample_locked()
+            self._promote_latest_locked()
+            finished = self._advance_locked()
+            if self._pending_idle_j and not any(j.end_s is None for j in self._jobs.values()):
+                finished += self._commit_locked([], flush_idle=True)
+        self._resolve(finished)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.sample_period_s):
+            with self._lock:
+                self._sample_locked()
+                if self._jobs and self._latest is not None:
+                    waiting = [j.end_s for j in self._jobs.values() if j.end_s is not None]
+                    if waiting and self._latest[0] - min(waiting) >= self.max_finalize_delay_s:
+                        self._promote_latest_locked()
+                finished = self._advance_locked()
+            self._resolve(finished)
+
+    def sample(self) -> Reading | None:
+        """Read the meter now (also called by the sampler); returns None if the read failed."""
+        with self._lock:
+            reading = self._sample_locked()
+            finished = self._advance_locked()
+        self._resolve(finished)
+        return reading
+
+    def _sample_locked(self) -> Reading | None:
+        try:
+            reading = self.meter.read()
+        except MeterError as e:
+            self.read_errors += 1
+            log.warning("energy meter read failed on %s: %s", self.device, e)
+            return None
+        point = (reading.t_s, reading.energy_j)
+        if self._latest is not None and point[0] < self._latest[0]:
+            point = (self._latest[0], point[1])  # keep time monotone across threads
+        self._latest = point
+        if self._first_energy_j is None:
+            self._first_energy_j = point[1]
+        self._recent.append(point)
+        if not self._points or self.meter.continuous or point[1] != self._points[-1][1]:
+            self._points.append(point)
+        if len(self._points) > self._max_points:
+            self._compact_locked()
+        return reading
+
+    def _promote_latest_locked(self) -> None:
+        """Make the latest sample a change point (a counter that has not moved for a long time)."""
+        if self._latest is not None and self._points and self._latest[0] > self._points[-1][0]:
+            self._points.append(self._latest)
+
+    def _compact_locked(self) -> None:
+        """Merge adjacent unprocessed intervals that no job boundary falls inside (bounded memory)."""
+        bounds = {j.start_s for j in self._jobs.values()} | {
+            j.end_s for j in self._jobs.values() if j.end_s is not None
+        }
+        kept = [self._points[0]]
+        for i in range(1, len(self._points) - 1):
+            t_prev, t_here = kept[-1][0], self._points[i][0]
+            t_next = self._points[i + 1][0]
+            if any(t_prev < b < t_next for b in bounds) or any(b == t_here for b in bounds):
+                kept.append(self._points[i])
+        kept.append(self._points[-1])
+        self._points = kept
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def begin(self) -> JobHandle:
+        """Mark the start of a job (call after synchronizing the device). Never raises on meter errors."""
+        with self._lock:
+            self.meter.job_started()
+            reading = self._sample_locked()
+            start_s = self._latest[0] if reading is not None and self._latest else self._clock()
+            key = self._next_key
+            self._next_key += 1
+            handle = JobHandle(key, start_s)
+            self._jobs[key] = _Job(key=key, start_s=start_s, future=handle.result)
+            finished = self._advance_locked()
+        self._resolve(finished)
+        return handle
+
+    def end(
+        self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None = None
+    ) -> None:
+        """Mark the end of a job (after synchronizing the device) with its members and work units.
+
+        Members with all-zero work units share equally (e.g. a batch that failed before reporting)."""
+        with self._lock:
+            reading = self._sample_locked()
+            end_s = self._latest[0] if reading is not None and self._latest else self._clock()
+            self.meter.job_finished()
+            job = self._jobs[handle.key]
+            job.end_s = max(end_s, job.start_s)
+            job.members = list(members)
+            total_work = sum(w for _, w in job.members)
+            job.weight = weight if weight is not None else (total_work if total_work > 0 else 1.0)
+            finished = self._advance_locked()
+        self._resolve(finished)
+
+    # -- attribution ------------------------------------------------------------------------------
+
+    def _advance_locked(self) -> list[tuple[_Job, dict[Hashable, Charge]]]:
+        """Attribute every interval that can be split now, then finalize the jobs it completes.
+
+        An open job's end and work rate are unknown, but its overlap with a past interval is not:
+        an interval is processed unless an open job shares part of it with another job (only then
+        would the split depend on the open job's rate)."""
+        spans = [
+            Span(j.key, j.start_s, j.end_s if j.end_s is not None else math.inf, j.weight)
+            for j in self._jobs.values()
+        ]
+        n = 0
+        while n + 1 < len(self._points):
+            (t0, e0), (t1, e1) = self._points[n], self._points[n + 1]
+            if self._open_job_shares(spans, t0, t1):
+                break
+            energy_j = max(e1 - e0, 0.0)
+            split = split_interval(Interval(t0, t1, energy_j), spans)
+            for key, joules in split.shares_j.items():
+                job = self._jobs[key]  # type: ignore[index]
+                job.energy_j += joules
+                job.uncertainty_j += split.uncertainty_j.get(key, 0.0)
+            self._pending_idle_j += split.idle_j
+            self.processed_j += energy_j
+            n += 1
+        if n:
+            del self._points[:n]
+        if not self._points:
+            return []
+        processed_until = self._points[0][0]
+        done = [j for j in self._jobs.values() if j.end_s is not None and j.end_s <= processed_until]
+        if not done and (self.idle_policy == "amortize" or not self._pending_idle_j):
+            return []
+        return self._commit_locked(done)
+
+    def _open_job_shares(self, spans: Sequence[Span], a: float, b: float) -> bool:
+        for o in spans:
+            if o.end_s != math.inf or o.start_s >= b:
+                continue
+            lo = max(a, o.start_s)
+            if any(s.key != o.key and s.start_s < b and s.end_s > lo for s in spans):
+                return True
+        return False
+
+    def _commit_locked(
+        self, done: list[_Job], flush_idle: bool = False
+    ) -> list[tuple[_Job, dict[Hashable, Charge]]]:
+        idle_j, self._pending_idle_j = self._pending_idle_j, 0.0
+        charged_idle: dict[Hashable, float] = {}
+        if self.idle_policy == "amortize" and done and not flush_idle:
+            charged_idle = amortize(idle_j, {j.key: j.energy_j for j in done})
+            idle_j = 0.0
+        out: list[tuple[_Job, dict[Hashable, Charge]]] = []
+        commits: list[tuple[Hashable, Charge]] = []
+        for job in done:
+            del self._jobs[job.key]
+            assert job.end_s is not None
+            job_idle_j = charged_idle.get(job.key, 0.0)
+            units = [w for _, w in job.members]
+            energies = split_by_work(job.energy_j, units)
+            idles = split_by_work(job_idle_j, units)
+            uncert = split_by_work(job.uncertainty_j, units)
+            seconds = split_by_work(job.end_s - job.start_s, units)
+            charges: dict[Hashable, Charge] = {}
+            for (member, _), e_j, i_j, u_j, s in zip(
+                job.members, energies, idles, uncert, seconds, strict=True
+            ):
+                charge = Charge(
+                    joules=e_j + i_j,
+                    idle_joules=i_j,
+                    uncertainty_joules=u_j,
+                    measurement=self.meter.measurement,
+                    device=self.device,
+                    start_s=job.start_s,
+                    end_s=job.end_s,
+                    device_seconds=s,
+                )
+                charges[member] = charge
+                commits.append((member, charge))
+            if not job.members:  # nobody to charge (e.g. every member was dropped): the energy is idle
+                idle_j += job.energy_j + job_idle_j
+            else:
+                self.committed_attributed_j += job.energy_j + job_idle_j
+            out.append((job, charges))
+        self.committed_idle_j += idle_j
+        if self._on_commit is not None and (commits or idle_j):
+            self._on_commit(self.device, idle_j, commits)
+        return out
+
+    @staticmethod
+    def _resolve(finished: list[tuple[_Job, dict[Hashable, Charge]]]) -> None:
+        for job, charges in finished:
+            if job.future is not None and not job.future.done():
+                job.future.set_result(charges)
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def power_watts(self) -> float | None:
+        """Mean power over the recent sampled timeline (W), or the meter's own figure before that."""
+        with self._lock:
+            if len(self._recent) >= 2:
+                t_last, e_last = self._recent[-1]
+                older = [p for p in self._recent if t_last - p[0] >= self._power_window_s]
+                t0, e0 = older[-1] if older else self._recent[0]
+                if t_last > t0:
+                    return (e_last - e0) / (t_last - t0)
+        return self.meter.power_watts()
+
+    @property
+    def meter_delta_j(self) -> float:
+        """meter(last processed change point) - meter(first reading): what conservation is checked against."""
+        with self._lock:
+            if self._first_energy_j is None or not self._points:
+                return 0.0
+            return self._points[0][1] - self._first_energy_j
+
+    @property
+    def counter_step_s(self) -> float:
+        return 0.0 if self.meter.continuous else self.meter.step_hint_s

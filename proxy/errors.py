@@ -1,0 +1,171 @@
+"""The error hierarchy and the one middleware that renders every error in the OpenAI envelope:
+{"error": {"message", "type", "param", "code"}}. No stack trace ever reaches a client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error a client should see. Subclasses fix the status and type."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else type(self).code
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(ApiError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ApiError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "not_found_error"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(ApiError):
+    status = 429
+    type = "budget_exceeded"
+    code = "budget_exceeded"
+
+
+class Overloaded(ApiError):
+    status = 503
+    type = "overloaded"
+    code = "overloaded"
+
+
+class ServerError(ApiError):
+    status = 500
+    type = "server_error"
+
+
+def error_response(err: ApiError, request_id: str | None = None) -> web.Response:
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return web.json_response(err.body(), status=err.status, headers=headers)
+
+
+def from_validation_error(e: ValidationError) -> InvalidRequest:
+    """The first pydantic error, with the offending field as `param` (dotted path)."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "missing":
+        msg = f"'{param}' is a required property"
+    elif param:
+        msg = f"Invalid value for '{param}': {msg}"
+    return InvalidRequest(
+        msg, param=param, code="invalid_value" if err.get("type") != "missing" else "missing"
+    )
+
+
+_HTTP_ERRORS: dict[int, type[ApiError]] = {
+    400: InvalidRequest,
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    404: NotFound,
+    405: InvalidRequest,
+    413: PayloadTooLarge,
+    429: RateLimited,
+    503: Overloaded,
+}
+
+
+def error_middleware(
+    request_id_of: Callable[[web.Request], str | None], max_body_bytes: int
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware factory: ApiError, aiohttp HTTP errors, bad JSON and anything unexpected -> envelope."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return error_response(e, request_id_of(request))
+        except ValidationError as e:
+            return error_response(from_validation_error(e), request_id_of(request))
+        except json.JSONDecodeError as e:
+            err = InvalidRequest(
+                f"request body is not valid JSON: {e.msg} at position {e.pos}", code="invalid_json"
+            )
+            return error_response(err, request_id_of(request))
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            cls = _HTTP_ERRORS.get(e.status, ServerError if e.status >= 500 else InvalidRequest)
+            message = e.reason
+            if e.status == 413:
+                message = f"request body too large (limit {max_body_bytes} bytes)"
+            elif e.status == 404:
+                message = f"no route for {request.method} {request.path}"
+            elif e.status == 405:
+                message = f"method {request.method} is not allowed on {request.path}"
+            err = cls(message)
+            resp = error_response(err, request_id_of(request))
+            resp.set_status(e.status)
+            for name in ("Allow",):
+                if name in e.headers:
+                    resp.headers[name] = e.headers[name]
+            return resp
+        except Exception:
+            rid = request_id_of(request)
+            log.exception("unhandled error in %s %s (request %s)", request.method, request.path, rid)
+            return error_response(ServerError(f"internal server error (request id {rid})"), rid)
+
+    return middleware

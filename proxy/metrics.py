@@ -1,0 +1,220 @@
+"""The Prometheus metric catalogue (prefix `wattproxy_`) on an injected CollectorRegistry.
+
+Energy totals come from `EnergyBook`, which receives each device commit atomically, and are exported
+by a custom collector at scrape time, so every scrape satisfies, per device and overall:
+
+    sum(wattproxy_energy_kwh_total) + sum(wattproxy_idle_energy_kwh_total)
+        == sum(wattproxy_device_energy_kwh_total)
+
+Useful PromQL (also used by the Grafana dashboard):
+    rate(wattproxy_energy_kwh_total[5m]) * 3.6e6              # W drawn by requests, by model/user
+    sum by (model) (rate(wattproxy_energy_kwh_total[5m])) / sum by (model) (rate(wattproxy_images_total[5m]))
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector
+
+JOULES_PER_KWH = 3.6e6
+
+# Per-request energy spans ~1e-9 kWh (a tiny CPU model) to ~1e-2 kWh (a large image batch on a GPU).
+ENERGY_KWH_BUCKETS = tuple(m * 10.0**e for e in range(-9, -1) for m in (1.0, 2.5, 5.0))
+CO2_GRAMS_BUCKETS = tuple(m * 10.0**e for e in range(-7, 2) for m in (1.0, 2.5, 5.0))
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class EnergyEntry:
+    model: str
+    task: str
+    user: str
+    joules: float
+    co2_grams: float
+
+
+class EnergyBook:
+    """Thread-safe running totals of committed energy (J) and CO2 (g), per request labels and device."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, str, str], list[float]] = {}
+        self._devices: dict[str, list[float]] = {}  # device -> [device_j, idle_j]
+
+    def commit(self, device: str, idle_j: float, entries: Sequence[EnergyEntry]) -> None:
+        """One device commit: idle energy plus the entries' energy; all visible at once."""
+        with self._lock:
+            dev = self._devices.setdefault(device, [0.0, 0.0])
+            dev[0] += idle_j
+            dev[1] += idle_j
+            for e in entries:
+                totals = self._requests.setdefault((e.model, e.task, e.user), [0.0, 0.0])
+                totals[0] += e.joules
+                totals[1] += e.co2_grams
+                dev[0] += e.joules
+
+    def add_device(self, device: str) -> None:
+        with self._lock:
+            self._devices.setdefault(device, [0.0, 0.0])
+
+    def snapshot(
+        self,
+    ) -> tuple[dict[tuple[str, str, str], tuple[float, float]], dict[str, tuple[float, float]]]:
+        with self._lock:
+            return (
+                {k: (v[0], v[1]) for k, v in self._requests.items()},
+                {k: (v[0], v[1]) for k, v in self._devices.items()},
+            )
+
+
+class _ScrapeCollector(Collector):
+    """Scrape-time families: energy totals from the book, power, queue depth, carbon intensity."""
+
+    def __init__(
+        self,
+        book: EnergyBook,
+        power: Callable[[], dict[str, float | None]],
+        queue_depths: Callable[[], dict[str, int]],
+        intensity: Callable[[], tuple[str, str, float] | None],
+    ) -> None:
+        self._book = book
+        self._power = power
+        self._queue_depths = queue_depths
+        self._intensity = intensity
+
+    def collect(self) -> Iterable[Metric]:
+        requests, devices = self._book.snapshot()
+        energy = CounterMetricFamily(
+            "wattproxy_energy_kwh", "Energy attributed to requests (kWh)", labels=["model", "task", "user"]
+        )
+        co2 = CounterMetricFamily(
+            "wattproxy_co2_grams", "CO2e attributed to requests (g)", labels=["model", "task", "user"]
+        )
+        for (model, task, user), (joules, grams) in sorted(requests.items()):
+            energy.add_metric([model, task, user], joules / JOULES_PER_KWH)
+            co2.add_metric([model, task, user], grams)
+        device = CounterMetricFamily(
+            "wattproxy_device_energy_kwh",
+            "Device energy measured since start, attributed or idle (kWh)",
+            labels=["device"],
+        )
+        idle = CounterMetricFamily(
+            "wattproxy_idle_energy_kwh",
+            "Device energy drawn while no request ran, charged to no one (kWh)",
+            labels=["device"],
+        )
+        for dev, (dev_j, idle_j) in sorted(devices.items()):
+            device.add_metric([dev], dev_j / JOULES_PER_KWH)
+            idle.add_metric([dev], idle_j / JOULES_PER_KWH)
+        yield from (energy, co2, device, idle)
+
+        power = GaugeMetricFamily(
+            "wattproxy_device_power_watts", "Device power over the last sampled window (W)", labels=["device"]
+        )
+        for dev, watts in sorted(self._power().items()):
+            if watts is not None:
+                power.add_metric([dev], watts)
+        yield power
+        depth = GaugeMetricFamily(
+            "wattproxy_queue_depth", "Requests waiting in the model's queue", labels=["model"]
+        )
+        for model, n in sorted(self._queue_depths().items()):
+            depth.add_metric([model], n)
+        yield depth
+        current = self._intensity()
+        if current is not None:
+            zone, source, g_per_kwh = current
+            gauge = GaugeMetricFamily(
+                "wattproxy_carbon_intensity_grams_per_kwh",
+                "Grid carbon intensity in use (gCO2e/kWh)",
+                labels=["zone", "source"],
+            )
+            gauge.add_metric([zone, source], g_per_kwh)
+            yield gauge
+
+
+class Metrics:
+    """Every WattProxy metric, registered on `registry` (never the global default registry)."""
+
+    def __init__(self, registry: CollectorRegistry, book: EnergyBook) -> None:
+        self.registry = registry
+        self.book = book
+        self.requests = Counter(
+            "wattproxy_requests",
+            "Requests answered, by outcome",
+            ["model", "task", "user", "status"],
+            registry=registry,
+        )
+        self.request_energy = Histogram(
+            "wattproxy_request_energy_kwh",
+            "Energy per request (kWh)",
+            ["model", "task"],
+            buckets=ENERGY_KWH_BUCKETS,
+            registry=registry,
+        )
+        self.request_co2 = Histogram(
+            "wattproxy_request_co2_grams",
+            "CO2e per request (g)",
+            ["model", "task"],
+            buckets=CO2_GRAMS_BUCKETS,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "wattproxy_request_duration_seconds",
+            "Time from arrival to answer (s)",
+            ["model", "task"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "wattproxy_queue_wait_seconds",
+            "Time spent queued before the batch started (s)",
+            ["model", "task"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "wattproxy_batch_size",
+            "Requests per batch run on the device",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "wattproxy_tokens", "Tokens processed", ["model", "user", "kind"], registry=registry
+        )
+        self.images = Counter("wattproxy_images", "Images generated", ["model", "user"], registry=registry)
+
+    def attach(
+        self,
+        power: Callable[[], dict[str, float | None]],
+        queue_depths: Callable[[], dict[str, int]],
+        intensity: Callable[[], tuple[str, str, float] | None],
+    ) -> None:
+        self.registry.register(_ScrapeCollector(self.book, power, queue_depths, intensity))
+
+
+def metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], web.Response]:
+    """GET /metrics: Prometheus text format, or OpenMetrics (with exemplars) when the scraper asks."""
+
+    async def handle(request: web.Request) -> web.Response:
+        accept = request.headers.get("Accept", "")
+        if "application/openmetrics-text" in accept:
+            body, content_type = generate_openmetrics(registry), OPENMETRICS_CONTENT_TYPE
+        else:
+            body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    return handle  # type: ignore[return-value]

@@ -1,0 +1,228 @@
+"""Pydantic request and response models: the OpenAI shapes plus WattProxy's energy extension.
+
+Requests are strict about types (a string where a number belongs is a 400 naming the field) and
+ignore fields WattProxy does not use, as OpenAI-compatible servers commonly do. These models are also
+the source of /openapi.json.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+
+
+class _Sampling(_Request):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = None
+    user: str | None = Field(None, max_length=256)  # accepted, never used as a metric label
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(s for s in stops if s)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class ImageGenerationRequest(_Request):
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = Field(None, max_length=256)
+    # WattProxy extensions
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    negative_prompt: str | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, size: str | None) -> str | None:
+        if size is None or size == "auto":
+            return size
+        parts = size.split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError("size must look like 'WIDTHxHEIGHT', e.g. '512x512'")
+        return size
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+class EnergyUsage(BaseModel):
+    """The energy extension of every usage object. Units in the names (kWh, J, g, g/kWh)."""
+
+    kwh: float
+    joules: float
+    co2_grams: float
+    measurement: Literal["measured", "estimated", "synthetic"]
+    device: str
+    uncertainty_kwh: float
+    carbon_intensity_g_per_kwh: float
+    pue: float
+    idle_joules: float = 0.0
+    embodied_co2_grams: float | None = None
+    carbon_source: str | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    energy: EnergyUsage | None = None
+
+
+class ImageUsage(BaseModel):
+    images: int
+    pixels: int
+    steps: int
+    energy: EnergyUsage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(default_factory=lambda: int(time.time()))
+    data: list[ImageData]
+    usage: ImageUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "wattproxy"
+    task: Literal["text", "image"]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorDetail

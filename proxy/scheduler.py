@@ -1,0 +1,300 @@
+"""Per-model queues, dynamic batching, backpressure, cancellation, and one worker thread per device.
+
+A request becomes a `WorkItem` in its model's bounded queue. The model's batcher takes the oldest
+item and every queued item with the same `batch_key`, up to `max_batch_size`, waiting at most
+`max_wait_ms` (counted from the oldest item's arrival) for more. The batch runs as one *job* on the
+device's single worker thread, bracketed by the device monitor's meter reads after synchronization.
+While a job runs, the queue fills, so batches grow with load. A request whose client leaves while it
+is queued is dropped and never runs; one whose batch has started is charged (the device did the work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from backends.base import Backend, BackendRequest, BackendResult
+from proxy.carbon import CarbonCharge
+from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class RequestTag:
+    """Who a member of a job is: the labels it is accounted under. `carbon` is set at commit."""
+
+    request_id: str
+    model: str
+    task: str
+    user: str
+    carbon: CarbonCharge | None = None
+
+
+Status = Literal["ok", "error", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    tag: RequestTag
+    result: BackendResult | None
+    error: BaseException | None
+    charge: Charge
+    status: Status
+    queue_wait_s: float
+    run_s: float
+    batch_size: int
+    duration_s: float  # arrival in the queue to energy final, just before the answer
+
+
+@dataclass(eq=False)
+class WorkItem:
+    request: BackendRequest
+    tag: RequestTag
+    key: Hashable
+    enqueued_s: float
+    future: asyncio.Future[Outcome]
+    # streaming: text pieces arrive here from the worker thread; None marks the end of the text
+    pieces: asyncio.Queue[str | None] | None = None
+    state: Literal["queued", "dropped", "running", "done"] = "queued"
+
+
+class QueueFull(Exception):
+    def __init__(self, model: str, retry_after_s: float) -> None:
+        super().__init__(f"the queue for model {model!r} is full; retry after {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeviceWorker:
+    """One thread per device; runs jobs one at a time and brackets each with meter reads."""
+
+    def __init__(self, device: str, monitor: DeviceMonitor) -> None:
+        self.device = device
+        self.monitor = monitor
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{device}")
+        # Cleared, it holds jobs before they start (used to pause a device, and by tests).
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run_job(
+        self, backend: Backend, items: Sequence[WorkItem]
+    ) -> tuple[list[BackendResult] | None, BaseException | None, JobHandle, float]:
+        """Runs in the worker thread. Never raises: a failed batch is still a measured job."""
+        self.gate.wait()
+        backend.synchronize()
+        handle = self.monitor.begin()
+        t0 = time.perf_counter()
+        results: list[BackendResult] | None = None
+        error: BaseException | None = None
+        try:
+            results = backend.run([it.request for it in items])
+            backend.synchronize()
+            if len(results) != len(items):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(items)} requests")
+        except Exception as e:
+            error, results = e, None
+        run_s = time.perf_counter() - t0
+        units = [r.work_units for r in results] if results is not None else [0.0] * len(items)
+        self.monitor.end(handle, [(it.tag, w) for it, w in zip(items, units, strict=True)])
+        return results, error, handle, run_s
+
+    def close(self) -> None:
+        self.gate.set()
+        self.executor.shutdown(wait=True, cancel_futures=False)
+
+
+Recorder = Callable[[Sequence[Outcome]], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class ModelQueue:
+    """The queue and batcher of one model."""
+
+    name: str
+    task: str
+    backend: Backend
+    device: DeviceWorker
+    max_batch_size: int
+    max_wait_s: float
+    max_queue: int
+    record: Recorder
+    clock: Callable[[], float] = time.monotonic
+    items: deque[WorkItem] = field(default_factory=deque)
+    running: int = 0
+    batch_seconds_ewma: float = 0.0
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+    _finishers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def depth(self) -> int:
+        return len(self.items)
+
+    def submit(
+        self, request: BackendRequest, tag: RequestTag, *, pieces: asyncio.Queue[str | None] | None = None
+    ) -> WorkItem:
+        if len(self.items) >= self.max_queue:
+            batches_ahead = math.ceil(len(self.items) / self.max_batch_size) + self.running
+            raise QueueFull(self.name, max(1.0, batches_ahead * max(self.batch_seconds_ewma, 0.1)))
+        loop = asyncio.get_running_loop()
+        item = WorkItem(
+            request=request,
+            tag=tag,
+            key=self.backend.batch_key(request),
+            enqueued_s=self.clock(),
+            future=loop.create_future(),
+            pieces=pieces,
+        )
+        self.items.append(item)
+        self._arrived.set()
+        return item
+
+    def drop(self, item: WorkItem) -> bool:
+        """Remove a queued item whose client left. False if its batch already started."""
+        if item.state != "queued":
+            return False
+        item.state = "dropped"
+        with contextlib.suppress(ValueError):
+            self.items.remove(item)
+        return True
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._batcher(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._finishers:
+            await asyncio.gather(*self._finishers, return_exceptions=True)
+
+    def idle(self) -> bool:
+        return not self.items and self.running == 0 and not self._finishers
+
+    def _compatible(self, key: Hashable) -> list[WorkItem]:
+        return [it for it in self.items if it.key == key][: self.max_batch_size]
+
+    async def _batcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.items:
+                self._arrived.clear()
+                await self._arrived.wait()
+            first = self.items[0]
+            deadline = first.enqueued_s + self.max_wait_s
+            batch = self._compatible(first.key)
+            while len(batch) < self.max_batch_size and (remaining := deadline - self.clock()) > 0:
+                self._arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                if first.state != "queued":
+                    break
+                batch = self._compatible(first.key)
+            batch = [it for it in self._compatible(first.key) if it.state == "queued"] if self.items else []
+            if not batch:
+                continue
+            for it in batch:
+                self.items.remove(it)
+                it.state = "running"
+            self.running += 1
+            try:
+                results, error, handle, run_s = await loop.run_in_executor(
+                    self.device.executor, self.device.run_job, self.backend, batch
+                )
+            except BaseException:
+                self.running -= 1
+                raise
+            self.running -= 1
+            self.batch_seconds_ewma = (
+                run_s if not self.batch_seconds_ewma else 0.8 * self.batch_seconds_ewma + 0.2 * run_s
+            )
+            for it in batch:
+                if it.pieces is not None:
+                    it.pieces.put_nowait(None)
+            if error is not None:
+                log.error("batch of %d on model %s failed: %r", len(batch), self.name, error)
+            finisher = asyncio.create_task(self._finish(batch, results, error, handle, run_s))
+            self._finishers.add(finisher)
+            finisher.add_done_callback(self._finishers.discard)
+
+    async def _finish(
+        self,
+        batch: Sequence[WorkItem],
+        results: Sequence[BackendResult] | None,
+        error: BaseException | None,
+        handle: JobHandle,
+        run_s: float,
+    ) -> None:
+        """Wait for the job's energy to be final, record every member, then answer them."""
+        charges = await asyncio.wrap_future(handle.result)
+        start_s = handle.start_s
+        outcomes = []
+        for i, it in enumerate(batch):
+            status: Status = "error" if error is not None else ("cancelled" if it.future.done() else "ok")
+            outcomes.append(
+                Outcome(
+                    tag=it.tag,
+                    result=results[i] if results is not None else None,
+                    error=error,
+                    charge=charges[it.tag],
+                    status=status,
+                    queue_wait_s=max(start_s - it.enqueued_s, 0.0),
+                    run_s=run_s,
+                    batch_size=len(batch),
+                    duration_s=max(self.clock() - it.enqueued_s, 0.0),
+                )
+            )
+        try:
+            await self.record(outcomes)
+        except Exception:
+            log.exception("recording a batch of %d on model %s failed", len(batch), self.name)
+        for it, outcome in zip(batch, outcomes, strict=True):
+            it.state = "done"
+            if not it.future.done():
+                it.future.set_result(outcome)
+
+
+class Scheduler:
+    """All model queues and device workers."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, ModelQueue] = {}
+        self.devices: dict[str, DeviceWorker] = {}
+
+    def add_device(self, worker: DeviceWorker) -> None:
+        self.devices[worker.device] = worker
+
+    def add_model(self, queue: ModelQueue) -> None:
+        self.queues[queue.name] = queue
+        queue.start()
+
+    def depths(self) -> dict[str, int]:
+        return {name: q.depth() for name, q in self.queues.items()}
+
+    def idle(self) -> bool:
+        return all(q.idle() for q in self.queues.values())
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every queue is empty and no job runs (bounded). True if drained in time."""
+        deadline = time.monotonic() + timeout_s
+        while not self.idle():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def stop(self) -> None:
+        for q in self.queues.values():
+            await q.stop()
+        loop = asyncio.get_running_loop()
+        for worker in self.devices.values():
+            await loop.run_in_executor(None, worker.close)

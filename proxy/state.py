@@ -1,0 +1,41 @@
+"""The long-lived objects of a running service, and their typed app key."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from backends.base import Backend, TextRequest
+from proxy.config import ModelSettings
+from proxy.scheduler import ModelQueue
+
+
+@dataclass(eq=False)
+class ServedModel:
+    settings: ModelSettings
+    backend: Backend | None = None
+    queue: ModelQueue | None = None  # set once the model is loaded
+    load_error: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def count_prompt_tokens(self, request: TextRequest) -> int:
+        counter = getattr(self.backend, "count_prompt_tokens", None)
+        return int(counter(request)) if counter is not None else 0
+
+    def max_context_tokens(self) -> int | None:
+        value = getattr(self.backend, "max_context_tokens", None)
+        return int(value) if value else None
+
+
+@dataclass(eq=False)
+class Service:
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    draining: bool = False
+    inflight: int = 0
+
+
+SERVICE = web.AppKey("service", Service)
+REQUEST_ID = web.RequestKey("request_id", str)
+USER = web.RequestKey("user", str)  # a registered principal's name, never text from the request body

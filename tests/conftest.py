@@ -1,0 +1,117 @@
+"""Shared fixtures: the tiny models built once per session, and a real server on a free localhost
+port running in its own thread and event loop (so tests can use the official sync `openai` client)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+
+from backends.tiny import ensure_model
+from proxy.app import create_app
+from proxy.config import ModelSettings, Settings
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    for preset in ("tiny-gpt2", "tiny-sd"):
+        ensure_model(preset, cache / "models")
+    return cache
+
+
+class LiveServer:
+    """create_app() behind a real TCP socket, in a background thread with its own loop."""
+
+    def __init__(self, settings: Settings, **app_kwargs: Any) -> None:
+        self.settings = settings
+        self.app_kwargs = app_kwargs
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="live-server", daemon=True)
+        self.app: web.Application | None = None
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, ready_timeout_s: float = 120.0) -> LiveServer:
+        self.thread.start()
+
+        async def up() -> None:
+            self.app = create_app(self.settings, **self.app_kwargs)
+            self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = self.runner.addresses[0][1]
+
+        self.call(up())
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        from proxy.state import SERVICE
+
+        assert self.app is not None
+        deadline = time.monotonic() + timeout_s
+        service = self.app[SERVICE]
+        while time.monotonic() < deadline:
+            if all(m.queue is not None for m in service.models.values()):
+                return
+            failed = [m.load_error for m in service.models.values() if m.load_error]
+            if failed:
+                raise RuntimeError(f"model failed to load: {failed}")
+            time.sleep(0.05)
+        raise TimeoutError("models did not load in time")
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.call(self.runner.cleanup())
+            self.runner = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def settings_for_tests(cache: Path, tmp: Path, **overrides: Any) -> Settings:
+    """Settings for tests: tiny models from the session cache, synthetic meter, small limits."""
+    models = overrides.pop("models", None) or [
+        ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_tokens=64, max_n=4),
+        ModelSettings(name="tiny-sd", task="image", source="tiny:tiny-sd", max_batch_size=4, max_steps=20),
+    ]
+    base: dict[str, Any] = {
+        "port": 0,
+        "cache_dir": cache,
+        "data_dir": tmp,
+        "meter": "synthetic",
+        "models": models,
+        "torch_threads": 1,
+    }
+    base.update(overrides)
+    return Settings.model_validate(base)
+
+
+@pytest.fixture
+def make_server(model_cache: Path, tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    servers: list[LiveServer] = []
+
+    def make(app_kwargs: dict[str, Any] | None = None, **overrides: Any) -> LiveServer:
+        server = LiveServer(settings_for_tests(model_cache, tmp_path, **overrides), **(app_kwargs or {}))
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -1,0 +1,281 @@
+"""End to end: a real server with the tiny models on a localhost port, driven by the official `openai`
+client (and raw HTTP for malformed input)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import SCHEDULER
+from tests.conftest import LiveServer
+
+
+@pytest.fixture
+def server(make_server) -> LiveServer:  # type: ignore[no-untyped-def]
+    return make_server()
+
+
+def client(server: LiveServer, **kw: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, **kw)  # type: ignore[arg-type]
+
+
+def metric_samples(server: LiveServer, name: str) -> list[tuple[dict[str, str], float]]:
+    text = requests.get(server.base_url + "/metrics", timeout=10).text
+    out = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out.append((s.labels, s.value))
+    return out
+
+
+def test_models_list_each_with_its_task(server: LiveServer) -> None:
+    models = client(server).models.list()
+    tasks = {m.id: m.model_extra["task"] for m in models.data}  # type: ignore[index]
+    assert tasks == {"tiny-gpt2": "text", "tiny-sd": "image"}
+
+
+def test_chat_completion_with_usage_and_energy(server: LiveServer) -> None:
+    raw = client(server).chat.completions.with_raw_response.create(
+        model="tiny-gpt2", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0
+    )
+    chat = raw.parse()
+    assert chat.object == "chat.completion"
+    assert isinstance(chat.choices[0].message.content, str)
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    usage = chat.usage
+    assert usage is not None and usage.prompt_tokens > 0
+    assert 0 < usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    energy = usage.model_extra["energy"]  # type: ignore[index]
+    assert energy["measurement"] == "synthetic" and energy["device"] == "cpu"
+    assert energy["joules"] > 0 and energy["kwh"] == pytest.approx(energy["joules"] / 3.6e6)
+    assert float(raw.headers["X-Energy-Joules"]) == energy["joules"]
+    assert float(raw.headers["X-Energy-kWh"]) == energy["kwh"]
+    assert float(raw.headers["X-CO2-Grams"]) == energy["co2_grams"]
+
+
+def test_chat_stream_matches_plain_and_ends_with_usage(server: LiveServer) -> None:
+    c = client(server)
+    messages = [{"role": "user", "content": "Count with me"}]
+    plain = c.chat.completions.create(model="tiny-gpt2", messages=messages, max_tokens=12, temperature=0)
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny-gpt2",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
+    assert last.usage.model_extra["energy"]["joules"] > 0  # type: ignore[index]
+
+
+def test_completions_plain_and_streamed(server: LiveServer) -> None:
+    c = client(server)
+    done = c.completions.create(model="tiny-gpt2", prompt=["Once upon", "a time"], max_tokens=5, temperature=0)
+    assert [ch.index for ch in done.choices] == [0, 1]
+    assert done.usage is not None and done.usage.completion_tokens <= 10
+    stream = c.completions.create(
+        model="tiny-gpt2", prompt="Once upon", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces = list(stream)
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == done.choices[0].text
+    assert pieces[-1].usage is not None
+
+
+def test_images_b64_png_of_requested_size_and_count(server: LiveServer) -> None:
+    c = client(server)
+    result = c.images.generate(
+        model="tiny-sd", prompt="a red bicycle", n=2, size="128x128", response_format="b64_json",
+        extra_body={"steps": 3, "seed": 7},
+    )
+    assert len(result.data) == 2
+    for item in result.data:
+        assert item.b64_json is not None
+        img = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert img.format == "PNG" and img.size == (128, 128)
+    again = c.images.generate(
+        model="tiny-sd", prompt="a red bicycle", n=2, size="128x128", extra_body={"steps": 3, "seed": 7}
+    )
+    assert [d.b64_json for d in again.data] == [d.b64_json for d in result.data]  # one generator per image
+    assert [d.model_extra["seed"] for d in again.data] == [7, 8]  # type: ignore[index]
+    energy = result.usage.model_extra["energy"]  # type: ignore[union-attr]
+    assert energy["joules"] > 0
+
+
+def _post(server: LiveServer, path: str, body: object, **kw: object) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(server.base_url + path, data=data, headers={"Content-Type": "application/json"},
+                         timeout=30, **kw)  # type: ignore[arg-type]
+
+
+def _error(resp: requests.Response, status: int, param: str | None = None) -> dict[str, object]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "Traceback" not in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+CHAT = "/v1/chat/completions"
+IMAGES = "/v1/images/generations"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "etype"),
+    [
+        (CHAT, b"{not json", 400, None, "invalid_request_error"),
+        (CHAT, [1, 2], 400, None, "invalid_request_error"),
+        (CHAT, {"model": "tiny-gpt2"}, 400, "messages", "invalid_request_error"),
+        (CHAT, {"model": "tiny-gpt2", "messages": "hi"}, 400, "messages", "invalid_request_error"),
+        (CHAT, {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, 400,
+         "max_tokens", "invalid_request_error"),
+        (CHAT, {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400,
+         "max_tokens", "invalid_request_error"),
+        (CHAT, {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n",
+         "invalid_request_error"),
+        (CHAT, {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "not_found_error"),
+        (CHAT, {"model": "tiny-sd", "messages": [{"role": "user", "content": "x"}]}, 400, "model",
+         "invalid_request_error"),
+        (IMAGES, {"model": "tiny-sd", "prompt": "x", "size": "100x100"}, 400, "size", "invalid_request_error"),
+        (IMAGES, {"model": "tiny-sd", "prompt": "x", "size": "1024x1024"}, 400, "size", "invalid_request_error"),
+        (IMAGES, {"model": "tiny-sd", "prompt": "x", "size": "big"}, 400, "size", "invalid_request_error"),
+        (IMAGES, {"model": "tiny-sd", "prompt": "x", "n": 50}, 400, "n", "invalid_request_error"),
+        (IMAGES, {"model": "tiny-sd", "prompt": "x", "steps": 500}, 400, "steps", "invalid_request_error"),
+        (IMAGES, {"model": "tiny-sd", "prompt": "x", "response_format": "url"}, 400, "response_format",
+         "invalid_request_error"),
+        (IMAGES, {"model": "tiny-sd"}, 400, "prompt", "invalid_request_error"),
+        ("/v1/nowhere", {}, 404, None, "not_found_error"),
+    ],
+)
+def test_errors_use_the_openai_envelope(
+    server: LiveServer, path: str, body: object, status: int, param: str | None, etype: str
+) -> None:
+    err = _error(_post(server, path, body), status, param)
+    assert err["type"] == etype
+
+
+def test_body_over_the_limit_is_413(server: LiveServer) -> None:
+    big = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    err = _error(_post(server, CHAT, big), 413)
+    assert "too large" in str(err["message"])
+
+
+def test_method_not_allowed_is_enveloped(server: LiveServer) -> None:
+    resp = requests.get(server.base_url + CHAT, timeout=10)
+    _error(resp, 405)
+
+
+def test_openai_client_raises_typed_errors(server: LiveServer) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client(server).chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(server).images.generate(model="tiny-sd", prompt="x", size="1024x1024")
+    assert exc.value.body["param"] == "size"  # type: ignore[index]
+
+
+def test_health_and_readiness(server: LiveServer) -> None:
+    assert requests.get(server.base_url + "/healthz", timeout=5).json() == {"status": "ok"}
+    ready = requests.get(server.base_url + "/readyz", timeout=5)
+    assert ready.status_code == 200
+    assert ready.json()["models"] == {"tiny-gpt2": "ready", "tiny-sd": "ready"}
+
+
+def _hold_device(server: LiveServer) -> threading.Event:
+    gate = server.app[SCHEDULER].devices["cpu"].gate  # type: ignore[index]
+    gate.clear()
+    return gate
+
+
+def test_concurrent_requests_are_batched(server: LiveServer) -> None:
+    gate = _hold_device(server)
+    c = client(server)
+
+    def ask(i: int) -> str:
+        r = c.chat.completions.create(
+            model="tiny-gpt2", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=4, temperature=0
+        )
+        return r.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, i) for i in range(8)]
+        deadline = time.monotonic() + 10
+        while server.app[SCHEDULER].queues["tiny-gpt2"].depth() < 7 and time.monotonic() < deadline:  # type: ignore[index]
+            time.sleep(0.01)
+        gate.set()
+        [f.result(timeout=60) for f in futures]
+    sizes = metric_samples(server, "wattproxy_batch_size_sum")
+    counts = metric_samples(server, "wattproxy_batch_size_count")
+    total = sum(v for labels, v in sizes if labels["model"] == "tiny-gpt2")
+    batches = sum(v for labels, v in counts if labels["model"] == "tiny-gpt2")
+    assert total == 8
+    assert batches == 2  # one request was already running when the other seven queued up
+
+
+def test_a_request_whose_client_left_while_queued_never_runs(server: LiveServer) -> None:
+    gate = _hold_device(server)
+    queue = server.app[SCHEDULER].queues["tiny-gpt2"]  # type: ignore[index]
+    c = client(server)
+    body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(lambda: c.chat.completions.create(**body))  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while queue.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(server.base_url + CHAT, json=body, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while queue.depth() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queue.depth() == 0  # dropped from the queue when its client went away
+        gate.set()
+        first.result(timeout=60)
+    requests_total = metric_samples(server, "wattproxy_requests_total")
+    assert sum(v for _, v in requests_total) == 1
+    assert sum(v for _, v in metric_samples(server, "wattproxy_batch_size_count")) == 1
+
+
+def test_full_queue_answers_429_with_retry_after(make_server) -> None:  # type: ignore[no-untyped-def]
+    from proxy.config import ModelSettings
+
+    server = make_server(
+        models=[ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_queue=2, max_batch_size=1)]
+    )
+    gate = _hold_device(server)
+    body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    queue = server.app[SCHEDULER].queues["tiny-gpt2"]  # type: ignore[index]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(_post, server, CHAT, body)]
+        while queue.running == 0:
+            time.sleep(0.01)
+        futures += [pool.submit(_post, server, CHAT, body) for _ in range(2)]
+        while queue.depth() < 2:
+            time.sleep(0.01)
+        rejected = _post(server, CHAT, body)
+        err = _error(rejected, 429)
+        assert err["type"] == "rate_limit_exceeded"
+        assert int(rejected.headers["Retry-After"]) >= 1
+        gate.set()
+        assert [f.result(timeout=60).status_code for f in futures] == [200, 200, 200]

@@ -1,0 +1,227 @@
+"""Attribution arithmetic and the incremental device monitor: conservation, fairness, no negatives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.energy.attribution import (
+    Interval,
+    Span,
+    amortize,
+    attribute,
+    change_points,
+    intervals_between,
+    split_by_work,
+    split_interval,
+)
+from proxy.energy.meter import SyntheticMeter
+from proxy.energy.monitor import DeviceMonitor
+
+
+class FakeClock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+def close(a: float, b: float, rel: float = 1e-9) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-9)
+
+
+# -- pure functions ----------------------------------------------------------------------------
+
+
+def test_single_job_gets_the_whole_interval_it_covers() -> None:
+    split = split_interval(Interval(0.0, 1.0, 100.0), [Span("a", 0.0, 1.0)])
+    assert split.shares_j == {"a": 100.0}
+    assert split.idle_j == 0.0
+    assert split.uncertainty_j == {"a": 0.0}
+
+
+def test_short_job_inside_a_counter_step_gets_its_time_share_and_full_uncertainty() -> None:
+    # A 10 ms job inside a 100 ms counter step: not 0 J, but 10% of the step, uncertain by all of it.
+    split = split_interval(Interval(0.0, 0.1, 20.0), [Span("a", 0.04, 0.05)])
+    assert close(split.shares_j["a"], 2.0)
+    assert close(split.idle_j, 18.0)
+    assert close(split.uncertainty_j["a"], 2.0)
+
+
+def test_overlapping_jobs_share_by_work_rate() -> None:
+    # a: 2 work units over [0, 2]; b: 1 unit over [1, 2]. In [1, 2] rates are 1/s and 1/s -> equal.
+    split = split_interval(Interval(0.0, 2.0, 40.0), [Span("a", 0.0, 2.0, 2.0), Span("b", 1.0, 2.0, 1.0)])
+    assert close(split.shares_j["a"], 30.0)
+    assert close(split.shares_j["b"], 10.0)
+    assert close(split.idle_j, 0.0)
+
+
+def test_change_points_keep_first_observation_of_each_value() -> None:
+    samples = [(0.0, 0.0), (0.02, 0.0), (0.04, 0.0), (0.1, 5.0), (0.12, 5.0), (0.2, 9.0)]
+    assert change_points(samples, continuous=False) == [(0.0, 0.0), (0.1, 5.0), (0.2, 9.0)]
+    assert change_points(samples, continuous=True) == samples
+
+
+def test_split_by_work_is_exact_and_proportional() -> None:
+    parts = split_by_work(10.0, [1.0, 2.0, 7.0])
+    assert parts == pytest.approx([1.0, 2.0, 7.0])
+    assert sum(parts) == 10.0
+    assert split_by_work(9.0, [0.0, 0.0, 0.0]) == [3.0, 3.0, 3.0]
+
+
+def test_amortize_in_proportion_to_energy() -> None:
+    assert amortize(6.0, {"a": 1.0, "b": 2.0}) == pytest.approx({"a": 2.0, "b": 4.0})
+
+
+times = st.floats(min_value=0.0, max_value=10.0, allow_nan=False)
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[list[Interval], list[Span]]:
+    cuts = sorted(set(draw(st.lists(times, min_size=2, max_size=12))))
+    if len(cuts) < 2:
+        cuts = [0.0, 1.0]
+    energies = draw(st.lists(st.floats(0.0, 500.0), min_size=len(cuts) - 1, max_size=len(cuts) - 1))
+    readings, e = [(cuts[0], 0.0)], 0.0
+    for t, de in zip(cuts[1:], energies, strict=True):
+        e += de
+        readings.append((t, e))
+    spans = []
+    for i in range(draw(st.integers(0, 6))):
+        a, b = sorted((draw(times), draw(times)))
+        spans.append(Span(i, a, b, draw(st.floats(0.0, 100.0))))
+    return intervals_between(readings), spans
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts())
+def test_conservation_no_negatives_and_bounded_uncertainty(layout: tuple[list[Interval], list[Span]]) -> None:
+    intervals, spans = layout
+    split = attribute(intervals, spans)
+    metered = sum(i.energy_j for i in intervals)
+    assert close(split.total_j, metered)
+    assert split.idle_j >= -1e-9 * max(metered, 1.0)
+    assert all(v >= 0.0 for v in split.shares_j.values())
+    assert all(0.0 <= split.uncertainty_j[k] <= split.shares_j[k] + 1e-9 for k in split.shares_j)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.0, 1e6), st.integers(1, 16), st.floats(0.1, 1e4))
+def test_homogeneous_batch_members_get_equal_shares(energy_j: float, n: int, units: float) -> None:
+    parts = split_by_work(energy_j, [units] * n)
+    assert close(sum(parts), energy_j)
+    assert all(close(p, energy_j / n, rel=1e-9) for p in parts)
+
+
+# -- the incremental monitor --------------------------------------------------------------------
+
+
+def _monitor(
+    clock: FakeClock, policy: str = "separate", period: float = 0.0, commits: list | None = None
+) -> DeviceMonitor:
+    meter = SyntheticMeter("cpu", idle_watts=10.0, busy_watts=110.0, update_period_s=period, clock=clock)
+
+    def on_commit(device: str, idle_j: float, charges: object) -> None:
+        if commits is not None:
+            commits.append((idle_j, list(charges)))  # type: ignore[call-overload]
+
+    m = DeviceMonitor(meter, idle_policy=policy, clock=clock, on_commit=on_commit, max_finalize_delay_s=0.5)  # type: ignore[arg-type]
+    with m._lock:
+        m._sample_locked()
+    return m
+
+
+def test_monitor_charges_busy_energy_to_members_and_idle_to_no_one() -> None:
+    clock = FakeClock()
+    commits: list = []
+    m = _monitor(clock, commits=commits)
+    clock.advance(2.0)  # idle: 20 J
+    job = m.begin()
+    clock.advance(1.0)  # busy: 110 J
+    m.end(job, [("r1", 1.0), ("r2", 3.0)])
+    charges = job.result.result(timeout=1)
+    assert close(charges["r1"].joules, 27.5) and close(charges["r2"].joules, 82.5)
+    assert charges["r1"].measurement == "synthetic" and charges["r1"].uncertainty_joules == 0.0
+    assert close(m.committed_idle_j, 20.0)
+    assert close(m.committed_idle_j + m.committed_attributed_j, m.processed_j)
+
+
+def test_monitor_amortize_charges_preceding_idle_to_the_next_job() -> None:
+    clock = FakeClock()
+    m = _monitor(clock, policy="amortize")
+    clock.advance(2.0)
+    job = m.begin()
+    clock.advance(1.0)
+    m.end(job, [("r1", 1.0)])
+    charge = job.result.result(timeout=1)["r1"]
+    assert close(charge.joules, 130.0) and close(charge.idle_joules, 20.0)
+    assert m.committed_idle_j == 0.0
+
+
+def test_stepped_counter_short_job_is_not_zero_and_waits_for_the_next_update() -> None:
+    clock = FakeClock(0.0)
+    m = _monitor(clock, period=0.1)
+    clock.advance(0.02)
+    m.sample()
+    clock.advance(0.01)
+    job = m.begin()  # t = 0.03
+    clock.advance(0.01)
+    m.end(job, [("r", 1.0)])  # t = 0.04: the counter has not moved since 0.0
+    assert not job.result.done()
+    clock.advance(0.07)  # t = 0.11: counter updated at 0.1
+    m.sample()
+    charge = job.result.result(timeout=1)["r"]
+    assert charge.joules > 0.0
+    assert charge.uncertainty_joules == pytest.approx(charge.joules)
+
+
+def test_forced_finalization_when_the_counter_does_not_move() -> None:
+    clock = FakeClock(0.0)
+    meter = SyntheticMeter("cpu", idle_watts=0.0, busy_watts=0.0, update_period_s=0.1, clock=clock)
+    m = DeviceMonitor(meter, clock=clock, max_finalize_delay_s=0.5)
+    m.start()
+    try:
+        job = m.begin()
+        m.end(job, [("r", 1.0)])
+        clock.advance(1.0)
+        assert job.result.result(timeout=2)["r"].joules == 0.0
+    finally:
+        m.stop()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0.0, 0.3), st.floats(0.0, 0.3), st.integers(1, 4)), min_size=1, max_size=8),
+    st.sampled_from([0.0, 0.05, 0.1]),
+    st.sampled_from(["separate", "amortize"]),
+)
+def test_monitor_conserves_energy_over_any_job_sequence(
+    jobs: list[tuple[float, float, int]], period: float, policy: str
+) -> None:
+    clock = FakeClock(0.0)
+    m = _monitor(clock, policy=policy, period=period)
+    handles = []
+    for gap, length, members in jobs:
+        clock.advance(gap)
+        m.sample()
+        h = m.begin()
+        clock.advance(length)
+        m.end(h, [((len(handles), i), 1.0) for i in range(members)])
+        handles.append(h)
+    clock.advance(0.5)
+    m.stop()
+    total = sum(c.joules for h in handles for c in h.result.result(timeout=1).values())
+    assert all(c.joules >= 0 for h in handles for c in h.result.result().values())
+    metered = m.meter.read().energy_j
+    assert close(total + m.committed_idle_j, m.processed_j)
+    assert m.processed_j <= metered + 1e-9
+    for h in handles:
+        shares = [c.joules for c in h.result.result().values()]
+        assert all(close(s, shares[0]) for s in shares)
