@@ -1,0 +1,64 @@
+"""Model runners behind the proxy, and the small torch helpers they share.
+
+Importing this package is cheap: torch and the model libraries load only when a backend does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from backends.base import Backend, Task
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called `name` (one of `DTYPE_NAMES`); `ValueError` for anything else."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def synchronize_device(device: str) -> None:
+    """Block until `device` has finished its queued work (a no-op off CUDA)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_device_memory(device: str) -> None:
+    """Return cached allocator blocks to the driver after a model was dropped (CUDA only)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
+
+
+def load_backend(
+    task: Task, name: str, source: str | Path, *, device: str = "cpu", dtype: str = "auto"
+) -> Backend:
+    """Construct the backend for `task` and load it (blocking: call from a worker thread)."""
+    backend: Backend
+    if task == "text":
+        from backends.text_transformers import TransformersTextBackend
+
+        backend = TransformersTextBackend(name, source, device=device, dtype=dtype)
+    elif task == "image":
+        from backends.image_diffusers import DiffusersImageBackend
+
+        backend = DiffusersImageBackend(name, source, device=device, dtype=dtype)
+    else:
+        raise ValueError(f"unknown task {task!r}; expected 'text' or 'image'")
+    backend.load()
+    return backend

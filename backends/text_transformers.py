@@ -1,0 +1,411 @@
+"""Text generation with transformers: one `generate` call per batch, streamed per row.
+
+A batch shares its sampling parameters (the batch key) but not its lengths: the prompts are padded
+on the left, generation runs to the largest `max_tokens`, and each row stops on its own (EOS, a stop
+string, its own `max_tokens`) through a per-row stopping criterion. Rows that stop early cost the
+padding of the later steps, which is why `work_units` counts only each row's own tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from backends import release_device_memory, synchronize_device, torch_dtype
+from backends.base import BackendRequest, BackendResult, Task, TextRequest, TextResult
+
+logger = logging.getLogger(__name__)
+
+# For tokenizers without a chat template (base models such as GPT-2): one "role: content" line per
+# message, then "assistant:" for the model to continue.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+# transformers 4.56 renamed `torch_dtype` to `dtype`; before it, an unknown `dtype` was ignored.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+_REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for a multi-byte character cut short
+
+
+class _Row:
+    """One batch member's output: incremental decoding, stop strings, limits, streaming.
+
+    `text` only ever grows by what is handed to `on_text`, so the streamed pieces concatenate to
+    the final text by construction. Text that might be the start of a stop string, or the first
+    bytes of a multi-byte character, is held back until it is resolved.
+    """
+
+    def __init__(self, request: TextRequest, tokenizer: Any, eos_ids: frozenset[int]) -> None:
+        self.request = request
+        self.completion_tokens = 0  # generated tokens, EOS included
+        self.finish_reason: Literal["stop", "length"] | None = None
+        self.text = ""  # emitted so far
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._on_text = request.on_text
+        self._ids: list[int] = []  # generated ids to decode (EOS excluded)
+        self._decoded = ""  # complete characters decoded so far; `text` is a prefix of it
+        # Decoding window (as in TGI): ids[prefix:read] were decoded already; decoding from `prefix`
+        # again gives the new characters in context (tokenizers that strip a leading space).
+        self._prefix = 0
+        self._read = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token_id: int) -> None:
+        """Take the row's next generated token."""
+        if self.finished:
+            return
+        self.completion_tokens += 1
+        if token_id in self._eos_ids:
+            self._finish("stop")
+            return
+        self._ids.append(token_id)
+        self._decode(final=False)
+        if self._cut_at_stop():
+            self._finish("stop")
+        elif self.completion_tokens >= self.request.max_tokens:
+            self._finish("length")
+        else:
+            self._emit(len(self._decoded) - self._stop_prefix_len())
+
+    def finish_if_running(self) -> None:
+        """End a row that generation left unfinished (it ran out of new tokens)."""
+        if not self.finished:
+            self._finish("length")
+
+    def _decode(self, *, final: bool) -> None:
+        def decode(ids: list[int]) -> str:
+            return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        before = decode(self._ids[self._prefix : self._read])
+        after = decode(self._ids[self._prefix :])
+        if len(after) > len(before) and (final or not after.endswith(_REPLACEMENT_CHAR)):
+            self._decoded += after[len(before) :]
+            self._prefix, self._read = self._read, len(self._ids)
+
+    def _cut_at_stop(self) -> bool:
+        stops = self.request.stop
+        if not stops:
+            return False
+        # A match cannot start inside the emitted text: any end of it that could begin a stop
+        # string was held back (`_stop_prefix_len`), and a whole match would have ended the row.
+        start = len(self.text)
+        hits = [i for i in (self._decoded.find(s, start) for s in stops if s) if i >= 0]
+        if not hits:
+            return False
+        self._decoded = self._decoded[: min(hits)]
+        return True
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest end of the text that could still grow into a stop string."""
+        longest = 0
+        for stop in self.request.stop:
+            for size in range(min(len(stop) - 1, len(self._decoded)), longest, -1):
+                if self._decoded.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _finish(self, reason: Literal["stop", "length"]) -> None:
+        if reason == "length":
+            self._decode(final=True)
+            if self._cut_at_stop():
+                reason = "stop"
+        elif self._ids:
+            self._decode(final=True)
+        self.finish_reason = reason
+        self._emit(len(self._decoded))
+
+    def _emit(self, end: int) -> None:
+        piece = self._decoded[len(self.text) : end]
+        if not piece:
+            return
+        self.text += piece
+        if self._on_text is None:
+            return
+        try:
+            self._on_text(piece)
+        except Exception:
+            # One member's broken consumer must not fail its batch-mates: stop streaming to it.
+            logger.warning("on_text callback failed; streaming to it stops", exc_info=True)
+            self._on_text = None
+
+
+class _BatchStream(BaseStreamer):
+    """Hands each step's new tokens (one per row) to the rows, from `put` or the stopping criterion.
+
+    transformers 4.x calls `streamer.put` before the stopping criteria of a step and 5.x after;
+    whichever sees a step first consumes it, so a row stops at once on a stop string or its own
+    `max_tokens` and never costs the batch an extra step.
+    """
+
+    def __init__(self, rows: list[_Row], prompt_width: int) -> None:
+        self.rows = rows
+        self._prompt_width = prompt_width
+        self._puts = 0
+        self._steps = 0  # steps consumed
+
+    def put(self, value: torch.Tensor) -> None:
+        self._puts += 1
+        if self._puts == 1:  # the first put is the prompt
+            return
+        self._consume(self._puts - 1, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        for row in self.rows:
+            row.finish_if_running()
+
+    def observe(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The stopping criterion's side: take the step from `input_ids`; which rows are done."""
+        self._consume(input_ids.shape[1] - self._prompt_width, input_ids[:, -1].tolist())
+        return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
+
+    def _consume(self, step: int, tokens: list[int]) -> None:
+        if step <= self._steps:
+            return
+        self._steps = step
+        for row, token in zip(self.rows, tokens, strict=True):
+            row.push(token)
+
+
+class _RowsFinished(StoppingCriteria):
+    """Per-row stopping: a row is done at its EOS, stop string or own `max_tokens`."""
+
+    def __init__(self, stream: _BatchStream) -> None:
+        self._stream = stream
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return self._stream.observe(input_ids)
+
+
+class TransformersTextBackend:
+    """A causal language model served with `transformers` (safetensors, no remote code).
+
+    `dtype="auto"`: float32 off CUDA; on CUDA the checkpoint's own dtype. Sampling takes the
+    request's temperature and top_p with no top-k (OpenAI's semantics); anything else (e.g. a
+    repetition penalty) comes from the checkpoint's `generation_config`. `completion_tokens` counts
+    every generated token, a final EOS included (it cost a forward pass). A prompt that leaves no
+    room for `max_tokens` in the context is a `ValueError`, never silently shortened.
+    """
+
+    task: Task = "text"
+
+    def __init__(
+        self,
+        name: str,
+        source: str | Path,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_batch_size: int | None = None,
+    ) -> None:
+        if dtype != "auto":
+            torch_dtype(dtype)  # fail at construction on a bad name
+        self.name = name
+        self.source = str(source)
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size  # a hint for the scheduler; `run` takes any size
+        self._lock = threading.Lock()  # one batch at a time
+        self._model: Any = None
+        self._tokenizer: Any = None  # the worker's, used under `_lock`
+        # A fast tokenizer must not be used from two threads at once ("Already borrowed"), and
+        # prompts are counted on the proxy's threads while a batch decodes: they get their own.
+        self._counting_tokenizer: Any = None
+        self._counting_lock = threading.Lock()
+        self._eos_ids: frozenset[int] = frozenset()
+        self._pad_id = 0
+
+    def load(self) -> None:
+        """Load tokenizer and weights onto `device` (blocking)."""
+        dtype: Any = torch_dtype(self.dtype) if self.dtype != "auto" else "auto"
+        if dtype == "auto" and torch.device(self.device).type != "cuda":
+            dtype = torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
+        counting_tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.source,
+            use_safetensors=True,
+            trust_remote_code=False,
+            device_map=self.device,
+            **{_DTYPE_KWARG: dtype},
+        )
+        model.eval()
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=None)
+        if pad is None:
+            raise ValueError(f"{self.source}: the tokenizer has neither a pad nor an end-of-sequence token")
+        with self._lock:
+            self._model, self._tokenizer = model, tokenizer
+            self._counting_tokenizer = counting_tokenizer
+            self._eos_ids, self._pad_id = frozenset(eos_ids), pad
+
+    @property
+    def max_context_tokens(self) -> int | None:
+        """Prompt + completion tokens the model can attend to; None where the config does not say."""
+        model, tokenizer = self._loaded()
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(positions, int):
+            return positions
+        limit = getattr(tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and limit < 10**9 else None
+
+    def count_prompt_tokens(self, request: TextRequest) -> int:
+        """Tokens the prompt (or the chat, rendered by its template) takes. Thread-safe."""
+        self._loaded()
+        self._check_request(request)
+        with self._counting_lock:
+            return len(self._prompt_ids(request, self._counting_tokenizer))
+
+    def batch_key(self, request: BackendRequest) -> Hashable:
+        """Greedy requests (temperature 0) batch together; sampled ones by (temperature, top_p, seed).
+
+        `max_tokens` and `stop` are per row, so they do not split batches. A seeded batch draws from
+        one seeded stream: a seeded result repeats when its batch does (alone, it always does).
+        """
+        if not isinstance(request, TextRequest):
+            raise TypeError(f"{self.name} serves text requests, not {type(request).__name__}")
+        if request.temperature == 0:
+            return ("greedy",)
+        return ("sample", request.temperature, request.top_p, request.seed)
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        """Generate for every member; results in batch order. Blocks: call from the device's worker."""
+        requests = self._check_batch(batch)
+        with self._lock, torch.inference_mode():
+            model, tokenizer = self._loaded()
+            prompts = [self._prompt_ids(request, tokenizer) for request in requests]
+            limit = self.max_context_tokens
+            for request, prompt in zip(requests, prompts, strict=True):
+                if limit is not None and len(prompt) + request.max_tokens > limit:
+                    raise ValueError(
+                        f"{self.name}: prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) "
+                        f"exceeds the model's context of {limit} tokens"
+                    )
+            width = max(map(len, prompts))
+            input_ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for i, prompt in enumerate(prompts):  # left padding: every row's last token is aligned
+                input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+                attention_mask[i, width - len(prompt) :] = 1
+            rows = [_Row(request, tokenizer, self._eos_ids) for request in requests]
+            stream = _BatchStream(rows, prompt_width=width)
+            first = requests[0]
+            sampled = first.temperature != 0
+            config = GenerationConfig(
+                max_new_tokens=max(request.max_tokens for request in requests),
+                do_sample=sampled,
+                temperature=first.temperature if sampled else 1.0,
+                top_p=first.top_p if sampled else 1.0,
+                top_k=0 if sampled else None,  # OpenAI sampling has no top-k; transformers defaults to 50
+                eos_token_id=sorted(self._eos_ids),
+                pad_token_id=self._pad_id,
+            )
+            with self._seeded(first.seed if sampled else None):
+                model.generate(
+                    input_ids=input_ids.to(model.device),
+                    attention_mask=attention_mask.to(model.device),
+                    generation_config=config,
+                    stopping_criteria=StoppingCriteriaList([_RowsFinished(stream)]),
+                    streamer=stream,
+                )
+            stream.end()  # idempotent: rows already finished keep their reason
+        return [
+            TextResult(
+                text=row.text,
+                prompt_tokens=len(prompt),
+                completion_tokens=row.completion_tokens,
+                finish_reason=row.finish_reason or "length",
+                work_units=float(len(prompt) + row.completion_tokens),
+            )
+            for row, prompt in zip(rows, prompts, strict=True)
+        ]
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""
+        synchronize_device(self.device)
+
+    def close(self) -> None:
+        """Drop the model and return its device memory."""
+        with self._lock:
+            self._model = self._tokenizer = self._counting_tokenizer = None
+        release_device_memory(self.device)
+
+    def _loaded(self) -> tuple[Any, Any]:
+        if self._model is None:
+            raise RuntimeError(f"backend {self.name!r} is not loaded")
+        return self._model, self._tokenizer
+
+    def _check_batch(self, batch: Sequence[BackendRequest]) -> list[TextRequest]:
+        if not batch:
+            raise ValueError("empty batch")
+        keys = {self.batch_key(request) for request in batch}
+        if len(keys) > 1:
+            raise ValueError(f"a batch must share one batch key, got {sorted(map(str, keys))}")
+        requests = [request for request in batch if isinstance(request, TextRequest)]
+        for request in requests:
+            self._check_request(request)
+        return requests
+
+    @staticmethod
+    def _check_request(request: TextRequest) -> None:
+        if (request.prompt is None) == (request.messages is None):
+            raise ValueError("a text request needs exactly one of prompt and messages")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if request.temperature < 0:
+            raise ValueError(f"temperature must not be negative, got {request.temperature}")
+
+    def _prompt_ids(self, request: TextRequest, tokenizer: Any) -> list[int]:
+        if request.messages is not None:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in request.messages],
+                chat_template=None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]  # the template has them
+        else:
+            ids = tokenizer(request.prompt or "")["input_ids"]
+        # An empty prompt starts from the beginning-of-text token, as GPT-2-style models expect.
+        return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self._pad_id]
+
+    @contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """Sample from `seed` (this device's and the CPU's generators), restoring them afterwards."""
+        if seed is None:
+            yield
+            return
+        device = torch.device(self.device)
+        if device.type != "cuda":
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(seed)
+                yield
+            return
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index]), torch.cuda.device(index):
+            torch.random.default_generator.manual_seed(seed)
+            torch.cuda.manual_seed(seed)  # the current device's generator only
+            yield

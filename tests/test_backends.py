@@ -1,0 +1,304 @@
+"""The model runners on real tiny models, through the real from_pretrained and generate paths."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from backends import load_backend, tiny
+from backends.base import Backend, ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
+from backends.image_diffusers import DiffusersImageBackend, image_work_units
+from backends.text_transformers import FALLBACK_CHAT_TEMPLATE, TransformersTextBackend, _Row
+
+BACKENDS_DIR = Path(__file__).resolve().parent.parent / "backends"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def text(cache_dir: Path) -> Iterator[TransformersTextBackend]:
+    backend = TransformersTextBackend("tiny-gpt2", tiny.ensure_model("tiny-gpt2", cache_dir))
+    backend.load()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def image(cache_dir: Path) -> Iterator[DiffusersImageBackend]:
+    backend = DiffusersImageBackend("tiny-sd", tiny.ensure_model("tiny-sd", cache_dir))
+    backend.load()
+    yield backend
+    backend.close()
+
+
+def _text(backend: TransformersTextBackend, *requests: TextRequest) -> list[TextResult]:
+    results = backend.run(requests)
+    assert all(isinstance(result, TextResult) for result in results)
+    return [result for result in results if isinstance(result, TextResult)]
+
+
+def _images(backend: DiffusersImageBackend, *requests: ImageRequest) -> list[ImageResult]:
+    results = backend.run(requests)
+    assert all(isinstance(result, ImageResult) for result in results)
+    return [result for result in results if isinstance(result, ImageResult)]
+
+
+# --- tiny: the builder ------------------------------------------------------------------------------
+
+
+def test_cached_model_is_reused_not_rebuilt(cache_dir: Path) -> None:
+    first = tiny.ensure_model("tiny-gpt2", cache_dir)
+    weights = first / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert tiny.ensure_model("tiny-gpt2", cache_dir) == first
+    assert weights.stat().st_mtime_ns == stamp
+    assert first == tiny.model_dir("tiny-gpt2", cache_dir)
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_builds_are_deterministic_and_concurrent_builders_agree(cache_dir: Path, tmp_path: Path) -> None:
+    paths: list[Path] = []
+
+    def build() -> None:
+        paths.append(tiny.ensure_model("tiny-gpt2", tmp_path))
+
+    builders = [threading.Thread(target=build) for _ in range(2)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join()
+    assert paths[0] == paths[1]
+    reference = tiny.ensure_model("tiny-gpt2", cache_dir)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (paths[0] / name).read_bytes() == (reference / name).read_bytes()
+
+
+def test_unknown_preset_and_dtype_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown preset"):
+        tiny.ensure_model("gpt5", tmp_path)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        tiny.ensure_model("tiny-gpt2", tmp_path, dtype="float8")
+
+
+# Published parameter counts of the real models (e.g. SD 1.5's UNet: 859.52 M): the configs are real.
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ("gpt2-medium", {"model": 354_823_168}),
+        ("sd15", {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863}),
+        ("sd21", {"text_encoder": 340_387_840, "unet": 865_910_724, "vae": 83_653_863}),
+        (
+            "sdxl",
+            {
+                "text_encoder": 123_060_480,
+                "text_encoder_2": 694_659_840,
+                "unet": 2_567_463_684,
+                "vae": 83_653_863,
+            },
+        ),
+    ],
+)
+def test_full_size_configs_have_the_real_sizes(preset: str, expected: dict[str, int]) -> None:
+    assert tiny.PRESETS[preset].full_size
+    components = tiny.build_components(preset, device="meta")
+    counts = {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in components.items()
+        if isinstance(module, torch.nn.Module)
+    }
+    assert counts == expected
+
+
+def test_cli_builds_into_the_given_directory(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tiny.main(["build", "tiny-gpt2", "--out", str(cache_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(tiny.model_dir("tiny-gpt2", cache_dir))
+
+
+# --- text -------------------------------------------------------------------------------------------
+
+
+def test_text_backend_satisfies_the_protocol(text: TransformersTextBackend) -> None:
+    assert isinstance(text, Backend)
+    assert text.task == "text"
+    assert text.max_context_tokens == 512
+    text.synchronize()  # a no-op on CPU, but callable
+
+
+def test_greedy_is_deterministic_alone_or_batched(text: TransformersTextBackend) -> None:
+    request = TextRequest(prompt="The energy of a kilowatt hour", max_tokens=12, temperature=0)
+    (alone,) = _text(text, request)
+    (again,) = _text(text, request)
+    batched, _ = _text(text, request, TextRequest(prompt="A cat", max_tokens=4, temperature=0))
+    assert alone == again == batched
+    assert alone.completion_tokens == 12 and alone.finish_reason == "length"
+    assert alone.prompt_tokens == text.count_prompt_tokens(request)
+
+
+def test_each_member_stops_at_its_own_max_tokens(text: TransformersTextBackend) -> None:
+    short = TextRequest(prompt="Once upon a time", max_tokens=3, temperature=0)
+    long = TextRequest(prompt="The meter counts millijoules", max_tokens=9, temperature=0)
+    a, b = _text(text, short, long)
+    assert (a.completion_tokens, b.completion_tokens) == (3, 9)
+    assert (a.finish_reason, b.finish_reason) == ("length", "length")
+    assert a.prompt_tokens == text.count_prompt_tokens(short)
+    assert b.prompt_tokens == text.count_prompt_tokens(long)
+    assert a.work_units == a.prompt_tokens + 3 and b.work_units == b.prompt_tokens + 9
+    assert _text(text, short)[0] == a  # a short member is not changed by a longer batch-mate
+
+
+def test_streamed_pieces_concatenate_to_the_text(text: TransformersTextBackend) -> None:
+    pieces: tuple[list[str], list[str]] = ([], [])
+    requests = [
+        TextRequest(prompt="Hello", max_tokens=16, temperature=0.9, seed=3, on_text=pieces[0].append),
+        TextRequest(prompt="Numbers: 0 1 2", max_tokens=7, temperature=0.9, seed=3, on_text=pieces[1].append),
+    ]
+    results = _text(text, *requests)
+    for streamed, result in zip(pieces, results, strict=True):
+        assert len(streamed) > 1 and all(streamed)
+        assert "".join(streamed) == result.text
+    assert [r.completion_tokens for r in results] == [16, 7]
+
+
+def test_stop_string_truncates_text_and_stream(text: TransformersTextBackend) -> None:
+    request = TextRequest(prompt="The quick brown fox", max_tokens=24, temperature=0)
+    (free,) = _text(text, request)
+    stop = free.text[len(free.text) // 2 :][:3]
+    pieces: list[str] = []
+    streamed = TextRequest(
+        prompt="The quick brown fox", max_tokens=24, temperature=0, stop=(stop,), on_text=pieces.append
+    )
+    (stopped,) = _text(text, streamed)
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.index(stop)]
+    assert "".join(pieces) == stopped.text
+    assert stopped.completion_tokens < 24
+
+
+def test_seeded_sampling_is_reproducible(text: TransformersTextBackend) -> None:
+    def sample(seed: int) -> str:
+        return _text(text, TextRequest(prompt="Paris", max_tokens=20, temperature=1.0, seed=seed))[0].text
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_batch_key_is_the_sampling_parameters(text: TransformersTextBackend) -> None:
+    greedy = TextRequest(prompt="a", temperature=0, top_p=0.5, seed=1, max_tokens=3)
+    assert text.batch_key(greedy) == text.batch_key(TextRequest(prompt="b", temperature=0, max_tokens=99))
+    sampled = TextRequest(prompt="a", temperature=0.7, top_p=0.9, seed=1)
+    chat = TextRequest(messages=(ChatMessage("user", "b"),), temperature=0.7, top_p=0.9, seed=1, max_tokens=5)
+    assert text.batch_key(sampled) == text.batch_key(chat)
+    for other in ({"seed": 2}, {"top_p": 0.8}, {"temperature": 0.6}):
+        assert text.batch_key(sampled) != text.batch_key(replace(sampled, **other))
+    with pytest.raises(ValueError, match="batch key"):
+        text.run([greedy, sampled])
+
+
+def test_chat_without_a_template_uses_the_fallback(text: TransformersTextBackend) -> None:
+    messages = (ChatMessage("system", "Be brief."), ChatMessage("user", "What is a joule?"))
+    request = TextRequest(messages=messages, max_tokens=5, temperature=0)
+    tokenizer = text._tokenizer
+    rendered = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        chat_template=FALLBACK_CHAT_TEMPLATE,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert rendered == "system: Be brief.\nuser: What is a joule?\nassistant:"
+    (result,) = _text(text, request)
+    assert result.prompt_tokens == len(tokenizer(rendered)["input_ids"]) == text.count_prompt_tokens(request)
+    assert result.completion_tokens == 5
+
+
+def test_too_long_for_the_context_is_an_error(text: TransformersTextBackend) -> None:
+    with pytest.raises(ValueError, match="context of 512 tokens"):
+        text.run([TextRequest(prompt="Hello", max_tokens=510, temperature=0)])
+    with pytest.raises(ValueError, match="max_tokens"):
+        text.run([TextRequest(prompt="Hello", max_tokens=0, temperature=0)])
+
+
+def test_row_holds_back_split_characters_and_stops_at_eos(text: TransformersTextBackend) -> None:
+    tokenizer = text._tokenizer
+    pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("é€!")
+    ids = [tokenizer.convert_tokens_to_ids(byte) for piece, _ in pieces for byte in piece]  # a byte a token
+    assert len(ids) == 6
+    streamed: list[str] = []
+    eos = frozenset({tokenizer.eos_token_id})
+    row = _Row(TextRequest(prompt="x", max_tokens=50, on_text=streamed.append), tokenizer, eos)
+    for token in ids:
+        row.push(token)
+    row.push(tokenizer.eos_token_id)
+    row.push(ids[0])  # after EOS: ignored
+    assert streamed == ["é", "€", "!"]
+    assert (row.text, row.finish_reason, row.completion_tokens) == ("é€!", "stop", 7)
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+
+def test_image_backend_satisfies_the_protocol(image: DiffusersImageBackend) -> None:
+    assert isinstance(image, Backend)
+    assert image.task == "image"
+    assert image.default_size == (64, 64)
+
+
+def test_one_call_serves_members_with_their_own_counts_and_seeds(image: DiffusersImageBackend) -> None:
+    one = ImageRequest(prompt="a red fox in the snow", n=1, width=96, height=64, seed=5)
+    two = ImageRequest(prompt="a lighthouse", n=2, width=96, height=64, seed=9, negative_prompt="blurry")
+    a, b = _images(image, one, two)
+    assert (a.seeds, b.seeds) == ((5,), (9, 10))
+    for png in (*a.images_png, *b.images_png):
+        picture = Image.open(io.BytesIO(png))
+        assert picture.format == "PNG" and picture.size == (96, 64)
+    assert len({*a.images_png, *b.images_png}) == 3
+    assert a.work_units == 4 * 96 * 64 * 1 * 2 == image_work_units(one)
+    assert b.work_units == 4 * 96 * 64 * 2 * 2
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(image: DiffusersImageBackend) -> None:
+    def png(seed: int | None) -> ImageResult:
+        return _images(image, ImageRequest(prompt="a cat on books", seed=seed))[0]
+
+    assert png(11).images_png == png(11).images_png
+    assert png(11).images_png != png(12).images_png
+    drawn = png(None)  # a drawn seed is reported, and reproduces the image
+    assert png(drawn.seeds[0]).images_png == drawn.images_png
+
+
+def test_work_units_without_guidance_are_not_doubled() -> None:
+    request = ImageRequest(prompt="x", steps=10, width=64, height=128, n=3, guidance_scale=1.0)
+    assert image_work_units(request) == 10 * 64 * 128 * 3
+
+
+def test_image_batch_key_and_mixed_batches(image: DiffusersImageBackend) -> None:
+    base = ImageRequest(prompt="a", width=64, height=64, steps=4, guidance_scale=7.5, seed=1, n=1)
+    assert image.batch_key(base) == image.batch_key(ImageRequest(prompt="b", n=3, seed=None))
+    assert image.batch_key(base) != image.batch_key(ImageRequest(prompt="a", steps=5))
+    with pytest.raises(ValueError, match="batch key"):
+        image.run([base, ImageRequest(prompt="a", width=128)])
+
+
+def test_sdxl_layout_loads_and_generates(cache_dir: Path) -> None:
+    backend = load_backend("image", "tiny-sdxl", tiny.ensure_model("tiny-sdxl", cache_dir))
+    try:
+        assert isinstance(backend, DiffusersImageBackend)
+        (result,) = _images(backend, ImageRequest(prompt="a watercolour café", seed=1))
+        assert Image.open(io.BytesIO(result.images_png[0])).size == (64, 64)
+    finally:
+        backend.close()
+
+
+def test_backends_never_import_the_proxy() -> None:
+    for source in BACKENDS_DIR.glob("*.py"):
+        lines = source.read_text().splitlines()
+        assert not [line for line in lines if line.startswith(("import proxy", "from proxy"))], source

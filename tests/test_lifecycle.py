@@ -1,0 +1,96 @@
+"""The real `wattproxy serve` process: start, readiness, SIGTERM drain (new requests 503, in-flight ones
+finish, exit 0), and bad configuration failing at start."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+
+class ServeProcess:
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--port", "0", *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        )
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._found = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = re.search(r"listening on http://[\d.]+:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                self._found.set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        assert self._found.wait(timeout_s), "".join(self.lines)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
+                return
+            time.sleep(0.1)
+        raise TimeoutError("".join(self.lines))
+
+
+@pytest.fixture
+def serve_env(model_cache: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = dict(os.environ)
+    env.update({
+        "WATTPROXY_CACHE_DIR": str(model_cache),
+        "WATTPROXY_DATA_DIR": str(tmp_path),
+        "WATTPROXY_TORCH_THREADS": "1",
+    })
+    yield env
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_env: dict[str, str]) -> None:
+    server = ServeProcess(["--meter", "synthetic"], serve_env)
+    try:
+        server.wait_ready()
+        body = {"model": "tiny-sd", "prompt": "slow", "size": "256x256", "steps": 20, "n": 2}
+        with ThreadPoolExecutor(2) as pool:
+            in_flight = [pool.submit(requests.post, server.url + "/v1/images/generations", json=body, timeout=120)
+                         for _ in range(2)]
+            time.sleep(1.0)  # both are queued or running (each takes seconds on a CPU)
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            late = requests.post(server.url + "/v1/images/generations", json=body, timeout=30)
+            assert late.status_code == 503
+            assert late.json()["error"]["type"] == "overloaded"
+            assert [f.result().status_code for f in in_flight] == [200, 200]
+        assert server.proc.wait(timeout=60) == 0
+        assert any("draining" in line for line in server.lines)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def test_bad_configuration_fails_at_start_with_a_clear_message(serve_env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('meter = "synthetic"\n[[models]]\nname = "m"\ntask = "text"\nsource = "x"\nmax_batch_size = 0\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(bad)], env=serve_env, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "models.0.max_batch_size" in proc.stderr
