@@ -25,7 +25,10 @@ $(BIN)/.installed: pyproject.toml
 serve: $(BIN)/.installed
 	$(BIN)/wattproxy serve $(ARGS)
 
+# Services the tests use (a PostgreSQL server, Prometheus, ...): each .ci/deps-*.sh installs its own
+# Debian package when it is missing. The tests start and stop the servers themselves.
 test: $(BIN)/.installed
+	@for f in .ci/deps-*.sh; do [ ! -f "$$f" ] || bash "$$f" || exit 1; done
 	$(BIN)/ruff check proxy backends tests bench
 	$(BIN)/python -m pytest -q $(ARGS)
 
