@@ -190,7 +190,7 @@ def create_app(
 
     app.cleanup_ctx.extend([carbon_ctx, monitors_ctx, models_ctx])
     api.add_routes(app)
-    app.router.add_get("/metrics", metrics_handler(registry))
+    app.router.add_get("/metrics", metrics_handler(registry, settings.metrics_token))
     return app
 
 

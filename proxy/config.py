@@ -115,6 +115,8 @@ class Settings(_Strict):
     idle_policy: Literal["separate", "amortize"] = "separate"
     energy: EnergySettings = Field(default_factory=EnergySettings)
     carbon: CarbonSettings = Field(default_factory=CarbonSettings)
+    # When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (WATTPROXY_METRICS_TOKEN).
+    metrics_token: str | None = Field(None, min_length=16)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)

@@ -13,6 +13,7 @@ Useful PromQL (also used by the Grafana dashboard):
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
+
+from proxy.errors import AuthenticationFailed
 
 JOULES_PER_KWH = 3.6e6
 
@@ -204,10 +207,19 @@ class Metrics:
         self.registry.register(_ScrapeCollector(self.book, power, queue_depths, intensity))
 
 
-def metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], web.Response]:
-    """GET /metrics: Prometheus text format, or OpenMetrics (with exemplars) when the scraper asks."""
+def metrics_handler(
+    registry: CollectorRegistry, token: str | None = None
+) -> Callable[[web.Request], web.Response]:
+    """GET /metrics: Prometheus text format, or OpenMetrics (with exemplars) when the scraper asks.
+
+    With `token`, the scraper must send `Authorization: Bearer <token>` (Prometheus: `authorization`)."""
+    expected = f"Bearer {token}".encode() if token else None
 
     async def handle(request: web.Request) -> web.Response:
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                raise AuthenticationFailed("GET /metrics requires the metrics bearer token")
         accept = request.headers.get("Accept", "")
         if "application/openmetrics-text" in accept:
             body, content_type = generate_openmetrics(registry), OPENMETRICS_CONTENT_TYPE
