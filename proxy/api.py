@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ from pydantic import BaseModel
 from backends.base import ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
 from proxy.config import ModelSettings, parse_size
 from proxy.errors import ApiError, InvalidRequest, NotFound, Overloaded, RateLimited, ServerError
+from proxy.openapi import openapi_document
 from proxy.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -551,8 +551,8 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": status, "models": models}, status=200 if ready else 503)
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
 
 
 def add_routes(app: web.Application) -> None:
@@ -563,3 +563,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi_json)

@@ -36,7 +36,7 @@ METRICS = web.AppKey("metrics", Metrics)
 CARBON = web.AppKey("carbon", CarbonModel)
 BOOK = web.AppKey("book", EnergyBook)
 
-ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics")
+ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics", "/openapi.json")
 
 
 class Accountant:
