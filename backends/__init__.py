@@ -45,10 +45,22 @@ def release_device_memory(device: str) -> None:
             torch.cuda.empty_cache()
 
 
+def quiet_progress_bars() -> None:
+    """Turn off the libraries' tqdm bars (loading/saving shards): a server logs, it does not draw."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+
+
 def load_backend(
     task: Task, name: str, source: str | Path, *, device: str = "cpu", dtype: str = "auto"
 ) -> Backend:
     """Construct the backend for `task` and load it (blocking: call from a worker thread)."""
+    quiet_progress_bars()
     backend: Backend
     if task == "text":
         from backends.text_transformers import TransformersTextBackend

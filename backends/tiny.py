@@ -557,6 +557,9 @@ def ensure_model(preset: str, cache_dir: Path, *, dtype: str = "float32") -> Pat
     target = model_dir(preset, cache_dir, dtype=dtype)
     if target.is_dir():
         return target
+    from backends import quiet_progress_bars
+
+    quiet_progress_bars()
     _preset(preset)  # validate both names before any work
     weights_dtype = torch_dtype(dtype)
     with _BUILD_LOCK:
