@@ -38,7 +38,7 @@ from proxy.protocol import (
     Usage,
 )
 from proxy.scheduler import ModelQueue, Outcome, QueueFull, RequestTag, WorkItem
-from proxy.state import REQUEST_ID, SERVICE, USER, ServedModel, Service
+from proxy.state import BUDGETS, PRINCIPAL, REQUEST_ID, SERVICE, USER, ServedModel, Service
 
 JOULES_PER_KWH = 3.6e6
 
@@ -82,12 +82,19 @@ def _model(service: Service, name: str | None, task: str) -> ServedModel:
 
 
 def _tag(request: web.Request, served: ServedModel) -> RequestTag:
+    principal = request.get(PRINCIPAL)
     return RequestTag(
         request_id=request[REQUEST_ID],
         model=served.settings.name,
         task=served.settings.task,
         user=request.get(USER, "anonymous"),
+        key_id=principal.key_id if principal is not None else None,
     )
+
+
+def _admit(request: web.Request) -> None:
+    """Budget admission: 429 budget_exceeded when the user is at or over a limit."""
+    request.app[BUDGETS].check(request.get(USER, "anonymous"))
 
 
 def _submit(
@@ -336,6 +343,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         seed=req.seed,
     )
     _check_prompt(served, base, "messages")
+    _admit(request)
     assert served.queue is not None
     queue = served.queue
     if req.stream:
@@ -412,6 +420,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         )
         _check_prompt(served, base, "prompt")
         bases.extend([base] * req.n)
+    _admit(request)
     assert served.queue is not None
     queue = served.queue
     if req.stream:
@@ -494,6 +503,7 @@ async def images_generations(request: web.Request) -> web.Response:
         seed=req.seed,
         negative_prompt=req.negative_prompt,
     )
+    _admit(request)
     assert served.queue is not None
     queue = served.queue
     items = [_submit(queue, image_req, _tag(request, served))]

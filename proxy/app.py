@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -16,25 +17,38 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from backends import load_backend
-from backends.base import Backend, ImageResult, TextResult
-from proxy import api
+from backends.base import Backend, ImageRequest, ImageResult, TextResult
+from proxy import accounts_api, api
+from proxy.auth import KeyCache, Principal, auth_middleware, new_key
+from proxy.budgets import Budgets
 from proxy.carbon import CarbonModel, build_carbon
 from proxy.config import Settings
 from proxy.energy.meter import EnergyMeter, open_meter
 from proxy.energy.monitor import Charge, DeviceMonitor
 from proxy.errors import Overloaded, error_middleware, error_response
+from proxy.ledger import Ledger, LedgerRecord, LedgerUnavailable
 from proxy.metrics import JOULES_PER_KWH, EnergyBook, EnergyEntry, Metrics, metrics_handler
 from proxy.scheduler import DeviceWorker, ModelQueue, Outcome, RequestTag, Scheduler
-from proxy.state import REQUEST_ID, SERVICE, USER, ServedModel, Service
+from proxy.state import (
+    BOOK,
+    BUDGETS,
+    CARBON,
+    KEYS,
+    LEDGER,
+    METRICS,
+    MONITORS,
+    PRINCIPAL,
+    REQUEST_ID,
+    SCHEDULER,
+    SERVICE,
+    SETTINGS,
+    USER,
+    ServedModel,
+    Service,
+)
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
-SCHEDULER = web.AppKey("scheduler", Scheduler)
-MONITORS = web.AppKey("monitors", dict[str, DeviceMonitor])
-METRICS = web.AppKey("metrics", Metrics)
-CARBON = web.AppKey("carbon", CarbonModel)
-BOOK = web.AppKey("book", EnergyBook)
 
 ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics", "/openapi.json")
 
@@ -87,10 +101,12 @@ def create_app(
     meters: Mapping[str, EnergyMeter] | None = None,
     backends: Mapping[str, Backend] | None = None,
     registry: CollectorRegistry | None = None,
+    ledger: Ledger | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     """Build the service. `meters` (by device) and `backends` (by model name) replace the configured
     ones, for tests and embedding; everything else comes from `settings`."""
+    given_ledger = ledger
     service = Service(models={m.name: ServedModel(settings=m) for m in settings.models})
     registry = registry if registry is not None else CollectorRegistry()
     book = EnergyBook()
@@ -98,6 +114,10 @@ def create_app(
 
     def request_id_of(request: web.Request) -> str | None:
         return request.get(REQUEST_ID)
+
+    def set_principal(request: web.Request, principal: Principal) -> None:
+        request[PRINCIPAL] = principal
+        request[USER] = principal.user
 
     @web.middleware
     async def request_context(
@@ -117,7 +137,11 @@ def create_app(
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[request_context, error_middleware(request_id_of, settings.max_body_bytes)],
+        middlewares=[
+            request_context,
+            error_middleware(request_id_of, settings.max_body_bytes),
+            auth_middleware(settings.auth, lambda: app[KEYS], set_principal),
+        ],
     )
     app[SETTINGS] = settings
     app[SERVICE] = service
@@ -125,6 +149,30 @@ def create_app(
     app[BOOK] = book
     scheduler = Scheduler()
     app[SCHEDULER] = scheduler
+
+    budgets = Budgets()
+    app[BUDGETS] = budgets
+
+    async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+        ledger = given_ledger if given_ledger is not None else Ledger(settings.db_url())
+        await ledger.start()
+        app[LEDGER] = ledger
+        app[KEYS] = KeyCache(ledger, ttl_s=settings.key_cache_ttl_s)
+        if settings.auth == "none":
+            log.warning(
+                "AUTH IS OFF (--auth none): every request is accepted and accounted to user 'anonymous'"
+            )
+        else:
+            await bootstrap_admin_key(ledger)
+        budgets.set_keys(await ledger.keys(include_revoked=False))
+        await budgets.refresh(ledger)
+        refresher = asyncio.create_task(_refresh_budgets(ledger, budgets, settings.budget_refresh_s))
+        yield
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        if given_ledger is None:
+            await ledger.close()
 
     async def carbon_ctx(app: web.Application) -> AsyncIterator[None]:
         carbon = build_carbon(settings.carbon)
@@ -171,6 +219,7 @@ def create_app(
             power=lambda: {d: m.power_watts() for d, m in monitors.items()},
             queue_depths=scheduler.depths,
             intensity=intensity,
+            budgets=budgets.remaining_kwh,
         )
         yield
         await scheduler.stop()
@@ -179,7 +228,8 @@ def create_app(
             await loop.run_in_executor(None, monitor.meter.close)
 
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
-        loader = asyncio.create_task(_load_models(settings, service, scheduler, metrics, backends or {}))
+        record = _recorder(metrics, app[LEDGER], budgets)
+        loader = asyncio.create_task(_load_models(settings, service, scheduler, record, backends or {}))
         yield
         loader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -188,8 +238,9 @@ def create_app(
             if served.backend is not None:
                 served.backend.close()
 
-    app.cleanup_ctx.extend([carbon_ctx, monitors_ctx, models_ctx])
+    app.cleanup_ctx.extend([ledger_ctx, carbon_ctx, monitors_ctx, models_ctx])
     api.add_routes(app)
+    accounts_api.add_routes(app)
     app.router.add_get("/metrics", metrics_handler(registry, settings.metrics_token))
     return app
 
@@ -198,7 +249,7 @@ async def _load_models(
     settings: Settings,
     service: Service,
     scheduler: Scheduler,
-    metrics: Metrics,
+    record: Callable[[Sequence[Outcome]], Awaitable[None]],
     given: Mapping[str, Backend],
 ) -> None:
     """Load every model off the event loop (readiness flips per model as each one is ready)."""
@@ -207,7 +258,6 @@ async def _load_models(
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    record = _recorder(metrics)
     for name, served in service.models.items():
         ms = served.settings
         try:
@@ -242,12 +292,76 @@ async def _load_models(
         log.info("model %s (%s) ready on %s", name, ms.task, ms.device)
 
 
-def _recorder(metrics: Metrics) -> Callable[[Sequence[Outcome]], Awaitable[None]]:
-    """Metrics for each finished member (the ledger joins here with group commit)."""
+async def bootstrap_admin_key(ledger: Ledger) -> None:
+    """On first start with no keys, create one admin key and print it once (to stdout, never to logs)."""
+    if await ledger.keys():
+        return
+    secret, record = new_key("admin", admin=True)
+    await ledger.add_key(record)
+    sys.stdout.write(
+        f"\nNo API keys existed: created admin key {record.key_id} for user 'admin'. "
+        f"It is shown only once:\n\n    {secret}\n\n"
+        "Use it as 'Authorization: Bearer <key>'; create more with 'wattproxy keys create'.\n\n"
+    )
+    sys.stdout.flush()
+
+
+async def _refresh_budgets(ledger: Ledger, budgets: Budgets, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            budgets.set_keys(await ledger.keys(include_revoked=False))
+            await budgets.refresh(ledger)
+        except LedgerUnavailable as e:
+            log.warning("budget refresh failed: %s", e)
+
+
+def ledger_record(o: Outcome) -> LedgerRecord:
+    tag, charge, carbon = o.tag, o.charge, o.tag.carbon
+    text = o.result if isinstance(o.result, TextResult) else None
+    image = o.result if isinstance(o.result, ImageResult) else None
+    req = o.request if isinstance(o.request, ImageRequest) else None
+    images = len(image.images_png) if image else 0
+    return LedgerRecord(
+        request_id=tag.request_id,
+        time=datetime.now(timezone.utc),
+        user=tag.user,
+        key_id=tag.key_id,
+        model=tag.model,
+        task=tag.task,
+        status=o.status,
+        prompt_tokens=text.prompt_tokens if text else 0,
+        completion_tokens=text.completion_tokens if text else 0,
+        images=images,
+        pixels=req.width * req.height * images if req else 0,
+        steps=req.steps if req else 0,
+        device=charge.device,
+        joules=charge.joules,
+        idle_joules=charge.idle_joules,
+        uncertainty_joules=charge.uncertainty_joules,
+        measurement=charge.measurement,
+        co2_grams=carbon.co2_grams if carbon else 0.0,
+        embodied_co2_grams=carbon.embodied_co2_grams if carbon else 0.0,
+        carbon_intensity_g_per_kwh=carbon.intensity_g_per_kwh if carbon else 0.0,
+        pue=carbon.pue if carbon else 1.0,
+        carbon_source=carbon.source if carbon else "",
+        queue_seconds=o.queue_wait_s,
+        run_seconds=o.run_s,
+    )
+
+
+def _recorder(
+    metrics: Metrics, ledger: Ledger, budgets: Budgets
+) -> Callable[[Sequence[Outcome]], Awaitable[None]]:
+    """Commit each finished member to the ledger (group commit), then count it in budgets and metrics.
+    Runs before any member's response is sent."""
 
     async def record(outcomes: Sequence[Outcome]) -> None:
         if not outcomes:
             return
+        await ledger.record([ledger_record(o) for o in outcomes])
+        for o in outcomes:
+            budgets.add(o.tag.user, o.charge.joules, o.tag.carbon.co2_grams if o.tag.carbon else 0.0)
         first = outcomes[0]
         metrics.batch_size.labels(first.tag.model).observe(first.batch_size)
         for o in outcomes:

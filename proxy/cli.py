@@ -1,9 +1,10 @@
-"""`wattproxy serve`: parses flags into Settings and runs the service until SIGTERM/SIGINT, then drains."""
+"""`wattproxy serve | keys | usage`: parses flags into Settings; serves until SIGTERM/SIGINT, then drains."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import ConfigError, Settings, load_settings
+from proxy.ledger import Ledger, LedgerUnavailable
 
 log = logging.getLogger("wattproxy")
 
@@ -31,12 +33,50 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", help="where built and downloaded models are cached")
     serve.add_argument("--data-dir", help="where the ledger and other data are kept")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--auth", choices=["keys", "none"], help="API keys (default) or none (local development)"
+    )
+    serve.add_argument("--metrics-token", help="require this bearer token on GET /metrics")
+    for p in (serve,):
+        p.add_argument(
+            "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
+        )
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create.add_argument("--user", required=True)
+    create.add_argument("--admin", action="store_true", help="may manage keys and read everyone's usage")
+    create.add_argument("--budget-kwh", type=float)
+    create.add_argument("--budget-co2-grams", type=float)
+    create.add_argument("--period", choices=["day", "month", "total"], default="total")
+    keys_sub.add_parser("list", help="list keys (never the secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+
+    usage = sub.add_parser("usage", help="energy and CO2e per user, model, task or day")
+    usage.add_argument("--user")
+    usage.add_argument("--since", help="ISO date or time (inclusive)")
+    usage.add_argument("--until", help="ISO date or time (exclusive)")
+    usage.add_argument("--by", choices=["model", "task", "day", "user"])
+    usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    for p in (keys, usage):
+        p.add_argument("--config", help="TOML settings file (also WATTPROXY_CONFIG)")
+        p.add_argument("--data-dir", help="where the ledger is kept")
+        p.add_argument(
+            "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
+        )
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command != "serve":
+        return {"data_dir": args.data_dir, "db": args.db}
     carbon = {k: v for k, v in (("zone", args.carbon_zone), ("pue", args.pue)) if v is not None}
     return {
+        "auth": args.auth,
+        "db": args.db,
+        "metrics_token": args.metrics_token,
         "host": args.host,
         "port": args.port,
         "meter": args.meter,
@@ -50,8 +90,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; then new requests get 503 while in-flight ones finish (bounded)."""
-    from proxy.app import SCHEDULER, create_app
-    from proxy.state import SERVICE
+    from proxy.app import create_app
+    from proxy.state import SCHEDULER, SERVICE
 
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -85,15 +125,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, overrides=_overrides(args))
     except (ConfigError, ValueError) as e:
-        print(f"wattproxy: {e}", file=sys.stderr)
+        sys.stderr.write(f"wattproxy: {e}\n")
         return 2
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    if args.command == "serve":
-        try:
+    try:
+        if args.command == "serve":
             asyncio.run(serve(settings))
-        except ValueError as e:  # configuration found bad at start (e.g. the carbon provider)
-            log.error("%s", e)
-            return 2
+        elif args.command == "keys":
+            return asyncio.run(keys_command(settings, args))
+        elif args.command == "usage":
+            return asyncio.run(usage_command(settings, args))
+    except LedgerUnavailable as e:
+        log.error("the ledger database is unavailable: %s", e)
+        return 1
+    except ValueError as e:  # configuration found bad at start (e.g. the carbon provider), bad arguments
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+async def keys_command(settings: Settings, args: argparse.Namespace) -> int:
+    from proxy.accounts_api import key_json
+    from proxy.auth import new_key
+
+    ledger = Ledger(settings.db_url())
+    await ledger.start()
+    try:
+        if args.keys_command == "create":
+            secret, record = new_key(
+                args.user,
+                admin=args.admin,
+                budget_kwh=args.budget_kwh,
+                budget_co2_grams=args.budget_co2_grams,
+                budget_period=args.period,
+            )
+            await ledger.add_key(record)
+            sys.stdout.write(
+                f"created {record.key_id} for user {record.user!r}; the key is shown only once:\n"
+            )
+            sys.stdout.write(f"{secret}\n")
+        elif args.keys_command == "list":
+            for k in await ledger.keys():
+                sys.stdout.write(json.dumps(key_json(k)) + "\n")
+        elif args.keys_command == "revoke":
+            if not await ledger.revoke_key(args.key_id):
+                sys.stderr.write(f"wattproxy: no active key {args.key_id!r}\n")
+                return 1
+            sys.stdout.write(f"revoked {args.key_id}\n")
+    finally:
+        await ledger.close()
+    return 0
+
+
+async def usage_command(settings: Settings, args: argparse.Namespace) -> int:
+    from proxy.usage import as_csv, as_json, as_table, parse_time, report_row, total_row
+
+    start, end = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    ledger = Ledger(settings.db_url())
+    await ledger.start()
+    try:
+        rows = await ledger.usage(user=args.user, start=start, end=end, group_by=args.by)
+    finally:
+        await ledger.close()
+    report = [report_row(r, settings.phone_charge_kwh) for r in rows]
+    total = report_row(total_row(rows), settings.phone_charge_kwh)
+    if args.format == "json":
+        meta: dict[str, object] = {
+            "object": "usage",
+            "user": args.user,
+            "start": start.isoformat() if start else None,
+            "end": end.isoformat() if end else None,
+            "group_by": args.by,
+            "phone_charge_kwh": settings.phone_charge_kwh,
+        }
+        sys.stdout.write(as_json(report, total, meta) + "\n")
+    elif args.format == "csv":
+        sys.stdout.write(as_csv(report))
+    else:
+        sys.stdout.write(as_table(report, total, args.by or "scope") + "\n")
     return 0

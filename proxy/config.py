@@ -115,6 +115,12 @@ class Settings(_Strict):
     idle_policy: Literal["separate", "amortize"] = "separate"
     energy: EnergySettings = Field(default_factory=EnergySettings)
     carbon: CarbonSettings = Field(default_factory=CarbonSettings)
+    auth: Literal["keys", "none"] = "keys"
+    # Ledger database URL: sqlite:///path.db (default: wattproxy.db in data_dir) or postgresql://...
+    db: str | None = None
+    key_cache_ttl_s: float = Field(1.0, ge=0, le=60)
+    budget_refresh_s: float = Field(5.0, gt=0)
+    phone_charge_kwh: float = Field(0.012, gt=0)
     # When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (WATTPROXY_METRICS_TOKEN).
     metrics_token: str | None = Field(None, min_length=16)
     max_body_bytes: int = Field(1 << 20, ge=1024)
@@ -123,6 +129,9 @@ class Settings(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # test-only: lets tests hold a batch until released (never set in production configs)
     test_hooks: bool = False
+
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{(self.data_dir / 'wattproxy.db').resolve()}"
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

@@ -89,8 +89,10 @@ class _ScrapeCollector(Collector):
         power: Callable[[], dict[str, float | None]],
         queue_depths: Callable[[], dict[str, int]],
         intensity: Callable[[], tuple[str, str, float] | None],
+        budgets: Callable[[], dict[str, float]],
     ) -> None:
         self._book = book
+        self._budgets = budgets
         self._power = power
         self._queue_depths = queue_depths
         self._intensity = intensity
@@ -144,6 +146,14 @@ class _ScrapeCollector(Collector):
             )
             gauge.add_metric([zone, source], g_per_kwh)
             yield gauge
+        remaining = GaugeMetricFamily(
+            "wattproxy_budget_remaining_kwh",
+            "Energy left in the user's current budget period (kWh)",
+            labels=["user"],
+        )
+        for user, kwh in sorted(self._budgets().items()):
+            remaining.add_metric([user], kwh)
+        yield remaining
 
 
 class Metrics:
@@ -203,8 +213,9 @@ class Metrics:
         power: Callable[[], dict[str, float | None]],
         queue_depths: Callable[[], dict[str, int]],
         intensity: Callable[[], tuple[str, str, float] | None],
+        budgets: Callable[[], dict[str, float]] = dict,
     ) -> None:
-        self.registry.register(_ScrapeCollector(self.book, power, queue_depths, intensity))
+        self.registry.register(_ScrapeCollector(self.book, power, queue_depths, intensity, budgets))
 
 
 def metrics_handler(

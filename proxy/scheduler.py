@@ -37,6 +37,7 @@ class RequestTag:
     model: str
     task: str
     user: str
+    key_id: str | None = None
     carbon: CarbonCharge | None = None
 
 
@@ -46,6 +47,7 @@ Status = Literal["ok", "error", "cancelled"]
 @dataclass(frozen=True)
 class Outcome:
     tag: RequestTag
+    request: BackendRequest
     result: BackendResult | None
     error: BaseException | None
     charge: Charge
@@ -243,6 +245,7 @@ class ModelQueue:
             outcomes.append(
                 Outcome(
                     tag=it.tag,
+                    request=it.request,
                     result=results[i] if results is not None else None,
                     error=error,
                     charge=charges[it.tag],

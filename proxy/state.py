@@ -8,8 +8,14 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from backends.base import Backend, TextRequest
-from proxy.config import ModelSettings
-from proxy.scheduler import ModelQueue
+from proxy.auth import KeyCache, Principal
+from proxy.budgets import Budgets
+from proxy.carbon import CarbonModel
+from proxy.config import ModelSettings, Settings
+from proxy.energy.monitor import DeviceMonitor
+from proxy.ledger import Ledger
+from proxy.metrics import EnergyBook, Metrics
+from proxy.scheduler import ModelQueue, Scheduler
 
 
 @dataclass(eq=False)
@@ -37,5 +43,15 @@ class Service:
 
 
 SERVICE = web.AppKey("service", Service)
+SETTINGS = web.AppKey("settings", Settings)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+MONITORS = web.AppKey("monitors", dict[str, DeviceMonitor])
+METRICS = web.AppKey("metrics", Metrics)
+CARBON = web.AppKey("carbon", CarbonModel)
+BOOK = web.AppKey("book", EnergyBook)
+LEDGER = web.AppKey("ledger", Ledger)
+KEYS = web.AppKey("keys", KeyCache)
+BUDGETS = web.AppKey("budgets", Budgets)
 REQUEST_ID = web.RequestKey("request_id", str)
 USER = web.RequestKey("user", str)  # a registered principal's name, never text from the request body
+PRINCIPAL = web.RequestKey("principal", Principal)

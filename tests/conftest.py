@@ -96,6 +96,7 @@ def settings_for_tests(cache: Path, tmp: Path, **overrides: Any) -> Settings:
         "cache_dir": cache,
         "data_dir": tmp,
         "meter": "synthetic",
+        "auth": "none",
         "models": models,
         "torch_threads": 1,
     }

@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import SCHEDULER
+from proxy.state import SCHEDULER
 from tests.conftest import LiveServer
 
 
@@ -91,11 +91,17 @@ def test_chat_stream_matches_plain_and_ends_with_usage(server: LiveServer) -> No
 
 def test_completions_plain_and_streamed(server: LiveServer) -> None:
     c = client(server)
-    done = c.completions.create(model="tiny-gpt2", prompt=["Once upon", "a time"], max_tokens=5, temperature=0)
+    done = c.completions.create(
+        model="tiny-gpt2", prompt=["Once upon", "a time"], max_tokens=5, temperature=0
+    )
     assert [ch.index for ch in done.choices] == [0, 1]
     assert done.usage is not None and done.usage.completion_tokens <= 10
     stream = c.completions.create(
-        model="tiny-gpt2", prompt="Once upon", max_tokens=5, temperature=0, stream=True,
+        model="tiny-gpt2",
+        prompt="Once upon",
+        max_tokens=5,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     pieces = list(stream)
@@ -106,7 +112,11 @@ def test_completions_plain_and_streamed(server: LiveServer) -> None:
 def test_images_b64_png_of_requested_size_and_count(server: LiveServer) -> None:
     c = client(server)
     result = c.images.generate(
-        model="tiny-sd", prompt="a red bicycle", n=2, size="128x128", response_format="b64_json",
+        model="tiny-sd",
+        prompt="a red bicycle",
+        n=2,
+        size="128x128",
+        response_format="b64_json",
         extra_body={"steps": 3, "seed": 7},
     )
     assert len(result.data) == 2
@@ -125,8 +135,9 @@ def test_images_b64_png_of_requested_size_and_count(server: LiveServer) -> None:
 
 def _post(server: LiveServer, path: str, body: object, **kw: object) -> requests.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(server.base_url + path, data=data, headers={"Content-Type": "application/json"},
-                         timeout=30, **kw)  # type: ignore[arg-type]
+    return requests.post(
+        server.base_url + path, data=data, headers={"Content-Type": "application/json"}, timeout=30, **kw
+    )  # type: ignore[arg-type]
 
 
 def _error(resp: requests.Response, status: int, param: str | None = None) -> dict[str, object]:
@@ -150,22 +161,65 @@ IMAGES = "/v1/images/generations"
         (CHAT, [1, 2], 400, None, "invalid_request_error"),
         (CHAT, {"model": "tiny-gpt2"}, 400, "messages", "invalid_request_error"),
         (CHAT, {"model": "tiny-gpt2", "messages": "hi"}, 400, "messages", "invalid_request_error"),
-        (CHAT, {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, 400,
-         "max_tokens", "invalid_request_error"),
-        (CHAT, {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400,
-         "max_tokens", "invalid_request_error"),
-        (CHAT, {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n",
-         "invalid_request_error"),
-        (CHAT, {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "not_found_error"),
-        (CHAT, {"model": "tiny-sd", "messages": [{"role": "user", "content": "x"}]}, 400, "model",
-         "invalid_request_error"),
-        (IMAGES, {"model": "tiny-sd", "prompt": "x", "size": "100x100"}, 400, "size", "invalid_request_error"),
-        (IMAGES, {"model": "tiny-sd", "prompt": "x", "size": "1024x1024"}, 400, "size", "invalid_request_error"),
+        (
+            CHAT,
+            {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
+            400,
+            "max_tokens",
+            "invalid_request_error",
+        ),
+        (
+            CHAT,
+            {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
+            400,
+            "max_tokens",
+            "invalid_request_error",
+        ),
+        (
+            CHAT,
+            {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "n": 99},
+            400,
+            "n",
+            "invalid_request_error",
+        ),
+        (
+            CHAT,
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model",
+            "not_found_error",
+        ),
+        (
+            CHAT,
+            {"model": "tiny-sd", "messages": [{"role": "user", "content": "x"}]},
+            400,
+            "model",
+            "invalid_request_error",
+        ),
+        (
+            IMAGES,
+            {"model": "tiny-sd", "prompt": "x", "size": "100x100"},
+            400,
+            "size",
+            "invalid_request_error",
+        ),
+        (
+            IMAGES,
+            {"model": "tiny-sd", "prompt": "x", "size": "1024x1024"},
+            400,
+            "size",
+            "invalid_request_error",
+        ),
         (IMAGES, {"model": "tiny-sd", "prompt": "x", "size": "big"}, 400, "size", "invalid_request_error"),
         (IMAGES, {"model": "tiny-sd", "prompt": "x", "n": 50}, 400, "n", "invalid_request_error"),
         (IMAGES, {"model": "tiny-sd", "prompt": "x", "steps": 500}, 400, "steps", "invalid_request_error"),
-        (IMAGES, {"model": "tiny-sd", "prompt": "x", "response_format": "url"}, 400, "response_format",
-         "invalid_request_error"),
+        (
+            IMAGES,
+            {"model": "tiny-sd", "prompt": "x", "response_format": "url"},
+            400,
+            "response_format",
+            "invalid_request_error",
+        ),
         (IMAGES, {"model": "tiny-sd"}, 400, "prompt", "invalid_request_error"),
         ("/v1/nowhere", {}, 404, None, "not_found_error"),
     ],
@@ -215,7 +269,10 @@ def test_concurrent_requests_are_batched(server: LiveServer) -> None:
 
     def ask(i: int) -> str:
         r = c.chat.completions.create(
-            model="tiny-gpt2", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=4, temperature=0
+            model="tiny-gpt2",
+            messages=[{"role": "user", "content": f"hello {i}"}],
+            max_tokens=4,
+            temperature=0,
         )
         return r.choices[0].message.content or ""
 
@@ -261,7 +318,11 @@ def test_full_queue_answers_429_with_retry_after(make_server) -> None:  # type: 
     from proxy.config import ModelSettings
 
     server = make_server(
-        models=[ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_queue=2, max_batch_size=1)]
+        models=[
+            ModelSettings(
+                name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_queue=2, max_batch_size=1
+            )
+        ]
     )
     gate = _hold_device(server)
     body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}

@@ -11,7 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import MONITORS
+from proxy.state import MONITORS
 from tests.conftest import LiveServer
 
 
@@ -19,18 +19,24 @@ def _client(server: LiveServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 
 
-def _drive(server: LiveServer, chats: int = 12, images: int = 4, completions: int = 4) -> list[dict[str, float]]:
+def _drive(
+    server: LiveServer, chats: int = 12, images: int = 4, completions: int = 4
+) -> list[dict[str, float]]:
     c = _client(server)
 
     def chat(i: int) -> dict[str, float]:
         r = c.chat.completions.create(
-            model="tiny-gpt2", messages=[{"role": "user", "content": "tell me " * (1 + i % 5)}],
-            max_tokens=2 + i % 7, temperature=0,
+            model="tiny-gpt2",
+            messages=[{"role": "user", "content": "tell me " * (1 + i % 5)}],
+            max_tokens=2 + i % 7,
+            temperature=0,
         )
         return r.usage.model_extra["energy"]  # type: ignore[union-attr,index]
 
     def image(i: int) -> dict[str, float]:
-        r = c.images.generate(model="tiny-sd", prompt=f"a cat {i}", n=1 + i % 2, size="64x64", extra_body={"steps": 2})
+        r = c.images.generate(
+            model="tiny-sd", prompt=f"a cat {i}", n=1 + i % 2, size="64x64", extra_body={"steps": 2}
+        )
         return r.usage.model_extra["energy"]  # type: ignore[union-attr]
 
     def completion(i: int) -> dict[str, float]:
@@ -58,7 +64,11 @@ def _metric_sums(server: LiveServer) -> dict[str, float]:
 def test_every_joule_is_in_a_response_or_idle(make_server, update_period_s: float, idle_policy: str) -> None:  # type: ignore[no-untyped-def]
     server = make_server(
         idle_policy=idle_policy,
-        energy={"synthetic_update_period_s": update_period_s, "sample_period_s": 0.01, "max_finalize_delay_s": 0.5},
+        energy={
+            "synthetic_update_period_s": update_period_s,
+            "sample_period_s": 0.01,
+            "max_finalize_delay_s": 0.5,
+        },
     )
     energies = _drive(server)
     assert all(e["measurement"] == "synthetic" for e in energies)
@@ -69,7 +79,8 @@ def test_every_joule_is_in_a_response_or_idle(make_server, update_period_s: floa
     attributed_kwh = sums["wattproxy_energy_kwh_total"]
     assert math.isclose(attributed_kwh * 3.6e6, answered_j, rel_tol=1e-9)
     assert math.isclose(
-        attributed_kwh + sums["wattproxy_idle_energy_kwh_total"], sums["wattproxy_device_energy_kwh_total"],
+        attributed_kwh + sums["wattproxy_idle_energy_kwh_total"],
+        sums["wattproxy_device_energy_kwh_total"],
         rel_tol=1e-9,
     )
     monitor = server.app[MONITORS]["cpu"]  # type: ignore[index]

@@ -22,12 +22,22 @@ class ServeProcess:
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--port", "0", *args],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         self.lines: list[str] = []
+        self.stdout: list[str] = []
         self.port: int | None = None
         self._found = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.stdout.append(line)
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -55,11 +65,13 @@ class ServeProcess:
 @pytest.fixture
 def serve_env(model_cache: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
     env = dict(os.environ)
-    env.update({
-        "WATTPROXY_CACHE_DIR": str(model_cache),
-        "WATTPROXY_DATA_DIR": str(tmp_path),
-        "WATTPROXY_TORCH_THREADS": "1",
-    })
+    env.update(
+        {
+            "WATTPROXY_CACHE_DIR": str(model_cache),
+            "WATTPROXY_DATA_DIR": str(tmp_path),
+            "WATTPROXY_TORCH_THREADS": "1",
+        }
+    )
     yield env
 
 
@@ -69,8 +81,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_env: dict[str, s
         server.wait_ready()
         body = {"model": "tiny-sd", "prompt": "slow", "size": "256x256", "steps": 20, "n": 2}
         with ThreadPoolExecutor(2) as pool:
-            in_flight = [pool.submit(requests.post, server.url + "/v1/images/generations", json=body, timeout=120)
-                         for _ in range(2)]
+            in_flight = [
+                pool.submit(requests.post, server.url + "/v1/images/generations", json=body, timeout=120)
+                for _ in range(2)
+            ]
             time.sleep(1.0)  # both are queued or running (each takes seconds on a CPU)
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
@@ -85,12 +99,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_env: dict[str, s
             server.proc.kill()
 
 
-def test_bad_configuration_fails_at_start_with_a_clear_message(serve_env: dict[str, str], tmp_path: Path) -> None:
+def test_bad_configuration_fails_at_start_with_a_clear_message(
+    serve_env: dict[str, str], tmp_path: Path
+) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('meter = "synthetic"\n[[models]]\nname = "m"\ntask = "text"\nsource = "x"\nmax_batch_size = 0\n')
+    bad.write_text(
+        'meter = "synthetic"\n[[models]]\nname = "m"\ntask = "text"\nsource = "x"\nmax_batch_size = 0\n'
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(bad)], env=serve_env, capture_output=True,
-        text=True, timeout=60,
+        [sys.executable, "-m", "proxy", "serve", "--config", str(bad)],
+        env=serve_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "models.0.max_batch_size" in proc.stderr

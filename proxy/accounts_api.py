@@ -1,0 +1,145 @@
+"""Accounting endpoints: `GET /v1/usage` (own usage; admins: anyone's, CSV export) and key
+administration for admins (`POST/GET /v1/keys`, `DELETE /v1/keys/{key_id}`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy.auth import Principal, new_key, require_admin
+from proxy.errors import InvalidRequest, NotFound, PermissionDenied
+from proxy.ledger import ApiKeyRecord
+from proxy.state import BUDGETS, KEYS, LEDGER, PRINCIPAL, SETTINGS
+from proxy.usage import as_csv, as_json, parse_time, report_row, total_row
+
+GROUPS = ("model", "task", "day", "user")
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    user: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    admin: bool = False
+    budget_kwh: float | None = Field(None, gt=0)
+    budget_co2_grams: float | None = Field(None, gt=0)
+    period: Literal["day", "month", "total"] = "total"
+
+
+def _principal(request: web.Request) -> Principal:
+    return request[PRINCIPAL]
+
+
+def key_json(k: ApiKeyRecord) -> dict[str, Any]:
+    """A key as shown to admins: never the hash, never the secret."""
+    return {
+        "id": k.key_id,
+        "object": "api_key",
+        "user": k.user,
+        "admin": k.admin,
+        "created": k.created.isoformat(),
+        "revoked": k.revoked.isoformat() if k.revoked else None,
+        "budget_kwh": k.budget_kwh,
+        "budget_co2_grams": k.budget_co2_grams,
+        "budget_period": k.budget_period,
+    }
+
+
+async def usage(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    q = request.query
+    try:
+        start: datetime | None = parse_time(q.get("start"), "start")
+        end: datetime | None = parse_time(q.get("end"), "end")
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="start" if "start" in str(e) else "end") from e
+    group_by = q.get("group_by") or None
+    if group_by is not None and group_by not in GROUPS:
+        raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}", param="group_by")
+    fmt = q.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise InvalidRequest("format must be json or csv", param="format")
+    if principal.admin:
+        user = q.get("user") or None
+    else:
+        if q.get("user") not in (None, "", principal.user):
+            raise_forbidden()
+        if group_by == "user":
+            raise_forbidden()
+        user = principal.user
+    settings = request.app[SETTINGS]
+    rows = await request.app[LEDGER].usage(user=user, start=start, end=end, group_by=group_by)  # type: ignore[arg-type]
+    report = [report_row(r, settings.phone_charge_kwh) for r in rows]
+    total = report_row(total_row(rows), settings.phone_charge_kwh)
+    if fmt == "csv":
+        return web.Response(
+            text=as_csv(report),
+            content_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="wattproxy-usage.csv"'},
+        )
+    meta: dict[str, object] = {
+        "object": "usage",
+        "user": user,
+        "start": start.isoformat() if start else None,
+        "end": end.isoformat() if end else None,
+        "group_by": group_by,
+        "phone_charge_kwh": settings.phone_charge_kwh,
+    }
+    budget = request.app[BUDGETS].budget(user) if user else None
+    if budget is not None:
+        meta["budget"] = {
+            "kwh": budget.kwh,
+            "co2_grams": budget.co2_grams,
+            "period": budget.period,
+            "remaining_kwh": budget.remaining_kwh,
+            "resets": budget.reset.isoformat() if budget.reset else None,
+        }
+    return web.Response(text=as_json(report, total, meta), content_type="application/json")
+
+
+def raise_forbidden() -> None:
+    raise PermissionDenied("a user key can only read its own usage", code="forbidden")
+
+
+async def create_key(request: web.Request) -> web.Response:
+    require_admin(_principal(request))
+    body = KeyCreate.model_validate(await request.json())
+    secret, record = new_key(
+        body.user,
+        admin=body.admin,
+        budget_kwh=body.budget_kwh,
+        budget_co2_grams=body.budget_co2_grams,
+        budget_period=body.period,
+    )
+    ledger = request.app[LEDGER]
+    await ledger.add_key(record)
+    request.app[KEYS].forget()
+    budgets = request.app[BUDGETS]
+    budgets.set_keys(await ledger.keys(include_revoked=False))
+    await budgets.refresh(ledger)
+    return web.json_response({**key_json(record), "key": secret}, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    require_admin(_principal(request))
+    keys = await request.app[LEDGER].keys()
+    return web.json_response({"object": "list", "data": [key_json(k) for k in keys]})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    require_admin(_principal(request))
+    key_id = request.match_info["key_id"]
+    ledger = request.app[LEDGER]
+    if not await ledger.revoke_key(key_id):
+        raise NotFound(f"no active key {key_id!r}", param="key_id", code="key_not_found")
+    request.app[KEYS].forget()
+    request.app[BUDGETS].set_keys(await ledger.keys(include_revoked=False))
+    return web.json_response({"id": key_id, "object": "api_key", "revoked": True})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/usage", usage)
+    app.router.add_post("/v1/keys", create_key)
+    app.router.add_get("/v1/keys", list_keys)
+    app.router.add_delete("/v1/keys/{key_id}", revoke_key)

@@ -1,0 +1,125 @@
+"""Usage reports from the ledger, shared by `GET /v1/usage` and `wattproxy usage`.
+
+Smartphone charges: 0.012 kWh per charge by default, the figure used by Luccioni, Jernite and
+Strubell, "Power Hungry Processing" (2023), the study this project comes from.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from proxy.ledger import UsageRow
+
+JOULES_PER_KWH = 3.6e6
+PHONE_CHARGE_KWH = 0.012
+COLUMNS = (
+    "group",
+    "requests",
+    "kwh",
+    "joules",
+    "co2_grams",
+    "images",
+    "prompt_tokens",
+    "completion_tokens",
+    "j_per_image",
+    "j_per_token",
+    "smartphone_charges",
+)
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    group: str | None
+    requests: int
+    kwh: float
+    joules: float
+    co2_grams: float
+    images: int
+    prompt_tokens: int
+    completion_tokens: int
+    j_per_image: float | None  # energy of image requests / images
+    j_per_token: float | None  # energy of text requests / (prompt + completion tokens)
+    smartphone_charges: float
+
+
+def report_row(row: UsageRow, phone_charge_kwh: float = PHONE_CHARGE_KWH) -> ReportRow:
+    tokens = row.prompt_tokens + row.completion_tokens
+    kwh = row.joules / JOULES_PER_KWH
+    return ReportRow(
+        group=row.group,
+        requests=row.requests,
+        kwh=kwh,
+        joules=row.joules,
+        co2_grams=row.co2_grams,
+        images=row.images,
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        j_per_image=row.image_joules / row.images if row.images else None,
+        j_per_token=row.text_joules / tokens if tokens else None,
+        smartphone_charges=kwh / phone_charge_kwh,
+    )
+
+
+def total_row(rows: Sequence[UsageRow]) -> UsageRow:
+    return UsageRow(
+        group=None,
+        requests=sum(r.requests for r in rows),
+        joules=sum(r.joules for r in rows),
+        co2_grams=sum(r.co2_grams for r in rows),
+        images=sum(r.images for r in rows),
+        prompt_tokens=sum(r.prompt_tokens for r in rows),
+        completion_tokens=sum(r.completion_tokens for r in rows),
+        image_joules=sum(r.image_joules for r in rows),
+        text_joules=sum(r.text_joules for r in rows),
+    )
+
+
+def parse_time(value: str | None, name: str) -> datetime | None:
+    """ISO 8601 date or datetime (UTC when no zone is given); ValueError naming the parameter."""
+    if value is None or value == "":
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise ValueError(f"{name} must be an ISO 8601 date or time, e.g. 2026-11-01T12:00:00Z") from e
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def as_json(rows: Sequence[ReportRow], total: ReportRow, meta: dict[str, object]) -> str:
+    return json.dumps({**meta, "data": [asdict(r) for r in rows], "total": asdict(total)}, indent=2)
+
+
+def as_csv(rows: Sequence[ReportRow]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for r in rows:
+        d = asdict(r)
+        writer.writerow(["" if d[c] is None else d[c] for c in COLUMNS])
+    return out.getvalue()
+
+
+def as_table(rows: Sequence[ReportRow], total: ReportRow, group_label: str) -> str:
+    header = (group_label, "requests", "kWh", "gCO2e", "images", "tokens", "J/image", "J/token", "charges")
+    lines = [header]
+    for r in [*rows, total]:
+        lines.append(
+            (
+                r.group if r.group is not None else ("total" if r is total else "all"),
+                str(r.requests),
+                f"{r.kwh:.6g}",
+                f"{r.co2_grams:.6g}",
+                str(r.images),
+                str(r.prompt_tokens + r.completion_tokens),
+                "-" if r.j_per_image is None else f"{r.j_per_image:.4g}",
+                "-" if r.j_per_token is None else f"{r.j_per_token:.4g}",
+                f"{r.smartphone_charges:.4g}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
