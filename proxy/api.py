@@ -7,8 +7,9 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -37,10 +38,11 @@ from proxy.protocol import (
     ModelList,
     Usage,
 )
-from proxy.scheduler import ModelQueue, Outcome, QueueFull, RequestTag, WorkItem
-from proxy.state import BUDGETS, PRINCIPAL, REQUEST_ID, SERVICE, USER, ServedModel, Service
+from proxy.scheduler import ModelQueue, NotRecorded, Outcome, QueueFull, RequestTag, WorkItem
+from proxy.state import BUDGETS, METRICS, PRINCIPAL, REQUEST_ID, SERVICE, USER, ServedModel, Service
 
 JOULES_PER_KWH = 3.6e6
+_R = TypeVar("_R")
 
 
 def _json(model: BaseModel, *, headers: dict[str, str] | None = None) -> web.Response:
@@ -81,15 +83,29 @@ def _model(service: Service, name: str | None, task: str) -> ServedModel:
     return served
 
 
-def _tag(request: web.Request, served: ServedModel) -> RequestTag:
+def _tag(request: web.Request, served: ServedModel, member: int | None = None) -> RequestTag:
+    """The accounting identity of one member; members of one HTTP request (n > 1, prompt lists) get
+    ids `<request id>-<index>` so each has its own ledger record."""
     principal = request.get(PRINCIPAL)
+    rid = request[REQUEST_ID]
     return RequestTag(
-        request_id=request[REQUEST_ID],
+        request_id=rid if member is None else f"{rid}-{member}",
         model=served.settings.name,
         task=served.settings.task,
         user=request.get(USER, "anonymous"),
         key_id=principal.key_id if principal is not None else None,
     )
+
+
+async def _counted(request: web.Request, served: ServedModel, work: Awaitable[_R]) -> _R:
+    """Count a request refused after its model was known (4xx/5xx before or instead of running) in
+    wattproxy_requests_total with status = the error type; answered ones are counted when recorded."""
+    try:
+        return await work
+    except ApiError as e:
+        user = request.get(USER, "anonymous")
+        request.app[METRICS].requests.labels(served.settings.name, served.settings.task, user, e.type).inc()
+        raise
 
 
 def _admit(request: web.Request) -> None:
@@ -113,6 +129,13 @@ async def _wait(queue: ModelQueue, items: Sequence[WorkItem]) -> list[Outcome]:
     except asyncio.CancelledError:
         _abandon(queue, items)
         raise
+    except NotRecorded as e:
+        raise Overloaded(
+            "the request ran but its accounting record could not be stored; it is refused rather than "
+            "answered unaccounted. Retry later.",
+            code="ledger_unavailable",
+            retry_after_s=5,
+        ) from e
 
 
 def _abandon(queue: ModelQueue, items: Sequence[WorkItem]) -> None:
@@ -259,10 +282,16 @@ async def _stream_text(
         for index, streamer in enumerate(streamers):
             while (piece := await streamer.pieces.get()) is not None:
                 await _sse(resp, make_chunk.piece(index, piece))
-        outcomes = await _wait(queue, items)
-        if any(o.error is not None for o in outcomes):
-            err = ServerError(f"the model failed while generating (request id {request[REQUEST_ID]})")
-            await _sse(resp, err.body())
+        try:
+            outcomes = await _wait(queue, items)
+        except ApiError as e:
+            outcomes, failure = [], e
+        else:
+            failure = None
+            if any(o.error is not None for o in outcomes):
+                failure = ServerError(f"the model failed while generating (request id {request[REQUEST_ID]})")
+        if failure is not None:
+            await _sse(resp, failure.body())
         else:
             for index, o in enumerate(outcomes):
                 assert isinstance(o.result, TextResult)
@@ -327,9 +356,14 @@ class _CompletionChunks(_ChatChunks):
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    service = request.app[SERVICE]
     req = ChatCompletionRequest.model_validate(await _body(request))
-    served = _model(service, req.model, "text")
+    served = _model(request.app[SERVICE], req.model, "text")
+    return await _counted(request, served, _chat_completions(request, served, req))
+
+
+async def _chat_completions(
+    request: web.Request, served: ServedModel, req: ChatCompletionRequest
+) -> web.StreamResponse:
     ms = served.settings
     _check_n(ms, req.n)
     max_tokens = _max_tokens(ms, req.max_completion_tokens, req.max_tokens)
@@ -348,13 +382,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     queue = served.queue
     if req.stream:
         streamers = [_Streamer() for _ in range(req.n)]
-        items = []
-        try:
-            for s in streamers:
-                items.append(_submit(queue, _with_stream(base, s), _tag(request, served), s.pieces))
-        except ApiError:
-            _abandon(queue, items)
-            raise
+        items = _submit_all(queue, [base] * req.n, request, served, streamers)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _stream_text(
             request,
@@ -382,18 +410,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _with_stream(base: TextRequest, streamer: _Streamer) -> TextRequest:
-    from dataclasses import replace
-
     return replace(base, on_text=streamer)
 
 
 def _submit_all(
-    queue: ModelQueue, reqs: Sequence[Any], request: web.Request, served: ServedModel
+    queue: ModelQueue,
+    reqs: Sequence[TextRequest],
+    request: web.Request,
+    served: ServedModel,
+    streamers: Sequence[_Streamer] | None = None,
 ) -> list[WorkItem]:
+    """Queue every member of one HTTP request, or none of them (all-or-nothing on 429)."""
     items: list[WorkItem] = []
+    many = len(reqs) > 1
     try:
-        for r in reqs:
-            items.append(_submit(queue, r, _tag(request, served)))
+        for i, r in enumerate(reqs):
+            tag = _tag(request, served, i if many else None)
+            if streamers is None:
+                items.append(_submit(queue, r, tag))
+            else:
+                items.append(_submit(queue, _with_stream(r, streamers[i]), tag, streamers[i].pieces))
     except ApiError:
         _abandon(queue, items)
         raise
@@ -401,9 +437,14 @@ def _submit_all(
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    service = request.app[SERVICE]
     req = CompletionRequest.model_validate(await _body(request))
-    served = _model(service, req.model, "text")
+    served = _model(request.app[SERVICE], req.model, "text")
+    return await _counted(request, served, _completions(request, served, req))
+
+
+async def _completions(
+    request: web.Request, served: ServedModel, req: CompletionRequest
+) -> web.StreamResponse:
     ms = served.settings
     prompts = req.prompts()
     _check_n(ms, req.n * len(prompts))
@@ -425,13 +466,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     queue = served.queue
     if req.stream:
         streamers = [_Streamer() for _ in bases]
-        items = []
-        try:
-            for b, s in zip(bases, streamers, strict=True):
-                items.append(_submit(queue, _with_stream(b, s), _tag(request, served), s.pieces))
-        except ApiError:
-            _abandon(queue, items)
-            raise
+        items = _submit_all(queue, bases, request, served, streamers)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _stream_text(
             request,
@@ -455,9 +490,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def images_generations(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
     req = ImageGenerationRequest.model_validate(await _body(request))
-    served = _model(service, req.model, "image")
+    served = _model(request.app[SERVICE], req.model, "image")
+    return await _counted(request, served, _images_generations(request, served, req))
+
+
+async def _images_generations(
+    request: web.Request, served: ServedModel, req: ImageGenerationRequest
+) -> web.Response:
     ms = served.settings
     if req.response_format == "url":
         raise InvalidRequest(

@@ -90,8 +90,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; then new requests get 503 while in-flight ones finish (bounded)."""
+    from prometheus_client import disable_created_metrics
+
     from proxy.app import create_app
     from proxy.state import SCHEDULER, SERVICE
+
+    # `_created` series double the counters' series and ~45% of render time; Prometheus does not need them.
+    disable_created_metrics()
 
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

@@ -70,6 +70,10 @@ class WorkItem:
     state: Literal["queued", "dropped", "running", "done"] = "queued"
 
 
+class NotRecorded(Exception):
+    """The ledger could not commit a finished batch: its requests must not be answered as successes."""
+
+
 class QueueFull(Exception):
     def __init__(self, model: str, retry_after_s: float) -> None:
         super().__init__(f"the queue for model {model!r} is full; retry after {retry_after_s:.0f} s")
@@ -258,8 +262,13 @@ class ModelQueue:
             )
         try:
             await self.record(outcomes)
-        except Exception:
-            log.exception("recording a batch of %d on model %s failed", len(batch), self.name)
+        except Exception as e:
+            log.error("recording a batch of %d on model %s failed: %s", len(batch), self.name, e)
+            for it in batch:
+                it.state = "done"
+                if not it.future.done():
+                    it.future.set_exception(NotRecorded(str(e)))
+            return
         for it, outcome in zip(batch, outcomes, strict=True):
             it.state = "done"
             if not it.future.done():
