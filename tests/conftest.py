@@ -85,6 +85,22 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
+def add_key(db_url: str, user: str, **kw: Any) -> str:
+    """Store a new API key in the ledger at `db_url` (before a server starts); returns the secret."""
+    from proxy.auth import new_key
+    from proxy.ledger import Ledger
+
+    async def add() -> str:
+        ledger = Ledger(db_url)
+        await ledger.start()
+        secret, record = new_key(user, **kw)
+        await ledger.add_key(record)
+        await ledger.close()
+        return secret
+
+    return asyncio.run(add())
+
+
 def settings_for_tests(cache: Path, tmp: Path, **overrides: Any) -> Settings:
     """Settings for tests: tiny models from the session cache, synthetic meter, small limits."""
     models = overrides.pop("models", None) or [

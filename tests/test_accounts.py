@@ -19,23 +19,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.auth import new_key
 from proxy.ledger import Ledger
 from proxy.state import LEDGER, SCHEDULER
-from tests.conftest import LiveServer, settings_for_tests
+from tests.conftest import LiveServer, add_key, settings_for_tests
 from tests.test_lifecycle import ServeProcess
-
-
-def _add_key(db_url: str, user: str, **kw: object) -> str:
-    async def add() -> str:
-        ledger = Ledger(db_url)
-        await ledger.start()
-        secret, record = new_key(user, **kw)  # type: ignore[arg-type]
-        await ledger.add_key(record)
-        await ledger.close()
-        return secret
-
-    return asyncio.run(add())
 
 
 @pytest.fixture
@@ -44,9 +31,9 @@ def keyed(make_server, model_cache: Path, tmp_path: Path):  # type: ignore[no-un
     db = settings_for_tests(model_cache, tmp_path).db_url()
     tmp_path.mkdir(exist_ok=True)
     keys = {
-        "admin": _add_key(db, "admin", admin=True),
-        "bob": _add_key(db, "bob"),
-        "alice": _add_key(db, "alice", budget_kwh=1e-12, budget_period="day"),
+        "admin": add_key(db, "admin", admin=True),
+        "bob": add_key(db, "bob"),
+        "alice": add_key(db, "alice", budget_kwh=1e-12, budget_period="day"),
     }
     server = make_server(auth="keys")
     return server, keys

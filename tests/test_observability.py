@@ -27,7 +27,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LiveServer, settings_for_tests
+from tests.conftest import LiveServer, add_key, settings_for_tests
 from tests.prom import Prometheus, find_binary, promtool, running_prometheus, scrape_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,11 +43,13 @@ BODY_USERS = ("body-user-alice-3f9", "body-user-bob-7c1", "body-user-carol-b42",
 TRAFFIC_S = 10.0
 SCRAPE_INTERVAL_S = 1.0
 
-# Panels without data here yet: wattproxy_budget_remaining_kwh{user} has samples only for users with keys
-# and budgets (issue 5), and every request of this test is still user "anonymous". The panel test asserts
-# these are exactly the panels returning no data, so it fails the day they return data: then empty this
-# set (and PENDING_METRICS_ISSUE_5), and drive the traffic with keys of several budgeted users.
-PENDING_ISSUE_5 = {"Remaining budgets (kWh)"}
+# Registered users (API keys); two have budgets, so the budget panel has data. The `user` label may
+# only ever take these values.
+KEY_USERS = {
+    "alice": {"budget_kwh": 1.0, "budget_period": "day"},
+    "bob": {"budget_co2_grams": 500.0},
+    "carol": {},
+}
 
 # The catalogue of DESIGN.md: family -> (type, labels).
 CATALOGUE: dict[str, tuple[str, set[str]]] = {
@@ -68,9 +70,6 @@ CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "wattproxy_images": ("counter", {"model", "user"}),
     "wattproxy_budget_remaining_kwh": ("gauge", {"user"}),
 }
-# Families without samples until users have keys and budgets (issue 5): the family may be declared, but
-# its samples come with budgets. Empty this set with PENDING_ISSUE_5.
-PENDING_METRICS_ISSUE_5 = {"wattproxy_budget_remaining_kwh"}
 # What issue 6 asks the dashboard to show, by the titles of the panels that show it.
 REQUIRED_PANELS = {
     "Energy (kWh)", "CO2e (g)", "Power draw per device (W)", "Queue depth", "Carbon intensity (gCO2e/kWh)",
@@ -160,8 +159,10 @@ def server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         model_cache,
         tmp_path_factory.mktemp("observability"),
         metrics_token=METRICS_TOKEN,
+        auth="keys",
         energy={"sample_period_s": 0.02, "max_finalize_delay_s": 0.5},
     )
+    API_KEYS.extend(add_key(settings.db_url(), user, **budget) for user, budget in KEY_USERS.items())
     live = LiveServer(settings).start()
     yield live
     live.stop()
@@ -177,13 +178,19 @@ def prometheus(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> 
         yield prom
 
 
+API_KEYS: list[str] = []
+
+
 def _drive(server: LiveServer, duration_s: float) -> Traffic:
-    """Waves of chat, completion and image requests from every body user, for at least `duration_s`."""
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    """Waves of chat, completion and image requests from every key and body user, for `duration_s`."""
+    clients = [
+        openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=60)
+        for key in API_KEYS
+    ]
     traffic = Traffic()
 
     def chat(i: int) -> tuple[str, dict[str, Any]]:
-        raw = client.chat.completions.with_raw_response.create(
+        raw = clients[i % len(clients)].chat.completions.with_raw_response.create(
             model="tiny-gpt2",
             messages=[{"role": "user", "content": "count to " * (1 + i % 4)}],
             max_tokens=2 + i % 5,
@@ -193,14 +200,14 @@ def _drive(server: LiveServer, duration_s: float) -> Traffic:
         return raw.headers["X-Request-Id"], raw.parse().usage.model_extra["energy"]  # type: ignore[union-attr,index]
 
     def completion(i: int) -> tuple[str, dict[str, Any]]:
-        raw = client.completions.with_raw_response.create(
+        raw = clients[(i + 1) % len(clients)].completions.with_raw_response.create(
             model="tiny-gpt2", prompt=f"number {i}", max_tokens=3, temperature=0,
             user=BODY_USERS[(i + 1) % len(BODY_USERS)],
         )  # fmt: skip
         return raw.headers["X-Request-Id"], raw.parse().usage.model_extra["energy"]  # type: ignore[union-attr,index]
 
     def image(i: int) -> tuple[str, dict[str, Any]]:
-        raw = client.images.with_raw_response.generate(
+        raw = clients[(i + 2) % len(clients)].images.with_raw_response.generate(
             model="tiny-sd", prompt=f"a lighthouse {i}", n=1 + i % 2, size="64x64",
             user=BODY_USERS[(i + 2) % len(BODY_USERS)], extra_body={"steps": 2},
         )  # fmt: skip
@@ -270,9 +277,6 @@ def test_metrics_formats_catalogue_and_exemplars(server: LiveServer, scraped: Sc
     assert text.headers["Content-Type"] == CONTENT_TYPE_LATEST
     families = {f.name: f for f in text_string_to_metric_families(text.text)}
     for name, (kind, labels) in CATALOGUE.items():
-        if name in PENDING_METRICS_ISSUE_5:
-            assert name not in families or not families[name].samples, f"{name} has samples now"
-            continue
         assert name in families, f"{name} missing from /metrics"
         assert families[name].type == kind, name
         assert families[name].samples, f"{name} has no samples after traffic"
@@ -314,9 +318,9 @@ def test_body_user_field_never_becomes_a_label(
         for s in f.samples
         if "user" in s.labels
     }
-    assert users == {"anonymous"}
+    assert users == set(KEY_USERS)
     by_user = prometheus.query('count by (user) ({__name__=~"wattproxy_.+", user!=""})', scraped.at)
-    assert {s["metric"]["user"] for s in by_user} == {"anonymous"}
+    assert {s["metric"]["user"] for s in by_user} == set(KEY_USERS)
 
 
 # -- Prometheus: the identity and every dashboard panel ------------------------------------------------
@@ -364,26 +368,18 @@ def test_every_dashboard_panel_returns_data(scraped: Scraped, prometheus: Promet
     models = _variable_values(prometheus, variables["model"])
     users = _variable_values(prometheus, variables["user"])
     assert set(models) == {"tiny-gpt2", "tiny-sd"}
-    assert users == ["anonymous"]
+    assert users == sorted(KEY_USERS)
     selections = {
         "All": {"model": variables["model"]["allValue"], "user": variables["user"]["allValue"]},
         "every value ticked": {"model": _grafana_regex(models), "user": _grafana_regex(users)},
     }
     for selection, chosen in selections.items():
         values = {**BUILTINS, **chosen}
-        empty: set[str] = set()
         for panel in _query_panels(dashboard):
-            results = {
-                t["refId"]: prometheus.values(_substitute(t["expr"], values), scraped.at)
-                for t in panel["targets"]
-            }
-            if not any(results.values()):
-                empty.add(panel["title"])
-                continue
-            for ref, found in results.items():
-                assert found, f"{selection}: panel {panel['title']!r} target {ref} returns no data"
-                assert all(math.isfinite(v) for v in found), (selection, panel["title"], ref, found)
-        assert empty == PENDING_ISSUE_5, f"{selection}: panels without data: {sorted(empty)}"
+            for t in panel["targets"]:
+                found = prometheus.values(_substitute(t["expr"], values), scraped.at)
+                assert found, f"{selection}: panel {panel['title']!r} target {t['refId']} returns no data"
+                assert all(math.isfinite(v) for v in found), (selection, panel["title"], t["refId"], found)
 
 
 # -- files: provisioning, dashboard, compose, prometheus.yml, Dockerfile ---------------------------------
@@ -467,7 +463,6 @@ def test_dashboard_structure() -> None:
         taken |= cells
     assert len(titles) == len(set(titles))
     assert set(titles) >= REQUIRED_PANELS, sorted(REQUIRED_PANELS - set(titles))
-    assert set(PENDING_ISSUE_5) <= set(titles)
     by_title = {p["title"]: p for p in _query_panels(dashboard)}
     power, queue = by_title["Power draw per device (W)"]["gridPos"], by_title["Queue depth"]["gridPos"]
     assert power["y"] == queue["y"] and power["x"] + power["w"] == queue["x"], "power beside queue depth"

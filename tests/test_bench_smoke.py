@@ -1,0 +1,128 @@
+"""The benchmarks' entry points, each in its tiny `--smoke` mode: they run end to end and write
+well-formed results. Nothing here times anything: figures are in bench/RESULTS.md, never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+from bench import accounting, gpu_energy, run_all, serving
+from bench.common import read_status
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+    """Every Markdown table: rows of cells, the header first, the separator row left out."""
+    found: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            found.append(current)
+            current = []
+    out = []
+    for table in found:
+        header, separator, *rows = table
+        assert all(re.fullmatch(r":?-{3,}:?", c) for c in separator), table
+        assert len(separator) == len(header)
+        assert rows, f"a table without rows: {header}"
+        for row in rows:
+            assert len(row) == len(header), (header, row)
+            assert all(cell for cell in row), (header, row)
+        out.append([header, *rows])
+    return out
+
+
+def check_result(out: Path, name: str, status: str) -> tuple[str, dict]:  # type: ignore[type-arg]
+    markdown = (out / f"{name}.md").read_text(encoding="utf-8")
+    assert markdown.startswith("## ")
+    assert read_status(markdown, name) == status
+    assert "Machine: " in markdown and "Command: `" in markdown
+    assert "nan" not in markdown.lower().replace("nanos", "")
+    return markdown, json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def test_serving_smoke(model_cache: Path, tmp_path: Path) -> None:
+    assert serving.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
+    markdown, data = check_result(tmp_path, "serving", "smoke")
+    found = tables(markdown)
+    assert [t[0][0] for t in found] == ["workload", "workload", "path", "workload"]
+    workloads = data["workloads"]
+    assert set(workloads) == {
+        "chat-c1",
+        "chat-c1-nowait",
+        "chat-c8",
+        "image-c1",
+        "image-c1-nowait",
+        "image-c8",
+    }
+    for w in workloads.values():
+        assert w["served_rps"] > 0 and w["direct_rps"] > 0 and w["served_over_direct"] > 0
+        sizes = w["per_round"][0]["batch_sizes"]
+        assert sum(sizes) == w["requests_per_round"]
+        assert max(sizes) <= w["concurrency"]
+    assert data["dynamic_batching"]["served_speedup"] > 0
+
+
+def test_accounting_smoke(tmp_path: Path) -> None:
+    profile = tmp_path / "profile.txt"
+    assert accounting.main(["--smoke", "--out", str(tmp_path), "--profile", str(profile)]) == 0
+    markdown, data = check_result(tmp_path, "accounting", "smoke")
+    main_table, parts = tables(markdown)
+    assert main_table[0] == ["per request", "CPU µs (process)", "CPU µs (this thread)", "wall µs"]
+    assert len(parts) > 3
+    variants = data["variants"]
+    assert all(v["cpu_us"] >= 0 and v["wall_us"] > 0 for v in variants.values())
+    has_codecarbon = importlib.util.find_spec("codecarbon") is not None
+    assert ("codecarbon" in variants) == has_codecarbon
+    assert ("codecarbon_over_wattproxy_cpu" in data) == has_codecarbon
+    assert profile.read_text(encoding="utf-8").strip()
+
+
+def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
+    assert gpu_energy.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
+    markdown, data = check_result(tmp_path, "gpu_energy", "smoke")
+    assert len(tables(markdown)) == 4
+    assert data["counter"]["changes"] > 2
+    phases = {p["name"]: p for p in data["phases"]}
+    assert set(phases) == {"tiny-sd x1", "tiny-sd x8", "tiny-gpt2 x8"}
+    for p in phases.values():
+        assert p["measurement"] == "synthetic"
+        assert p["measured_j"] > 0 and p["probe_delta_j"] > 0
+        # the server's own books close exactly; the script's reads differ only by the start/stop gaps
+        assert (
+            abs(p["monitor_attributed_j"] + p["idle_j"] - p["monitor_delta_j"]) <= 1e-9 * p["monitor_delta_j"]
+        )
+        assert abs(p["responses_j"] - p["monitor_attributed_j"]) <= 1e-9 * p["monitor_delta_j"]
+    assert phases["tiny-sd x1"]["j_per_image"] > 0 and phases["tiny-gpt2 x8"]["j_per_token"] > 0
+
+
+def test_run_all_assembles_every_results_file(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "serving.md").write_text("## Serving\n\n<!-- bench:serving status=ok -->\n\nfigures\n")
+    (results / "ledger.md").write_text("# Ledger\n\ntext\n\n## Group commit\n\n```\n# kept as is\n```\n")
+    summary = tmp_path / "RESULTS.md"
+    argv = ["--benchmarks", "gpu_energy", "--gpu", "no", "--out", str(results), "--summary", str(summary)]
+    assert run_all.main(argv) == 0
+    gpu = (results / "gpu_energy.md").read_text(encoding="utf-8")
+    assert read_status(gpu, "gpu_energy") == "not-run" and "Not run here: no GPU" in gpu
+    text = summary.read_text(encoding="utf-8")
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == [
+        "# WattProxy benchmark results",
+        "## Serving",
+        "## GPU energy: NVML counter step, J/image, J/token, conservation (bench/gpu_energy.py)",
+        "## Ledger",
+        "### Group commit",
+        "# kept as is",
+    ]
+    assert "- [ledger](results/ledger.md)" in text
+
+    # an earlier real GPU result survives a run on a machine without a GPU
+    (results / "gpu_energy.md").write_text("## GPU energy\n\n<!-- bench:gpu_energy status=ok -->\n\n42 J\n")
+    assert run_all.main(argv) == 0
+    assert "42 J" in (results / "gpu_energy.md").read_text(encoding="utf-8")
+    assert "42 J" in summary.read_text(encoding="utf-8")
