@@ -33,6 +33,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.run_all
 
 lint: $(BIN)/.installed

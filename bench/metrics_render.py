@@ -1,0 +1,179 @@
+"""Time to render /metrics with many label combinations: the app's `Metrics` catalogue on its own registry,
+populated as a busy deployment would leave it (every user has used every model), rendered in the
+Prometheus text format and in OpenMetrics (what Prometheus asks for, exemplars included).
+
+    python -m bench.metrics_render                   # 100 and 1,000 users x 4 models
+    python -m bench.metrics_render --users 5000 --repeats 10
+    python -m bench.metrics_render --smoke           # proves the code path, times nothing
+
+Prints a Markdown table and writes bench/results/metrics_render.md (and .json) for `make bench`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+
+from prometheus_client import CollectorRegistry, disable_created_metrics, enable_created_metrics
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from bench.common import (
+    common_args,
+    machine_info,
+    machine_markdown,
+    md_table,
+    median,
+    percentile,
+    reproduce_command,
+    status_marker,
+    write_result,
+)
+from proxy.metrics import JOULES_PER_KWH, EnergyBook, EnergyEntry, Metrics
+
+NAME = "metrics_render"
+STATUSES_EVERY = {"error": 20, "cancelled": 50}  # every 20th user also has errors, every 50th cancellations
+WARMUP = 2
+FORMATS: dict[str, Callable[[CollectorRegistry], bytes]] = {
+    "text 0.0.4": generate_latest,
+    "OpenMetrics 1.0": generate_openmetrics,
+}
+
+
+@dataclass(frozen=True)
+class Timing:
+    users: int
+    models: int
+    fmt: str
+    created: bool
+    sample_lines: int
+    body_bytes: int
+    samples_ms: list[float]
+
+
+def populate(users: int, models: int) -> CollectorRegistry:
+    """A registry with the app's catalogue, every (user, model) combination present. Half the models
+    serve text and half images, each on a device of its own."""
+    registry = CollectorRegistry()
+    book = EnergyBook()
+    metrics = Metrics(registry, book)
+    served = [(f"model-{i}", "text" if i % 2 == 0 else "image", f"cuda:{i}") for i in range(models)]
+    names = [f"user-{u:05d}" for u in range(users)]
+    for model, task, device in served:
+        book.add_device(device)
+        entries = [
+            EnergyEntry(model, task, user, 100.0 + n, 0.01 * (1 + n % 7)) for n, user in enumerate(names)
+        ]
+        book.commit(device, idle_j=50.0, entries=entries)
+        for n, user in enumerate(names):
+            metrics.requests.labels(model, task, user, "ok").inc(1 + n % 5)
+            for status, every in STATUSES_EVERY.items():
+                if n % every == 0:
+                    metrics.requests.labels(model, task, user, status).inc()
+            if task == "text":
+                metrics.tokens.labels(model, user, "prompt").inc(10 + n % 30)
+                metrics.tokens.labels(model, user, "completion").inc(5 + n % 60)
+            else:
+                metrics.images.labels(model, user).inc(1 + n % 4)
+        for n in range(50):
+            kwh = (100.0 + n) / JOULES_PER_KWH
+            metrics.request_energy.labels(model, task).observe(kwh, exemplar={"request_id": f"{n:032x}"})
+            metrics.request_co2.labels(model, task).observe(kwh * 475.0)
+            metrics.request_duration.labels(model, task).observe(0.05 * (1 + n % 9))
+            metrics.queue_wait.labels(model, task).observe(0.002 * (1 + n % 9))
+            metrics.batch_size.labels(model).observe(1 + n % 8)
+    metrics.attach(
+        power=lambda: {device: 300.0 for _, _, device in served},
+        queue_depths=lambda: {model: 3 for model, _, _ in served},
+        intensity=lambda: ("DE", "static", 381.0),
+    )
+    return registry
+
+
+def time_render(users: int, models: int, fmt: str, repeats: int, *, created: bool = True) -> Timing:
+    """`repeats` timed renders after warm-ups. `created=False` leaves out the `*_created` series (one per
+    counter child; prometheus_client's process-wide switch, restored afterwards)."""
+    if not created:
+        disable_created_metrics()
+    try:
+        registry = populate(users, models)
+        render = FORMATS[fmt]
+        body = render(registry)
+        for _ in range(WARMUP):
+            render(registry)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            render(registry)
+            samples.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        enable_created_metrics()
+    lines = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
+    return Timing(users, models, fmt, created, lines, len(body), samples)
+
+
+def report(timings: Sequence[Timing], repeats: int, argv: Sequence[str], status: str) -> str:
+    rows = [
+        (
+            f"{t.users:,} x {t.models}",
+            t.fmt + ("" if t.created else ", no `_created`"),
+            t.sample_lines,
+            round(t.body_bytes / 1024),
+            median(t.samples_ms),
+            percentile(t.samples_ms, 95),
+            min(t.samples_ms),
+        )
+        for t in timings
+    ]
+    headers = [
+        "users x models",
+        "format",
+        "sample lines",
+        "body (KiB)",
+        "median (ms)",
+        "p95 (ms)",
+        "min (ms)",
+    ]
+    return "\n".join(
+        [
+            "## /metrics render time",
+            status_marker(NAME, status),
+            "",
+            "`generate_latest` on a registry holding the app's `Metrics` catalogue, every user having used "
+            "every model (half text, half image, each model on a device of its own), one thread, "
+            f"{repeats} timed renders after {WARMUP} warm-ups. Every counter child also exports a "
+            "`*_created` series unless prometheus_client's `disable_created_metrics()` is called: the "
+            "last row shows what that saves.",
+            "",
+            f"Command: `{reproduce_command('bench.metrics_render', argv)}`. "
+            f"prometheus-client {version('prometheus-client')}.",
+            "",
+            machine_markdown(machine_info()),
+            "",
+            md_table(headers, rows),
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench.metrics_render", description=__doc__)
+    common_args(parser)
+    parser.add_argument("--users", type=int, nargs="+", default=[100, 1000], help="users per scenario")
+    parser.add_argument("--models", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=30, help="timed renders per row")
+    args = parser.parse_args(argv)
+    users, repeats = (args.users, args.repeats) if not args.smoke else ([10], 2)
+    timings = [time_render(n, args.models, fmt, repeats) for n in users for fmt in FORMATS]
+    timings.append(time_render(max(users), args.models, "text 0.0.4", repeats, created=False))
+    markdown = report(timings, repeats, argv, "smoke" if args.smoke else "ok")
+    write_result(args.out, NAME, markdown, {"timings": [asdict(t) for t in timings]})
+    sys.stdout.write(markdown + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,573 @@
+"""Serving benchmark: requests/s and latency of the embedded models through the real server, side by
+side with calling the same pipelines directly in-process on the same batches.
+
+One process, one run: a server (`create_app`, synthetic meter) in its own thread on a localhost port,
+and concurrent aiohttp clients on the main thread. For each workload (tiny-gpt2 chat, tiny-sd images
+64x64 x 4 steps; 1 and 8 concurrent clients) a round sends N requests through the server while a
+wrapper records every batch the scheduler formed, then replays exactly those batches with
+`backend.run()` in-process (no HTTP, no queue, no accounting). Rounds interleave the workloads in
+rotated order; tables show the median over rounds, and ratios are taken within a round first.
+The batch sizes recorded are checked against the server's own `wattproxy_batch_size` histogram.
+
+    python -m bench.serving --out bench/results          # full: about 2 minutes on 2 cores
+    python -m bench.serving --smoke --out /tmp/bench     # a few requests
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from backends.base import Backend, BackendRequest
+from bench.common import (
+    RecordingBackend,
+    ServerThread,
+    batch_histogram,
+    common_args,
+    default_cache_dir,
+    drive,
+    histogram_text,
+    machine_info,
+    machine_markdown,
+    md_table,
+    median,
+    percentile,
+    print_flush,
+    quiet_logging,
+    reproduce_command,
+    rotated,
+    status_marker,
+    write_result,
+)
+
+NAME = "serving"
+CHAT_MODEL = "tiny-gpt2"
+IMAGE_MODEL = "tiny-sd"
+Kind = Literal["chat", "image"]
+
+
+NO_WAIT = "-nowait"  # the same pipeline served a second time, under a model whose max_wait_ms is 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: Kind
+    concurrency: int
+    requests: int
+    no_wait: bool = False  # served by the max_wait_ms=0 twin of the model
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-c{self.concurrency}{NO_WAIT if self.no_wait else ''}"
+
+    @property
+    def model(self) -> str:
+        return (CHAT_MODEL if self.kind == "chat" else IMAGE_MODEL) + (NO_WAIT if self.no_wait else "")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What every request asks for."""
+
+    chat_max_tokens: int = 16
+    image_size: int = 64
+    image_steps: int = 4
+
+
+@dataclass
+class RoundResult:
+    """One workload in one round: the served run and the direct replay of its batches. Units: s."""
+
+    workload: str
+    requests: int
+    served_wall_s: float
+    served_latencies_s: list[float]
+    direct_wall_s: float
+    direct_latencies_s: list[float]
+    batch_sizes: list[int]
+    units: int  # completion tokens (chat) or images (image) answered
+    direct_units: int
+
+    @property
+    def served_rps(self) -> float:
+        return self.requests / self.served_wall_s
+
+    @property
+    def direct_rps(self) -> float:
+        return self.requests / self.direct_wall_s
+
+
+@dataclass
+class Run:
+    rounds: list[RoundResult] = field(default_factory=list)
+
+    def of(self, workload: str) -> list[RoundResult]:
+        return [r for r in self.rounds if r.workload == workload]
+
+
+def request_for(workload: Workload, i: int, shape: Shape) -> tuple[str, dict[str, Any]]:
+    """The HTTP path and JSON body of request number i."""
+    if workload.kind == "chat":
+        return "/v1/chat/completions", {
+            "model": workload.model,
+            "messages": [{"role": "user", "content": f"Tell me about the energy of request {i}."}],
+            "max_tokens": shape.chat_max_tokens,
+            "temperature": 0,
+        }
+    side = shape.image_size
+    return "/v1/images/generations", {
+        "model": workload.model,
+        "prompt": f"a red fox sitting in the snow, picture {i}",
+        "size": f"{side}x{side}",
+        "n": 1,
+        "steps": shape.image_steps,
+        "seed": i,
+        "response_format": "b64_json",
+    }
+
+
+async def send(
+    session: aiohttp.ClientSession, base_url: str, workload: Workload, shape: Shape, first_index: int
+) -> tuple[float, list[float], int]:
+    """Run one workload's requests. Returns (wall s, per-request latencies s, units answered)."""
+    wall, answers = await drive(
+        session,
+        base_url,
+        lambda i: request_for(workload, i, shape),
+        range(first_index, first_index + workload.requests),
+        workload.concurrency,
+    )
+    if workload.kind == "chat":
+        units = sum(int(a["usage"]["completion_tokens"]) for _, a in answers)
+    else:
+        units = sum(len(a["data"]) for _, a in answers)
+    return wall, [latency for latency, _ in answers], units
+
+
+def replay(backend: Backend, batches: Sequence[Sequence[BackendRequest]]) -> tuple[float, list[float], int]:
+    """Run the recorded batches directly, one after another. Returns (wall s, per-request latency s,
+    units): a request's latency is its batch's run time (every member finishes with its batch)."""
+    latencies: list[float] = []
+    units = 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        s = time.perf_counter()
+        results = backend.run(batch)
+        backend.synchronize()
+        d = time.perf_counter() - s
+        latencies.extend([d] * len(batch))
+        for r in results:
+            units += getattr(r, "completion_tokens", 0) or len(getattr(r, "images_png", ()))
+    return time.perf_counter() - t0, latencies, units
+
+
+async def batch_metric(session: aiohttp.ClientSession, base_url: str, model: str) -> tuple[float, float]:
+    """(count, sum) of the server's `wattproxy_batch_size` histogram for `model`."""
+    async with session.get(base_url + "/metrics") as resp:  # public unless a metrics token is set
+        text = await resp.text()
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("model") != model:
+                continue
+            if s.name == "wattproxy_batch_size_count":
+                count = s.value
+            elif s.name == "wattproxy_batch_size_sum":
+                total = s.value
+    return count, total
+
+
+async def served_then_direct(
+    session: aiohttp.ClientSession,
+    server: ServerThread,
+    backend: RecordingBackend,
+    workload: Workload,
+    shape: Shape,
+    first_index: int,
+) -> RoundResult:
+    """One chunk: `workload.requests` requests through the server, then the batches it formed, replayed
+    directly. The batch sizes recorded must match the server's own `wattproxy_batch_size`."""
+    count0, sum0 = await batch_metric(session, server.base_url, workload.model)
+    backend.start_recording()
+    wall, latencies, units = await send(session, server.base_url, workload, shape, first_index)
+    batches = backend.stop_recording()
+    count1, sum1 = await batch_metric(session, server.base_url, workload.model)
+    sizes = [len(b) for b in batches]
+    if (count1 - count0, sum1 - sum0) != (len(sizes), sum(sizes)) or sum(sizes) != workload.requests:
+        raise RuntimeError(
+            f"{workload.key}: recorded {len(sizes)} batches of {sum(sizes)} requests, but the server's "
+            f"wattproxy_batch_size moved by {count1 - count0:g} batches of {sum1 - sum0:g}"
+        )
+    d_wall, d_latencies, d_units = replay(backend.inner, batches)
+    return RoundResult(
+        workload.key, workload.requests, wall, latencies, d_wall, d_latencies, sizes, units, d_units
+    )
+
+
+def merged(parts: Sequence[RoundResult]) -> RoundResult:
+    """Chunks of one workload in one round, as one result (walls and counts added up)."""
+    first = parts[0]
+    return RoundResult(
+        first.workload,
+        sum(p.requests for p in parts),
+        sum(p.served_wall_s for p in parts),
+        [x for p in parts for x in p.served_latencies_s],
+        sum(p.direct_wall_s for p in parts),
+        [x for p in parts for x in p.direct_latencies_s],
+        [x for p in parts for x in p.batch_sizes],
+        sum(p.units for p in parts),
+        sum(p.direct_units for p in parts),
+    )
+
+
+async def measure(
+    server: ServerThread,
+    backends: dict[str, RecordingBackend],
+    workloads: Sequence[Workload],
+    shape: Shape,
+    rounds: int,
+    chunks: int,
+) -> Run:
+    """Warm every workload up, then `rounds` rounds. In a round each workload runs in `chunks` chunks,
+    each served then replayed directly, so that both paths sample the same stretch of a noisy machine."""
+    run = Run()
+    next_index = 0
+    connector = aiohttp.TCPConnector(limit=max(w.concurrency for w in workloads) * 2)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=server.headers) as session:
+        for w in workloads:  # first calls allocate and tune: keep them out of every round
+            small = Workload(w.kind, w.concurrency, 2 * w.concurrency, w.no_wait)
+            await served_then_direct(session, server, backends[w.model], small, shape, next_index)
+            next_index += small.requests
+        for r in range(rounds):
+            for w in rotated(workloads, r):
+                # chunks hold whole rounds of the clients, so that batches stay full to the end
+                per_chunk = max(1, w.requests // (chunks * w.concurrency)) * w.concurrency
+                parts = []
+                for done in range(0, w.requests, per_chunk):
+                    chunk = Workload(w.kind, w.concurrency, min(per_chunk, w.requests - done), w.no_wait)
+                    parts.append(
+                        await served_then_direct(session, server, backends[w.model], chunk, shape, next_index)
+                    )
+                    next_index += chunk.requests
+                result = merged(parts)
+                run.rounds.append(result)
+                print_flush(
+                    f"round {r + 1}/{rounds} {w.key:16} served {result.served_rps:7.1f} req/s   "
+                    f"direct {result.direct_rps:7.1f} req/s   "
+                    f"batches {histogram_text(batch_histogram(result.batch_sizes))}"
+                )
+    return run
+
+
+def summarize(run: Run, workloads: Sequence[Workload]) -> dict[str, Any]:
+    """Medians over rounds; ratios per round first, then their median."""
+    out: dict[str, Any] = {}
+    for w in workloads:
+        rs = run.of(w.key)
+        sizes = [s for r in rs for s in r.batch_sizes]
+        out[w.key] = {
+            "kind": w.kind,
+            "concurrency": w.concurrency,
+            "requests_per_round": w.requests,
+            "rounds": len(rs),
+            "served_rps": median(r.served_rps for r in rs),
+            "direct_rps": median(r.direct_rps for r in rs),
+            "served_over_direct": median(r.served_rps / r.direct_rps for r in rs),
+            "served_p50_ms": median(percentile(r.served_latencies_s, 50) * 1e3 for r in rs),
+            "served_p95_ms": median(percentile(r.served_latencies_s, 95) * 1e3 for r in rs),
+            "direct_p50_ms": median(percentile(r.direct_latencies_s, 50) * 1e3 for r in rs),
+            "direct_p95_ms": median(percentile(r.direct_latencies_s, 95) * 1e3 for r in rs),
+            "served_units_per_s": median(r.units / r.served_wall_s for r in rs),
+            "direct_units_per_s": median(r.direct_units / r.direct_wall_s for r in rs),
+            "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
+            "batch_histogram": batch_histogram(sizes),
+            "per_round": [
+                {
+                    "served_rps": r.served_rps,
+                    "direct_rps": r.direct_rps,
+                    "served_wall_s": r.served_wall_s,
+                    "direct_wall_s": r.direct_wall_s,
+                    "units": r.units,
+                    "batch_sizes": r.batch_sizes,
+                }
+                for r in rs
+            ],
+        }
+    return out
+
+
+def dynamic_batching(run: Run) -> dict[str, float]:
+    """images/s with 8 clients (batches up to 8) vs batch 1 (1 client), served and direct.
+
+    The speedups are against the faster batch-1 server (max_wait_ms 0: no wait for batch-mates)."""
+
+    def served(r: RoundResult) -> float:
+        return r.units / r.served_wall_s
+
+    def direct(r: RoundResult) -> float:
+        return r.direct_units / r.direct_wall_s
+
+    c1, c1_now, c8 = run.of("image-c1"), run.of("image-c1" + NO_WAIT), run.of("image-c8")
+    pairs = list(zip(c1_now, c8, strict=True))
+    return {
+        "served_c1_images_per_s": median(map(served, c1)),
+        "served_c1_no_wait_images_per_s": median(map(served, c1_now)),
+        "served_c8_images_per_s": median(map(served, c8)),
+        "served_speedup": median(served(b) / served(a) for a, b in pairs),
+        "direct_b1_images_per_s": median(map(direct, [*c1, *c1_now])),
+        "direct_c8_images_per_s": median(map(direct, c8)),
+        "direct_speedup": median(direct(b) / direct(a) for a, b in pairs),
+    }
+
+
+def render(
+    summary: dict[str, Any],
+    batching: dict[str, float],
+    info: dict[str, str],
+    command: str,
+    shape: Shape,
+    rounds: int,
+    smoke: bool,
+    settings_note: str,
+) -> str:
+    rows = []
+    for key, s in summary.items():
+        rows.append(
+            [
+                f"{s['kind']} ({CHAT_MODEL if s['kind'] == 'chat' else IMAGE_MODEL})",
+                f"{s['concurrency']}{' (max_wait_ms 0)' if key.endswith(NO_WAIT) else ''}",
+                s["requests_per_round"],
+                s["served_rps"],
+                s["direct_rps"],
+                f"{s['served_over_direct']:.2f}",
+                s["served_p50_ms"],
+                s["served_p95_ms"],
+                s["direct_p50_ms"],
+                s["direct_p95_ms"],
+                f"{s['mean_batch']:.2f}",
+            ]
+        )
+    served_table = md_table(
+        [
+            "workload",
+            "clients",
+            "requests/round",
+            "served req/s",
+            "direct req/s",
+            "served/direct",
+            "served p50 ms",
+            "served p95 ms",
+            "direct p50 ms",
+            "direct p95 ms",
+            "mean batch",
+        ],
+        rows,
+    )
+    units_table = md_table(
+        ["workload", "served units/s", "direct units/s", "unit"],
+        [
+            [
+                key,
+                s["served_units_per_s"],
+                s["direct_units_per_s"],
+                "completion tokens" if s["kind"] == "chat" else "images",
+            ]
+            for key, s in summary.items()
+        ],
+    )
+    batching_table = md_table(
+        [
+            "path",
+            "batch 1, max_wait_ms 10",
+            "batch 1, max_wait_ms 0",
+            "8 clients (batches up to 8)",
+            "speedup (8 clients / batch 1 at max_wait_ms 0)",
+        ],
+        [
+            [
+                "served: HTTP + scheduler + accounting",
+                batching["served_c1_images_per_s"],
+                batching["served_c1_no_wait_images_per_s"],
+                batching["served_c8_images_per_s"],
+                f"{batching['served_speedup']:.2f}x",
+            ],
+            [
+                "direct: backend.run() on the same batches",
+                batching["direct_b1_images_per_s"],
+                batching["direct_b1_images_per_s"],
+                batching["direct_c8_images_per_s"],
+                f"{batching['direct_speedup']:.2f}x",
+            ],
+        ],
+    )
+    hist_table = md_table(
+        ["workload", "batches (size x count, all rounds)", "matches /metrics wattproxy_batch_size"],
+        [[k, histogram_text(s["batch_histogram"]), "yes"] for k, s in summary.items()],
+    )
+    status = "smoke" if smoke else "ok"
+    smoke_note = "\n**Smoke run (a few requests): the figures prove the code path, not the speed.**\n"
+    if not smoke:
+        smoke_note = ""
+    side = shape.image_size
+    return f"""## Serving: throughput and latency, served vs direct (bench/serving.py)
+
+{status_marker(NAME, status)}
+{smoke_note}
+Command: `{command}`
+
+{machine_markdown(info)}
+
+- Workloads: `{CHAT_MODEL}` chat, {shape.chat_max_tokens} completion tokens at most, greedy; `{IMAGE_MODEL}`
+  {side}x{side}, {shape.image_steps} steps, guidance 7.5, one image per request. Each client sends its next
+  request when the previous one is answered (aiohttp clients on localhost).
+- {settings_note}
+- {rounds} round(s), workloads interleaved in rotated order; every figure is the median over rounds, and
+  each ratio is taken within a round first. Within a round each workload runs in chunks, each chunk
+  served and then replayed directly, so that both paths sample the same stretch of time.
+- *Direct* replays, in the same process right after each served chunk, exactly the batches the server
+  formed (`backend.run()` on the same requests: no HTTP, no queue, no energy accounting, no metrics), so
+  served/direct is the cost of serving at equal batching.
+- Latency: served = client-side, request sent to answer read; direct = the run time of the request's batch.
+
+{served_table}
+
+Throughput in work units:
+
+{units_table}
+
+### Dynamic batching: images/s with 8 concurrent clients vs batch 1 (`{IMAGE_MODEL}`)
+
+{batching_table}
+
+### Batches the server formed
+
+{hist_table}
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
+    common_args(parser)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: the service's)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5; 1 with --smoke)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the requests per round")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (both paths)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="the batcher's max_wait_ms")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from backends import load_backend
+    from backends.tiny import ensure_model
+    from proxy.config import ModelSettings, Settings
+
+    rounds = args.rounds or (1 if args.smoke else 5)
+    chunks = 1 if args.smoke else 4
+    counts: dict[Kind, tuple[int, int]] = (
+        {"chat": (4, 16), "image": (2, 8)} if args.smoke else {"chat": (100, 400), "image": (40, 160)}
+    )
+    workloads = [
+        Workload(kind, c, max(c, round(n * args.scale)), no_wait)
+        for kind, (n1, n8) in counts.items()
+        for c, n, no_wait in ((1, n1, False), (1, n1, True), (8, n8, False))
+    ]
+    shape = Shape()
+    cache = (args.cache_dir or default_cache_dir()) / "models"
+    t0 = time.perf_counter()
+    chat_path, image_path = ensure_model(CHAT_MODEL, cache), ensure_model(IMAGE_MODEL, cache)
+    chat = RecordingBackend(load_backend("text", CHAT_MODEL, chat_path))
+    image = RecordingBackend(load_backend("image", IMAGE_MODEL, image_path))
+    print_flush(f"models ready in {time.perf_counter() - t0:.1f} s")
+    with tempfile.TemporaryDirectory(prefix="wattproxy-bench-") as tmp:
+        settings = Settings.model_validate(
+            {
+                "port": 0,
+                "cache_dir": str(cache.parent),
+                "data_dir": tmp,
+                "meter": "synthetic",
+                "torch_threads": args.torch_threads,
+                "log_level": "WARNING",
+                "models": [
+                    ModelSettings.model_validate(
+                        {
+                            "name": base + suffix,
+                            "task": task,
+                            "source": str(path),
+                            "max_batch_size": 8,
+                            "max_queue": 1024,
+                            "max_wait_ms": 0.0 if suffix else args.max_wait_ms,
+                        }
+                    )
+                    for base, task, path in (
+                        (CHAT_MODEL, "text", chat_path),
+                        (IMAGE_MODEL, "image", image_path),
+                    )
+                    for suffix in ("", NO_WAIT)
+                ],
+            }
+        )
+        info = machine_info()
+        settings_note = (
+            f"Server: synthetic meter, max_batch_size 8, max_wait_ms {args.max_wait_ms:g}, "
+            f"torch threads {args.torch_threads} (both paths). The `max_wait_ms 0` rows use a twin of the "
+            "model (same pipeline object) whose batcher does not wait for batch-mates."
+        )
+        backends = {
+            CHAT_MODEL: chat,
+            CHAT_MODEL + NO_WAIT: chat,
+            IMAGE_MODEL: image,
+            IMAGE_MODEL + NO_WAIT: image,
+        }
+        previous_threads = torch.get_num_threads()  # process-wide: restored for whoever called main()
+        torch.set_num_threads(args.torch_threads)
+        server = ServerThread(settings, backends=backends)
+        try:
+            server.start()
+            run = asyncio.run(measure(server, backends, workloads, shape, rounds, chunks))
+        finally:
+            server.stop()
+            chat.inner.close()
+            image.inner.close()
+            torch.set_num_threads(previous_threads)
+    summary = summarize(run, workloads)
+    batching = dynamic_batching(run)
+    command = reproduce_command("bench.serving", sys.argv[1:] if argv is None else argv)
+    markdown = render(summary, batching, info, command, shape, rounds, args.smoke, settings_note)
+    data = {
+        "benchmark": NAME,
+        "smoke": args.smoke,
+        "machine": info,
+        "command": command,
+        "settings": {
+            "torch_threads": args.torch_threads,
+            "max_wait_ms": args.max_wait_ms,
+            "max_batch_size": 8,
+            "meter": "synthetic",
+            "rounds": rounds,
+            "chat_max_tokens": shape.chat_max_tokens,
+            "image_size": shape.image_size,
+            "image_steps": shape.image_steps,
+        },
+        "workloads": summary,
+        "dynamic_batching": batching,
+    }
+    md_path, _ = write_result(args.out, NAME, markdown, data)
+    print(markdown)
+    print_flush(f"wrote {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    quiet_logging()
+    raise SystemExit(main())
