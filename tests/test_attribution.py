@@ -225,3 +225,17 @@ def test_monitor_conserves_energy_over_any_job_sequence(
     for h in handles:
         shares = [c.joules for c in h.result.result().values()]
         assert all(close(s, shares[0]) for s in shares)
+
+
+def test_split_continues_a_job_without_gap_and_conserves() -> None:
+    clock = FakeClock()
+    m = _monitor(clock)
+    first = m.begin()
+    clock.advance(1.0)
+    second = m.split(first, [("stream", 1.0)])
+    assert second.start_s == clock.t
+    clock.advance(2.0)
+    m.end(second, [("stream", 1.0)])
+    a, b = first.result.result(timeout=1)["stream"], second.result.result(timeout=1)["stream"]
+    assert close(a.joules, 110.0) and close(b.joules, 220.0)
+    assert close(a.joules + b.joules + m.committed_idle_j, m.processed_j)

@@ -218,16 +218,40 @@ class DeviceMonitor:
 
         Members with all-zero work units share equally (e.g. a batch that failed before reporting)."""
         with self._lock:
-            reading = self._sample_locked()
-            end_s = self._latest[0] if reading is not None and self._latest else self._clock()
+            self._close_locked(handle, members, weight)
             self.meter.job_finished()
-            job = self._jobs[handle.key]
-            job.end_s = max(end_s, job.start_s)
-            job.members = list(members)
-            total_work = sum(w for _, w in job.members)
-            job.weight = weight if weight is not None else (total_work if total_work > 0 else 1.0)
             finished = self._advance_locked()
         self._resolve(finished)
+
+    def split(
+        self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None = None
+    ) -> JobHandle:
+        """End a job now and start its continuation at the same instant (no gap, no overlap).
+
+        For long activities whose work arrives piecemeal (a streamed upstream response): each piece is
+        a closed job with its own weight, so other jobs sharing the device need not wait for the whole
+        activity to end before their energy is final."""
+        with self._lock:
+            end_s = self._close_locked(handle, members, weight)
+            key = self._next_key
+            self._next_key += 1
+            following = JobHandle(key, end_s)
+            self._jobs[key] = _Job(key=key, start_s=end_s, future=following.result)
+            finished = self._advance_locked()
+        self._resolve(finished)
+        return following
+
+    def _close_locked(
+        self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None
+    ) -> float:
+        reading = self._sample_locked()
+        end_s = self._latest[0] if reading is not None and self._latest else self._clock()
+        job = self._jobs[handle.key]
+        job.end_s = max(end_s, job.start_s)
+        job.members = list(members)
+        total_work = sum(w for _, w in job.members)
+        job.weight = weight if weight is not None else (total_work if total_work > 0 else 1.0)
+        return job.end_s
 
     # -- attribution ------------------------------------------------------------------------------
 
