@@ -16,7 +16,15 @@ from pydantic import BaseModel
 
 from backends.base import ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
 from proxy.config import ModelSettings, parse_size
-from proxy.errors import ApiError, InvalidRequest, NotFound, Overloaded, RateLimited, ServerError
+from proxy.errors import (
+    ApiError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    RateLimited,
+    RequestTimeout,
+    ServerError,
+)
 from proxy.openapi import openapi_document
 from proxy.protocol import (
     ChatChoice,
@@ -39,7 +47,18 @@ from proxy.protocol import (
     Usage,
 )
 from proxy.scheduler import ModelQueue, NotRecorded, Outcome, QueueFull, RequestTag, WorkItem
-from proxy.state import BUDGETS, METRICS, PRINCIPAL, REQUEST_ID, SERVICE, USER, ServedModel, Service
+from proxy.state import (
+    BUDGETS,
+    METRICS,
+    PRINCIPAL,
+    REQUEST_ID,
+    SERVICE,
+    SETTINGS,
+    UPSTREAM,
+    USER,
+    ServedModel,
+    Service,
+)
 
 JOULES_PER_KWH = 3.6e6
 _R = TypeVar("_R")
@@ -54,7 +73,10 @@ def _json(model: BaseModel, *, headers: dict[str, str] | None = None) -> web.Res
 async def _body(request: web.Request) -> Any:
     if request.content_type not in ("application/json", "", "application/octet-stream", "text/plain"):
         raise InvalidRequest(f"unsupported content type {request.content_type!r}; send application/json")
-    raw = await request.read()
+    try:
+        raw = await asyncio.wait_for(request.read(), request.app[SETTINGS].client_timeout_s)
+    except asyncio.TimeoutError as e:
+        raise RequestTimeout("the request body did not arrive in time", code="request_timeout") from e
     if not raw:
         raise InvalidRequest("request body is empty; send a JSON object", code="invalid_json")
     data = json.loads(raw)
@@ -78,7 +100,7 @@ def _model(service: Service, name: str | None, task: str) -> ServedModel:
             param="model",
             code="wrong_task",
         )
-    if served.queue is None:
+    if served.queue is None and not served.upstream:
         raise Overloaded(f"model '{served.settings.name}' is still loading", retry_after_s=5)
     return served
 
@@ -111,6 +133,16 @@ async def _counted(request: web.Request, served: ServedModel, work: Awaitable[_R
 def _admit(request: web.Request) -> None:
     """Budget admission: 429 budget_exceeded when the user is at or over a limit."""
     request.app[BUDGETS].check(request.get(USER, "anonymous"))
+
+
+async def _forward(
+    request: web.Request,
+    served: ServedModel,
+    req: ChatCompletionRequest | CompletionRequest | ImageGenerationRequest,
+) -> web.StreamResponse:
+    """Proxy mode: the upstream server runs the request, WattProxy accounts it (proxy/upstream.py)."""
+    _admit(request)
+    return await request.app[UPSTREAM].forward(request, _tag(request, served), req)
 
 
 def _submit(
@@ -158,7 +190,7 @@ def energy_usage(outcomes: Sequence[Outcome]) -> EnergyUsage:
     carbon = [o.tag.carbon for o in outcomes if o.tag.carbon is not None]
     co2 = sum(c.co2_grams for c in carbon)
     embodied = sum(c.embodied_co2_grams for c in carbon)
-    return EnergyUsage(
+    return EnergyUsage.model_construct(  # built from trusted internal values: no validation needed
         kwh=joules / JOULES_PER_KWH,
         joules=joules,
         co2_grams=co2,
@@ -252,7 +284,17 @@ async def _sse(resp: web.StreamResponse, payload: BaseModel | dict[str, Any] | s
         data = json.dumps(payload)
     else:
         data = payload
-    await resp.write(f"data: {data}\n\n".encode())
+    try:
+        await asyncio.wait_for(resp.write(f"data: {data}\n\n".encode()), resp_timeout(resp))
+    except asyncio.TimeoutError as e:  # a client that stopped reading: treat it as gone
+        raise ConnectionResetError("client did not read the stream in time") from e
+
+
+WRITE_TIMEOUT_S = web.ResponseKey("write_timeout_s", float)
+
+
+def resp_timeout(resp: web.StreamResponse) -> float:
+    return resp.get(WRITE_TIMEOUT_S, 60.0)
 
 
 async def _start_sse(request: web.Request) -> web.StreamResponse:
@@ -263,6 +305,7 @@ async def _start_sse(request: web.Request) -> web.StreamResponse:
             "X-Request-Id": request[REQUEST_ID],
         }
     )
+    resp[WRITE_TIMEOUT_S] = request.app[SETTINGS].client_timeout_s
     await resp.prepare(request)
     return resp
 
@@ -358,6 +401,8 @@ class _CompletionChunks(_ChatChunks):
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = ChatCompletionRequest.model_validate(await _body(request))
     served = _model(request.app[SERVICE], req.model, "text")
+    if served.upstream:
+        return await _counted(request, served, _forward(request, served, req))
     return await _counted(request, served, _chat_completions(request, served, req))
 
 
@@ -439,6 +484,8 @@ def _submit_all(
 async def completions(request: web.Request) -> web.StreamResponse:
     req = CompletionRequest.model_validate(await _body(request))
     served = _model(request.app[SERVICE], req.model, "text")
+    if served.upstream:
+        return await _counted(request, served, _forward(request, served, req))
     return await _counted(request, served, _completions(request, served, req))
 
 
@@ -489,9 +536,11 @@ async def _completions(
     return _json(body, headers=energy_headers(usage.energy, request[REQUEST_ID]))
 
 
-async def images_generations(request: web.Request) -> web.Response:
+async def images_generations(request: web.Request) -> web.StreamResponse:
     req = ImageGenerationRequest.model_validate(await _body(request))
     served = _model(request.app[SERVICE], req.model, "image")
+    if served.upstream:
+        return await _counted(request, served, _forward(request, served, req))
     return await _counted(request, served, _images_generations(request, served, req))
 
 
@@ -593,12 +642,19 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     models = {
-        name: ("ready" if m.queue is not None else (m.load_error and "failed") or "loading")
+        name: ("ready" if m.queue is not None or m.upstream else (m.load_error and "failed") or "loading")
         for name, m in service.models.items()
     }
-    ready = all(v == "ready" for v in models.values()) and not service.draining
+    ready = (
+        all(v == "ready" for v in models.values())
+        and service.upstream in (None, "ready")
+        and not service.draining
+    )
     status = "draining" if service.draining else ("ready" if ready else "loading")
-    return web.json_response({"status": status, "models": models}, status=200 if ready else 503)
+    body: dict[str, object] = {"status": status, "models": models}
+    if service.upstream is not None:
+        body["upstream"] = service.upstream
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def openapi_json(request: web.Request) -> web.Response:

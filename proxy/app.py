@@ -27,7 +27,7 @@ from proxy.energy.meter import EnergyMeter, open_meter
 from proxy.energy.monitor import Charge, DeviceMonitor
 from proxy.errors import Overloaded, error_middleware, error_response
 from proxy.ledger import Ledger, LedgerRecord, LedgerUnavailable
-from proxy.metrics import JOULES_PER_KWH, EnergyBook, EnergyEntry, Metrics, metrics_handler
+from proxy.metrics import JOULES_PER_KWH, EnergyBook, EnergyEntry, Metrics, RequestStats, metrics_handler
 from proxy.scheduler import DeviceWorker, ModelQueue, Outcome, RequestTag, Scheduler
 from proxy.state import (
     BOOK,
@@ -38,6 +38,7 @@ from proxy.state import (
     METRICS,
     MONITORS,
     PRINCIPAL,
+    RECORDER,
     REQUEST_ID,
     SCHEDULER,
     SERVICE,
@@ -87,7 +88,7 @@ def _meter_for(settings: Settings, device: str, clock: Callable[[], float]) -> E
     )
 
 
-def _resolve_source(source: str, cache_dir: Path, dtype: str) -> str | Path:
+def _resolve_source(source: str, cache_dir: Path) -> str | Path:
     if source.startswith("tiny:"):
         from backends.tiny import ensure_model
 
@@ -138,6 +139,7 @@ def create_app(
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
+            *([cors_middleware(settings.cors_origins)] if settings.cors_origins else []),
             request_context,
             error_middleware(request_id_of, settings.max_body_bytes),
             auth_middleware(settings.auth, lambda: app[KEYS], set_principal),
@@ -185,7 +187,8 @@ def create_app(
         accountant = Accountant(book, app[CARBON], clock)
         monitors: dict[str, DeviceMonitor] = {}
         loop = asyncio.get_running_loop()
-        for device in sorted({m.device for m in settings.models}):
+        upstream_devices = settings.upstream.device_names() if settings.upstream is not None else []
+        for device in sorted({m.device for m in settings.models} | set(upstream_devices)):
             meter = (meters or {}).get(device) or await loop.run_in_executor(
                 None, _meter_for, settings, device, clock
             )
@@ -229,6 +232,7 @@ def create_app(
 
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         record = _recorder(metrics, app[LEDGER], budgets)
+        app[RECORDER] = record
         loader = asyncio.create_task(_load_models(settings, service, scheduler, record, backends or {}))
         yield
         loader.cancel()
@@ -239,6 +243,10 @@ def create_app(
                 served.backend.close()
 
     app.cleanup_ctx.extend([ledger_ctx, carbon_ctx, monitors_ctx, models_ctx])
+    if settings.upstream is not None:
+        from proxy.upstream import upstream_ctx
+
+        app.cleanup_ctx.append(upstream_ctx(settings))
     api.add_routes(app)
     accounts_api.add_routes(app)
     app.router.add_get("/metrics", metrics_handler(registry, settings.metrics_token))
@@ -258,13 +266,13 @@ async def _load_models(
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    for name, served in service.models.items():
+    for name, served in list(service.models.items()):  # upstream models may be added meanwhile
         ms = served.settings
         try:
             backend = given.get(name)
             if backend is None:
                 source = await loop.run_in_executor(
-                    None, _resolve_source, ms.source, settings.cache_dir, ms.dtype
+                    None, _resolve_source, ms.source, settings.cache_dir
                 )
                 backend = await loop.run_in_executor(
                     None,
@@ -290,6 +298,47 @@ async def _load_models(
         scheduler.add_model(queue)
         served.queue = queue
         log.info("model %s (%s) ready on %s", name, ms.task, ms.device)
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The runner every entry point uses: client disconnects cancel handlers (a queued request whose
+    client left is dropped), and request lines and header fields are bounded by `max_header_bytes`."""
+    settings = app[SETTINGS]
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        max_line_size=settings.max_header_bytes,
+        max_field_size=settings.max_header_bytes,
+    )
+
+
+def cors_middleware(origins: Sequence[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """CORS for the configured origins only ("*" allows any); without configuration there is none."""
+    allowed = set(origins)
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None or not ("*" in allowed or origin in allowed):
+            return await handler(request)
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            headers.update(
+                {
+                    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                    "Access-Control-Max-Age": "600",
+                }
+            )
+            return web.Response(status=204, headers=headers)
+        resp = await handler(request)
+        resp.headers.update(headers)
+        return resp
+
+    return middleware
 
 
 async def bootstrap_admin_key(ledger: Ledger) -> None:
@@ -363,22 +412,25 @@ def _recorder(
         for o in outcomes:
             budgets.add(o.tag.user, o.charge.joules, o.tag.carbon.co2_grams if o.tag.carbon else 0.0)
         first = outcomes[0]
-        metrics.batch_size.labels(first.tag.model).observe(first.batch_size)
+        metrics.observe_batch(first.tag.model, first.batch_size)
         for o in outcomes:
-            tag = o.tag
-            metrics.requests.labels(tag.model, tag.task, tag.user, o.status).inc()
-            kwh = o.charge.joules / JOULES_PER_KWH
-            metrics.request_energy.labels(tag.model, tag.task).observe(
-                kwh, exemplar={"request_id": tag.request_id}
+            tag, result = o.tag, o.result
+            text = result if isinstance(result, TextResult) else None
+            metrics.observe_request(
+                RequestStats(
+                    model=tag.model,
+                    task=tag.task,
+                    user=tag.user,
+                    status=o.status,
+                    request_id=tag.request_id,
+                    energy_kwh=o.charge.joules / JOULES_PER_KWH,
+                    co2_grams=tag.carbon.co2_grams if tag.carbon is not None else None,
+                    queue_wait_s=o.queue_wait_s,
+                    duration_s=o.duration_s,
+                    prompt_tokens=text.prompt_tokens if text else 0,
+                    completion_tokens=text.completion_tokens if text else 0,
+                    images=len(result.images_png) if isinstance(result, ImageResult) else 0,
+                )
             )
-            if tag.carbon is not None:
-                metrics.request_co2.labels(tag.model, tag.task).observe(tag.carbon.co2_grams)
-            metrics.queue_wait.labels(tag.model, tag.task).observe(o.queue_wait_s)
-            metrics.request_duration.labels(tag.model, tag.task).observe(o.duration_s)
-            if isinstance(o.result, TextResult):
-                metrics.tokens.labels(tag.model, tag.user, "prompt").inc(o.result.prompt_tokens)
-                metrics.tokens.labels(tag.model, tag.user, "completion").inc(o.result.completion_tokens)
-            elif isinstance(o.result, ImageResult):
-                metrics.images.labels(tag.model, tag.user).inc(len(o.result.images_png))
 
     return record

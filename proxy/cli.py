@@ -37,6 +37,18 @@ def _parser() -> argparse.ArgumentParser:
         "--auth", choices=["keys", "none"], help="API keys (default) or none (local development)"
     )
     serve.add_argument("--metrics-token", help="require this bearer token on GET /metrics")
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="proxy mode: forward to this OpenAI-compatible server (vLLM, TGI) and meter its GPUs",
+    )
+    serve.add_argument("--upstream-api-key", metavar="KEY", help="API key WattProxy sends to the upstream")
+    serve.add_argument(
+        "--upstream-devices",
+        metavar="0,1",
+        type=_device_indices,
+        help="CUDA indices of the GPUs the upstream runs on (default 0)",
+    )
     for p in (serve,):
         p.add_argument(
             "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
@@ -69,10 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device_indices(text: str) -> list[int]:
+    """'0,1' -> [0, 1]."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected CUDA indices like 0,1, not {text!r}") from e
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.command != "serve":
         return {"data_dir": args.data_dir, "db": args.db}
     carbon = {k: v for k, v in (("zone", args.carbon_zone), ("pue", args.pue)) if v is not None}
+    upstream = {
+        k: v
+        for k, v in (
+            ("url", args.upstream),
+            ("api_key", args.upstream_api_key),
+            ("devices", args.upstream_devices),
+        )
+        if v is not None
+    }
     return {
         "auth": args.auth,
         "db": args.db,
@@ -85,6 +114,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir": args.data_dir,
         "log_level": args.log_level,
         "carbon": carbon or None,
+        "upstream": upstream or None,
     }
 
 
@@ -92,14 +122,14 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; then new requests get 503 while in-flight ones finish (bounded)."""
     from prometheus_client import disable_created_metrics
 
-    from proxy.app import create_app
+    from proxy.app import create_app, make_runner
     from proxy.state import SCHEDULER, SERVICE
 
     # `_created` series double the counters' series and ~45% of render time; Prometheus does not need them.
     disable_created_metrics()
 
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxy.carbon import CarbonSettings
 
@@ -105,10 +113,54 @@ class EnergySettings(_Strict):
     estimated_idle_watts: float = Field(0.0, ge=0)
 
 
+class UpstreamModelSettings(_Strict):
+    """A model the upstream serves, listed explicitly (then the upstream's /v1/models is not asked)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    task: Literal["text", "image"] = "text"
+
+
+class UpstreamSettings(_Strict):
+    """Proxy mode: an OpenAI-compatible server (vLLM, TGI, ...) on this host runs the models; WattProxy
+    forwards requests to it and meters the GPUs it runs on (`devices`, CUDA indices). Units in names."""
+
+    url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")  # base URL, with or without the trailing /v1
+    api_key: SecretStr | None = None  # sent to the upstream as `Authorization: Bearer <api_key>`
+    devices: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    models: list[UpstreamModelSettings] = Field(default_factory=list)  # empty: discovered at start
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(300.0, gt=0)  # longest wait for the next byte of an answer
+    max_connections: int = Field(256, ge=1, le=100_000)
+    keepalive_timeout_s: float = Field(4.0, gt=0)  # below vLLM's 5 s, so no request meets a closing socket
+    # Token estimates where the upstream reports no usage (and for the pieces of a stream): a local
+    # tokenizer directory, a hub name already in the cache, or `tiny:PRESET`; unset: ~4 characters/token.
+    tokenizer: str | None = None
+    split_interval_s: float = Field(0.1, gt=0, le=10)  # a stream's accounting piece, at least this long
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _device_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # "0,1" from the environment or a flag
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_valid(cls, devices: list[int]) -> list[int]:
+        if any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+            raise ValueError(f"devices must be distinct CUDA indices >= 0, not {devices}")
+        return devices
+
+    def device_names(self) -> list[str]:
+        """The metered devices, e.g. ["cuda:0", "cuda:1"]."""
+        return [f"cuda:{d}" for d in self.devices]
+
+
 class Settings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     models: list[ModelSettings] = Field(default_factory=embedded_models)
+    upstream: UpstreamSettings | None = None  # proxy mode; then `models` defaults to none
     cache_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_cache_dir("wattproxy")))
     data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("wattproxy")))
     meter: Literal["auto", "nvml", "estimated", "synthetic"] = "auto"
@@ -124,14 +176,24 @@ class Settings(_Strict):
     # When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (WATTPROXY_METRICS_TOKEN).
     metrics_token: str | None = Field(None, min_length=16)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_header_bytes: int = Field(8190, ge=1024, le=1 << 20)  # one request line or header field
+    # A client must send its body, and read each streamed event, within this time (slow clients).
+    client_timeout_s: float = Field(60.0, gt=0)
+    # Origins allowed to call the API from a browser; none by default (no CORS headers at all).
+    cors_origins: list[str] = Field(default_factory=list)
     drain_timeout_s: float = Field(30.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # test-only: lets tests hold a batch until released (never set in production configs)
-    test_hooks: bool = False
 
     def db_url(self) -> str:
         return self.db or f"sqlite:///{(self.data_dir / 'wattproxy.db').resolve()}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_embedded_models_in_proxy_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("upstream") is not None and "models" not in data:
+            return {**data, "models": []}
+        return data
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -139,8 +201,8 @@ class Settings(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {dupes}")
-        if not self.models:
-            raise ValueError("at least one model must be configured")
+        if not self.models and self.upstream is None:
+            raise ValueError("at least one model (or an upstream) must be configured")
         return self
 
 

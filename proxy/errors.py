@@ -60,6 +60,12 @@ class NotFound(ApiError):
     type = "not_found_error"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     type = "invalid_request_error"
@@ -119,6 +125,7 @@ _HTTP_ERRORS: dict[int, type[ApiError]] = {
     403: PermissionDenied,
     404: NotFound,
     405: InvalidRequest,
+    408: RequestTimeout,
     413: PayloadTooLarge,
     429: RateLimited,
     503: Overloaded,

@@ -18,6 +18,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -45,6 +46,24 @@ class EnergyEntry:
     user: str
     joules: float
     co2_grams: float
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """What one finished request contributes to the metrics (a plain record, no Prometheus in it)."""
+
+    model: str
+    task: str
+    user: str
+    status: str
+    request_id: str
+    energy_kwh: float
+    co2_grams: float | None
+    queue_wait_s: float
+    duration_s: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    images: int = 0
 
 
 class EnergyBook:
@@ -157,6 +176,18 @@ class _ScrapeCollector(Collector):
         yield remaining
 
 
+@dataclass(frozen=True)
+class _RequestChildren:
+    requests: Any
+    energy: Any
+    co2: Any
+    queue_wait: Any
+    duration: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+    images: Any
+
+
 class Metrics:
     """Every WattProxy metric, registered on `registry` (never the global default registry)."""
 
@@ -208,6 +239,38 @@ class Metrics:
             "wattproxy_tokens", "Tokens processed", ["model", "user", "kind"], registry=registry
         )
         self.images = Counter("wattproxy_images", "Images generated", ["model", "user"], registry=registry)
+        self._children: dict[tuple[str, str, str, str], _RequestChildren] = {}
+
+    def observe_batch(self, model: str, size: int) -> None:
+        self.batch_size.labels(model).observe(size)
+
+    def observe_request(self, r: RequestStats) -> None:
+        """Record one request; label children are looked up once per label set (hot path)."""
+        key = (r.model, r.task, r.user, r.status)
+        children = self._children.get(key)
+        if children is None:
+            children = _RequestChildren(
+                requests=self.requests.labels(r.model, r.task, r.user, r.status),
+                energy=self.request_energy.labels(r.model, r.task),
+                co2=self.request_co2.labels(r.model, r.task),
+                queue_wait=self.queue_wait.labels(r.model, r.task),
+                duration=self.request_duration.labels(r.model, r.task),
+                prompt_tokens=self.tokens.labels(r.model, r.user, "prompt"),
+                completion_tokens=self.tokens.labels(r.model, r.user, "completion"),
+                images=self.images.labels(r.model, r.user),
+            )
+            self._children[key] = children
+        children.requests.inc()
+        children.energy.observe(r.energy_kwh, exemplar={"request_id": r.request_id})
+        if r.co2_grams is not None:
+            children.co2.observe(r.co2_grams)
+        children.queue_wait.observe(r.queue_wait_s)
+        children.duration.observe(r.duration_s)
+        if r.task == "text":
+            children.prompt_tokens.inc(r.prompt_tokens)
+            children.completion_tokens.inc(r.completion_tokens)
+        elif r.images:
+            children.images.inc(r.images)
 
     def attach(
         self,

@@ -110,7 +110,19 @@ class EnergyUsage(BaseModel):
     kwh: float
     joules: float
     co2_grams: float
-    measurement: Literal["measured", "estimated", "synthetic"]
+    # "unavailable": the meter could not be read past the end of this request's work; `joules` is only
+    # what was measured before the outage (never an invented figure).
+    # "...-timeline" (proxy mode): the device's energy was measured as labelled, and each request's
+    # share of it inferred from the timeline of the requests in flight on the upstream, by work.
+    measurement: Literal[
+        "measured",
+        "estimated",
+        "synthetic",
+        "unavailable",
+        "measured-timeline",
+        "estimated-timeline",
+        "synthetic-timeline",
+    ]
     device: str
     uncertainty_kwh: float
     carbon_intensity_g_per_kwh: float
@@ -118,6 +130,9 @@ class EnergyUsage(BaseModel):
     idle_joules: float = 0.0
     embodied_co2_grams: float | None = None
     carbon_source: str | None = None
+    # proxy mode: where the usage figures (tokens; images, pixels, steps) came from: the upstream's own
+    # usage, or WattProxy's estimate (its tokenizer, the request). None for in-process models.
+    usage_source: Literal["upstream", "estimate"] | None = None
 
 
 class Usage(BaseModel):

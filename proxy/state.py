@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -15,7 +16,10 @@ from proxy.config import ModelSettings, Settings
 from proxy.energy.monitor import DeviceMonitor
 from proxy.ledger import Ledger
 from proxy.metrics import EnergyBook, Metrics
-from proxy.scheduler import ModelQueue, Scheduler
+from proxy.scheduler import ModelQueue, Recorder, Scheduler
+
+if TYPE_CHECKING:
+    from proxy.upstream import UpstreamServing
 
 
 @dataclass(eq=False)
@@ -25,6 +29,7 @@ class ServedModel:
     queue: ModelQueue | None = None  # set once the model is loaded
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    upstream: bool = False  # proxy mode: the upstream server runs it (no backend, no queue)
 
     def count_prompt_tokens(self, request: TextRequest) -> int:
         counter = getattr(self.backend, "count_prompt_tokens", None)
@@ -40,6 +45,8 @@ class Service:
     models: dict[str, ServedModel] = field(default_factory=dict)
     draining: bool = False
     inflight: int = 0
+    # proxy mode: "discovering" until the upstream's models are known, then "ready"; None without one
+    upstream: str | None = None
 
 
 SERVICE = web.AppKey("service", Service)
@@ -52,6 +59,8 @@ BOOK = web.AppKey("book", EnergyBook)
 LEDGER = web.AppKey("ledger", Ledger)
 KEYS = web.AppKey("keys", KeyCache)
 BUDGETS = web.AppKey("budgets", Budgets)
+RECORDER = web.AppKey("recorder", Recorder)  # commits finished requests: ledger, budgets, metrics
+UPSTREAM: web.AppKey[UpstreamServing] = web.AppKey("upstream")  # proxy mode's serving logic
 REQUEST_ID = web.RequestKey("request_id", str)
 USER = web.RequestKey("user", str)  # a registered principal's name, never text from the request body
 PRINCIPAL = web.RequestKey("principal", Principal)

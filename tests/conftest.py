@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from backends.tiny import ensure_model
-from proxy.app import create_app
+from proxy.app import create_app, make_runner
 from proxy.config import ModelSettings, Settings
 
 T = TypeVar("T")
@@ -52,7 +52,7 @@ class LiveServer:
 
         async def up() -> None:
             self.app = create_app(self.settings, **self.app_kwargs)
-            self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+            self.runner = make_runner(self.app)
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
             await site.start()

@@ -106,6 +106,13 @@ def split_interval(interval: Interval, spans: Iterable[Span]) -> Split:
         return split
 
     active = [s for s in spans if s.end_s > a and s.start_s < b]
+    if not active:
+        split.idle_j = energy_j
+        return split
+    if len(active) == 1 and active[0].start_s <= a and active[0].end_s >= b:  # the common case: one job
+        split.shares_j[active[0].key] = energy_j
+        split.uncertainty_j[active[0].key] = 0.0
+        return split
     inner = {t for s in active for t in (s.start_s, s.end_s) if a < t < b}
     cuts = sorted({a, b, *inner})
     for u, v in pairwise(cuts):
@@ -149,8 +156,8 @@ def split_by_work(energy_j: float, work_units: Sequence[float]) -> list[float]:
     """Split a job's energy over its members in proportion to their work units (equal if all are 0).
 
     The last member takes the remainder so the parts add up to `energy_j` exactly."""
-    if not work_units:
-        return []
+    if len(work_units) <= 1:
+        return [energy_j] if work_units else []
     total = sum(work_units)
     if total <= 0:
         parts = [energy_j / len(work_units)] * len(work_units)

@@ -39,7 +39,7 @@ class Charge:
     joules: float  # its share of the job's energy, plus amortized idle under `amortize`
     idle_joules: float  # the amortized idle part of `joules` (0 under `separate`)
     uncertainty_joules: float  # energy placed by the uniform-power assumption (counter steps)
-    measurement: str  # "measured" | "estimated" | "synthetic"
+    measurement: str  # "measured" | "estimated" | "synthetic"; "unavailable" when the meter failed
     device: str
     start_s: float  # job start and end on the monitor's monotonic clock
     end_s: float
@@ -132,7 +132,7 @@ class DeviceMonitor:
         with self._lock:
             self._sample_locked()
             self._promote_latest_locked()
-            finished = self._advance_locked()
+            finished = self._advance_locked(commit_idle=True)
             if self._pending_idle_j and not any(j.end_s is None for j in self._jobs.values()):
                 finished += self._commit_locked([], flush_idle=True)
         self._resolve(finished)
@@ -140,13 +140,35 @@ class DeviceMonitor:
     def _run(self) -> None:
         while not self._stop.wait(self.sample_period_s):
             with self._lock:
-                self._sample_locked()
-                if self._jobs and self._latest is not None:
-                    waiting = [j.end_s for j in self._jobs.values() if j.end_s is not None]
-                    if waiting and self._latest[0] - min(waiting) >= self.max_finalize_delay_s:
+                reading = self._sample_locked()  # a failed read is simply retried next period
+                finished = []
+                waiting = [j.end_s for j in self._jobs.values() if j.end_s is not None]
+                if waiting and self._latest is not None:
+                    if self._latest[0] - min(waiting) >= self.max_finalize_delay_s:
                         self._promote_latest_locked()
-                finished = self._advance_locked()
+                    elif reading is None and self._clock() - min(waiting) >= self.max_finalize_delay_s:
+                        finished = self._finalize_unmeasured_locked()
+                finished += self._advance_locked(commit_idle=True)
             self._resolve(finished)
+
+    def _finalize_unmeasured_locked(self) -> list[tuple[_Job, dict[Hashable, Charge]]]:
+        """The meter has failed past the end of waiting jobs: answer them with the energy measured up to
+        the last good reading, labelled `unavailable`. Nothing is invented: what the meter shows across
+        the outage once it recovers goes to the jobs still open then, or to idle."""
+        if not self._points:
+            return []
+        last_good_s = self._points[-1][0]
+        self._advance_locked()  # everything up to the last good reading
+        done = [j for j in self._jobs.values() if j.end_s is not None and j.end_s > last_good_s]
+        if not done:
+            return []
+        log.warning(
+            "energy meter on %s unreadable for %.1f s: answering %d job(s) with the energy measured so far",
+            self.device,
+            self._clock() - last_good_s,
+            len(done),
+        )
+        return self._commit_locked(done, measurement="unavailable")
 
     def sample(self) -> Reading | None:
         """Read the meter now (also called by the sampler); returns None if the read failed."""
@@ -255,12 +277,15 @@ class DeviceMonitor:
 
     # -- attribution ------------------------------------------------------------------------------
 
-    def _advance_locked(self) -> list[tuple[_Job, dict[Hashable, Charge]]]:
+    def _advance_locked(self, commit_idle: bool = False) -> list[tuple[_Job, dict[Hashable, Charge]]]:
         """Attribute every interval that can be split now, then finalize the jobs it completes.
 
         An open job's end and work rate are unknown, but its overlap with a past interval is not:
         an interval is processed unless an open job shares part of it with another job (only then
-        would the split depend on the open job's rate)."""
+        would the split depend on the open job's rate). Idle energy alone is committed only when
+        `commit_idle` (the sampler's ticks), else together with the next finished jobs."""
+        if len(self._points) < 2:
+            return []
         spans = [
             Span(j.key, j.start_s, j.end_s if j.end_s is not None else math.inf, j.weight)
             for j in self._jobs.values()
@@ -285,7 +310,7 @@ class DeviceMonitor:
             return []
         processed_until = self._points[0][0]
         done = [j for j in self._jobs.values() if j.end_s is not None and j.end_s <= processed_until]
-        if not done and (self.idle_policy == "amortize" or not self._pending_idle_j):
+        if not done and (self.idle_policy == "amortize" or not self._pending_idle_j or not commit_idle):
             return []
         return self._commit_locked(done)
 
@@ -299,7 +324,7 @@ class DeviceMonitor:
         return False
 
     def _commit_locked(
-        self, done: list[_Job], flush_idle: bool = False
+        self, done: list[_Job], flush_idle: bool = False, measurement: str | None = None
     ) -> list[tuple[_Job, dict[Hashable, Charge]]]:
         idle_j, self._pending_idle_j = self._pending_idle_j, 0.0
         charged_idle: dict[Hashable, float] = {}
@@ -325,7 +350,7 @@ class DeviceMonitor:
                     joules=e_j + i_j,
                     idle_joules=i_j,
                     uncertainty_joules=u_j,
-                    measurement=self.meter.measurement,
+                    measurement=measurement or self.meter.measurement,
                     device=self.device,
                     start_s=job.start_s,
                     end_s=job.end_s,

@@ -1,0 +1,260 @@
+"""A thin async client for an OpenAI-compatible upstream server (vLLM, TGI, another WattProxy).
+
+One `OpenAIUpstream` owns one `aiohttp.ClientSession` for the life of the service: a pool of at most
+`max_connections` keep-alive connections, a connect timeout (TCP connect, s) and a read timeout (the
+longest wait for the next byte of an answer, s; for a plain answer that includes the whole generation).
+Pooled connections are dropped after `keepalive_timeout_s` idle (s), below the 5 s that vLLM's
+uvicorn keeps them, so a request is not sent on a connection the server is closing.
+
+Generation requests are POSTs and are never retried: aiohttp retries only idempotent methods on a
+stale connection, and nothing here retries at all. A caller that is cancelled (its own client left)
+closes the connection it was using, so the upstream sees the disconnect and cancels the work.
+
+It never imports `proxy`. Transport failures become typed exceptions, in one place (`_translated`):
+
+- `UpstreamUnreachable`: no connection could be made (refused, DNS failure, no route);
+- `UpstreamTimeout`: connecting, or waiting for the next byte, took longer than its timeout;
+- `UpstreamBadResponse`: the connection broke mid-answer, or the answer was malformed;
+- `UpstreamStatus`: the upstream answered with a non-2xx status (its body is kept for pass-through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from yarl import URL
+
+JSON = "application/json"
+MAX_EVENT_BYTES = 1 << 20  # one SSE line; aiohttp refuses lines above twice its read buffer
+
+
+class UpstreamError(Exception):
+    """Base of the upstream client's errors; the message is safe to show to a client."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream could be made."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connecting (`phase` "connect") or reading the answer (`phase` "read") timed out."""
+
+    def __init__(self, message: str, phase: Literal["connect", "read"]) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The upstream broke the connection mid-answer or sent something that is not an answer."""
+
+
+class UpstreamStatus(UpstreamError):
+    """A non-2xx answer. `body` is the raw body (bytes), `retry_after_s` from its Retry-After (s)."""
+
+    def __init__(self, status: int, body: bytes, content_type: str, retry_after_s: float | None) -> None:
+        super().__init__(f"the upstream answered {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class UpstreamModel:
+    """A model the upstream serves: its id and, where the upstream says (WattProxy does), its task."""
+
+    id: str
+    task: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A 2xx plain answer: status and raw body."""
+
+    status: int
+    body: bytes
+
+
+@contextlib.contextmanager
+def _translated(base_url: str) -> Iterator[None]:
+    """Map aiohttp's and asyncio's transport errors to the typed errors above (raised `from` them)."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as e:
+        raise UpstreamTimeout(f"connecting to the upstream {base_url} timed out", "connect") from e
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as e:
+        raise UpstreamTimeout(f"the upstream {base_url} did not answer in time", "read") from e
+    except aiohttp.ClientConnectorError as e:
+        raise UpstreamUnreachable(
+            f"the upstream {base_url} is unreachable ({e.os_error.strerror or e})"
+        ) from e
+    except aiohttp.ServerDisconnectedError as e:
+        raise UpstreamBadResponse(f"the upstream {base_url} closed the connection without answering") from e
+    except aiohttp.ClientPayloadError as e:
+        raise UpstreamBadResponse(f"the upstream {base_url} broke off its answer") from e
+    except aiohttp.ClientError as e:
+        raise UpstreamBadResponse(
+            f"the connection to the upstream {base_url} failed ({type(e).__name__})"
+        ) from e
+
+
+def _retry_after_s(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class EventStream:
+    """The data payloads of a server-sent-events answer, one `bytes` per event, in order, the final
+    `[DONE]` included. Comment lines (keep-alive pings) and other fields are skipped."""
+
+    def __init__(self, response: aiohttp.ClientResponse, base_url: str) -> None:
+        self._response = response
+        self._base_url = base_url
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        data: list[bytes] = []
+        content = self._response.content
+        while True:
+            with _translated(self._base_url):
+                line = await content.readline()
+            if not line:  # end of the answer
+                if data:
+                    yield b"\n".join(data)
+                return
+            line = line.rstrip(b"\r\n")
+            if not line:  # a blank line ends an event
+                if data:
+                    yield b"\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+
+    def abort(self) -> None:
+        """Close the connection now: the upstream sees its client leave and cancels the request."""
+        self._response.close()
+
+
+class OpenAIUpstream:
+    """The client of one upstream base URL (`http://host:port`, with or without a trailing `/v1`).
+
+    `start()` must run inside the event loop that will use it; `close()` releases the pool."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 300.0,
+        max_connections: int = 256,
+        keepalive_timeout_s: float = 4.0,
+    ) -> None:
+        base = base_url.rstrip("/")
+        self.base_url = base.removesuffix("/v1")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
+        )
+        self._max_connections = max_connections
+        self._keepalive_timeout_s = keepalive_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+
+    def url(self, path: str) -> URL:
+        """The absolute URL of `path` (e.g. "/v1/models") under the base URL, parsed once."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, limit_per_host=0, keepalive_timeout=self._keepalive_timeout_s
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers=self._headers,
+            read_bufsize=MAX_EVENT_BYTES // 2,
+            auto_decompress=True,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("OpenAIUpstream.start() was not called")
+        return self._session
+
+    async def models(self) -> list[UpstreamModel]:
+        """The upstream's `/v1/models`: each model's id and, where reported, its task."""
+        with _translated(self.base_url):
+            async with self.session.get(self.url("/v1/models")) as resp:
+                body = await resp.read()
+                if resp.status >= 300:
+                    raise UpstreamStatus(resp.status, body, resp.content_type, _retry_after_s(resp.headers))
+        try:
+            data = json.loads(body)["data"]
+            return [
+                UpstreamModel(id=str(m["id"]), task=m.get("task") if isinstance(m.get("task"), str) else None)
+                for m in data
+            ]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UpstreamBadResponse(f"the upstream {self.base_url} sent a malformed model list") from e
+
+    async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> Answer:
+        """POST a JSON body (bytes, sent as is) and read the whole answer. Raises `UpstreamStatus` for a
+        non-2xx answer, the transport errors above otherwise."""
+        with _translated(self.base_url):
+            async with self.session.post(
+                self.url(path), data=body, headers={"Content-Type": JSON, **(headers or {})}
+            ) as resp:
+                payload = await resp.read()
+                if resp.status >= 300:
+                    raise UpstreamStatus(
+                        resp.status, payload, resp.content_type, _retry_after_s(resp.headers)
+                    )
+                return Answer(resp.status, payload)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[EventStream]:
+        """POST a JSON body that asks for a stream; yields its `EventStream` once the answer's headers
+        are in. A non-2xx answer raises `UpstreamStatus` (with its whole body) before any event.
+        Leaving the block early (an exception, a cancellation) closes the connection."""
+        with _translated(self.base_url):
+            resp = await self.session.post(
+                self.url(path),
+                data=body,
+                headers={"Content-Type": JSON, "Accept": "text/event-stream", **(headers or {})},
+            )
+        try:
+            if resp.status >= 300:
+                with _translated(self.base_url):
+                    payload = await resp.read()
+                raise UpstreamStatus(resp.status, payload, resp.content_type, _retry_after_s(resp.headers))
+            if resp.content_type != "text/event-stream":
+                raise UpstreamBadResponse(
+                    f"the upstream {self.base_url} answered a stream request without one"
+                )
+            yield EventStream(resp, self.base_url)
+        except BaseException:
+            resp.close()
+            raise
+        else:
+            resp.release()

@@ -1,0 +1,876 @@
+"""Proxy mode: WattProxy stands in front of an OpenAI-compatible server (vLLM, TGI, another WattProxy)
+on the same host, forwards each validated request to it, and gives every request its measured share
+of the upstream GPUs' energy, with the same usage extension, headers, ledger records, metrics and
+budgets as the in-process models.
+
+Attribution without seeing the batches. WattProxy's meters sample the upstream's GPUs (the configured
+`devices`; each has its own `DeviceMonitor`). Each request is an *activity* from the moment it is sent
+to the last byte of its answer, recorded on every upstream device's monitor as a sequence of pieces
+(`begin`, then `split` at a piece boundary, `end` at the last byte), each piece weighted by the work it
+represents. Each sampled interval's energy is shared among the pieces that overlap it by weight x
+overlap (`proxy.energy.attribution`), idle energy is handled as for in-process jobs, and the
+conservation identity holds per device: sum(requests) + idle == meter delta.
+
+- Text, streamed: the first piece runs from sending to the first chunk boundary and weighs the prompt
+  tokens plus the tokens of the chunks in it; then a piece closes at the first chunk received at least
+  `split_interval_s` after the last boundary, weighing the completion tokens that arrived in it; the
+  last piece ends at the last byte. Chunk tokens are WattProxy's estimate (its tokenizer, or about 4
+  characters a token) because an upstream reports usage only at the end. Short pieces matter: an open
+  piece that overlaps another request holds back the processing of that shared time, so no request's
+  energy waits on a long stream for more than about one piece.
+- Text, plain: one piece from sending to the last byte, weighing prompt + completion tokens (the
+  upstream's usage where it reports it). A plain request's weight is known only at its end, so a
+  request that overlaps it has its energy final (and its answer sent) only once it has ended too.
+- Images: one piece, weighing steps x pixels x images (x2 with guidance > 1), like in-process images.
+
+Usage source. The token counts (image figures) in the answer and the ledger are the upstream's own
+usage where it reports it (a stream is asked for it with `stream_options.include_usage`), else
+WattProxy's estimate; `usage.energy.usage_source` says which ("upstream" or "estimate"). The
+measurement label is the meter's with `-timeline` appended (e.g. `measured-timeline`): the device
+energy is measured as labelled, the split among requests is inferred from the request timeline.
+Several upstream devices: a request's pieces run on every one of them; its charge is the sum over
+devices, its device label e.g. `cuda:0+cuda:1`.
+
+Errors. Transport errors come typed from `backends.openai_upstream` and are mapped here, in one
+place (`_api_error`): unreachable -> 502 `upstream_unreachable`, a broken or malformed answer -> 502
+`upstream_bad_response`, a connect or read timeout -> 504 `upstream_timeout`. An upstream's non-2xx
+answer passes through with its status, in the OpenAI envelope (built from vLLM's flat or TGI's shape
+when it is not one already), except 401/403, which mean the upstream refused WattProxy's own
+credentials: those are a 502 `upstream_auth_failed`, not the client's fault. An answered error charges
+no one (its energy is idle); a request the upstream may have worked on (read timeout, broken answer,
+client gone) is charged and recorded with status `error` or `cancelled`. Generation requests are never
+retried.
+
+Cancellation. A client that disconnects cancels its handler (`handler_cancellation`); the upstream
+connection is then closed, so the upstream cancels the request. What the request had used so far is
+still charged and recorded (status `cancelled`), in the background, since nobody waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from backends.base import BackendRequest, BackendResult, ImageRequest, ImageResult, TextRequest, TextResult
+from backends.openai_upstream import (
+    OpenAIUpstream,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.api import _sse, _start_sse, energy_headers, energy_usage
+from proxy.carbon import CarbonCharge
+from proxy.config import ModelSettings, Settings, UpstreamSettings, parse_size
+from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
+from proxy.errors import ApiError, Overloaded
+from proxy.metrics import JOULES_PER_KWH
+from proxy.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
+from proxy.scheduler import Outcome, Recorder, RequestTag, Status
+from proxy.state import MONITORS, RECORDER, REQUEST_ID, SERVICE, UPSTREAM, ServedModel, Service
+
+log = logging.getLogger(__name__)
+
+UsageSource = Literal["upstream", "estimate"]
+ForwardedRequest = ChatCompletionRequest | CompletionRequest | ImageGenerationRequest
+
+CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text, where no tokenizer is configured
+# Image requests that leave these out get the upstream's defaults, unknown here: assume OpenAI's size
+# and diffusers' default steps and guidance for the work weight (said as usage_source "estimate").
+DEFAULT_IMAGE_SIZE = (1024, 1024)
+DEFAULT_IMAGE_STEPS = 50
+DEFAULT_GUIDANCE_SCALE = 7.5
+SETTLE_TIMEOUT_S = 30.0  # at shutdown: how long to wait for the records of requests whose clients left
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    408: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+class BadGateway(ApiError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unreachable"
+
+
+class GatewayTimeout(ApiError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class UpstreamAnswered(ApiError):
+    """An upstream's non-2xx answer, passed through with its status and OpenAI envelope. `type` (the
+    status label of wattproxy_requests_total) is bounded: it follows the status, not the upstream."""
+
+    def __init__(self, status: int, envelope: dict[str, Any], retry_after_s: float | None) -> None:
+        error = envelope["error"]
+        super().__init__(str(error.get("message", "")), retry_after_s=retry_after_s)
+        self.status = status
+        self.type = _ERROR_TYPES.get(status, "upstream_error" if status >= 500 else "invalid_request_error")
+        self._envelope = envelope
+
+    def body(self) -> dict[str, object]:
+        return self._envelope
+
+
+def _envelope(status: int, body: bytes) -> dict[str, Any]:
+    """The OpenAI envelope of an upstream's error body: kept as it is when it is one; built from
+    vLLM's flat `{"object": "error", "message", ...}`, TGI's `{"error": "...", "error_type"}`,
+    FastAPI's `{"detail": ...}` or plain text otherwise."""
+    default_type = _ERROR_TYPES.get(status, "upstream_error" if status >= 500 else "invalid_request_error")
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict) and "message" in obj["error"]:
+        return obj
+    if isinstance(obj, dict):
+        message = (
+            obj.get("message") or obj.get("error") or obj.get("detail") or f"the upstream answered {status}"
+        )
+        kind = obj.get("type") or obj.get("error_type")
+        return {
+            "error": {
+                "message": message if isinstance(message, str) else json.dumps(message),
+                "type": kind if isinstance(kind, str) else default_type,
+                "param": obj.get("param") if isinstance(obj.get("param"), str) else None,
+                "code": obj.get("code") if isinstance(obj.get("code"), str | int) else None,
+            }
+        }
+    text = body.decode("utf-8", errors="replace").strip()[:1000]
+    return {
+        "error": {
+            "message": text or f"the upstream answered {status}",
+            "type": default_type,
+            "param": None,
+            "code": None,
+        }
+    }
+
+
+def _api_error(e: UpstreamError) -> ApiError:
+    """The one mapping of upstream failures to client-facing errors (statuses in the module doc)."""
+    if isinstance(e, UpstreamStatus):
+        if e.status in (401, 403):
+            return BadGateway(
+                f"the upstream refused WattProxy's credentials ({e.status}); check the upstream API key",
+                code="upstream_auth_failed",
+            )
+        return UpstreamAnswered(e.status, _envelope(e.status, e.body), e.retry_after_s)
+    if isinstance(e, UpstreamTimeout):
+        return GatewayTimeout(str(e))
+    if isinstance(e, UpstreamUnreachable):
+        return BadGateway(str(e))
+    return BadGateway(str(e), code="upstream_bad_response")
+
+
+def _may_have_run(e: UpstreamError) -> bool:
+    """Whether the upstream may have worked on a request that failed this way (then it is charged)."""
+    if isinstance(e, UpstreamTimeout):
+        return e.phase == "read"
+    return isinstance(e, UpstreamBadResponse)
+
+
+# -- token estimates --------------------------------------------------------------------------------
+
+
+class TokenCounter:
+    """Token counts of text for the upstream's requests: exact for the configured tokenizer (if it is
+    the upstream model's), else about 4 characters a token. Units: tokens."""
+
+    def __init__(self, tokenizer: Any | None = None) -> None:
+        self._tokenizer = tokenizer
+
+    @property
+    def method(self) -> str:
+        return "tokenizer" if self._tokenizer is not None else f"{CHARS_PER_TOKEN} characters per token"
+
+    @classmethod
+    def load(cls, spec: str | None, cache_dir: Path) -> TokenCounter:
+        """Load the tokenizer `spec` names (a directory, a cached hub name, or `tiny:PRESET`). Blocking."""
+        if spec is None:
+            return cls()
+        from transformers import AutoTokenizer
+
+        source: str | Path = spec
+        if spec.startswith("tiny:"):
+            from backends.tiny import ensure_model
+
+            source = ensure_model(spec.removeprefix("tiny:"), cache_dir / "models")
+        return cls(AutoTokenizer.from_pretrained(source))
+
+    def count(self, text: str) -> int:
+        if not text:
+            return 0
+        if self._tokenizer is not None:
+            return len(self._tokenizer.encode(text, add_special_tokens=False))
+        return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+def _choices_text(choices: Any) -> str:
+    """The generated text in a chunk's or an answer's choices: content, reasoning, tool arguments."""
+    if not isinstance(choices, list):
+        return ""
+    parts: list[str] = []
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        text = choice.get("text")
+        if isinstance(text, str):
+            parts.append(text)
+        message = choice.get("delta") or choice.get("message")
+        if not isinstance(message, dict):
+            continue
+        for key in ("content", "reasoning_content", "reasoning"):
+            value = message.get(key)
+            if isinstance(value, str):
+                parts.append(value)
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str):
+                parts.append(arguments)
+    return "".join(parts)
+
+
+def _token_usage(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an upstream usage object, or None if it reports none."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return prompt, completion
+    return None
+
+
+def _png_size(b64: Any) -> tuple[int, int] | None:
+    """(width, height) of a base64 PNG from its header (the first 32 characters), or None."""
+    if not isinstance(b64, str) or len(b64) < 32:
+        return None
+    try:
+        head = base64.b64decode(b64[:32])
+    except ValueError:
+        return None
+    if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return int(width), int(height)
+
+
+# -- one request on the upstream devices' timelines ---------------------------------------------------
+
+
+class Activity:
+    """One upstream request as a sequence of pieces on every upstream device's monitor.
+
+    Each piece is a job of its own with one member, a copy of the request's tag (the commit sets that
+    copy's carbon), weighing the work units it represents (tokens, or image work units)."""
+
+    __slots__ = (
+        "client_left",
+        "concurrency",
+        "ended",
+        "handles",
+        "last_split_s",
+        "monitors",
+        "pending",
+        "pieces",
+        "started_s",
+        "tag",
+    )
+
+    def __init__(
+        self, monitors: Sequence[DeviceMonitor], tag: RequestTag, now_s: float, concurrency: int
+    ) -> None:
+        self.tag = tag
+        self.monitors = monitors
+        self.handles: list[JobHandle] = [m.begin() for m in monitors]
+        self.pieces: list[tuple[JobHandle, RequestTag]] = []
+        self.pending = 0.0  # work units of the open piece
+        self.started_s = self.last_split_s = now_s
+        self.concurrency = concurrency  # requests in flight to the upstream when this one was sent
+        self.client_left = False
+        self.ended = False
+
+    def add(self, units: float) -> None:
+        self.pending += units
+
+    def _piece_tag(self) -> RequestTag:
+        """The member of the next piece: the request's own tag for its first piece (the one a plain
+        request on one device has), a copy for the others (each commit sets its member's carbon)."""
+        return replace(self.tag) if self.pieces else self.tag
+
+    def split(self, now_s: float) -> None:
+        """Close the open piece with the work it holds and open the next one at the same instant."""
+        units = self.pending
+        for i, monitor in enumerate(self.monitors):
+            piece = self._piece_tag()
+            self.pieces.append((self.handles[i], piece))
+            self.handles[i] = monitor.split(self.handles[i], [(piece, units)], units)
+        self.pending = 0.0
+        self.last_split_s = now_s
+
+    def end(self, *, charged: bool) -> None:
+        """Close the last piece. Uncharged (the upstream refused the request), its energy is idle."""
+        if self.ended:
+            return
+        self.ended = True
+        units = self.pending
+        for i, monitor in enumerate(self.monitors):
+            if charged:
+                piece = self._piece_tag()
+                self.pieces.append((self.handles[i], piece))
+                monitor.end(self.handles[i], [(piece, units)], units)
+            else:
+                monitor.end(self.handles[i], [], 0.0)
+
+    async def charges(self) -> list[tuple[Charge, RequestTag]]:
+        """Every piece's charge on every device, once final (each with the tag its carbon is on)."""
+        out: list[tuple[Charge, RequestTag]] = []
+        for handle, piece in self.pieces:
+            future = handle.result
+            charges = future.result() if future.done() else await asyncio.wrap_future(future)
+            charge = charges.get(piece)
+            if charge is not None:
+                out.append((charge, piece))
+        return out
+
+
+def _timeline_label(measurements: set[str]) -> str:
+    """The weakest of the pieces' meter labels, marked as a timeline split ("measured-timeline")."""
+    for label in ("unavailable", "synthetic", "estimated"):
+        if label in measurements:
+            return label if label == "unavailable" else f"{label}-timeline"
+    return "measured-timeline"
+
+
+def _sum_carbon(carbons: Sequence[CarbonCharge], kwh: float) -> CarbonCharge | None:
+    """The carbon of several pieces: grams add up; the intensity is their energy-weighted mean."""
+    if not carbons:
+        return None
+    first = carbons[0]
+    operational = sum(c.operational_co2_grams for c in carbons)
+    embodied = sum(c.embodied_co2_grams for c in carbons)
+    intensity = operational / (kwh * first.pue) if kwh > 0 and first.pue > 0 else first.intensity_g_per_kwh
+    return CarbonCharge(
+        co2_grams=operational + embodied,
+        operational_co2_grams=operational,
+        embodied_co2_grams=embodied,
+        intensity_g_per_kwh=intensity,
+        pue=first.pue,
+        zone=first.zone,
+        source=first.source,
+    )
+
+
+def _sum_charges(parts: Sequence[tuple[Charge, RequestTag]], device: str, activity: Activity) -> Charge:
+    charges = [c for c, _ in parts]
+    return Charge(
+        joules=sum(c.joules for c in charges),
+        idle_joules=sum(c.idle_joules for c in charges),
+        uncertainty_joules=sum(c.uncertainty_joules for c in charges),
+        measurement=_timeline_label({c.measurement for c in charges}),
+        device=device,
+        start_s=min((c.start_s for c in charges), default=activity.started_s),
+        end_s=max((c.end_s for c in charges), default=activity.started_s),
+        device_seconds=sum(c.device_seconds for c in charges),
+    )
+
+
+# -- serving ----------------------------------------------------------------------------------------
+
+
+class UpstreamServing:
+    """Forwards validated requests to the upstream and accounts them (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: OpenAIUpstream,
+        monitors: Sequence[DeviceMonitor],
+        record: Recorder,
+        counter: TokenCounter,
+        *,
+        split_interval_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not monitors:
+            raise ValueError("proxy mode needs at least one upstream device to meter")
+        self.client = client
+        self.monitors = list(monitors)
+        self.device = "+".join(m.device for m in self.monitors)
+        self.record = record
+        self.counter = counter
+        self.split_interval_s = split_interval_s
+        self.clock = clock
+        self.inflight = 0
+        self._background: set[asyncio.Task[Outcome]] = set()
+
+    async def close(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+        """Wait (bounded) for the records of requests whose clients left."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
+
+    async def forward(
+        self, request: web.Request, tag: RequestTag, req: ForwardedRequest
+    ) -> web.StreamResponse:
+        """Answer one validated, admitted request through the upstream."""
+        raw = await request.read()  # the body as the client sent it (aiohttp keeps it once read)
+        headers = {"X-Request-Id": request[REQUEST_ID]}
+        if isinstance(req, ImageGenerationRequest):
+            if req.model is None:
+                raw = json.dumps({**json.loads(raw), "model": tag.model}).encode()
+            return await self._plain(request, tag, "/v1/images/generations", raw, headers, req)
+        path = "/v1/chat/completions" if isinstance(req, ChatCompletionRequest) else "/v1/completions"
+        if not req.stream:
+            return await self._plain(request, tag, path, raw, headers, req)
+        payload = json.loads(raw)
+        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        return await self._stream(request, tag, path, json.dumps(payload).encode(), headers, req)
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    def _begin(self, tag: RequestTag) -> Activity:
+        self.inflight += 1
+        return Activity(self.monitors, tag, self.clock(), self.inflight)
+
+    def _prompt_tokens(self, req: ChatCompletionRequest | CompletionRequest) -> int:
+        if isinstance(req, ChatCompletionRequest):
+            return sum(self.counter.count(m.text()) for m in req.messages)
+        return sum(self.counter.count(p) for p in req.prompts())
+
+    def _unfinished(self, activity: Activity, req: ForwardedRequest) -> tuple[BackendRequest, BackendResult]:
+        """What a request that got no answer is recorded with: the work it asked for as far as it is
+        known before any answer (the prompt's tokens; an image request's own work units)."""
+        if isinstance(req, ImageGenerationRequest):
+            width, height = parse_size(req.size) if req.size not in (None, "auto") else DEFAULT_IMAGE_SIZE
+            steps = req.steps if req.steps is not None else DEFAULT_IMAGE_STEPS
+            guidance = req.guidance_scale if req.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE
+            work = float(steps * width * height * req.n * (2 if guidance > 1.0 else 1))
+            activity.add(work)
+            image = ImageRequest(prompt=req.prompt, n=0, width=width, height=height, steps=steps)
+            return image, ImageResult(images_png=(), seeds=(), work_units=work)
+        prompt = self._prompt_tokens(req)
+        activity.add(prompt)
+        return TextRequest(), _text_result(prompt, 0)
+
+    async def _settle(
+        self,
+        activity: Activity,
+        request_obj: BackendRequest,
+        result: BackendResult | None,
+        status: Status,
+        error: BaseException | None = None,
+    ) -> Outcome:
+        """Wait for the activity's energy to be final, then record it like a finished batch member."""
+        parts = await activity.charges()
+        charge = _sum_charges(parts, self.device, activity)
+        if len(parts) == 1:  # one piece on one device: its member is the request's tag, carbon set
+            tag = parts[0][1]
+        else:
+            carbons = [t.carbon for _, t in parts if t.carbon is not None]
+            tag = replace(activity.tag, carbon=_sum_carbon(carbons, charge.joules / JOULES_PER_KWH))
+        now = self.clock()
+        outcome = Outcome(
+            tag=tag,
+            request=request_obj,
+            result=result,
+            error=error,
+            charge=charge,
+            status="cancelled" if activity.client_left and status == "ok" else status,
+            queue_wait_s=0.0,  # WattProxy keeps no queue for upstream models; the upstream's is unseen
+            run_s=max(charge.end_s - charge.start_s, 0.0),
+            batch_size=activity.concurrency,
+            duration_s=max(now - activity.started_s, 0.0),
+        )
+        await self.record([outcome])
+        return outcome
+
+    def _settle_later(
+        self,
+        activity: Activity,
+        request_obj: BackendRequest,
+        result: BackendResult | None,
+        status: Status,
+        error: BaseException | None = None,
+    ) -> asyncio.Task[Outcome]:
+        """Settle in a task of its own, which a cancelled handler does not take down with it."""
+        task = asyncio.create_task(self._settle(activity, request_obj, result, status, error))
+        self._background.add(task)
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Task[Outcome]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.error("recording an upstream request failed: %s", e)
+
+    def _sent(self) -> None:
+        """The request is no longer in flight to the upstream (answered, failed or abandoned)."""
+        self.inflight -= 1
+
+    async def _settled_for_answer(self, task: asyncio.Task[Outcome], activity: Activity) -> Outcome:
+        """The outcome an answer is built from; a client that leaves meanwhile leaves the record to the
+        task (status `cancelled`); a record that cannot be stored refuses the answer (503)."""
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            activity.client_left = True
+            raise
+        except Exception as e:
+            raise Overloaded(
+                "the request ran but its accounting record could not be stored; it is refused rather than "
+                "answered unaccounted. Retry later.",
+                code="ledger_unavailable",
+                retry_after_s=5,
+            ) from e
+
+    def _abandoned(self, activity: Activity, req: ForwardedRequest) -> None:
+        """The client left before the answer came: charge what ran, record it as cancelled."""
+        activity.client_left = True
+        if not activity.ended:
+            request_obj, result = self._unfinished(activity, req)
+            activity.end(charged=True)
+            self._settle_later(activity, request_obj, result, "cancelled")
+
+    # -- plain answers ----------------------------------------------------------------------------
+
+    async def _plain(
+        self,
+        request: web.Request,
+        tag: RequestTag,
+        path: str,
+        raw: bytes,
+        headers: dict[str, str],
+        req: ForwardedRequest,
+    ) -> web.Response:
+        activity = self._begin(tag)
+        try:
+            try:
+                answer = await self.client.post(path, raw, headers)
+                body = json.loads(answer.body)
+                if not isinstance(body, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError:
+                raise UpstreamBadResponse(
+                    f"the upstream {self.client.base_url} sent an answer that is not JSON"
+                ) from None
+            except asyncio.CancelledError:
+                self._abandoned(activity, req)
+                raise
+        except UpstreamError as e:
+            self._failed(activity, req, e)
+            raise _api_error(e) from e
+        finally:
+            self._sent()
+        result: BackendResult
+        if isinstance(req, ImageGenerationRequest):
+            usage, source, request_obj, result = self._image_usage(req, body)
+        else:
+            usage, source, request_obj, result = self._text_usage(req, body)
+        activity.add(result.work_units)
+        activity.end(charged=True)
+        outcome = await self._settled_for_answer(
+            self._settle_later(activity, request_obj, result, "ok"), activity
+        )
+        energy = energy_usage([outcome]).model_copy(update={"usage_source": source})
+        usage["energy"] = energy.model_dump()
+        body["usage"] = usage
+        return web.Response(
+            body=json.dumps(body).encode(),
+            content_type="application/json",
+            headers=energy_headers(energy, request[REQUEST_ID]),
+        )
+
+    def _failed(self, activity: Activity, req: ForwardedRequest, e: UpstreamError) -> None:
+        if activity.ended:
+            return
+        if _may_have_run(e):
+            request_obj, result = self._unfinished(activity, req)
+            activity.end(charged=True)
+            self._settle_later(activity, request_obj, result, "error", e)
+        else:
+            activity.end(charged=False)
+
+    def _text_usage(
+        self, req: ChatCompletionRequest | CompletionRequest, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], UsageSource, BackendRequest, TextResult]:
+        upstream = body.get("usage")
+        tokens = _token_usage(upstream)
+        source: UsageSource
+        if tokens is not None:
+            prompt, completion = tokens
+            source = "upstream"
+        else:
+            prompt = self._prompt_tokens(req)
+            completion = self.counter.count(_choices_text(body.get("choices")))
+            source = "estimate"
+        usage = dict(upstream) if isinstance(upstream, dict) else {}
+        usage.update(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return usage, source, TextRequest(), _text_result(prompt, completion, body.get("choices"))
+
+    def _image_usage(
+        self, req: ImageGenerationRequest, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], UsageSource, BackendRequest, ImageResult]:
+        data: list[Any] = body["data"] if isinstance(body.get("data"), list) else []
+        images = len(data)
+        upstream: dict[str, Any] = body["usage"] if isinstance(body.get("usage"), dict) else {}
+        if req.size not in (None, "auto"):
+            width, height = parse_size(req.size)
+        else:
+            first = data[0] if data and isinstance(data[0], dict) else {}
+            width, height = _png_size(first.get("b64_json")) or DEFAULT_IMAGE_SIZE
+        reported = upstream.get("steps")
+        source: UsageSource = "upstream" if isinstance(reported, int) and reported > 0 else "estimate"
+        if isinstance(reported, int) and reported > 0:
+            steps = reported
+        else:
+            steps = req.steps if req.steps is not None else DEFAULT_IMAGE_STEPS
+        guidance = req.guidance_scale if req.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE
+        pixels = width * height * images
+        work = float(steps * pixels * (2 if guidance > 1.0 else 1))
+        usage = {**upstream, "images": images, "pixels": pixels, "steps": steps}
+        request_obj = ImageRequest(
+            prompt=req.prompt, n=images, width=width, height=height, steps=steps, guidance_scale=guidance
+        )
+        # The images stay in the answer; the recorder only counts them.
+        result = ImageResult(images_png=(b"",) * images, seeds=(0,) * images, work_units=work)
+        return usage, source, request_obj, result
+
+    # -- streams ----------------------------------------------------------------------------------
+
+    async def _stream(
+        self,
+        request: web.Request,
+        tag: RequestTag,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        req: ChatCompletionRequest | CompletionRequest,
+    ) -> web.StreamResponse:
+        wants_usage = bool(req.stream_options and req.stream_options.include_usage)
+        prompt_estimate = self._prompt_tokens(req)
+        completion_estimate = 0
+        held_usage: dict[str, Any] | None = None  # the upstream's usage chunk, sent on with the energy
+        last_chunk: dict[str, Any] | None = None
+        failure: ApiError | None = None
+        upstream_failed = False
+        resp: web.StreamResponse | None = None
+        activity = self._begin(tag)
+        activity.add(prompt_estimate)
+        try:
+            async with self.client.stream(path, body, headers) as events:
+                resp = await _start_sse(request)
+                try:
+                    async for data in events:
+                        if data == b"[DONE]":
+                            continue
+                        try:
+                            chunk = json.loads(data)
+                        except ValueError:
+                            chunk = None
+                        if not isinstance(chunk, dict):
+                            raise UpstreamBadResponse("the upstream sent a stream event that is not JSON")
+                        if "error" in chunk or chunk.get("object") == "error":
+                            upstream_failed = True  # passed on as it is; the upstream ends the stream
+                        elif chunk.get("usage") and not chunk.get("choices"):
+                            held_usage = chunk
+                            continue
+                        else:
+                            last_chunk = chunk
+                            tokens = self.counter.count(_choices_text(chunk.get("choices")))
+                            completion_estimate += tokens
+                            activity.add(tokens)
+                        await _sse(resp, data.decode())
+                        now = self.clock()
+                        if now - activity.last_split_s >= self.split_interval_s:
+                            activity.split(now)
+                except UpstreamError as e:
+                    failure = _api_error(e)
+                    log.warning("upstream stream for request %s broke off: %s", tag.request_id, e)
+        except UpstreamError as e:  # before the stream started: nothing was sent to the client
+            if _may_have_run(e):
+                activity.end(charged=True)  # its open piece holds the prompt's tokens already
+                result = _text_result(prompt_estimate, 0)
+                self._settle_later(activity, TextRequest(), result, "error", e)
+            else:
+                activity.end(charged=False)
+            self._sent()
+            raise _api_error(e) from e
+        except (asyncio.CancelledError, ConnectionResetError):
+            self._sent()
+            activity.client_left = True
+            if not activity.ended:
+                activity.end(charged=True)
+                result = _text_result(prompt_estimate, completion_estimate)
+                self._settle_later(activity, TextRequest(), result, "cancelled")
+            raise
+        self._sent()
+        assert resp is not None
+        activity.end(charged=True)
+        reported = _token_usage(held_usage.get("usage") if held_usage else None)
+        source: UsageSource = "upstream" if reported is not None else "estimate"
+        prompt, completion = reported if reported is not None else (prompt_estimate, completion_estimate)
+        failed = failure is not None or upstream_failed
+        settle = self._settle_later(
+            activity, TextRequest(), _text_result(prompt, completion), "error" if failed else "ok", failure
+        )
+        try:
+            outcome = await self._settled_for_answer(settle, activity)
+        except ApiError as e:
+            failure = e
+        if failure is not None:
+            await _sse(resp, failure.body())
+        elif wants_usage and not upstream_failed:
+            energy = energy_usage([outcome]).model_copy(update={"usage_source": source})
+            await _sse(
+                resp,
+                _usage_chunk(
+                    held_usage, last_chunk, prompt, completion, energy.model_dump(exclude_none=True)
+                ),
+            )
+        await _sse(resp, "[DONE]")
+        await resp.write_eof()
+        return resp
+
+
+def _text_result(prompt: int, completion: int, choices: Any = None) -> TextResult:
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    reason = first.get("finish_reason")
+    return TextResult(
+        text="",  # the text stays in the answer; the recorder only counts tokens
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        finish_reason="length" if reason == "length" else "stop",
+        work_units=float(prompt + completion),
+    )
+
+
+def _usage_chunk(
+    held: dict[str, Any] | None,
+    last: dict[str, Any] | None,
+    prompt: int,
+    completion: int,
+    energy: dict[str, Any],
+) -> dict[str, Any]:
+    """The final usage chunk: the upstream's own (tokens as it counted them) or one built like it."""
+    if held is not None:
+        chunk = dict(held)
+        usage = dict(held["usage"])
+    else:
+        base = last or {}
+        chunk = {k: base[k] for k in ("id", "object", "created", "model") if k in base}
+        chunk["choices"] = []
+        usage = {}
+    usage.update(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    usage["energy"] = energy
+    chunk["usage"] = usage
+    return chunk
+
+
+# -- lifecycle --------------------------------------------------------------------------------------
+
+
+def upstream_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The cleanup context of proxy mode: the token counter, the shared client session, the serving
+    object (under `UPSTREAM`), and the models, discovered in the background (or listed in the config).
+    Needs the monitors (`MONITORS`) and the recorder (`RECORDER`) set up before it."""
+    up = settings.upstream
+    assert up is not None
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        counter = await loop.run_in_executor(None, TokenCounter.load, up.tokenizer, settings.cache_dir)
+        client = OpenAIUpstream(
+            up.url,
+            api_key=up.api_key.get_secret_value() if up.api_key is not None else None,
+            connect_timeout_s=up.connect_timeout_s,
+            read_timeout_s=up.read_timeout_s,
+            max_connections=up.max_connections,
+            keepalive_timeout_s=up.keepalive_timeout_s,
+        )
+        await client.start()
+        monitors = [app[MONITORS][d] for d in up.device_names()]
+        serving = UpstreamServing(
+            client, monitors, app[RECORDER], counter, split_interval_s=up.split_interval_s
+        )
+        app[UPSTREAM] = serving
+        service = app[SERVICE]
+        log.info(
+            "proxy mode: upstream %s metered on %s; token estimates by %s",
+            client.base_url,
+            serving.device,
+            counter.method,
+        )
+        discovery: asyncio.Task[None] | None = None
+        if up.models:
+            for m in up.models:
+                _serve(service, m.name, m.task, up, serving.device)
+            service.upstream = "ready"
+        else:
+            service.upstream = "discovering"
+            discovery = asyncio.create_task(_discover(client, service, up, serving.device))
+        yield
+        if discovery is not None:
+            discovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await discovery
+        await serving.close()
+        await client.close()
+
+    return ctx
+
+
+def _serve(service: Service, name: str, task: str, up: UpstreamSettings, device: str) -> None:
+    existing = service.models.get(name)
+    if existing is not None and not existing.upstream:
+        log.warning("upstream model %s is not served: a local model has that name", name)
+        return
+    try:
+        ms = ModelSettings.model_validate(
+            {"name": name, "task": task, "source": f"upstream:{up.url}", "device": device}
+        )
+    except ValidationError as e:
+        log.warning("upstream model %r is not served: %s", name, e.errors()[0]["msg"])
+        return
+    service.models[name] = ServedModel(settings=ms, upstream=True)
+
+
+async def _discover(client: OpenAIUpstream, service: Service, up: UpstreamSettings, device: str) -> None:
+    """Ask the upstream for its models until it answers (readiness flips to ready then)."""
+    delay_s = 0.25
+    while True:
+        try:
+            models = await client.models()
+        except UpstreamError as e:
+            log.warning("upstream %s: listing its models failed (%s); retrying in %.1f s", up.url, e, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 10.0)
+            continue
+        for m in models:
+            _serve(service, m.id, m.task if m.task in ("text", "image") else "text", up, device)
+        service.upstream = "ready"
+        log.info("upstream %s serves %s", up.url, ", ".join(m.id for m in models) or "no models")
+        return
