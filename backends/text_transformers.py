@@ -44,6 +44,10 @@ _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") e
 _REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for a multi-byte character cut short
 
 
+# Below this, logits / temperature overflow float32 (inf, then NaN probabilities): sample greedily.
+GREEDY_BELOW = 1e-5
+
+
 class _Row:
     """One batch member's output: incremental decoding, stop strings, limits, streaming.
 
@@ -287,7 +291,7 @@ class TransformersTextBackend:
         """
         if not isinstance(request, TextRequest):
             raise TypeError(f"{self.name} serves text requests, not {type(request).__name__}")
-        if request.temperature == 0:
+        if request.temperature < GREEDY_BELOW:
             return ("greedy",)
         return ("sample", request.temperature, request.top_p, request.seed)
 
@@ -313,7 +317,7 @@ class TransformersTextBackend:
             rows = [_Row(request, tokenizer, self._eos_ids) for request in requests]
             stream = _BatchStream(rows, prompt_width=width)
             first = requests[0]
-            sampled = first.temperature != 0
+            sampled = first.temperature >= GREEDY_BELOW
             config = GenerationConfig(
                 max_new_tokens=max(request.max_tokens for request in requests),
                 do_sample=sampled,

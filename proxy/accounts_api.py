@@ -3,28 +3,20 @@ administration for admins (`POST/GET /v1/keys`, `DELETE /v1/keys/{key_id}`)."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.auth import Principal, new_key, require_admin
 from proxy.errors import InvalidRequest, NotFound, PermissionDenied
 from proxy.ledger import ApiKeyRecord
+from proxy.protocol import KeyCreate
 from proxy.state import BUDGETS, KEYS, LEDGER, PRINCIPAL, SETTINGS
 from proxy.usage import as_csv, as_json, parse_time, report_row, total_row
 
 GROUPS = ("model", "task", "day", "user")
-
-
-class KeyCreate(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    user: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    admin: bool = False
-    budget_kwh: float | None = Field(None, gt=0)
-    budget_co2_grams: float | None = Field(None, gt=0)
-    period: Literal["day", "month", "total"] = "total"
 
 
 def _principal(request: web.Request) -> Principal:
@@ -104,7 +96,10 @@ def raise_forbidden() -> None:
 
 async def create_key(request: web.Request) -> web.Response:
     require_admin(_principal(request))
-    body = KeyCreate.model_validate(await request.json())
+    try:
+        body = KeyCreate.model_validate(json.loads(await request.read()))
+    except UnicodeError as e:
+        raise InvalidRequest("request body is not valid UTF-8 text", code="invalid_json") from e
     secret, record = new_key(
         body.user,
         admin=body.admin,

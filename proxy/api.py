@@ -79,7 +79,11 @@ async def _body(request: web.Request) -> Any:
         raise RequestTimeout("the request body did not arrive in time", code="request_timeout") from e
     if not raw:
         raise InvalidRequest("request body is empty; send a JSON object", code="invalid_json")
-    data = json.loads(raw)
+    try:
+        data = json.loads(raw)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates (\\ud800) are not text
+    except UnicodeError as e:
+        raise InvalidRequest("request body is not valid UTF-8 text", code="invalid_json") from e
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     return data
@@ -227,14 +231,14 @@ def _text_usage(outcomes: Sequence[Outcome]) -> Usage:
     )
 
 
-def _max_tokens(ms: ModelSettings, *candidates: int | None) -> int:
-    asked = next((c for c in candidates if c is not None), None)
+def _max_tokens(ms: ModelSettings, **candidates: int | None) -> int:
+    param, asked = next(((k, c) for k, c in candidates.items() if c is not None), ("max_tokens", None))
     if asked is None:
         return ms.default_max_tokens
     if asked > ms.max_tokens:
         raise InvalidRequest(
-            f"max_tokens is {asked}, above this model's limit of {ms.max_tokens}",
-            param="max_tokens",
+            f"{param} is {asked}, above this model's limit of {ms.max_tokens}",
+            param=param,
             code="max_tokens_exceeded",
         )
     return asked
@@ -411,7 +415,7 @@ async def _chat_completions(
 ) -> web.StreamResponse:
     ms = served.settings
     _check_n(ms, req.n)
-    max_tokens = _max_tokens(ms, req.max_completion_tokens, req.max_tokens)
+    max_tokens = _max_tokens(ms, max_completion_tokens=req.max_completion_tokens, max_tokens=req.max_tokens)
     messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
     base = TextRequest(
         messages=messages,
@@ -495,7 +499,7 @@ async def _completions(
     ms = served.settings
     prompts = req.prompts()
     _check_n(ms, req.n * len(prompts))
-    max_tokens = _max_tokens(ms, req.max_tokens)
+    max_tokens = _max_tokens(ms, max_tokens=req.max_tokens)
     bases = []
     for p in prompts:
         base = TextRequest(

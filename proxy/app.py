@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from backends import load_backend
@@ -271,9 +272,7 @@ async def _load_models(
         try:
             backend = given.get(name)
             if backend is None:
-                source = await loop.run_in_executor(
-                    None, _resolve_source, ms.source, settings.cache_dir
-                )
+                source = await loop.run_in_executor(None, _resolve_source, ms.source, settings.cache_dir)
                 backend = await loop.run_in_executor(
                     None,
                     lambda ms=ms, source=source: load_backend(
@@ -300,14 +299,31 @@ async def _load_models(
         log.info("model %s (%s) ready on %s", name, ms.task, ms.device)
 
 
+class _NoRequestBytes(logging.Filter):
+    """aiohttp logs a malformed request (ERROR, with its exception) quoting the offending bytes, which
+    can be an `Authorization` header: keep the event, drop the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: {type(err).__name__} (HTTP {err.code})"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner every entry point uses: client disconnects cancel handlers (a queued request whose
     client left is dropped), and request lines and header fields are bounded by `max_header_bytes`."""
     settings = app[SETTINGS]
+    server_log = logging.getLogger("proxy.http")
+    if not any(isinstance(f, _NoRequestBytes) for f in server_log.filters):
+        server_log.addFilter(_NoRequestBytes())
     return web.AppRunner(
         app,
         handler_cancellation=True,
         access_log=None,
+        logger=server_log,
         max_line_size=settings.max_header_bytes,
         max_field_size=settings.max_header_bytes,
     )

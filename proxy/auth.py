@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from proxy.ledger import ApiKeyRecord, Ledger
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "wp-"
+USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ANONYMOUS = "anonymous"
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics"})
 BudgetPeriod = Literal["day", "month", "total"]
@@ -50,8 +52,10 @@ def new_key(
     budget_period: BudgetPeriod = "total",
 ) -> tuple[str, ApiKeyRecord]:
     """A fresh secret (shown once) and the record to store (hash only)."""
-    if not user or len(user) > 128 or not user.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ValueError("user must be 1-128 letters, digits, '-', '_' or '.'")
+    if not USER_RE.fullmatch(user):
+        raise ValueError(
+            "user must be 1-128 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
     for name, value in (("budget_kwh", budget_kwh), ("budget_co2_grams", budget_co2_grams)):
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be > 0")

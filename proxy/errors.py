@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -104,10 +105,14 @@ def error_response(err: ApiError, request_id: str | None = None) -> web.Response
     return web.json_response(err.body(), status=err.status, headers=headers)
 
 
+# pydantic puts the union member it tried into `loc` (e.g. stop.str, content.list[TextPart]): not a field
+_UNION_TAG = re.compile(r"str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*|function-.*")
+
+
 def from_validation_error(e: ValidationError) -> InvalidRequest:
     """The first pydantic error, with the offending field as `param` (dotted path)."""
     err = e.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
+    loc = [str(p) for p in err.get("loc", ()) if not _UNION_TAG.fullmatch(str(p))]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     if err.get("type") == "missing":

@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @field_validator(
+        "n", "max_tokens", "max_completion_tokens", "seed", "steps", mode="before", check_fields=False
+    )
+    @classmethod
+    def _integral(cls, v: object) -> object:
+        """JSON Schema's integer includes 2.0; a string or 2.5 is still refused (strict)."""
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -53,7 +61,7 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = Field(None, max_length=256)  # accepted, never used as a metric label
 
     def stop_list(self) -> tuple[str, ...]:
@@ -79,8 +87,9 @@ class ImageGenerationRequest(_Request):
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1)
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    size: str | None = Field(None, pattern=r"^(auto|[0-9]+x[0-9]+)$")
+    # "url" is parsed so that it gets a clear 400; the document offers only what is served
+    response_format: Literal["b64_json", "url"] = Field("b64_json", json_schema_extra={"enum": ["b64_json"]})
     quality: str | None = None
     style: str | None = None
     user: str | None = Field(None, max_length=256)
@@ -241,3 +250,53 @@ class ErrorDetail(BaseModel):
 
 class ErrorEnvelope(BaseModel):
     error: ErrorDetail
+
+
+# -- accounting -------------------------------------------------------------------------------------
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    user: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    admin: bool = False
+    budget_kwh: float | None = Field(None, gt=0)
+    budget_co2_grams: float | None = Field(None, gt=0)
+    period: Literal["day", "month", "total"] = "total"
+
+
+class ApiKey(BaseModel):
+    """A key as admins see it: never the hash; `key` (the secret) only in the answer that created it."""
+
+    id: str
+    object: Literal["api_key"] = "api_key"
+    user: str
+    admin: bool
+    created: str
+    revoked: str | None
+    budget_kwh: float | None
+    budget_co2_grams: float | None
+    budget_period: Literal["day", "month", "total"]
+    key: str | None = None
+
+
+class ApiKeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ApiKey]
+
+
+class KeyRevoked(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    revoked: Literal[True] = True
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    user: str | None
+    data: list[dict[str, object]]
+    total: dict[str, object]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "draining"]
+    models: dict[str, Literal["ready", "loading", "failed"]]
