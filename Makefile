@@ -34,6 +34,9 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'
+	@# LiteLLM (compared against in proxy mode) pins many packages: it gets a virtualenv of its own
+	test -x bench/_work/litellm/bin/litellm || { $(PYTHON) -m venv bench/_work/litellm && \
+	  bench/_work/litellm/bin/pip install -q 'litellm[proxy]'; }
 	$(BIN)/python -m bench.run_all
 
 lint: $(BIN)/.installed

@@ -3,7 +3,8 @@
     make bench                                   # = python -m bench.run_all
     python -m bench.run_all --summary-only       # only reassemble RESULTS.md from bench/results/*.md
 
-Runs `bench.serving` and `bench.accounting`, and `bench/gpu_energy.py` where a CUDA GPU is visible to
+Runs `bench.serving`, `bench.accounting` and `bench.upstream` (with LiteLLM where it is installed: see
+that module), and `bench/gpu_energy.py` where a CUDA GPU is visible to
 torch and NVML. Where none is, an earlier GPU result in the results directory is kept as it is; if
 there is none, a clearly marked "not run here: no GPU" section is written instead. Each benchmark runs
 in a process of its own (the accounting benchmark measures process CPU time, so nothing else may run
@@ -25,7 +26,7 @@ from pathlib import Path
 from bench.common import REPO_ROOT, RESULTS_DIR, machine_info, print_flush, read_status
 
 SUMMARY = REPO_ROOT / "bench" / "RESULTS.md"
-ORDER = ("serving", "accounting", "gpu_energy")
+ORDER = ("serving", "accounting", "upstream", "gpu_energy")
 GPU = "gpu_energy"
 
 HEADER = """# WattProxy benchmark results
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.summary_only:
         extra = ["--smoke"] if args.smoke else []
         out = ["--out", _shown(args.out)]
-        for name in ("serving", "accounting"):
+        for name in ("serving", "accounting", "upstream"):
             if name in chosen:
                 ok &= run([sys.executable, "-m", f"bench.{name}", *out, *extra])
         if GPU in chosen:

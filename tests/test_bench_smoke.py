@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from bench import accounting, gpu_energy, run_all, serving
+from bench import accounting, gpu_energy, run_all, serving, upstream
 from bench.common import read_status
 
 
@@ -97,6 +97,21 @@ def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
         )
         assert abs(p["responses_j"] - p["monitor_attributed_j"]) <= 1e-9 * p["monitor_delta_j"]
     assert phases["tiny-sd x1"]["j_per_image"] > 0 and phases["tiny-gpt2 x8"]["j_per_token"] > 0
+
+
+def test_upstream_smoke(tmp_path: Path) -> None:
+    argv = ["--smoke", "--no-litellm", "--out", str(tmp_path), "--concurrency", "1,2", "--seconds", "1"]
+    assert upstream.main(argv) == 0
+    markdown, data = check_result(tmp_path, "upstream", "smoke")
+    latency, rps, added = tables(markdown)
+    assert [row[0] for row in latency[1:]] == ["stub, called directly", "WattProxy"]
+    assert rps[0] == ["target", "req/s at 1 conn.", "req/s at 2 conn."]
+    assert [row[0] for row in added[1:]] == ["WattProxy"]
+    targets = data["summary"]["targets"]
+    assert set(targets) == {"direct", "wattproxy"}
+    for per_c in targets.values():
+        assert all(row["rps"] > 0 and row["errors"] == 0 for row in per_c.values())
+    assert data["ledger"]["recorded"] >= data["ledger"]["sent"] > 0  # every answer was accounted
 
 
 def test_run_all_assembles_every_results_file(tmp_path: Path) -> None:

@@ -1,0 +1,526 @@
+"""Proxy mode (issue 9): WattProxy in front of an OpenAI-compatible upstream on the same host.
+
+The real upstream is a second WattProxy serving the embedded tiny models (auth off, synthetic meter).
+The proxy serves no local model; its synthetic meter stands for the upstream's GPU `cuda:0`. A tiny
+aiohttp stub plays the upstreams that are slow, erroring or speak another error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+import pytest
+import requests
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import Settings
+from proxy.state import LEDGER, MONITORS, SCHEDULER, SERVICE
+from tests.conftest import LiveServer, add_key, settings_for_tests
+
+T = TypeVar("T")
+CHAT = "/v1/chat/completions"
+
+
+class ProxyServer(LiveServer):
+    """A proxy-mode server: ready once its upstream's models are known (it has no local model)."""
+
+    def wait_ready(self, timeout_s: float) -> None:
+        assert self.app is not None
+        service = self.app[SERVICE]
+        deadline = time.monotonic() + timeout_s
+        while service.upstream != "ready":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the upstream's models were not discovered in time")
+            time.sleep(0.02)
+
+
+class Stub:
+    """An OpenAI-shaped upstream that misbehaves on request: the chat model's name says how."""
+
+    MODELS = ("ok-no-usage", "slow", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="stub-upstream", daemon=True)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": m} for m in self.MODELS]})
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        model = (await request.json())["model"]
+        if model == "slow":
+            await asyncio.sleep(3.0)
+        if model == "flat-400":  # vLLM's older error shape
+            body = {"object": "error", "message": "bad top_k", "type": "BadRequestError", "param": "top_k"}
+            return web.json_response({**body, "code": 400}, status=400)
+        if model == "text-500":
+            return web.Response(text="Internal Server Error", status=500)
+        if model == "auth-401":
+            return web.json_response({"error": {"message": "no", "type": "auth", "param": None}}, status=401)
+        if model == "overloaded-503":
+            return web.json_response({"error": "busy", "error_type": "overloaded"}, status=503)
+        if model == "not-json":
+            return web.Response(text="<html>hello</html>", content_type="text/html")
+        message = {"role": "assistant", "content": "twelve characters of text"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return web.json_response(
+            {"id": "x", "object": "chat.completion", "model": model, "choices": [choice]}
+        )
+
+    def start(self) -> Stub:
+        self.thread.start()
+
+        async def up() -> None:
+            app = web.Application()
+            app.router.add_get("/v1/models", self._models)
+            app.router.add_post(CHAT, self._chat)
+            self.runner = web.AppRunner(app, handler_cancellation=True)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = self.runner.addresses[0][1]
+
+        self._call(up())
+        return self
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self._call(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def upstream(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = LiveServer(settings_for_tests(model_cache, tmp_path_factory.mktemp("upstream"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_proxy(model_cache: Path, tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
+    proxies: list[ProxyServer] = []
+
+    def make(url: str, *, upstream: dict[str, Any] | None = None, **overrides: Any) -> ProxyServer:
+        settings = Settings.model_validate(
+            {
+                "port": 0,
+                "cache_dir": model_cache,
+                "data_dir": tmp_path / f"proxy{len(proxies)}",
+                "meter": "synthetic",
+                "auth": "none",
+                "upstream": {"url": url, "devices": [0], **(upstream or {})},
+                "energy": {"sample_period_s": 0.01, "max_finalize_delay_s": 0.5},
+                **overrides,
+            }
+        )
+        proxy = ProxyServer(settings)
+        proxies.append(proxy)
+        return proxy.start(ready_timeout_s=30)  # type: ignore[return-value]
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(upstream: LiveServer, make_proxy: Callable[..., ProxyServer]) -> ProxyServer:
+    return make_proxy(upstream.base_url + "/v1")
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[Stub]:
+    server = Stub().start()
+    yield server
+    server.stop()
+
+
+def client(server: LiveServer, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def metric_samples(server: LiveServer) -> dict[str, list[tuple[dict[str, str], float]]]:
+    text = requests.get(server.base_url + "/metrics", timeout=10).text
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _energy(usage: Any) -> dict[str, Any]:
+    return usage.model_extra["energy"]  # type: ignore[no-any-return]
+
+
+def test_models_are_discovered_with_their_tasks(proxy: ProxyServer) -> None:
+    tasks = {m.id: m.model_extra["task"] for m in client(proxy).models.list().data}  # type: ignore[index]
+    assert tasks == {"tiny-gpt2": "text", "tiny-sd": "image"}
+    ready = requests.get(proxy.base_url + "/readyz", timeout=10).json()
+    assert ready == {
+        "status": "ready",
+        "models": {"tiny-gpt2": "ready", "tiny-sd": "ready"},
+        "upstream": "ready",
+    }
+
+
+def test_openai_client_works_through_the_proxy_for_every_endpoint(proxy: ProxyServer) -> None:
+    c = client(proxy)
+    raw = c.chat.completions.with_raw_response.create(
+        model="tiny-gpt2", messages=[{"role": "user", "content": "Hello there"}], max_tokens=6, temperature=0
+    )
+    chat = raw.parse()
+    assert chat.object == "chat.completion" and isinstance(chat.choices[0].message.content, str)
+    assert chat.usage is not None and chat.usage.prompt_tokens > 0 and 0 < chat.usage.completion_tokens <= 6
+    energy = _energy(chat.usage)
+    assert energy["measurement"] == "synthetic-timeline" and energy["device"] == "cuda:0"
+    assert energy["usage_source"] == "upstream" and energy["joules"] > 0
+    assert float(raw.headers["X-Energy-Joules"]) == energy["joules"]
+    assert raw.headers["X-Energy-Measurement"] == "synthetic-timeline"
+
+    completion = c.completions.create(model="tiny-gpt2", prompt="Once upon", max_tokens=4, temperature=0)
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    assert _energy(completion.usage)["joules"] > 0
+
+    image = c.images.generate(model="tiny-sd", prompt="a fox", n=2, size="64x64", extra_body={"steps": 2})
+    assert len(image.data) == 2 and image.data[0].b64_json
+    usage = image.usage.model_extra  # type: ignore[union-attr]
+    assert (usage["images"], usage["pixels"], usage["steps"]) == (2, 2 * 64 * 64, 2)  # type: ignore[index]
+    assert usage["energy"]["joules"] > 0 and usage["energy"]["usage_source"] == "upstream"  # type: ignore[index]
+
+
+def test_streams_pass_through_chunk_by_chunk_and_end_with_usage(
+    proxy: ProxyServer, upstream: LiveServer
+) -> None:
+    messages = [{"role": "user", "content": "Count with me"}]
+    direct = client(upstream).chat.completions.create(
+        model="tiny-gpt2", messages=messages, max_tokens=12, temperature=0
+    )
+    chunks = list(
+        client(proxy).chat.completions.create(
+            model="tiny-gpt2",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == direct.choices[0].message.content
+    assert sum(1 for ch in chunks if ch.choices) > 2  # passed on as they came, not gathered into one
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == direct.usage.completion_tokens  # type: ignore[union-attr]
+    energy = _energy(last.usage)
+    assert energy["usage_source"] == "upstream" and energy["measurement"] == "synthetic-timeline"
+    assert energy["joules"] > 0
+
+    # without include_usage, the usage chunk WattProxy asked the upstream for is not passed on
+    plain = list(
+        client(proxy).completions.create(model="tiny-gpt2", prompt="Once", max_tokens=5, stream=True)
+    )
+    assert plain and all(ch.usage is None for ch in plain)
+
+
+def _drive(proxy: ProxyServer, requests_n: int) -> list[dict[str, Any]]:
+    """Many overlapping requests of different lengths, plain and streamed; returns their energies."""
+    c = client(proxy)
+
+    def one(i: int) -> dict[str, Any]:
+        messages = [{"role": "user", "content": "tell me " * (1 + i % 4)}]
+        if i % 3 == 0:
+            chunks = list(
+                c.chat.completions.create(
+                    model="tiny-gpt2",
+                    messages=messages,
+                    max_tokens=2 + (i * 7) % 40,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            return _energy(chunks[-1].usage)
+        r = c.chat.completions.create(
+            model="tiny-gpt2", messages=messages, max_tokens=2 + (i * 5) % 30, temperature=0
+        )
+        return _energy(r.usage)
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(requests_n)))
+
+
+@pytest.mark.parametrize(
+    ("idle_policy", "update_period_s", "devices"),
+    [("separate", 0.0, [0]), ("amortize", 0.05, [0, 1])],
+)
+def test_conservation_with_many_overlapping_requests(
+    upstream: LiveServer,
+    make_proxy: Callable[..., ProxyServer],
+    idle_policy: str,
+    update_period_s: float,
+    devices: list[int],
+) -> None:
+    proxy = make_proxy(
+        upstream.base_url,
+        upstream={"devices": devices, "split_interval_s": 0.002},  # streams cut into many pieces
+        idle_policy=idle_policy,
+        energy={
+            "synthetic_update_period_s": update_period_s,
+            "sample_period_s": 0.01,
+            "max_finalize_delay_s": 0.2,
+        },
+    )
+    energies = _drive(proxy, 24)
+    label = "+".join(f"cuda:{d}" for d in devices)
+    assert all(e["joules"] > 0 and e["measurement"] == "synthetic-timeline" for e in energies)
+    assert {e["device"] for e in energies} == {label}
+    answered_j = sum(e["joules"] for e in energies)
+    sums = {name: sum(v for _, v in samples) for name, samples in metric_samples(proxy).items()}
+    assert math.isclose(sums["wattproxy_energy_kwh_total"] * 3.6e6, answered_j, rel_tol=1e-9)
+    assert math.isclose(
+        sums["wattproxy_energy_kwh_total"] + sums["wattproxy_idle_energy_kwh_total"],
+        sums["wattproxy_device_energy_kwh_total"],
+        rel_tol=1e-9,
+    )
+    assert proxy.app is not None
+    records = proxy.call(proxy.app[LEDGER].records())
+    assert len(records) == len(energies) and len({r.request_id for r in records}) == len(records)
+    assert math.isclose(sum(r.joules for r in records), answered_j, rel_tol=1e-9)
+    assert {(r.measurement, r.device) for r in records} == {("synthetic-timeline", label)}
+    monitors = [proxy.app[MONITORS][f"cuda:{d}"] for d in devices]
+    assert all(m._next_key > 2 * len(energies) for m in monitors)  # jobs begun or split: many pieces
+    proxy.stop()  # the last reading is taken and every pending joule is committed
+    idle_j = sum(m.committed_idle_j for m in monitors)
+    assert math.isclose(answered_j + idle_j, sum(m.meter_delta_j for m in monitors), rel_tol=1e-9)
+    if update_period_s:
+        assert any(e["uncertainty_kwh"] > 0 for e in energies)
+    if idle_policy == "amortize":
+        assert any(e["idle_joules"] > 0 for e in energies)
+
+
+def test_a_long_request_gets_more_energy_than_a_short_one_it_overlaps(proxy: ProxyServer) -> None:
+    c = client(proxy)
+    messages = [{"role": "user", "content": "Tell me a long story"}]
+
+    def ask(max_tokens: int) -> Any:
+        chunks = list(
+            c.chat.completions.create(
+                model="tiny-gpt2",
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        return chunks[-1].usage
+
+    with ThreadPoolExecutor(2) as pool:
+        long_f = pool.submit(ask, 60)
+        short_f = pool.submit(ask, 2)
+        long_usage, short_usage = long_f.result(60), short_f.result(60)
+    assert long_usage.completion_tokens > short_usage.completion_tokens
+    assert _energy(long_usage)["joules"] > _energy(short_usage)["joules"] > 0
+
+
+def test_upstream_4xx_passes_through_with_its_status_and_envelope(proxy: ProxyServer) -> None:
+    body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}
+    r = requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "max_tokens" and error["code"] == "max_tokens_exceeded"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client(proxy).chat.completions.create(**body)  # type: ignore[call-overload]
+    refused = [
+        v for labels, v in metric_samples(proxy)["wattproxy_requests_total"] if labels["status"] != "ok"
+    ]
+    assert refused == [2.0]  # counted once each, as refused, and recorded nowhere else
+    assert proxy.app is not None and proxy.call(proxy.app[LEDGER].count()) == 0
+
+
+def test_an_unreachable_upstream_gives_502(make_proxy: Callable[..., ProxyServer]) -> None:
+    with socket_closed_port() as port:
+        proxy = make_proxy(f"http://127.0.0.1:{port}", upstream={"models": [{"name": "m"}]})
+        r = requests.post(
+            proxy.base_url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        )
+    assert r.status_code == 502
+    assert (
+        r.json()["error"]["code"] == "upstream_unreachable" and "unreachable" in r.json()["error"]["message"]
+    )
+
+
+class socket_closed_port:
+    """A localhost port with nothing listening on it (bound, then closed)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_slow_and_erroring_upstreams_give_their_statuses(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    proxy = make_proxy(stub.url, upstream={"read_timeout_s": 0.3})
+
+    def chat(model: str) -> requests.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+        return requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+
+    t0 = time.monotonic()
+    slow = chat("slow")
+    assert slow.status_code == 504 and slow.json()["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - t0 < 2.5
+    flat = chat("flat-400")  # vLLM's flat error shape becomes the OpenAI envelope
+    assert flat.status_code == 400
+    assert flat.json() == {
+        "error": {"message": "bad top_k", "type": "BadRequestError", "param": "top_k", "code": 400}
+    }
+    text = chat("text-500")
+    assert text.status_code == 500 and text.json()["error"]["message"] == "Internal Server Error"
+    busy = chat("overloaded-503")
+    assert busy.status_code == 503 and busy.json()["error"]["message"] == "busy"
+    auth = chat("auth-401")  # the upstream refused WattProxy's credentials: not the client's fault
+    assert auth.status_code == 502 and auth.json()["error"]["code"] == "upstream_auth_failed"
+    garbage = chat("not-json")
+    assert garbage.status_code == 502 and garbage.json()["error"]["code"] == "upstream_bad_response"
+
+    ok = chat("ok-no-usage")  # no usage from the upstream: WattProxy's estimate, said so
+    assert ok.status_code == 200
+    usage = ok.json()["usage"]
+    assert usage["completion_tokens"] == 7 and usage["energy"]["usage_source"] == "estimate"  # 25 chars / 4
+
+    # the timed-out and the malformed answers may have run upstream: charged and recorded as errors
+    assert proxy.app is not None
+    deadline = time.monotonic() + 10
+    while (statuses := [r.status for r in proxy.call(proxy.app[LEDGER].records())]).count("error") < 2:
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.05)
+    assert sorted(statuses) == ["error", "error", "ok"]
+
+
+def test_estimates_use_the_configured_tokenizer(
+    stub: Stub, make_proxy: Callable[..., ProxyServer], model_cache: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    from backends.tiny import ensure_model
+
+    proxy = make_proxy(stub.url, upstream={"tokenizer": "tiny:tiny-gpt2"})
+    body = {"model": "ok-no-usage", "messages": [{"role": "user", "content": "hello there"}]}
+    usage = requests.post(proxy.base_url + CHAT, json=body, timeout=30).json()["usage"]
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-gpt2", model_cache / "models"))
+    count = len(tokenizer.encode("twelve characters of text", add_special_tokens=False))
+    assert usage["completion_tokens"] == count and usage["prompt_tokens"] == len(
+        tokenizer.encode("hello there")
+    )
+    assert usage["energy"]["usage_source"] == "estimate"
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
+    proxy: ProxyServer, upstream: LiveServer
+) -> None:
+    assert upstream.app is not None and proxy.app is not None
+    queue = upstream.app[SCHEDULER].queues["tiny-gpt2"]
+    gate = upstream.app[SCHEDULER].devices["cpu"].gate
+    upstream_service = upstream.app[SERVICE]
+
+    def cancelled_upstream() -> float:
+        samples = metric_samples(upstream).get("wattproxy_requests_total", [])
+        return sum(v for labels, v in samples if labels["status"] == "cancelled")
+
+    before = cancelled_upstream()
+    gate.clear()  # the upstream's device holds the batch before it starts: the request stays in flight
+    try:
+        body = {
+            "model": "tiny-gpt2",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 8,
+            "stream": True,
+        }
+        with requests.post(proxy.base_url + CHAT, json=body, stream=True, timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept: dropping the generator closes the connection
+            assert next(lines).startswith(b"data: ")  # the role chunk: the stream is open end to end
+            deadline = time.monotonic() + 10
+            while not queue.running:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert upstream_service.inflight == 1
+        # the client left: the proxy closes its upstream connection and the upstream's handler ends,
+        # although the upstream's batch cannot have finished (its device is held)
+        deadline = time.monotonic() + 10
+        while upstream_service.inflight:
+            assert time.monotonic() < deadline, "the upstream request was not cancelled"
+            time.sleep(0.01)
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 10
+    while cancelled_upstream() < before + 1:  # the upstream charges its batch to a request whose client left
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    while not (records := proxy.call(proxy.app[LEDGER].records())):
+        assert time.monotonic() < deadline, "the cancelled request was not recorded"
+        time.sleep(0.05)
+    assert [r.status for r in records] == ["cancelled"] and records[0].joules > 0
+    cancelled = [
+        labels
+        for labels, v in metric_samples(proxy)["wattproxy_requests_total"]
+        if labels["status"] == "cancelled"
+    ]
+    assert [labels["model"] for labels in cancelled] == ["tiny-gpt2"]
+
+
+def test_keys_budgets_ledger_and_metrics_work_through_the_proxy(
+    upstream: LiveServer, make_proxy: Callable[..., ProxyServer], tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'keyed.db'}"
+    alice = add_key(db, "alice", budget_kwh=1e-12, budget_period="day")
+    bob = add_key(db, "bob")
+    proxy = make_proxy(upstream.base_url, auth="keys", db=db)
+    with pytest.raises(openai.AuthenticationError):
+        client(proxy, "wrong").models.list()
+    for key in (alice, bob):
+        r = client(proxy, key).chat.completions.create(
+            model="tiny-gpt2", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert _energy(r.usage)["joules"] > 0
+    with pytest.raises(openai.RateLimitError) as refused:
+        client(proxy, alice).chat.completions.create(
+            model="tiny-gpt2", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+    assert refused.value.response.json()["error"]["type"] == "budget_exceeded"
+    assert proxy.app is not None
+    records = proxy.call(proxy.app[LEDGER].records())
+    assert sorted(r.user for r in records) == ["alice", "bob"]
+    assert all(r.prompt_tokens > 0 and r.completion_tokens > 0 and r.device == "cuda:0" for r in records)
+    samples = metric_samples(proxy)
+    ok = {labels["user"]: v for labels, v in samples["wattproxy_requests_total"] if labels["status"] == "ok"}
+    assert ok == {"alice": 1.0, "bob": 1.0}
+    energy_users = {labels["user"] for labels, v in samples["wattproxy_energy_kwh_total"] if v > 0}
+    assert energy_users == {"alice", "bob"}
+    remaining = {labels["user"]: v for labels, v in samples["wattproxy_budget_remaining_kwh"]}
+    assert remaining["alice"] < 0
