@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -606,9 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, spec in PRESETS.items():
-            print(f"{name:12} {spec.task:6} {spec.description}")
+            sys.stdout.write(f"{name:12} {spec.task:6} {spec.description}\n")
         return 0
-    print(ensure_model(args.preset, args.out, dtype=args.dtype))
+    sys.stdout.write(f"{ensure_model(args.preset, args.out, dtype=args.dtype)}\n")
     return 0
 
 

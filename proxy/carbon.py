@@ -463,7 +463,7 @@ class _LiveProvider:
                 logger.exception("carbon: %s refresh failed unexpectedly", self.name)
 
     async def _fetch(self, session: aiohttp.ClientSession, deadline: float) -> Intensity:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: each live provider fetches in its own way
 
     @staticmethod
     def _time_left(deadline: float) -> aiohttp.ClientTimeout:
