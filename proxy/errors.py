@@ -91,6 +91,22 @@ class Overloaded(ApiError):
     code = "overloaded"
 
 
+class BadGateway(ApiError):
+    """Proxy mode: the upstream server could not be reached or answered nonsense."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unreachable"
+
+
+class GatewayTimeout(ApiError):
+    """Proxy mode: the upstream server did not answer in time."""
+
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
 class ServerError(ApiError):
     status = 500
     type = "server_error"

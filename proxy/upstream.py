@@ -76,7 +76,7 @@ from proxy.api import _sse, _start_sse, energy_headers, energy_usage
 from proxy.carbon import CarbonCharge
 from proxy.config import ModelSettings, Settings, UpstreamSettings, parse_size
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
-from proxy.errors import ApiError, Overloaded
+from proxy.errors import ApiError, BadGateway, GatewayTimeout, Overloaded
 from proxy.metrics import JOULES_PER_KWH
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
 from proxy.scheduler import Outcome, Recorder, RequestTag, Status
@@ -107,18 +107,6 @@ _ERROR_TYPES = {
 
 
 # -- errors -----------------------------------------------------------------------------------------
-
-
-class BadGateway(ApiError):
-    status = 502
-    type = "upstream_error"
-    code = "upstream_unreachable"
-
-
-class GatewayTimeout(ApiError):
-    status = 504
-    type = "upstream_error"
-    code = "upstream_timeout"
 
 
 class UpstreamAnswered(ApiError):
