@@ -243,7 +243,8 @@ def create_app(
             if served.backend is not None:
                 served.backend.close()
 
-    app.cleanup_ctx.extend([ledger_ctx, carbon_ctx, monitors_ctx, models_ctx])
+    # carbon first: a bad [carbon] table fails the start before anything (a key, a database) is created
+    app.cleanup_ctx.extend([carbon_ctx, ledger_ctx, monitors_ctx, models_ctx])
     if settings.upstream is not None:
         from proxy.upstream import upstream_ctx
 

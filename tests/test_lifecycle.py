@@ -121,3 +121,19 @@ def test_bad_configuration_fails_at_start_with_a_clear_message(
     )
     assert proc.returncode == 2
     assert "models.0.max_batch_size" in proc.stderr
+
+
+def test_bad_carbon_settings_fail_at_start_before_anything_is_created(
+    serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    data = tmp_path / "fresh-data"
+    env = dict(serve_env, WATTPROXY_DATA_DIR=str(data))
+    for flags, words in ((["--carbon-zone", "XX"], "zone = 'XX'"), (["--pue", "0.5"], "pue must be")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "proxy", "serve", "--port", "0", *flags],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert words in proc.stderr
+        assert "wp-" not in proc.stdout  # no admin key was made for a server that never started
+    assert not data.exists()
