@@ -5,9 +5,12 @@ deployments with several replicas), chosen by a database URL.
 
 Durability contract: `Ledger.record` returns only after the records are committed, so a request
 whose response is sent after `record` returned is never missing from the ledger. Records are
-committed in groups: one writer task takes everything queued since its last commit and inserts it in
-one transaction (one executemany), so throughput grows with concurrency while each caller waits for
-at most about two commits.
+committed in groups: one writer takes everything queued since its last commit and inserts it in one
+transaction (one executemany), so throughput grows with concurrency while each caller waits for at
+most about two commits. On a SQLite file the writer is a thread of its own with one plain sqlite3
+connection (BEGIN IMMEDIATE, executemany, COMMIT: three calls, no hop per statement), which wakes the
+waiting callers once the COMMIT has returned; elsewhere it is an asyncio task over SQLAlchemy. Reads,
+keys and migrations always go through SQLAlchemy.
 
 Times are stored as UTC epoch seconds (DOUBLE PRECISION, microsecond round trip) plus the UTC day
 ('YYYY-MM-DD') written at insert, so that grouping by day is the same plain GROUP BY on both
@@ -17,7 +20,11 @@ backends. No prompt text is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
+import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -423,6 +430,12 @@ class _Pending:
     done: asyncio.Future[None]
 
 
+_Outcome = tuple[_Pending, BaseException | None]
+
+# SQLite errors caused by a caller's values (a constraint, a value SQLite cannot bind), not the database.
+_SQLITE_DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError, UnicodeEncodeError)
+
+
 class _Uncertain(Exception):
     """COMMIT was sent but not acknowledged: the group may or may not be in the database."""
 
@@ -462,6 +475,10 @@ class Ledger:
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._closing = False
+        # A SQLite file: the writer thread, its queue (None: stop) and its connection (thread-owned).
+        self._thread: threading.Thread | None = None
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread_stopped = False
         # A :memory: database is one shared connection (StaticPool): take turns on it.
         self._serial: asyncio.Lock | None = asyncio.Lock() if _is_memory(self.url) else None
 
@@ -491,7 +508,21 @@ class Ledger:
             await engine.dispose()
             raise
         self._closing = False
-        self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
+        if self._threaded():
+            try:
+                conn = await asyncio.to_thread(self._sqlite_connect)
+            except (sqlite3.Error, OSError) as e:
+                engine, self._engine = self._engine, None
+                await engine.dispose()
+                raise LedgerUnavailable(f"the ledger database failed: {_cause(e)}") from e
+            self._queue = queue.SimpleQueue()
+            self._thread_stopped = False
+            self._thread = threading.Thread(
+                target=self._thread_main, args=(self._queue, [conn]), name="ledger-writer", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
 
     async def close(self) -> None:
         """Commit everything queued, stop the writer, release the connections."""
@@ -499,6 +530,12 @@ class Ledger:
             return
         self._closing = True
         self._wake.set()
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            self._queue.put(None)  # after everything already queued: that is committed first
+            await asyncio.to_thread(thread.join, self._record_limit_s())
+            if thread.is_alive():
+                log.warning("ledger: the writer thread did not stop within %g s", self._record_limit_s())
         if self._writer is not None:
             await self._writer
             self._writer = None
@@ -545,6 +582,32 @@ class Ledger:
                 "server_settings": {"application_name": "wattproxy-ledger"},
             },
         )
+
+    def _threaded(self) -> bool:
+        """Whether records go through the writer thread: a SQLite file named by a plain URL."""
+        return self.backend == "sqlite" and not _is_memory(self.url) and not self.url.query
+
+    def _record_limit_s(self) -> float:
+        """How long a threaded `record()` waits: its group may queue behind one commit, and each
+        commit waits up to `timeout_s` for the lock, plus its own work (as `_run`'s 3 x timeout_s)."""
+        return 6 * self.timeout_s
+
+    def _sqlite_connect(self) -> sqlite3.Connection:
+        """The writer thread's connection, with the durable settings (see `_create_engine`)."""
+        conn = sqlite3.connect(
+            str(self.url.database), timeout=self.timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute("PRAGMA synchronous=FULL")
+            sync = conn.execute("PRAGMA synchronous").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal" or sync is None or sync[0] != 2:
+                raise sqlite3.OperationalError(f"cannot set WAL and synchronous=FULL (got {mode}, {sync})")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     async def _check_postgres_durability(self) -> None:
         setting = await self._read(lambda c: c.scalar(text("SHOW synchronous_commit")))
@@ -673,6 +736,9 @@ class Ledger:
         duplicate request_id): other callers' records in the same group are committed regardless."""
         if not records:
             return
+        if self._thread is not None and not self._closing and not self._thread_stopped:
+            await self._record_threaded([_row(r) for r in records])
+            return
         if self._writer is None or self._closing:
             raise LedgerUnavailable("the ledger is not open")
         rows = [_row(r) for r in records]
@@ -681,6 +747,121 @@ class Ledger:
         self._wake.set()
         # A caller cancelled here (client gone) leaves its rows queued: they are still committed.
         await pending.done
+
+    async def _record_threaded(self, rows: list[Row]) -> None:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(rows, loop.create_future())
+        self._queue.put(pending)
+        # Bounded like `_run`: a writer stuck in the database (a hung disk) fails its callers
+        # instead of hanging them; their rows stay queued and may still be committed later.
+        timer = loop.call_later(self._record_limit_s(), _expire, pending.done, self._record_limit_s())
+        try:
+            # A caller cancelled here (client gone) leaves its rows queued: they are still committed.
+            await pending.done
+        finally:
+            timer.cancel()
+
+    def _thread_main(
+        self, q: queue.SimpleQueue[_Pending | None], conn: list[sqlite3.Connection | None]
+    ) -> None:
+        """The writer thread: take everything queued on `q`, commit it as one group on its own
+        connection (`conn[0]`; None once dropped after a failure), wake the group's callers."""
+        group: list[_Pending] = []
+        stopping = False
+        try:
+            while not stopping:
+                item = q.get()
+                while True:
+                    if item is None:
+                        stopping = True
+                    else:
+                        group.append(item)
+                    try:
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        break
+                if group:
+                    _wake(self._sqlite_commit_group(conn, group))
+                    group = []
+        except BaseException:
+            log.exception("ledger: the writer thread failed")
+            raise
+        finally:
+            self._thread_stopped = True
+            # Only reached with callers waiting when the thread failed: none may wait forever.
+            while True:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    group.append(item)
+            _wake([(p, LedgerUnavailable("the ledger writer stopped")) for p in group])
+            if conn[0] is not None:
+                conn[0].close()
+                conn[0] = None
+
+    def _sqlite_commit_group(
+        self, conn: list[sqlite3.Connection | None], group: list[_Pending]
+    ) -> list[_Outcome]:
+        rows = group[0].rows if len(group) == 1 else [row for p in group for row in p.rows]
+        error = self._sqlite_insert(conn, rows)
+        if error is None:
+            self.commits += 1
+            self.recorded += len(rows)
+            return [(p, None) for p in group]
+        if isinstance(error, RecordRejected):
+            # Some caller's records were refused and the group's transaction rolled back: commit
+            # each caller on its own, so that only the offending caller fails.
+            if len(group) == 1:
+                return [(group[0], _refused(group[0], error))]
+            return self._sqlite_commit_each(conn, group)
+        _log_failure(group, error)
+        return [(p, error) for p in group]
+
+    def _sqlite_commit_each(
+        self, conn: list[sqlite3.Connection | None], group: list[_Pending]
+    ) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for i, p in enumerate(group):
+            error = self._sqlite_insert(conn, p.rows)
+            if error is None:
+                self.commits += 1
+                self.recorded += len(p.rows)
+                outcomes.append((p, None))
+            elif isinstance(error, RecordRejected):
+                outcomes.append((p, _refused(p, error)))
+            else:
+                # The database itself failed: the rest of the group would only wait out more timeouts.
+                _log_failure(group[i:], error)
+                outcomes.extend((q, error) for q in group[i:])
+                break
+        return outcomes
+
+    def _sqlite_insert(self, box: list[sqlite3.Connection | None], rows: list[Row]) -> Exception | None:
+        """Insert `rows` in one transaction on the writer's connection, in the writer thread. Returns
+        None once committed, else the error: RecordRejected (the data was refused, rolled back) or
+        LedgerUnavailable (the database failed; or COMMIT did: then the rows may be in)."""
+        conn = box[0]
+        try:
+            if conn is None:  # dropped after a failure that left it unusable: reconnect
+                conn = box[0] = self._sqlite_connect()
+            conn.execute("BEGIN IMMEDIATE")  # waits up to busy_timeout for another writer
+        except (sqlite3.Error, OSError) as e:
+            return LedgerUnavailable(f"the ledger database failed: {_cause(e)}")
+        try:
+            conn.executemany(self._insert_sql, rows)
+        except Exception as e:
+            _sqlite_rollback(box)
+            if isinstance(e, _SQLITE_DATA_ERRORS):
+                return RecordRejected(_cause(e))
+            return LedgerUnavailable(f"the ledger database failed: {_cause(e)}")
+        try:
+            conn.execute("COMMIT")  # synchronous=FULL: returns once the WAL is fsynced
+        except Exception as e:
+            _sqlite_rollback(box)
+            return LedgerUnavailable(f"the ledger database did not confirm the commit: {_cause(e)}")
+        return None
 
     async def _write_loop(self) -> None:
         group: list[_Pending] = []
@@ -723,9 +904,7 @@ class Ledger:
             try:
                 await self._insert(p.rows)
             except RecordRejected as e:
-                ids = ", ".join(str(row[0]) for row in p.rows[:5])
-                more = ", ..." if len(p.rows) > 5 else ""
-                _settle(p, RecordRejected(f"the ledger refused records {ids}{more}: {e}"))
+                _settle(p, _refused(p, e))
                 continue
             except Exception as e:
                 # The database itself failed: the rest of the group would only wait out more timeouts.
@@ -737,8 +916,7 @@ class Ledger:
 
     def _fail(self, group: list[_Pending], e: Exception) -> None:
         error = e if isinstance(e, LedgerUnavailable) else LedgerUnavailable(_cause(e))
-        records = sum(len(p.rows) for p in group)
-        log.warning("ledger: %d records of %d callers were not committed: %s", records, len(group), error)
+        _log_failure(group, error)
         for p in group:
             _settle(p, _fresh(error))
 
@@ -954,6 +1132,55 @@ async def _scalar_int(conn: AsyncConnection, stmt: Any) -> int:
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _sqlite_rollback(box: list[sqlite3.Connection | None]) -> None:
+    """Roll the writer's failed transaction back; a connection that cannot is dropped (reopened
+    by the next group)."""
+    conn = box[0]
+    if conn is None or not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        log.warning("ledger: rollback failed (%s); reconnecting", _cause(e))
+        conn.close()
+        box[0] = None
+
+
+def _log_failure(group: list[_Pending], error: Exception) -> None:
+    records = sum(len(p.rows) for p in group)
+    log.warning("ledger: %d records of %d callers were not committed: %s", records, len(group), error)
+
+
+def _refused(p: _Pending, error: RecordRejected) -> RecordRejected:
+    ids = ", ".join(str(row[0]) for row in p.rows[:5])
+    more = ", ..." if len(p.rows) > 5 else ""
+    return RecordRejected(f"the ledger refused records {ids}{more}: {error}")
+
+
+def _wake(outcomes: list[_Outcome]) -> None:
+    """From the writer thread: settle the callers' futures, in their event loops (one wake-up per
+    loop and group)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].done.get_loop(), []).append(outcome)
+    for loop, some in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there any more
+            loop.call_soon_threadsafe(_settle_all, some)
+
+
+def _settle_all(outcomes: list[_Outcome]) -> None:
+    shared = sum(1 for _, error in outcomes if error is not None) > 1
+    for p, error in outcomes:
+        _settle(p, _fresh(error) if shared and isinstance(error, Exception) else error)
+
+
+def _expire(done: asyncio.Future[None], limit_s: float) -> None:
+    if not done.done():
+        done.set_exception(
+            LedgerUnavailable(f"the ledger database did not confirm the commit within {limit_s:g} s")
+        )
 
 
 def _settle(p: _Pending, error: BaseException | None) -> None:
