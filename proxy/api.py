@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -62,6 +62,7 @@ from proxy.state import (
 
 JOULES_PER_KWH = 3.6e6
 _R = TypeVar("_R")
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest, ImageGenerationRequest)
 
 
 def _json(model: BaseModel, *, headers: dict[str, str] | None = None) -> web.Response:
@@ -402,14 +403,6 @@ class _CompletionChunks(_ChatChunks):
         return c.model_dump(exclude_none=False, exclude={"usage"} if usage is None else set())
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = ChatCompletionRequest.model_validate(await _body(request))
-    served = _model(request.app[SERVICE], req.model, "text")
-    if served.upstream:
-        return await _counted(request, served, _forward(request, served, req))
-    return await _counted(request, served, _chat_completions(request, served, req))
-
-
 async def _chat_completions(
     request: web.Request, served: ServedModel, req: ChatCompletionRequest
 ) -> web.StreamResponse:
@@ -485,14 +478,6 @@ def _submit_all(
     return items
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    req = CompletionRequest.model_validate(await _body(request))
-    served = _model(request.app[SERVICE], req.model, "text")
-    if served.upstream:
-        return await _counted(request, served, _forward(request, served, req))
-    return await _counted(request, served, _completions(request, served, req))
-
-
 async def _completions(
     request: web.Request, served: ServedModel, req: CompletionRequest
 ) -> web.StreamResponse:
@@ -538,14 +523,6 @@ async def _completions(
     body = Completion(id=f"cmpl-{request[REQUEST_ID]}", model=ms.name, choices=choices, usage=usage)
     assert usage.energy is not None
     return _json(body, headers=energy_headers(usage.energy, request[REQUEST_ID]))
-
-
-async def images_generations(request: web.Request) -> web.StreamResponse:
-    req = ImageGenerationRequest.model_validate(await _body(request))
-    served = _model(request.app[SERVICE], req.model, "image")
-    if served.upstream:
-        return await _counted(request, served, _forward(request, served, req))
-    return await _counted(request, served, _images_generations(request, served, req))
 
 
 async def _images_generations(
@@ -618,6 +595,28 @@ async def _images_generations(
         ),
     )
     return _json(body, headers=energy_headers(energy, request[REQUEST_ID]))
+
+
+def _generation(
+    schema: type[_Body],
+    task: str,
+    run: Callable[[web.Request, ServedModel, _Body], Awaitable[web.StreamResponse]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A generation endpoint: validate the body, resolve the model, then run it here (the model's
+    queue) or forward it (proxy mode); refusals after the model is known are counted."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        req = schema.model_validate(await _body(request))
+        served = _model(request.app[SERVICE], req.model, task)
+        work = _forward(request, served, req) if served.upstream else run(request, served, req)  # type: ignore[arg-type]
+        return await _counted(request, served, work)
+
+    return handler
+
+
+chat_completions = _generation(ChatCompletionRequest, "text", _chat_completions)
+completions = _generation(CompletionRequest, "text", _completions)
+images_generations = _generation(ImageGenerationRequest, "image", _images_generations)
 
 
 async def list_models(request: web.Request) -> web.Response:
