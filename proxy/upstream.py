@@ -18,9 +18,11 @@ conservation identity holds per device: sum(requests) + idle == meter delta.
   characters a token) because an upstream reports usage only at the end. Short pieces matter: an open
   piece that overlaps another request holds back the processing of that shared time, so no request's
   energy waits on a long stream for more than about one piece.
-- Text, plain: one piece from sending to the last byte, weighing prompt + completion tokens (the
-  upstream's usage where it reports it). A plain request's weight is known only at its end, so a
-  request that overlaps it has its energy final (and its answer sent) only once it has ended too.
+- Text, plain: its work (prompt + completion tokens, the upstream's usage where it reports it) is
+  known only at its end, so it is cut into `split_interval_s` pieces weighted at an estimated rate
+  (a moving average of the tokens per second per request seen in earlier answers: a continuous-
+  batching server advances every running sequence at about the same pace); the last piece takes the
+  rest of its real work. Requests that overlap it therefore need not wait for it to end.
 - Images: one piece, weighing steps x pixels x images (x2 with guidance > 1), like in-process images.
 
 Usage source. The token counts (image figures) in the answer and the ledger are the upstream's own
@@ -286,6 +288,7 @@ class Activity:
         "monitors",
         "pending",
         "pieces",
+        "provisional",
         "started_s",
         "tag",
     )
@@ -298,6 +301,7 @@ class Activity:
         self.handles: list[JobHandle] = [m.begin() for m in monitors]
         self.pieces: list[tuple[JobHandle, RequestTag]] = []
         self.pending = 0.0  # work units of the open piece
+        self.provisional = 0.0  # work units already given to closed pieces on an estimated rate
         self.started_s = self.last_split_s = now_s
         self.concurrency = concurrency  # requests in flight to the upstream when this one was sent
         self.client_left = False
@@ -414,6 +418,7 @@ class UpstreamServing:
         self.split_interval_s = split_interval_s
         self.clock = clock
         self.inflight = 0
+        self.tokens_per_s = 50.0  # per request, until answers teach better (see `_tick`)
         self._background: set[asyncio.Task[Outcome]] = set()
 
     async def close(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
@@ -555,6 +560,9 @@ class UpstreamServing:
         req: ForwardedRequest,
     ) -> web.Response:
         activity = self._begin(tag)
+        ticker = (
+            None if isinstance(req, ImageGenerationRequest) else asyncio.create_task(self._tick(activity))
+        )
         try:
             try:
                 answer = await self.client.post(path, raw, headers)
@@ -572,13 +580,16 @@ class UpstreamServing:
             self._failed(activity, req, e)
             raise _api_error(e) from e
         finally:
+            if ticker is not None:
+                ticker.cancel()
             self._sent()
         result: BackendResult
         if isinstance(req, ImageGenerationRequest):
             usage, source, request_obj, result = self._image_usage(req, body)
         else:
             usage, source, request_obj, result = self._text_usage(req, body)
-        activity.add(result.work_units)
+            self._learn_rate(result, self.clock() - activity.started_s)
+        activity.add(max(result.work_units - activity.provisional, 0.0))
         activity.end(charged=True)
         outcome = await self._settled_for_answer(
             self._settle_later(activity, request_obj, result, "ok"), activity
@@ -591,6 +602,26 @@ class UpstreamServing:
             content_type="application/json",
             headers=energy_headers(energy, request[REQUEST_ID]),
         )
+
+    async def _tick(self, activity: Activity) -> None:
+        """A plain text request's work is known only at its end; until then it is cut into pieces of
+        `split_interval_s` weighted at the current estimate of an upstream sequence's token rate (a
+        continuous-batching server advances every running sequence by about one token a step), so the
+        requests that overlap it need not wait for its end to have their energy final. The last piece
+        takes the rest of its real work (nothing when the estimate ran ahead)."""
+        while True:
+            await asyncio.sleep(self.split_interval_s)
+            now = self.clock()
+            units = self.tokens_per_s * (now - activity.last_split_s)
+            activity.add(units)
+            activity.provisional += units
+            activity.split(now)
+
+    def _learn_rate(self, result: TextResult, duration_s: float) -> None:
+        """Moving estimate of the tokens per second one request gets from the upstream."""
+        if duration_s > 0 and result.completion_tokens > 0:
+            observed = (result.prompt_tokens + result.completion_tokens) / duration_s
+            self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * observed
 
     def _failed(self, activity: Activity, req: ForwardedRequest, e: UpstreamError) -> None:
         if activity.ended:

@@ -45,7 +45,9 @@ class ProxyServer(LiveServer):
 class Stub:
     """An OpenAI-shaped upstream that misbehaves on request: the chat model's name says how."""
 
-    MODELS = ("ok-no-usage", "slow", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503")
+    MODELS = (
+        "ok-no-usage", "slow", "long-plain", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -67,6 +69,13 @@ class Stub:
         model = (await request.json())["model"]
         if model == "slow":
             await asyncio.sleep(3.0)
+        if model == "long-plain":  # a long non-streamed generation that reports its usage
+            await asyncio.sleep(1.5)
+            message = {"role": "assistant", "content": "a long answer"}
+            usage = {"prompt_tokens": 10, "completion_tokens": 300, "total_tokens": 310}
+            choice = {"index": 0, "message": message, "finish_reason": "length"}
+            return web.json_response({"id": "l", "object": "chat.completion", "model": model,
+                                      "choices": [choice], "usage": usage})  # fmt: skip
         if model == "flat-400":  # vLLM's older error shape
             body = {"object": "error", "message": "bad top_k", "type": "BadRequestError", "param": "top_k"}
             return web.json_response({**body, "code": 400}, status=400)
@@ -420,6 +429,27 @@ def test_slow_and_erroring_upstreams_give_their_statuses(
         assert time.monotonic() < deadline, statuses
         time.sleep(0.05)
     assert sorted(statuses) == ["error", "error", "ok"]
+
+
+def test_a_short_request_is_answered_without_waiting_for_a_long_plain_one(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    proxy = make_proxy(stub.url)
+
+    def chat(model: str) -> requests.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+        return requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(chat, "long-plain")
+        time.sleep(0.3)  # the long request is in flight upstream
+        short = chat("ok-no-usage")
+        assert short.status_code == 200
+        assert not long.done()  # answered while the long one was still running: its energy did not wait
+        assert long.result().status_code == 200
+    short_j = short.json()["usage"]["energy"]["joules"]
+    long_j = long.result().json()["usage"]["energy"]["joules"]
+    assert 0 < short_j < long_j
 
 
 def test_estimates_use_the_configured_tokenizer(
