@@ -44,6 +44,7 @@ from proxy.protocol import (
     ImageUsage,
     ModelCard,
     ModelList,
+    StreamOptions,
     Usage,
 )
 from proxy.scheduler import ModelQueue, NotRecorded, Outcome, QueueFull, RequestTag, WorkItem
@@ -403,6 +404,34 @@ class _CompletionChunks(_ChatChunks):
         return c.model_dump(exclude_none=False, exclude={"usage"} if usage is None else set())
 
 
+async def _stream_members(
+    request: web.Request,
+    served: ServedModel,
+    bases: Sequence[TextRequest],
+    chunks: type[_ChatChunks],
+    stream_options: StreamOptions | None,
+) -> web.StreamResponse:
+    """Queue a text request's members with a streamer each and answer them as server-sent events."""
+    assert served.queue is not None
+    streamers = [_Streamer() for _ in bases]
+    items = _submit_all(served.queue, bases, request, served, streamers)
+    include_usage = bool(stream_options and stream_options.include_usage)
+    maker = chunks(request[REQUEST_ID], served.settings.name, len(bases))
+    return await _stream_text(request, served.queue, items, streamers, maker, include_usage)
+
+
+async def _answer_members(
+    request: web.Request, served: ServedModel, bases: Sequence[TextRequest]
+) -> tuple[list[TextResult], Usage]:
+    """Queue a text request's members, await them all, and sum their usage (energy included)."""
+    assert served.queue is not None
+    outcomes = await _wait(served.queue, _submit_all(served.queue, bases, request, served))
+    _raise_failed(outcomes)
+    results = [o.result for o in outcomes]
+    assert all(isinstance(r, TextResult) for r in results)
+    return results, _text_usage(outcomes)  # type: ignore[return-value]
+
+
 async def _chat_completions(
     request: web.Request, served: ServedModel, req: ChatCompletionRequest
 ) -> web.StreamResponse:
@@ -420,32 +449,14 @@ async def _chat_completions(
     )
     _check_prompt(served, base, "messages")
     _admit(request)
-    assert served.queue is not None
-    queue = served.queue
+    bases = [base] * req.n
     if req.stream:
-        streamers = [_Streamer() for _ in range(req.n)]
-        items = _submit_all(queue, [base] * req.n, request, served, streamers)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _stream_text(
-            request,
-            queue,
-            items,
-            streamers,
-            _ChatChunks(request[REQUEST_ID], ms.name, req.n),
-            include_usage,
-        )
-    items = _submit_all(queue, [base] * req.n, request, served)
-    outcomes = await _wait(queue, items)
-    _raise_failed(outcomes)
-    usage = _text_usage(outcomes)
-    choices = []
-    for i, o in enumerate(outcomes):
-        assert isinstance(o.result, TextResult)
-        choices.append(
-            ChatChoice(
-                index=i, message=ChatMessageOut(content=o.result.text), finish_reason=o.result.finish_reason
-            )
-        )
+        return await _stream_members(request, served, bases, _ChatChunks, req.stream_options)
+    results, usage = await _answer_members(request, served, bases)
+    choices = [
+        ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason)
+        for i, r in enumerate(results)
+    ]
     body = ChatCompletion(id=f"chatcmpl-{request[REQUEST_ID]}", model=ms.name, choices=choices, usage=usage)
     assert usage.energy is not None
     return _json(body, headers=energy_headers(usage.energy, request[REQUEST_ID]))
@@ -498,28 +509,12 @@ async def _completions(
         _check_prompt(served, base, "prompt")
         bases.extend([base] * req.n)
     _admit(request)
-    assert served.queue is not None
-    queue = served.queue
     if req.stream:
-        streamers = [_Streamer() for _ in bases]
-        items = _submit_all(queue, bases, request, served, streamers)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _stream_text(
-            request,
-            queue,
-            items,
-            streamers,
-            _CompletionChunks(request[REQUEST_ID], ms.name, len(bases)),
-            include_usage,
-        )
-    items = _submit_all(queue, bases, request, served)
-    outcomes = await _wait(queue, items)
-    _raise_failed(outcomes)
-    usage = _text_usage(outcomes)
-    choices = []
-    for i, o in enumerate(outcomes):
-        assert isinstance(o.result, TextResult)
-        choices.append(CompletionChoice(index=i, text=o.result.text, finish_reason=o.result.finish_reason))
+        return await _stream_members(request, served, bases, _CompletionChunks, req.stream_options)
+    results, usage = await _answer_members(request, served, bases)
+    choices = [
+        CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)
+    ]
     body = Completion(id=f"cmpl-{request[REQUEST_ID]}", model=ms.name, choices=choices, usage=usage)
     assert usage.energy is not None
     return _json(body, headers=energy_headers(usage.energy, request[REQUEST_ID]))
