@@ -223,12 +223,7 @@ class DeviceMonitor:
         """Mark the start of a job (call after synchronizing the device). Never raises on meter errors."""
         with self._lock:
             self.meter.job_started()
-            reading = self._sample_locked()
-            start_s = self._latest[0] if reading is not None and self._latest else self._clock()
-            key = self._next_key
-            self._next_key += 1
-            handle = JobHandle(key, start_s)
-            self._jobs[key] = _Job(key=key, start_s=start_s, future=handle.result)
+            handle = self._open_locked(self._read_time_locked())
             finished = self._advance_locked()
         self._resolve(finished)
         return handle
@@ -254,20 +249,27 @@ class DeviceMonitor:
         a closed job with its own weight, so other jobs sharing the device need not wait for the whole
         activity to end before their energy is final."""
         with self._lock:
-            end_s = self._close_locked(handle, members, weight)
-            key = self._next_key
-            self._next_key += 1
-            following = JobHandle(key, end_s)
-            self._jobs[key] = _Job(key=key, start_s=end_s, future=following.result)
+            following = self._open_locked(self._close_locked(handle, members, weight))
             finished = self._advance_locked()
         self._resolve(finished)
         return following
 
+    def _read_time_locked(self) -> float:
+        """Read the meter now; the reading's time, or the clock's when the meter failed."""
+        reading = self._sample_locked()
+        return self._latest[0] if reading is not None and self._latest else self._clock()
+
+    def _open_locked(self, start_s: float) -> JobHandle:
+        key = self._next_key
+        self._next_key += 1
+        handle = JobHandle(key, start_s)
+        self._jobs[key] = _Job(key=key, start_s=start_s, future=handle.result)
+        return handle
+
     def _close_locked(
         self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None
     ) -> float:
-        reading = self._sample_locked()
-        end_s = self._latest[0] if reading is not None and self._latest else self._clock()
+        end_s = self._read_time_locked()
         job = self._jobs[handle.key]
         job.end_s = max(end_s, job.start_s)
         job.members = list(members)
