@@ -14,7 +14,7 @@ from proxy.errors import InvalidRequest, NotFound, PermissionDenied
 from proxy.ledger import ApiKeyRecord
 from proxy.protocol import KeyCreate
 from proxy.state import BUDGETS, KEYS, LEDGER, PRINCIPAL, SETTINGS
-from proxy.usage import as_csv, as_json, parse_time, report_row, total_row
+from proxy.usage import as_csv, as_json, parse_time, report_row, total_row, usage_meta
 
 GROUPS = ("model", "task", "day", "user")
 
@@ -70,14 +70,7 @@ async def usage(request: web.Request) -> web.Response:
             content_type="text/csv",
             headers={"Content-Disposition": 'attachment; filename="wattproxy-usage.csv"'},
         )
-    meta: dict[str, object] = {
-        "object": "usage",
-        "user": user,
-        "start": start.isoformat() if start else None,
-        "end": end.isoformat() if end else None,
-        "group_by": group_by,
-        "phone_charge_kwh": settings.phone_charge_kwh,
-    }
+    meta = usage_meta(user, start, end, group_by, settings.phone_charge_kwh)
     budget = request.app[BUDGETS].budget(user) if user else None
     if budget is not None:
         meta["budget"] = {

@@ -215,7 +215,7 @@ async def keys_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def usage_command(settings: Settings, args: argparse.Namespace) -> int:
-    from proxy.usage import as_csv, as_json, as_table, parse_time, report_row, total_row
+    from proxy.usage import as_csv, as_json, as_table, parse_time, report_row, total_row, usage_meta
 
     start, end = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     ledger = Ledger(settings.db_url())
@@ -227,14 +227,7 @@ async def usage_command(settings: Settings, args: argparse.Namespace) -> int:
     report = [report_row(r, settings.phone_charge_kwh) for r in rows]
     total = report_row(total_row(rows), settings.phone_charge_kwh)
     if args.format == "json":
-        meta: dict[str, object] = {
-            "object": "usage",
-            "user": args.user,
-            "start": start.isoformat() if start else None,
-            "end": end.isoformat() if end else None,
-            "group_by": args.by,
-            "phone_charge_kwh": settings.phone_charge_kwh,
-        }
+        meta = usage_meta(args.user, start, end, args.by, settings.phone_charge_kwh)
         sys.stdout.write(as_json(report, total, meta) + "\n")
     elif args.format == "csv":
         sys.stdout.write(as_csv(report))

@@ -90,6 +90,24 @@ def parse_time(value: str | None, name: str) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def usage_meta(
+    user: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    group_by: str | None,
+    phone_charge_kwh: float,
+) -> dict[str, object]:
+    """The header of a JSON usage report (HTTP and CLI alike)."""
+    return {
+        "object": "usage",
+        "user": user,
+        "start": start.isoformat() if start else None,
+        "end": end.isoformat() if end else None,
+        "group_by": group_by,
+        "phone_charge_kwh": phone_charge_kwh,
+    }
+
+
 def as_json(rows: Sequence[ReportRow], total: ReportRow, meta: dict[str, object]) -> str:
     return json.dumps({**meta, "data": [asdict(r) for r in rows], "total": asdict(total)}, indent=2)
 
