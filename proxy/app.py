@@ -197,6 +197,7 @@ def create_app(
                 meter,
                 idle_policy=settings.idle_policy,
                 sample_period_s=settings.energy.sample_period_s,
+                finalize_poll_s=settings.energy.finalize_poll_s,
                 max_finalize_delay_s=settings.energy.max_finalize_delay_s,
                 clock=clock,
                 on_commit=accountant.on_commit,

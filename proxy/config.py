@@ -104,6 +104,7 @@ class EnergySettings(_Strict):
     """How energy is measured and attributed. Units in the names."""
 
     sample_period_s: float = Field(0.05, gt=0, le=10)
+    finalize_poll_s: float = Field(0.005, gt=0, le=10)
     max_finalize_delay_s: float = Field(1.0, gt=0, le=60)
     nvml_step_hint_s: float = Field(0.1, gt=0)
     synthetic_idle_watts: float = Field(50.0, ge=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -239,3 +240,51 @@ def test_split_continues_a_job_without_gap_and_conserves() -> None:
     a, b = first.result.result(timeout=1)["stream"], second.result.result(timeout=1)["stream"]
     assert close(a.joules, 110.0) and close(b.joules, 220.0)
     assert close(a.joules + b.joules + m.committed_idle_j, m.processed_j)
+
+
+class _CountingMeter(SyntheticMeter):
+    """A stepped synthetic meter (200 ms updates) that counts its reads."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", update_period_s=0.2)
+        self.reads = 0
+
+    def read(self):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().read()
+
+
+def test_a_running_job_keeps_the_sampler_at_its_period() -> None:
+    meter = _CountingMeter()
+    m = DeviceMonitor(meter, sample_period_s=30.0, finalize_poll_s=0.002)
+    m.start()
+    try:
+        job = m.begin()
+        reads = meter.reads
+        time.sleep(0.1)
+        assert meter.reads == reads
+        m.end(job, [("r", 1.0)])
+    finally:
+        m.stop()
+
+
+def test_an_ended_job_waiting_for_the_counter_on_an_idle_device_is_polled_fast() -> None:
+    meter = _CountingMeter()
+    m = DeviceMonitor(meter, sample_period_s=30.0, finalize_poll_s=0.002)
+    m.start()
+    try:
+        job = m.begin()
+        m.end(job, [("r", 1.0)])  # within one counter step: its energy is known at the next update
+        # With the sampler's 30 s period alone this would time out; the counter updates every 200 ms.
+        charge = job.result.result(timeout=5.0)["r"]
+        assert charge.joules > 0.0
+        polls = meter.reads
+        time.sleep(0.1)  # nothing waits any more: back to the 30 s period
+        assert meter.reads == polls
+    finally:
+        m.stop()
+
+
+def test_finalize_poll_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="finalize_poll_s"):
+        DeviceMonitor(SyntheticMeter("cpu"), finalize_poll_s=0.0)

@@ -81,6 +81,7 @@ class DeviceMonitor:
         *,
         idle_policy: IdlePolicy = "separate",
         sample_period_s: float = 0.05,
+        finalize_poll_s: float = 0.005,
         max_finalize_delay_s: float = 1.0,
         power_window_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -91,10 +92,13 @@ class DeviceMonitor:
             raise ValueError(f"idle_policy must be 'separate' or 'amortize', not {idle_policy!r}")
         if sample_period_s <= 0:
             raise ValueError("sample_period_s must be > 0")
+        if finalize_poll_s <= 0:
+            raise ValueError("finalize_poll_s must be > 0")
         self.meter = meter
         self.device = meter.device
         self.idle_policy: IdlePolicy = idle_policy
         self.sample_period_s = sample_period_s
+        self.finalize_poll_s = min(finalize_poll_s, sample_period_s)
         self.max_finalize_delay_s = max_finalize_delay_s
         self._clock = clock
         self._on_commit = on_commit
@@ -113,6 +117,7 @@ class DeviceMonitor:
         self.read_errors = 0
         self._first_energy_j: float | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by `end` when the device goes idle with jobs to finalize
         self._thread: threading.Thread | None = None
 
     # -- sampling ---------------------------------------------------------------------------------
@@ -127,6 +132,7 @@ class DeviceMonitor:
     def stop(self) -> None:
         """Stop sampling, take a last reading and finalize every closed job (no joule left behind)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         with self._lock:
@@ -138,7 +144,12 @@ class DeviceMonitor:
         self._resolve(finished)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.sample_period_s):
+        period_s = self.sample_period_s
+        while True:
+            self._wake.wait(period_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             with self._lock:
                 reading = self._sample_locked()  # a failed read is simply retried next period
                 finished = []
@@ -149,7 +160,21 @@ class DeviceMonitor:
                     elif reading is None and self._clock() - min(waiting) >= self.max_finalize_delay_s:
                         finished = self._finalize_unmeasured_locked()
                 finished += self._advance_locked(commit_idle=True)
+                period_s = self.finalize_poll_s if self._idle_with_waiting_locked() else self.sample_period_s
             self._resolve(finished)
+
+    def _idle_with_waiting_locked(self) -> bool:
+        """No job runs on the device and some ended job waits for the counter's next change point.
+
+        Then the sampler polls every `finalize_poll_s` instead of `sample_period_s`: the answers of
+        those jobs wait on that change point, and with nothing running the extra reads cannot slow any
+        work down (bench/nvml_interference.py measured what they cost a running job)."""
+        waiting = False
+        for job in self._jobs.values():
+            if job.end_s is None:
+                return False
+            waiting = True
+        return waiting
 
     def _finalize_unmeasured_locked(self) -> list[tuple[_Job, dict[Hashable, Charge]]]:
         """The meter has failed past the end of waiting jobs: answer them with the energy measured up to
@@ -238,6 +263,8 @@ class DeviceMonitor:
             self._close_locked(handle, members, weight)
             self.meter.job_finished()
             finished = self._advance_locked()
+            if self._idle_with_waiting_locked():
+                self._wake.set()
         self._resolve(finished)
 
     def split(
