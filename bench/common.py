@@ -420,3 +420,20 @@ def default_cache_dir() -> Path:
 
 def print_flush(*args: object) -> None:
     print(*args, flush=True, file=sys.stderr)
+
+
+def replay(backend: Backend, batches: Sequence[Sequence[BackendRequest]]) -> tuple[float, list[float], int]:
+    """Run the recorded batches directly, one after another. Returns (wall s, per-request latency s,
+    units): a request's latency is its batch's run time (every member finishes with its batch)."""
+    latencies: list[float] = []
+    units = 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        s = time.perf_counter()
+        results = backend.run(batch)
+        backend.synchronize()
+        d = time.perf_counter() - s
+        latencies.extend([d] * len(batch))
+        for r in results:
+            units += getattr(r, "completion_tokens", 0) or len(getattr(r, "images_png", ()))
+    return time.perf_counter() - t0, latencies, units

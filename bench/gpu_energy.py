@@ -55,6 +55,7 @@ from bench.common import (
     percentile,
     print_flush,
     quiet_logging,
+    replay,
     status_marker,
     write_result,
 )
@@ -233,6 +234,16 @@ class PhaseResult:
     window_counter_j: float
     window_power_integral_j: float
     power_samples: int
+    # the same batches run again directly (backend.run, no server), right after the server stopped
+    units: int  # images or completion tokens of the measured requests
+    direct_wall_s: float
+    direct_units: int
+    direct_counter_j: float  # the probe's delta over the replay (the whole device, idle included)
+
+    @property
+    def served_over_direct(self) -> float:
+        """Served units/s over direct units/s, on the same batches."""
+        return (self.units / self.wall_s) / (self.direct_units / self.direct_wall_s)
 
     @property
     def conservation_error(self) -> float:
@@ -278,7 +289,7 @@ class PowerSampler:
 
 
 async def _client_phase(
-    server: ServerThread, phase: Phase, probe: Probe, settle_s: float
+    server: ServerThread, phase: Phase, probe: Probe, settle_s: float, power_period_s: float
 ) -> tuple[float, list[tuple[float, dict[str, Any]]], list[dict[str, Any]], PowerSampler]:
     import aiohttp
 
@@ -290,7 +301,7 @@ async def _client_phase(
         _, warm = await drive(session, base_url, phase.make_request, range(phase.warmup), phase.concurrency)
         await asyncio.sleep(settle_s)
         indices = range(phase.warmup, phase.warmup + phase.requests)
-        with PowerSampler(probe) as sampler:
+        with PowerSampler(probe, power_period_s) as sampler:
             wall, answers = await drive(session, base_url, phase.make_request, indices, phase.concurrency)
         await asyncio.sleep(settle_s)
     return wall, answers, [a for _, a in warm], sampler
@@ -302,7 +313,7 @@ def run_phase(
     backend: RecordingBackend,
     probe: Probe,
     meters: dict[str, Any] | None,
-    settle_s: float,
+    plan: Plan,
 ) -> PhaseResult:
     """One server's life around one phase; the probe reads bracket it."""
     from proxy.state import MONITORS
@@ -316,27 +327,34 @@ def run_phase(
     try:
         server.start(before_app=lambda: start_j.append(probe.energy_j()))
         backend.start_recording()
-        wall, answers, warm, sampler = asyncio.run(_client_phase(server, phase, probe, settle_s))
+        wall, answers, warm, sampler = asyncio.run(
+            _client_phase(server, phase, probe, plan.settle_s, plan.power_period_s)
+        )
         batches = backend.stop_recording()
     finally:
         server.stop()
     e1 = probe.energy_j()
+    measured_batches = batches[-_batches_for(batches, phase.requests) :] if batches else []
+    direct_e0 = probe.energy_j()
+    direct_wall, _, direct_units = replay(backend.inner, measured_batches)
+    direct_j = probe.energy_j() - direct_e0
     assert server.app is not None
     monitor = server.app[MONITORS][device]
     payloads = [a for _, a in answers]
     energies = [p["usage"]["energy"] for p in payloads]
     warm_energies = [p["usage"]["energy"] for p in warm]
     latencies = [latency for latency, _ in answers]
-    measured_batches = batches[-_batches_for(batches, phase.requests) :] if batches else []
+    images = sum(len(p.get("data", [])) for p in payloads)
+    completion_tokens = sum(int(p["usage"].get("completion_tokens", 0)) for p in payloads)
     return PhaseResult(
         name=phase.name,
         kind=phase.kind,
         concurrency=phase.concurrency,
         requests=phase.requests,
         wall_s=wall,
-        images=sum(len(p.get("data", [])) for p in payloads),
+        images=images,
         prompt_tokens=sum(int(p["usage"].get("prompt_tokens", 0)) for p in payloads),
-        completion_tokens=sum(int(p["usage"].get("completion_tokens", 0)) for p in payloads),
+        completion_tokens=completion_tokens,
         measured_j=sum(float(e["joules"]) for e in energies),
         batch_sizes=[len(b) for b in measured_batches],
         latency_p50_s=percentile(latencies, 50),
@@ -350,6 +368,10 @@ def run_phase(
         window_counter_j=sampler.counter_j,
         window_power_integral_j=sampler.integral_j(),
         power_samples=len(sampler.samples),
+        units=images if phase.kind == "image" else completion_tokens,
+        direct_wall_s=direct_wall,
+        direct_units=direct_units,
+        direct_counter_j=direct_j,
     )
 
 
@@ -384,12 +406,15 @@ class Plan:
     text_requests: int
     counter_poll_s: float
     settle_s: float
+    # The script's own power sampling during the measured requests. Every NVML call took ~4.6 ms on an
+    # H200 VM and slowed the GPU work (bench/nvml_interference.py), so not faster than the counter's step.
+    power_period_s: float
 
 
 # Each server's life must hold enough energy that the few milliseconds between the script's reads and
 # the server's own (at start and stop), plus one counter step at each end, stay well under 0.5%.
-FULL = Plan("cuda:0", "float16", "sd15", "gpt2-medium", 512, 30, (8, 24), 32, 128, 128, 2.0, 2.0)
-SMOKE = Plan("cpu", "float32", "tiny-sd", "tiny-gpt2", 64, 2, (2, 8), 8, 8, 8, 0.3, 0.05)
+FULL = Plan("cuda:0", "float16", "sd15", "gpt2-medium", 512, 30, (8, 24), 32, 128, 128, 2.0, 2.0, 0.1)
+SMOKE = Plan("cpu", "float32", "tiny-sd", "tiny-gpt2", 64, 2, (2, 8), 8, 8, 8, 0.3, 0.05, 0.01)
 
 
 def image_request(plan: Plan, model: str) -> Callable[[int], tuple[str, dict[str, Any]]]:
@@ -566,6 +591,29 @@ def render(data: dict[str, Any]) -> str:
             for p in phases
         ],
     )
+    direct_table = md_table(
+        [
+            "phase",
+            "unit",
+            "served units/s",
+            "direct units/s",
+            "served / direct",
+            "served J/unit (device counter)",
+            "direct J/unit (device counter)",
+        ],
+        [
+            [
+                p["name"],
+                "image" if p["kind"] == "image" else "completion token",
+                p["units"] / p["wall_s"],
+                p["direct_units"] / p["direct_wall_s"],
+                f"{p['served_over_direct']:.3f}",
+                p["window_counter_j"] / p["units"],
+                p["direct_counter_j"] / p["direct_units"],
+            ]
+            for p in phases
+        ],
+    )
     ratio = data.get("batch8_over_batch1_images_per_s")
     batching = (
         f"Images/s at batch 8 over batch 1: **{ratio:.2f}x**; J/image at batch 8 over batch 1: "
@@ -576,6 +624,7 @@ def render(data: dict[str, Any]) -> str:
     load = "a synthetic stepped meter, 20 ms updates, kept busy" if smoke else "under fp16 matmul load"
     power = "the synthetic meter's power" if smoke else "`nvmlDeviceGetPowerUsage`"
     status = "smoke" if smoke else "ok"
+    period_ms = f"{plan['power_period_s'] * 1e3:.0f} ms"
     smoke_note = (
         "\n**Smoke run on a CPU: tiny presets, the synthetic meter instead of NVML, tiny sizes. The figures "
         "prove the code path; they are not GPU energy.**\n"
@@ -617,7 +666,17 @@ it has shut down, so the few milliseconds between those reads and the server's f
 
 {cons_table}
 
-### (d) Energy counter vs integrated power ({power}, trapezoid, 10 ms sampling, measured requests)
+### (f) Served vs direct pipeline calls on the same batches
+
+After each server has stopped, the script runs the batches that server formed for the measured requests
+again, one after another, straight through `backend.run()` (no HTTP, queue, accounting or metrics), and
+reads its own counter around them. Served throughput is over the clients' wall time (so it includes
+HTTP, queueing and the batcher's wait); both J/unit columns are the whole device's counter delta (idle
+power included) over the measured stretch divided by its units.
+
+{direct_table}
+
+### (d) Energy counter vs integrated power ({power}, trapezoid, {period_ms} sampling, measured requests)
 
 {power_table}
 """
@@ -722,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "default_steps": plan.image_steps,
                     "max_steps": max(50, plan.image_steps),
                     "max_batch_size": 8,
-                    "max_wait_ms": 50,
+                    "max_wait_ms": 10,
                     "max_n": 8,
                     "max_queue": 256,
                 }
@@ -739,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         image_request(plan, plan.image_preset),
                     )
                     print_flush(f"(b) {phase.name}: {n} images from {clients} client(s) ...")
-                    results.append(run_phase(phase, settings, image, probe, meters, plan.settle_s))
+                    results.append(run_phase(phase, settings, image, probe, meters, plan))
             finally:
                 image.inner.close()
         # (c) text
@@ -758,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "max_tokens": plan.text_tokens,
                 "default_max_tokens": plan.text_tokens,
                 "max_batch_size": plan.text_clients,
-                "max_wait_ms": 50,
+                "max_wait_ms": 10,
                 "max_queue": 1024,
             }
         )
@@ -773,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 chat_request(plan, plan.text_preset),
             )
             print_flush(f"(c) {phase.name}: {phase.requests} chats ...")
-            results.append(run_phase(phase, settings, text, probe, meters, plan.settle_s))
+            results.append(run_phase(phase, settings, text, probe, meters, plan))
         finally:
             text.inner.close()
     probe.close()
@@ -783,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         d = asdict(r)
         d["conservation_error"] = r.conservation_error
         d["power_over_counter"] = r.power_over_counter
+        d["served_over_direct"] = r.served_over_direct
         d["j_per_image"] = r.measured_j / r.images if r.images else None
         d["images_per_s"] = r.images / r.wall_s if r.images else None
         d["j_per_token"] = r.measured_j / r.completion_tokens if r.completion_tokens else None

@@ -28,7 +28,6 @@ from typing import Any, Literal
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.base import Backend, BackendRequest
 from bench.common import (
     RecordingBackend,
     ServerThread,
@@ -44,6 +43,7 @@ from bench.common import (
     percentile,
     print_flush,
     quiet_logging,
+    replay,
     reproduce_command,
     rotated,
     status_marker,
@@ -152,23 +152,6 @@ async def send(
     else:
         units = sum(len(a["data"]) for _, a in answers)
     return wall, [latency for latency, _ in answers], units
-
-
-def replay(backend: Backend, batches: Sequence[Sequence[BackendRequest]]) -> tuple[float, list[float], int]:
-    """Run the recorded batches directly, one after another. Returns (wall s, per-request latency s,
-    units): a request's latency is its batch's run time (every member finishes with its batch)."""
-    latencies: list[float] = []
-    units = 0
-    t0 = time.perf_counter()
-    for batch in batches:
-        s = time.perf_counter()
-        results = backend.run(batch)
-        backend.synchronize()
-        d = time.perf_counter() - s
-        latencies.extend([d] * len(batch))
-        for r in results:
-            units += getattr(r, "completion_tokens", 0) or len(getattr(r, "images_png", ()))
-    return time.perf_counter() - t0, latencies, units
 
 
 async def batch_metric(session: aiohttp.ClientSession, base_url: str, model: str) -> tuple[float, float]:

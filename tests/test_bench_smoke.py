@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from bench import accounting, gpu_energy, run_all, serving, upstream
+from bench import accounting, gpu_batch1, gpu_energy, nvml_interference, run_all, serving, upstream
 from bench.common import read_status
 
 
@@ -84,7 +84,7 @@ def test_accounting_smoke(tmp_path: Path) -> None:
 def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert gpu_energy.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
     markdown, data = check_result(tmp_path, "gpu_energy", "smoke")
-    assert len(tables(markdown)) == 4
+    assert len(tables(markdown)) == 5
     assert data["counter"]["changes"] > 2
     phases = {p["name"]: p for p in data["phases"]}
     assert set(phases) == {"tiny-sd x1", "tiny-sd x8", "tiny-gpt2 x8"}
@@ -97,6 +97,27 @@ def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
         )
         assert abs(p["responses_j"] - p["monitor_attributed_j"]) <= 1e-9 * p["monitor_delta_j"]
     assert phases["tiny-sd x1"]["j_per_image"] > 0 and phases["tiny-gpt2 x8"]["j_per_token"] > 0
+    for p in phases.values():  # the direct replay ran the same batches and produced the same units
+        assert p["direct_units"] == p["units"] > 0 and p["direct_wall_s"] > 0 and p["served_over_direct"] > 0
+
+
+def test_gpu_batch1_smoke(model_cache: Path, tmp_path: Path) -> None:
+    assert gpu_batch1.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
+    markdown, data = check_result(tmp_path, "gpu_batch1", "smoke")
+    (table,) = tables(markdown)
+    rows = {r["condition"]: r for r in data["conditions"]}
+    assert [row[0] for row in table[1:]] == list(rows)
+    assert rows["served, 2 clients, batches of 1, NVML meter"]["calls"] == 4
+    assert all(r["calls"] == r["images"] and r["call_s_median"] > 0 for r in rows.values())
+
+
+def test_nvml_interference_smoke(model_cache: Path, tmp_path: Path) -> None:
+    assert nvml_interference.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
+    markdown, data = check_result(tmp_path, "nvml_interference", "smoke")
+    (table,) = tables(markdown)
+    conditions = data["conditions"]
+    assert len(table) == 1 + len(conditions) and conditions[0]["condition"] == "no poller"
+    assert all(c["nvml_calls"] > 0 for c in conditions[1:])
 
 
 def test_upstream_smoke(tmp_path: Path) -> None:
