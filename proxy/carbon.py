@@ -223,7 +223,7 @@ def _unknown_zone(zone: str, table: Mapping[str, StaticEntry], setting: str) -> 
     examples = ", ".join(z for z in ("DE", "FR", "US", "GB", "IN", "JP", WORLD) if z in table)
     return CarbonConfigError(
         f"[carbon] {setting} = {zone!r} is not in the shipped intensity table; use an ISO 3166-1 "
-        f"alpha-2 code it has ({len(table)} zones, e.g. {examples}), or set provider = \"fixed\" "
+        f'alpha-2 code it has ({len(table)} zones, e.g. {examples}), or set provider = "fixed" '
         "with fixed_g_per_kwh, or a CSV series"
     )
 
@@ -443,7 +443,11 @@ class _LiveProvider:
             logger.log(
                 logging.INFO if self._failing else logging.WARNING,  # warn once per outage
                 "carbon: %s fetch for zone %s failed (%s); using %s %.1f gCO2e/kWh",
-                self.name, self._settings.zone, reason, current.source, current.g_per_kwh,
+                self.name,
+                self._settings.zone,
+                reason,
+                current.source,
+                current.g_per_kwh,
             )
             self._failing = True
             return False

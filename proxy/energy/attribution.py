@@ -86,9 +86,7 @@ def change_points(samples: Sequence[tuple[float, float]], *, continuous: bool) -
 
 def intervals_between(points: Sequence[tuple[float, float]]) -> list[Interval]:
     """Consecutive change points -> intervals. Energy never decreases (meters guarantee it)."""
-    return [
-        Interval(t0, t1, max(e1 - e0, 0.0)) for (t0, e0), (t1, e1) in pairwise(points)
-    ]
+    return [Interval(t0, t1, max(e1 - e0, 0.0)) for (t0, e0), (t1, e1) in pairwise(points)]
 
 
 def split_interval(interval: Interval, spans: Iterable[Span]) -> Split:
