@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", help="where built and downloaded models are cached")
     serve.add_argument("--data-dir", help="where the ledger and other data are kept")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--event-loop", choices=["auto", "uvloop", "asyncio"], help="default auto: uvloop where installed"
+    )
     serve.add_argument(
         "--auth", choices=["keys", "none"], help="API keys (default) or none (local development)"
     )
@@ -113,6 +116,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "cache_dir": args.cache_dir,
         "data_dir": args.data_dir,
         "log_level": args.log_level,
+        "event_loop": args.event_loop,
         "carbon": carbon or None,
         "upstream": upstream or None,
     }
@@ -155,6 +159,22 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+def run_event_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+    """Run `main` on uvloop (choice "uvloop", or "auto" where it is installed) or on asyncio's loop."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ValueError("event_loop = 'uvloop' but uvloop is not installed") from None
+        else:
+            log.info("event loop: uvloop %s", uvloop.__version__)
+            uvloop.run(main)
+            return
+    log.info("event loop: asyncio")
+    asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -167,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            asyncio.run(serve(settings))
+            run_event_loop(serve(settings), settings.event_loop)
         elif args.command == "keys":
             return asyncio.run(keys_command(settings, args))
         elif args.command == "usage":

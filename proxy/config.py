@@ -185,6 +185,8 @@ class Settings(_Strict):
     drain_timeout_s: float = Field(30.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "auto": uvloop where it is installed (a dependency on Linux and macOS), else asyncio's own loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     def db_url(self) -> str:
         return self.db or f"sqlite:///{(self.data_dir / 'wattproxy.db').resolve()}"

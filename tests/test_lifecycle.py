@@ -75,8 +75,9 @@ def serve_env(model_cache: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
     yield env
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_env: dict[str, str]) -> None:
-    server = ServeProcess(["--meter", "synthetic", "--auth", "none"], serve_env)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_env: dict[str, str], loop: str) -> None:
+    server = ServeProcess(["--meter", "synthetic", "--auth", "none", "--event-loop", loop], serve_env)
     try:
         server.wait_ready()
         body = {"model": "tiny-sd", "prompt": "slow", "size": "256x256", "steps": 20, "n": 4}
@@ -100,6 +101,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_env: dict[str, s
             assert [f.result().status_code for f in in_flight] == [200, 200]
         assert server.proc.wait(timeout=60) == 0
         assert any("draining" in line for line in server.lines)
+        assert any(f"event loop: {loop}" in line for line in server.lines)
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
