@@ -3,10 +3,12 @@
     make bench                                   # = python -m bench.run_all
     python -m bench.run_all --summary-only       # only reassemble RESULTS.md from bench/results/*.md
 
-Runs `bench.serving`, `bench.accounting` and `bench.upstream` (with LiteLLM where it is installed: see
-that module), and `bench/gpu_energy.py` where a CUDA GPU is visible to
-torch and NVML. Where none is, an earlier GPU result in the results directory is kept as it is; if
-there is none, a clearly marked "not run here: no GPU" section is written instead. Each benchmark runs
+Runs `bench.serving`, `bench.accounting`, `bench.overhead`, `bench.upstream` (with LiteLLM where it is
+installed: see that module), `bench.ledger_bench` and `bench.metrics_render`, and the GPU benchmarks
+(`bench/gpu_energy.py`, `bench/gpu_batch1.py`, `bench/nvml_interference.py`; `bench/gpu_check.sh` runs
+them on a bare GPU machine) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
+results in the results directory are kept as they are; if there is no `gpu_energy` result, a clearly
+marked "not run here: no GPU" section is written instead. Each benchmark runs
 in a process of its own (the accounting benchmark measures process CPU time, so nothing else may run
 in its process). RESULTS.md gathers every `*.md` in the results directory, those of other benchmarks
 too, in a fixed order for the known ones and by name for the rest.
@@ -26,8 +28,20 @@ from pathlib import Path
 from bench.common import REPO_ROOT, RESULTS_DIR, machine_info, print_flush, read_status
 
 SUMMARY = REPO_ROOT / "bench" / "RESULTS.md"
-ORDER = ("serving", "accounting", "upstream", "gpu_energy")
+ORDER = (
+    "serving",
+    "accounting",
+    "overhead",
+    "upstream",
+    "ledger",
+    "metrics_render",
+    "gpu_energy",
+    "gpu_batch1",
+    "nvml_interference",
+)
+CPU_BENCHMARKS = ("serving", "accounting", "overhead", "upstream", "ledger", "metrics_render")
 GPU = "gpu_energy"
+GPU_BENCHMARKS = ("gpu_energy", "gpu_batch1", "nvml_interference")
 
 HEADER = """# WattProxy benchmark results
 
@@ -116,26 +130,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = True
     if not args.summary_only:
         extra = ["--smoke"] if args.smoke else []
-        out = ["--out", _shown(args.out)]
-        for name in ("serving", "accounting", "upstream"):
+        for name in CPU_BENCHMARKS:
             if name in chosen:
-                ok &= run([sys.executable, "-m", f"bench.{name}", *out, *extra])
-        if GPU in chosen:
-            ok &= gpu_benchmark(args.out, args.gpu, extra)
+                ok &= run([sys.executable, "-m", *cpu_command(name, args.out, args.smoke)])
+        gpu = [name for name in GPU_BENCHMARKS if name in chosen]
+        if gpu:
+            ok &= gpu_benchmarks(args.out, args.gpu, gpu, extra)
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(summarize(args.out, args.summary), encoding="utf-8")
     print_flush(f"wrote {args.summary}")
     return 0 if ok else 1
 
 
-def gpu_benchmark(out_dir: Path, mode: str, extra: Sequence[str]) -> bool:
-    """Run the GPU benchmark where a GPU is visible (or `mode` says so); else keep an earlier GPU
-    result, or write the "not run here" section. False if the benchmark failed."""
+def cpu_command(name: str, out_dir: Path, smoke: bool) -> list[str]:
+    """The module and arguments of one CPU benchmark (the ledger's takes a file and no --smoke)."""
+    if name == "ledger":
+        levels = ["--seconds", "0.3", "--concurrency", "1,16"] if smoke else []
+        return ["bench.ledger_bench", "--out", _shown(out_dir / "ledger.md"), *levels]
+    return [f"bench.{name}", "--out", _shown(out_dir), *(["--smoke"] if smoke else [])]
+
+
+def gpu_benchmarks(out_dir: Path, mode: str, names: Sequence[str], extra: Sequence[str]) -> bool:
+    """Run the GPU benchmarks where a GPU is visible (or `mode` says so); else keep earlier GPU
+    results, or write the "not run here" section. False if a benchmark failed."""
     from bench.gpu_energy import gpu_visible, not_run_markdown
 
     wanted = gpu_visible() if mode == "auto" else mode == "yes"
     if wanted:
-        return run([sys.executable, "bench/gpu_energy.py", "--out", _shown(out_dir), *extra])
+        return all(
+            [run([sys.executable, f"bench/{name}.py", "--out", _shown(out_dir), *extra]) for name in names]
+        )
+    if GPU not in names:
+        return True
     existing = out_dir / f"{GPU}.md"
     if existing.exists() and read_status(existing.read_text(encoding="utf-8"), GPU) == "ok":
         print_flush(f"no GPU here: keeping the GPU result in {existing}")

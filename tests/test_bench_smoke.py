@@ -150,10 +150,10 @@ def test_run_all_assembles_every_results_file(tmp_path: Path) -> None:
     assert headings == [
         "# WattProxy benchmark results",
         "## Serving",
-        "## GPU energy: NVML counter step, J/image, J/token, conservation (bench/gpu_energy.py)",
         "## Ledger",
         "### Group commit",
         "# kept as is",
+        "## GPU energy: NVML counter step, J/image, J/token, conservation (bench/gpu_energy.py)",
     ]
     assert "- [ledger](results/ledger.md)" in text
 
