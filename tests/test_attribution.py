@@ -288,3 +288,36 @@ def test_an_ended_job_waiting_for_the_counter_on_an_idle_device_is_polled_fast()
 def test_finalize_poll_must_be_positive() -> None:
     with pytest.raises(ValueError, match="finalize_poll_s"):
         DeviceMonitor(SyntheticMeter("cpu"), finalize_poll_s=0.0)
+
+
+def test_overlapping_jobs_share_the_device_time_instead_of_each_taking_all_of_it() -> None:
+    clock = FakeClock()
+    m = _monitor(clock)
+    clock.advance(1.0)
+    first = m.begin()  # t = 1.0
+    clock.advance(0.5)
+    second = m.begin()  # t = 1.5: both in flight, as in proxy mode
+    clock.advance(0.5)
+    m.end(first, [("a", 1.0)])  # t = 2.0
+    clock.advance(0.5)
+    m.end(second, [("b", 1.0)])  # t = 2.5
+    clock.advance(0.1)
+    m.sample()
+    a = first.result.result(timeout=1)["a"]
+    b = second.result.result(timeout=1)["b"]
+    assert close(a.device_seconds + b.device_seconds, 1.5)  # the device was busy 1.5 s, not 2 s
+    assert a.device_seconds < 1.0 and b.device_seconds < 1.0
+
+
+def test_a_lone_job_holds_the_device_for_its_whole_duration() -> None:
+    clock = FakeClock()
+    m = _monitor(clock, period=0.1)
+    clock.advance(0.33)
+    job = m.begin()
+    clock.advance(0.77)
+    m.end(job, [("a", 1.0), ("b", 3.0)])
+    clock.advance(0.2)
+    m.sample()
+    charges = job.result.result(timeout=1)
+    assert close(charges["a"].device_seconds + charges["b"].device_seconds, 0.77)
+    assert close(charges["b"].device_seconds, 3 * charges["a"].device_seconds)

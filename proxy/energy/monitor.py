@@ -58,6 +58,7 @@ class _Job:
     members: Sequence[tuple[Hashable, float]] = ()
     energy_j: float = 0.0
     uncertainty_j: float = 0.0
+    device_s: float = 0.0  # its share of the device's busy time (overlapping jobs share it, like energy)
     future: concurrent.futures.Future[dict[Hashable, Charge]] | None = None
 
 
@@ -332,6 +333,7 @@ class DeviceMonitor:
                 job.uncertainty_j += split.uncertainty_j.get(key, 0.0)
             self._pending_idle_j += split.idle_j
             self.processed_j += energy_j
+            self._share_time_locked(t0, t1, spans)
             n += 1
         if n:
             del self._points[:n]
@@ -342,6 +344,19 @@ class DeviceMonitor:
         if not done and (self.idle_policy == "amortize" or not self._pending_idle_j or not commit_idle):
             return []
         return self._commit_locked(done)
+
+    def _share_time_locked(self, a: float, b: float, spans: Sequence[Span]) -> None:
+        """Give the jobs active in [a, b] their share of its time (for embodied carbon): a lone job its
+        overlap, overlapping jobs (proxy mode) a split by work rate x overlap, as for energy."""
+        if b <= a:
+            return
+        active = [s for s in spans if s.end_s > a and s.start_s < b]
+        if len(active) == 1:
+            only = active[0]
+            self._jobs[only.key].device_s += min(b, only.end_s) - max(a, only.start_s)  # type: ignore[index]
+        elif active:
+            for key, seconds in split_interval(Interval(a, b, b - a), active).shares_j.items():
+                self._jobs[key].device_s += seconds  # type: ignore[index]
 
     def _open_job_shares(self, spans: Sequence[Span], a: float, b: float) -> bool:
         for o in spans:
@@ -370,7 +385,7 @@ class DeviceMonitor:
             energies = split_by_work(job.energy_j, units)
             idles = split_by_work(job_idle_j, units)
             uncert = split_by_work(job.uncertainty_j, units)
-            seconds = split_by_work(job.end_s - job.start_s, units)
+            seconds = split_by_work(job.device_s, units)
             charges: dict[Hashable, Charge] = {}
             for (member, _), e_j, i_j, u_j, s in zip(
                 job.members, energies, idles, uncert, seconds, strict=True
