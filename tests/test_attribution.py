@@ -321,3 +321,31 @@ def test_a_lone_job_holds_the_device_for_its_whole_duration() -> None:
     charges = job.result.result(timeout=1)
     assert close(charges["a"].device_seconds + charges["b"].device_seconds, 0.77)
     assert close(charges["b"].device_seconds, 3 * charges["a"].device_seconds)
+
+
+def _open_job_shares_by_definition(spans: list[Span], a: float, b: float) -> bool:
+    """Some open job shares part of [a, b] with another job (quadratic, by the definition)."""
+    return any(
+        any(s.key != o.key and s.start_s < b and s.end_s > max(a, o.start_s) for s in spans)
+        for o in spans
+        if o.end_s == math.inf and o.start_s < b
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 10), st.one_of(st.integers(0, 10), st.none())), min_size=0, max_size=8),
+    st.integers(0, 10),
+    st.integers(0, 10),
+)
+def test_open_job_sharing_check_matches_its_definition(
+    raw: list[tuple[int, int | None]], a: int, width: int
+) -> None:
+    spans = [
+        Span(i, float(start), math.inf if end is None else float(max(start, end)))
+        for i, (start, end) in enumerate(raw)
+    ]
+    b = float(a + width)
+    assert DeviceMonitor._open_job_shares(spans, float(a), b) == _open_job_shares_by_definition(
+        spans, float(a), b
+    )

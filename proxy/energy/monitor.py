@@ -358,14 +358,20 @@ class DeviceMonitor:
             for key, seconds in split_interval(Interval(a, b, b - a), active).shares_j.items():
                 self._jobs[key].device_s += seconds  # type: ignore[index]
 
-    def _open_job_shares(self, spans: Sequence[Span], a: float, b: float) -> bool:
-        for o in spans:
-            if o.end_s != math.inf or o.start_s >= b:
-                continue
-            lo = max(a, o.start_s)
-            if any(s.key != o.key and s.start_s < b and s.end_s > lo for s in spans):
-                return True
-        return False
+    @staticmethod
+    def _open_job_shares(spans: Sequence[Span], a: float, b: float) -> bool:
+        """Whether a job still open shares part of [a, b] with another job. Linear in the jobs (proxy
+        mode can have hundreds open): two open jobs that started before b always share [a, b]'s end."""
+        open_job = None
+        for s in spans:
+            if s.end_s == math.inf and s.start_s < b:
+                if open_job is not None:
+                    return True
+                open_job = s
+        if open_job is None:
+            return False
+        lo = max(a, open_job.start_s)
+        return any(s.key != open_job.key and s.start_s < b and s.end_s > lo for s in spans)
 
     def _commit_locked(
         self, done: list[_Job], flush_idle: bool = False, measurement: str | None = None
