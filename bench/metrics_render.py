@@ -1,6 +1,9 @@
 """Time to render /metrics with many label combinations: the app's `Metrics` catalogue on its own registry,
 populated as a busy deployment would leave it (every user has used every model), rendered in the
-Prometheus text format and in OpenMetrics (what Prometheus asks for, exemplars included).
+Prometheus text format and in OpenMetrics (what Prometheus asks for, exemplars included), by
+prometheus_client's `generate_latest` and by `proxy.exposition.Exposition` (what GET /metrics serves),
+side by side on the same registry, alternating render by render. Each row also checks that the two
+bodies are byte-identical.
 
     python -m bench.metrics_render                   # 100 and 1,000 users x 4 models
     python -m bench.metrics_render --users 5000 --repeats 10
@@ -18,6 +21,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, enable_created_metrics
+from prometheus_client import metrics as prom_metrics
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
@@ -32,14 +36,16 @@ from bench.common import (
     status_marker,
     write_result,
 )
+from proxy.exposition import Exposition
 from proxy.metrics import JOULES_PER_KWH, EnergyBook, EnergyEntry, Metrics
 
 NAME = "metrics_render"
 STATUSES_EVERY = {"error": 20, "cancelled": 50}  # every 20th user also has errors, every 50th cancellations
 WARMUP = 2
-FORMATS: dict[str, Callable[[CollectorRegistry], bytes]] = {
-    "text 0.0.4": generate_latest,
-    "OpenMetrics 1.0": generate_openmetrics,
+# format -> (prometheus_client's encoder, the Exposition method that replaces it)
+FORMATS: dict[str, tuple[Callable[[CollectorRegistry], bytes], Callable[[Exposition], bytes]]] = {
+    "text 0.0.4": (generate_latest, Exposition.text),
+    "OpenMetrics 1.0": (generate_openmetrics, Exposition.openmetrics),
 }
 
 
@@ -51,7 +57,13 @@ class Timing:
     created: bool
     sample_lines: int
     body_bytes: int
-    samples_ms: list[float]
+    identical: bool  # Exposition's body == generate_latest's, byte for byte
+    baseline_ms: list[float]  # prometheus_client's generate_latest
+    exposition_ms: list[float]  # proxy.exposition.Exposition (GET /metrics)
+
+    @property
+    def speedup(self) -> float:
+        return median(self.baseline_ms) / median(self.exposition_ms)
 
 
 def populate(users: int, models: int) -> CollectorRegistry:
@@ -93,60 +105,79 @@ def populate(users: int, models: int) -> CollectorRegistry:
     return registry
 
 
-def time_render(users: int, models: int, fmt: str, repeats: int, *, created: bool = True) -> Timing:
-    """`repeats` timed renders after warm-ups. `created=False` leaves out the `*_created` series (one per
-    counter child; prometheus_client's process-wide switch, restored afterwards)."""
-    if not created:
-        disable_created_metrics()
+def time_render(users: int, models: int, fmt: str, repeats: int, *, created: bool) -> Timing:
+    """`repeats` timed renders of each renderer, alternating, after warm-ups (the first Exposition render
+    fills its label caches; a server pays that once). `created=False` leaves out the `*_created` series
+    (one per counter child), as `wattproxy serve` does: prometheus_client's process-wide switch,
+    restored afterwards."""
+    before = prom_metrics._use_created
+    (enable_created_metrics if created else disable_created_metrics)()
     try:
         registry = populate(users, models)
-        render = FORMATS[fmt]
-        body = render(registry)
+        baseline, method = FORMATS[fmt]
+        exposition = Exposition(registry)
+        body = baseline(registry)
+        identical = method(exposition) == body
         for _ in range(WARMUP):
-            render(registry)
-        samples = []
+            baseline(registry)
+            method(exposition)
+        baseline_ms, exposition_ms = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            render(registry)
-            samples.append((time.perf_counter() - t0) * 1000.0)
+            baseline(registry)
+            t1 = time.perf_counter()
+            method(exposition)
+            t2 = time.perf_counter()
+            baseline_ms.append((t1 - t0) * 1000.0)
+            exposition_ms.append((t2 - t1) * 1000.0)
     finally:
-        enable_created_metrics()
+        (enable_created_metrics if before else disable_created_metrics)()
     lines = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
-    return Timing(users, models, fmt, created, lines, len(body), samples)
+    return Timing(users, models, fmt, created, lines, len(body), identical, baseline_ms, exposition_ms)
 
 
 def report(timings: Sequence[Timing], repeats: int, argv: Sequence[str], status: str) -> str:
     rows = [
         (
             f"{t.users:,} x {t.models}",
-            t.fmt + ("" if t.created else ", no `_created`"),
+            t.fmt,
+            "yes" if t.created else "no (served)",
             t.sample_lines,
             round(t.body_bytes / 1024),
-            median(t.samples_ms),
-            percentile(t.samples_ms, 95),
-            min(t.samples_ms),
+            median(t.baseline_ms),
+            percentile(t.baseline_ms, 95),
+            median(t.exposition_ms),
+            percentile(t.exposition_ms, 95),
+            f"{t.speedup:.1f}",
+            "yes" if t.identical else "**NO**",
         )
         for t in timings
     ]
     headers = [
         "users x models",
         "format",
+        "`_created`",
         "sample lines",
         "body (KiB)",
-        "median (ms)",
-        "p95 (ms)",
-        "min (ms)",
+        "generate_latest median (ms)",
+        "generate_latest p95 (ms)",
+        "Exposition median (ms)",
+        "Exposition p95 (ms)",
+        "speed-up (x)",
+        "identical bytes",
     ]
     return "\n".join(
         [
             "## /metrics render time",
             status_marker(NAME, status),
             "",
-            "`generate_latest` on a registry holding the app's `Metrics` catalogue, every user having used "
-            "every model (half text, half image, each model on a device of its own), one thread, "
-            f"{repeats} timed renders after {WARMUP} warm-ups. Every counter child also exports a "
-            "`*_created` series unless prometheus_client's `disable_created_metrics()` is called: the "
-            "last row shows what that saves.",
+            "The app's `Metrics` catalogue on one registry, every user having used every model (half text, "
+            "half image, each model on a device of its own), rendered by prometheus_client's "
+            "`generate_latest` and by `proxy.exposition.Exposition`, which GET /metrics serves (same "
+            f"registry, one thread, {repeats} timed renders of each, alternating, after {WARMUP} warm-ups). "
+            "`wattproxy serve` turns the `*_created` series off (one per counter child); the rows with them "
+            'show prometheus_client\'s default. Prometheus asks for OpenMetrics. "identical bytes": the two '
+            "bodies compared, byte for byte.",
             "",
             f"Command: `{reproduce_command('bench.metrics_render', argv)}`. "
             f"prometheus-client {version('prometheus-client')}.",
@@ -167,10 +198,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed renders per row")
     args = parser.parse_args(argv)
     users, repeats = (args.users, args.repeats) if not args.smoke else ([10], 2)
-    timings = [time_render(n, args.models, fmt, repeats) for n in users for fmt in FORMATS]
-    timings.append(time_render(max(users), args.models, "text 0.0.4", repeats, created=False))
+    timings = [
+        time_render(n, args.models, fmt, repeats, created=created)
+        for n in users
+        for created in (False, True)
+        for fmt in FORMATS
+    ]
     markdown = report(timings, repeats, argv, "smoke" if args.smoke else "ok")
-    write_result(args.out, NAME, markdown, {"timings": [asdict(t) for t in timings]})
+    data = {"timings": [{**asdict(t), "speedup": t.speedup} for t in timings]}
+    write_result(args.out, NAME, markdown, data)
+    if not all(t.identical for t in timings):
+        sys.stderr.write("Exposition's body differs from generate_latest's: see the table\n")
+        return 1
     sys.stdout.write(markdown + "\n")
     return 0
 

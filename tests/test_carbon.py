@@ -393,15 +393,22 @@ async def fake(aiohttp_server: ServerFactory) -> tuple[FakeApis, str]:
 
 def em_settings(url: str, **kw: Any) -> CarbonSettings:
     base: dict[str, Any] = {
-        "provider": "electricitymaps", "zone": "DE", "api_token": "em-token", "api_url": url,
+        "provider": "electricitymaps",
+        "zone": "DE",
+        "api_token": "em-token",
+        "api_url": url,
     }
     return CarbonSettings(**{**base, **kw})
 
 
 def wt_settings(url: str, **kw: Any) -> CarbonSettings:
     base: dict[str, Any] = {
-        "provider": "watttime", "zone": "CAISO_NORTH", "username": "alice", "password": "wonder",
-        "api_url": url, "fallback_zone": "US",
+        "provider": "watttime",
+        "zone": "CAISO_NORTH",
+        "username": "alice",
+        "password": "wonder",
+        "api_url": url,
+        "fallback_zone": "US",
     }
     return CarbonSettings(**{**base, **kw})
 
