@@ -37,6 +37,9 @@ bench: $(BIN)/.installed
 	@# LiteLLM (compared against in proxy mode) pins many packages: it gets a virtualenv of its own
 	test -x bench/_work/litellm/bin/litellm || { $(PYTHON) -m venv bench/_work/litellm && \
 	  bench/_work/litellm/bin/pip install -q 'litellm[proxy]'; }
+	@# wrk (Debian package) drives bench/overhead.py; installed when missing, with sudo only when not root
+	@command -v wrk >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m bench.run_all
 
 lint: $(BIN)/.installed
