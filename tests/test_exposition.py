@@ -359,3 +359,55 @@ def test_bench_smoke(tmp_path: Path) -> None:
     markdown = (tmp_path / "metrics_render.md").read_text(encoding="utf-8")
     assert read_status(markdown, "metrics_render") == "smoke"
     assert "generate_latest" in markdown and "Exposition" in markdown
+
+
+def test_fast_histogram_observation_equals_observe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Metrics` updates its histograms through `proxy.metrics._observe`; a registry fed the same
+    requests through prometheus_client's own `Histogram.observe` exposes the same bytes (exemplars
+    included, timestamps aside)."""
+    import re
+
+    import proxy.metrics as metrics_module
+
+    values = [0.0, 1e-9, 2.5e-6, 2.5e-6 * (1 + 1e-15), 0.01, 7.0, 1e9, -1.0, math.nan, math.inf]
+
+    def feed() -> CollectorRegistry:
+        registry = CollectorRegistry()
+        m = Metrics(registry, EnergyBook())
+        for i, v in enumerate(values):
+            for size in (1, 3, 8, 300):
+                m.observe_batch("tiny-sd", size)
+            m.observe_request(
+                RequestStats(
+                    model="tiny-sd",
+                    task="image",
+                    user="u",
+                    status="ok",
+                    request_id="r" * (i * 12),  # up to 108 characters: the long ones take `observe`
+                    energy_kwh=v,
+                    co2_grams=v if i % 2 else None,
+                    queue_wait_s=v,
+                    duration_s=abs(v),
+                    images=1,
+                )
+            )
+        return registry
+
+    fast = feed()
+    monkeypatch.setattr(
+        metrics_module,
+        "_observe",
+        lambda child, amount, request_id=None: child.observe(
+            amount, exemplar={"request_id": request_id} if request_id is not None else None
+        ),
+    )
+    reference = feed()
+    created = re.compile(rb"^\S+_created[{ ].*\n", re.MULTILINE)  # when each registry was built
+    stamp = re.compile(rb"(# \{request_id=\"r*\"\} \S+) \d+\.\d+")  # when each exemplar was seen
+
+    def normal(text: bytes) -> bytes:
+        return stamp.sub(rb"\1", created.sub(b"", text))
+
+    assert normal(generate_latest(fast)) == normal(generate_latest(reference))
+    assert normal(generate_openmetrics(fast)) == normal(generate_openmetrics(reference))
+    assert b"request_id" in generate_openmetrics(fast)
