@@ -349,3 +349,17 @@ def test_open_job_sharing_check_matches_its_definition(
     assert DeviceMonitor._open_job_shares(spans, float(a), b) == _open_job_shares_by_definition(
         spans, float(a), b
     )
+
+
+def test_job_charges_are_on_the_handle_and_its_future_whenever_it_was_asked_for() -> None:
+    clock = FakeClock()
+    m = _monitor(clock)
+    asked_late, asked_early = m.begin(), m.begin()
+    waiting = asked_early.result  # a future asked for before the job is final
+    clock.advance(1.0)
+    m.end(asked_late, [("a", 1.0)])
+    m.end(asked_early, [("b", 1.0)])
+    assert asked_late.charges is not None and asked_early.charges is not None
+    assert waiting.done() and waiting.result() is asked_early.charges
+    assert asked_late.result.result(timeout=0) is asked_late.charges  # made already resolved
+    assert close(asked_late.charges["a"].joules + asked_early.charges["b"].joules, 110.0)

@@ -59,18 +59,40 @@ class _Job:
     energy_j: float = 0.0
     uncertainty_j: float = 0.0
     device_s: float = 0.0  # its share of the device's busy time (overlapping jobs share it, like energy)
-    future: concurrent.futures.Future[dict[Hashable, Charge]] | None = None
+    handle: JobHandle | None = None
 
 
 class JobHandle:
-    """Returned by `DeviceMonitor.begin`; `result` resolves to {member: Charge} once finalized."""
+    """Returned by `DeviceMonitor.begin`. Once the job is finalized, `charges` holds {member: Charge};
+    `result` is a future of them, for a caller that must wait (made on first use: most jobs are final
+    by the time their caller looks, and a future costs more than the rest of a job's bookkeeping)."""
 
-    __slots__ = ("key", "result", "start_s")
+    __slots__ = ("_future", "_lock", "charges", "key", "start_s")
 
     def __init__(self, key: int, start_s: float) -> None:
         self.key = key
         self.start_s = start_s
-        self.result: concurrent.futures.Future[dict[Hashable, Charge]] = concurrent.futures.Future()
+        self.charges: dict[Hashable, Charge] | None = None
+        self._future: concurrent.futures.Future[dict[Hashable, Charge]] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def result(self) -> concurrent.futures.Future[dict[Hashable, Charge]]:
+        with self._lock:
+            if self._future is None:
+                self._future = concurrent.futures.Future()
+                if self.charges is not None:
+                    self._future.set_result(self.charges)
+            return self._future
+
+    def _set(self, charges: dict[Hashable, Charge]) -> None:
+        with self._lock:
+            if self.charges is not None:
+                return
+            self.charges = charges
+            future = self._future
+        if future is not None and not future.done():
+            future.set_result(charges)
 
 
 class DeviceMonitor:
@@ -291,7 +313,7 @@ class DeviceMonitor:
         key = self._next_key
         self._next_key += 1
         handle = JobHandle(key, start_s)
-        self._jobs[key] = _Job(key=key, start_s=start_s, future=handle.result)
+        self._jobs[key] = _Job(key=key, start_s=start_s, handle=handle)
         return handle
 
     def _close_locked(
@@ -421,8 +443,8 @@ class DeviceMonitor:
     @staticmethod
     def _resolve(finished: list[tuple[_Job, dict[Hashable, Charge]]]) -> None:
         for job, charges in finished:
-            if job.future is not None and not job.future.done():
-                job.future.set_result(charges)
+            if job.handle is not None:
+                job.handle._set(charges)
 
     # -- reporting --------------------------------------------------------------------------------
 
