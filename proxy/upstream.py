@@ -343,8 +343,9 @@ class Activity:
         """Every piece's charge on every device, once final (each with the tag its carbon is on)."""
         out: list[tuple[Charge, RequestTag]] = []
         for handle, piece in self.pieces:
-            future = handle.result
-            charges = future.result() if future.done() else await asyncio.wrap_future(future)
+            charges = handle.charges
+            if charges is None:
+                charges = await asyncio.wrap_future(handle.result)
             charge = charges.get(piece)
             if charge is not None:
                 out.append((charge, piece))
