@@ -363,3 +363,55 @@ def test_job_charges_are_on_the_handle_and_its_future_whenever_it_was_asked_for(
     assert waiting.done() and waiting.result() is asked_early.charges
     assert asked_late.result.result(timeout=0) is asked_late.charges  # made already resolved
     assert close(asked_late.charges["a"].joules + asked_early.charges["b"].joules, 110.0)
+
+
+class _LoggingMeter(SyntheticMeter):
+    """Records every reading it returns."""
+
+    def __init__(self, clock: FakeClock, period: float) -> None:
+        super().__init__("cpu", idle_watts=10.0, busy_watts=110.0, update_period_s=period, clock=clock)
+        self.readings: list[tuple[float, float]] = []
+
+    def read(self):  # type: ignore[no-untyped-def]
+        reading = super().read()
+        self.readings.append((reading.t_s, reading.energy_j))
+        return reading
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0.0, 0.3), st.floats(0.0, 0.3), st.integers(1, 3)), min_size=1, max_size=8),
+    st.sampled_from([0.0, 0.05, 0.1]),
+)
+def test_incremental_monitor_agrees_with_the_reference_attribution(
+    jobs: list[tuple[float, float, int]], period: float
+) -> None:
+    """The monitor (with its one-job shortcuts) charges each job what `attribute` gives it over the
+    same change points, uncertainty included."""
+    clock = FakeClock(0.0)
+    meter = _LoggingMeter(clock, period)
+    m = DeviceMonitor(meter, clock=clock, max_finalize_delay_s=0.5)
+    m.sample()
+    handles = []
+    for gap, length, members in jobs:
+        clock.advance(gap)
+        m.sample()
+        h = m.begin()
+        clock.advance(length)
+        m.end(h, [((len(handles), i), 1.0) for i in range(members)])
+        handles.append((h, members))
+    clock.advance(0.5)
+    m.stop()
+    points = change_points(meter.readings, continuous=period == 0.0)
+    if meter.readings[-1][0] > points[-1][0]:
+        points.append(meter.readings[-1])  # stop() takes the last reading as a change point
+    spans = []
+    for key, (h, members) in enumerate(handles):
+        end_s = next(iter(h.charges.values())).end_s
+        spans.append(Span(key, h.start_s, end_s, float(members)))
+    reference = attribute(intervals_between(points), spans)
+    for key, (h, _) in enumerate(handles):
+        charged = list(h.charges.values())
+        scale = max(reference.total_j, 1.0)
+        assert abs(sum(c.joules for c in charged) - reference.shares_j[key]) <= 1e-9 * scale
+        assert abs(sum(c.uncertainty_joules for c in charged) - reference.uncertainty_j[key]) <= 1e-9 * scale

@@ -342,12 +342,29 @@ class DeviceMonitor:
             Span(j.key, j.start_s, j.end_s if j.end_s is not None else math.inf, j.weight)
             for j in self._jobs.values()
         ]
+        # One job at most (in-process serving: one worker per device): an interval it covers whole
+        # is all its own, one it does not touch is idle. These are split_interval's results for
+        # them, without building its objects (the hot path); anything else takes split_interval.
+        lone = self._jobs[spans[0].key] if len(spans) == 1 else None  # type: ignore[index]
         n = 0
         while n + 1 < len(self._points):
             (t0, e0), (t1, e1) = self._points[n], self._points[n + 1]
+            energy_j = max(e1 - e0, 0.0)
+            if lone is not None and t1 > t0:
+                end_s = lone.end_s if lone.end_s is not None else math.inf
+                if lone.start_s <= t0 and end_s >= t1:
+                    lone.energy_j += energy_j
+                    lone.device_s += t1 - t0
+                    self.processed_j += energy_j
+                    n += 1
+                    continue
+                if end_s <= t0 or lone.start_s >= t1:
+                    self._pending_idle_j += energy_j
+                    self.processed_j += energy_j
+                    n += 1
+                    continue
             if self._open_job_shares(spans, t0, t1):
                 break
-            energy_j = max(e1 - e0, 0.0)
             split = split_interval(Interval(t0, t1, energy_j), spans)
             for key, joules in split.shares_j.items():
                 job = self._jobs[key]  # type: ignore[index]
