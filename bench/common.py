@@ -437,3 +437,36 @@ def replay(backend: Backend, batches: Sequence[Sequence[BackendRequest]]) -> tup
         for r in results:
             units += getattr(r, "completion_tokens", 0) or len(getattr(r, "images_png", ()))
     return time.perf_counter() - t0, latencies, units
+
+
+async def drive_elsewhere(
+    base_url: str,
+    headers: Mapping[str, str],
+    make_request: Callable[[int], tuple[str, dict[str, Any]]],
+    indices: range,
+    concurrency: int,
+) -> tuple[float, list[tuple[float, dict[str, Any]]]]:
+    """`drive`, with the clients in a process of their own (`bench.loadgen`): a benchmark whose server
+    runs in this process then measures the server, not the clients' share of its GIL. Payloads come
+    back trimmed to `usage` and the length of `data`."""
+    job = {
+        "base_url": base_url,
+        "headers": dict(headers),
+        "requests": [make_request(i) for i in indices],
+        "concurrency": concurrency,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await proc.communicate(json.dumps(job).encode())
+    if proc.returncode != 0:
+        detail = err.decode(errors="replace")[-2000:]
+        raise RuntimeError(f"bench.loadgen failed ({proc.returncode}): {detail}")
+    result = json.loads(out)
+    return float(result["wall_s"]), [(float(lat), payload) for lat, payload in result["answers"]]

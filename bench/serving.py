@@ -34,7 +34,7 @@ from bench.common import (
     batch_histogram,
     common_args,
     default_cache_dir,
-    drive,
+    drive_elsewhere,
     histogram_text,
     machine_info,
     machine_markdown,
@@ -139,10 +139,11 @@ def request_for(workload: Workload, i: int, shape: Shape) -> tuple[str, dict[str
 async def send(
     session: aiohttp.ClientSession, base_url: str, workload: Workload, shape: Shape, first_index: int
 ) -> tuple[float, list[float], int]:
-    """Run one workload's requests. Returns (wall s, per-request latencies s, units answered)."""
-    wall, answers = await drive(
-        session,
+    """Run one workload's requests from clients in a process of their own (`bench.loadgen`: they must
+    not take the server's GIL). Returns (wall s, per-request latencies s, units answered)."""
+    wall, answers = await drive_elsewhere(
         base_url,
+        dict(session.headers),
         lambda i: request_for(workload, i, shape),
         range(first_index, first_index + workload.requests),
         workload.concurrency,
@@ -413,7 +414,8 @@ Command: `{command}`
 
 - Workloads: `{CHAT_MODEL}` chat, {shape.chat_max_tokens} completion tokens at most, greedy; `{IMAGE_MODEL}`
   {side}x{side}, {shape.image_steps} steps, guidance 7.5, one image per request. Each client sends its next
-  request when the previous one is answered (aiohttp clients on localhost).
+  request when the previous one is answered (aiohttp clients on localhost, in a process of their own,
+  `bench.loadgen`, so that they do not take the server's GIL).
 - {settings_note}
 - {rounds} round(s), workloads interleaved in rotated order; every figure is the median over rounds, and
   each ratio is taken within a round first. Within a round each workload runs in chunks, each chunk
