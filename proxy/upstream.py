@@ -419,13 +419,17 @@ class UpstreamServing:
         self.split_interval_s = split_interval_s
         self.clock = clock
         self.inflight = 0
-        self.tokens_per_s = 50.0  # per request, until answers teach better (see `_tick`)
+        self.tokens_per_s = 50.0  # per request, until answers teach better (see `_tick_all`)
         self._background: set[asyncio.Task[Outcome]] = set()
+        self._ticking: set[Activity] = set()  # plain text requests in flight (see `_tick_all`)
+        self._ticker: asyncio.Task[None] | None = None
 
     async def close(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
         """Wait (bounded) for the records of requests whose clients left."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout_s)
+        if self._ticker is not None:
+            self._ticker.cancel()
 
     async def forward(
         self, request: web.Request, tag: RequestTag, req: ForwardedRequest
@@ -561,9 +565,11 @@ class UpstreamServing:
         req: ForwardedRequest,
     ) -> web.Response:
         activity = self._begin(tag)
-        ticker = (
-            None if isinstance(req, ImageGenerationRequest) else asyncio.create_task(self._tick(activity))
-        )
+        ticked = not isinstance(req, ImageGenerationRequest)
+        if ticked:
+            self._ticking.add(activity)
+            if self._ticker is None:
+                self._ticker = asyncio.create_task(self._tick_all())
         try:
             try:
                 answer = await self.client.post(path, raw, headers)
@@ -581,8 +587,8 @@ class UpstreamServing:
             self._failed(activity, req, e)
             raise _api_error(e) from e
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            if ticked:
+                self._ticking.discard(activity)
             self._sent()
         result: BackendResult
         if isinstance(req, ImageGenerationRequest):
@@ -604,19 +610,26 @@ class UpstreamServing:
             headers=energy_headers(energy, request[REQUEST_ID]),
         )
 
-    async def _tick(self, activity: Activity) -> None:
+    async def _tick_all(self) -> None:
         """A plain text request's work is known only at its end; until then it is cut into pieces of
-        `split_interval_s` weighted at the current estimate of an upstream sequence's token rate (a
-        continuous-batching server advances every running sequence by about one token a step), so the
-        requests that overlap it need not wait for its end to have their energy final. The last piece
-        takes the rest of its real work (nothing when the estimate ran ahead)."""
-        while True:
-            await asyncio.sleep(self.split_interval_s)
-            now = self.clock()
-            units = self.tokens_per_s * (now - activity.last_split_s)
-            activity.add(units)
-            activity.provisional += units
-            activity.split(now)
+        `split_interval_s` (up to 1.5 times that) weighted at the current estimate of an upstream
+        sequence's token rate (a continuous-batching server advances every running sequence by about
+        one token a step), so the requests that overlap it need not wait for its end to have their
+        energy final. The last piece takes the rest of its real work (nothing when the estimate ran
+        ahead). One task does this for every request in flight (a task each cost more than the rest
+        of a request's accounting), and stops when none is left."""
+        try:
+            while self._ticking:
+                await asyncio.sleep(self.split_interval_s / 2)
+                now = self.clock()
+                for activity in list(self._ticking):
+                    if now - activity.last_split_s >= self.split_interval_s:
+                        units = self.tokens_per_s * (now - activity.last_split_s)
+                        activity.add(units)
+                        activity.provisional += units
+                        activity.split(now)
+        finally:
+            self._ticker = None
 
     def _learn_rate(self, result: TextResult, duration_s: float) -> None:
         """Moving estimate of the tokens per second one request gets from the upstream."""
