@@ -15,6 +15,9 @@ Processes, one each, so that no two share a GIL:
   and the Authorization header; where wrk is missing (or with `--no-wrk`), closed-loop aiohttp
   clients in a process of their own.
 
+Both servers run on the event loop `wattproxy serve` uses by default (`run_event_loop` in
+proxy/cli.py: uvloop where it is installed), so that the comparison is between the stacks, not loops.
+
 The two servers are measured at each connection count back to back, in rotated order, over several
 rounds, so that both see the same machine noise; every figure is the median over rounds, and the
 ratios and differences are taken within a round first. Any answer but 200 fails the run. At the end,
@@ -74,6 +77,9 @@ TARGETS = ("full", "bare")
 LABELS = {"full": "WattProxy, full stack", "bare": "bare aiohttp handler"}
 TARGET_RPS_RATIO = 0.5  # issue 8, target 2: the full stack's requests/s over the bare handler's, at least
 TARGET_ADDED_P50_MS = 1.0  # issue 8, target 2: added p50 latency at low load (1 connection), below
+# Both servers run on the event loop `wattproxy serve` runs on by default (`event_loop = "auto"`:
+# uvloop where it is installed), through the same `run_event_loop`, so that neither has a faster loop.
+EVENT_LOOP = "auto"
 
 
 # --- the instant backend -----------------------------------------------------------------------------
@@ -128,6 +134,15 @@ class InstantBackend:
 
 
 # --- the two servers (run as `python -m bench.overhead --serve full|bare ...`) -----------------------
+
+
+def event_loop_name() -> str:
+    """The loop `run_event_loop(..., EVENT_LOOP)` runs on here, with its version: "uvloop 0.21.0"."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
 
 
 def full_settings(data_dir: Path, port: int = 0) -> Any:
@@ -486,6 +501,7 @@ def render(
     seconds: float,
     load: str,
     smoke: bool,
+    event_loop: str,
 ) -> str:
     targets, compare = summary["targets"], summary["compare"]
     cs = [str(c) for c in concurrencies]
@@ -556,6 +572,9 @@ def render(
         "- Bare handler (one process): an aiohttp app whose one handler parses the JSON body and answers the "
         f"bytes the full stack answered the same request with ({body_bytes} bytes of JSON, the same `X-*` "
         "headers), captured from it at the start and checked identical.",
+        f"- Event loop: both servers run on the one `wattproxy serve` uses by default ({event_loop} here: "
+        '`run_event_loop` in proxy/cli.py with `event_loop = "auto"`, uvloop where it is installed), so '
+        "that neither has a faster loop than the other.",
         f"- Load: {load}; {seconds:g} s per server and level, {summary['rounds']} round(s); at each level "
         "both servers back to back in an order rotated by round and level. Figures are medians over "
         "rounds; ratios and added latencies are taken within a round, then the median. Every answer was "
@@ -618,11 +637,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve == "full":
         import logging
 
+        from proxy.cli import run_event_loop
+
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        asyncio.run(serve_full(args.data_dir, args.port))
+        run_event_loop(serve_full(args.data_dir, args.port), EVENT_LOOP)
         return 0
     if args.serve == "bare":
-        asyncio.run(serve_bare(args.answer, args.port))
+        from proxy.cli import run_event_loop
+
+        run_event_loop(serve_bare(args.answer, args.port), EVENT_LOOP)
         return 0
     if args.load is not None:
         m = asyncio.run(python_load(json.loads(args.load.read_text(encoding="utf-8"))))
@@ -651,7 +674,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         books = check_books(run, recorded, answered_by_status(full_dir / METRICS_FILE), wrk is not None)
     summary = summarize(run, concurrencies, rounds)
     command = reproduce_command(f"bench.{NAME}", sys.argv[1:] if argv is None else argv)
-    markdown = render(summary, books, answer, info, command, concurrencies, seconds, load, args.smoke)
+    event_loop = event_loop_name()
+    markdown = render(
+        summary, books, answer, info, command, concurrencies, seconds, load, args.smoke, event_loop
+    )
     data = {
         "benchmark": NAME,
         "smoke": args.smoke,
@@ -664,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup_s": warmup_s,
             "load": load,
             "load_generator": "wrk" if wrk else "python",
+            "event_loop": event_loop,
         },
         "answer_bytes": len(answer["body"].encode("utf-8")),
         "books": books,

@@ -525,8 +525,9 @@ def render(
         "",
         "- Upstream: an aiohttp stub on localhost that answers every chat completion at once with the same "
         "fixed body (with usage). Both proxies forward to it; the stub is also called directly.",
-        "- WattProxy: `python -m proxy serve --upstream <stub> --auth none --meter synthetic` (one process): "
-        "each request is forwarded, accounted on the upstream device's timeline, and committed to the SQLite "
+        "- WattProxy: `python -m proxy serve --upstream <stub> --auth none --meter synthetic` (one process, "
+        "on the event loop `wattproxy serve` picks: uvloop where it is installed): each request is "
+        "forwarded, accounted on the upstream device's timeline, and committed to the SQLite "
         f"ledger before it is answered. Its ledger held {ledger['recorded']:,} records; the load generator "
         f"counted {ledger['sent']:,} answers (requests still in flight when a measurement stopped are "
         f"recorded but not counted){'' if ledger['recorded'] >= ledger['sent'] else ' (RECORDS MISSING)'}.",

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
+import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 from backends.base import ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
 from proxy.config import ModelSettings, parse_size
@@ -27,11 +30,8 @@ from proxy.errors import (
 )
 from proxy.openapi import openapi_document
 from proxy.protocol import (
-    ChatChoice,
-    ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatMessageOut,
     ChunkChoice,
     ChunkDelta,
     Completion,
@@ -72,18 +72,63 @@ def _json(model: BaseModel, *, headers: dict[str, str] | None = None) -> web.Res
     )
 
 
+if sys.version_info >= (3, 11):
+
+    async def _read_within(request: web.Request, timeout_s: float) -> bytes:
+        async with asyncio.timeout(timeout_s):  # no task per request, unlike wait_for before 3.12
+            return await request.read()
+
+else:
+
+    async def _read_within(request: web.Request, timeout_s: float) -> bytes:
+        return await asyncio.wait_for(request.read(), timeout_s)
+
+
+async def _read(request: web.Request) -> bytes:
+    """The whole body, or 408 when it does not arrive within `client_timeout_s`."""
+    if request.content.is_eof():  # already received whole (the usual small body): nothing to time
+        return await request.read()
+    try:
+        return await _read_within(request, request.app[SETTINGS].client_timeout_s)
+    except asyncio.TimeoutError as e:
+        raise RequestTimeout("the request body did not arrive in time", code="request_timeout") from e
+
+
+# The JSON escape of a UTF-16 surrogate (\\ud800-\\udfff): json.loads turns a lone one into a str that
+# is not text (it cannot be encoded). A pair also matches, and is then checked in full.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _surely_text(raw: bytes) -> bool:
+    """True when the strings `json.loads(raw)` gives cannot hold a surrogate, checked without a second
+    pass over the parsed data: strict UTF-8 (json.loads lets encoded surrogates through) with no
+    surrogate escape. A NUL means UTF-16 or UTF-32, whose escapes the pattern cannot see: not sure."""
+    if b"\x00" in raw or _SURROGATE_ESCAPE.search(raw):
+        return False
+    if raw.isascii():
+        return True
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 async def _body(request: web.Request) -> Any:
     if request.content_type not in ("application/json", "", "application/octet-stream", "text/plain"):
         raise InvalidRequest(f"unsupported content type {request.content_type!r}; send application/json")
-    try:
-        raw = await asyncio.wait_for(request.read(), request.app[SETTINGS].client_timeout_s)
-    except asyncio.TimeoutError as e:
-        raise RequestTimeout("the request body did not arrive in time", code="request_timeout") from e
+    return parse_body(await _read(request))
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object. Raises InvalidRequest when it is empty, not text or not an
+    object, and json.JSONDecodeError when it is not JSON (the error middleware words both as 400s)."""
     if not raw:
         raise InvalidRequest("request body is empty; send a JSON object", code="invalid_json")
     try:
         data = json.loads(raw)
-        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates (\\ud800) are not text
+        if not _surely_text(raw):
+            json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates (\\ud800) are not text
     except UnicodeError as e:
         raise InvalidRequest("request body is not valid UTF-8 text", code="invalid_json") from e
     if not isinstance(data, dict):
@@ -163,6 +208,8 @@ def _submit(
 async def _wait(queue: ModelQueue, items: Sequence[WorkItem]) -> list[Outcome]:
     """Await every item; if the client leaves, queued items are dropped and never run."""
     try:
+        if len(items) == 1:  # the usual case: awaiting the one future is what gather of it does, cheaper
+            return [await items[0].future]
         return list(await asyncio.gather(*(it.future for it in items)))
     except asyncio.CancelledError:
         _abandon(queue, items)
@@ -189,48 +236,150 @@ def _raise_failed(outcomes: Sequence[Outcome]) -> None:
         raise ServerError(f"the model failed while generating (request id {failed.tag.request_id})")
 
 
-def energy_usage(outcomes: Sequence[Outcome]) -> EnergyUsage:
-    """The energy extension for one response, summed over its members."""
-    joules = sum(o.charge.joules for o in outcomes)
+def _energy_fields(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """The energy extension for one response, summed over its members: EnergyUsage's fields (but
+    `usage_source`) in its order, from trusted internal values, as they are (an int stays an int)."""
     first = outcomes[0]
+    joules = sum(o.charge.joules for o in outcomes)
     carbon = [o.tag.carbon for o in outcomes if o.tag.carbon is not None]
     co2 = sum(c.co2_grams for c in carbon)
     embodied = sum(c.embodied_co2_grams for c in carbon)
-    return EnergyUsage.model_construct(  # built from trusted internal values: no validation needed
-        kwh=joules / JOULES_PER_KWH,
-        joules=joules,
-        co2_grams=co2,
-        measurement=first.charge.measurement,  # type: ignore[arg-type]
-        device=first.charge.device,
-        uncertainty_kwh=sum(o.charge.uncertainty_joules for o in outcomes) / JOULES_PER_KWH,
-        carbon_intensity_g_per_kwh=carbon[0].intensity_g_per_kwh if carbon else 0.0,
-        pue=carbon[0].pue if carbon else 1.0,
-        idle_joules=sum(o.charge.idle_joules for o in outcomes),
-        embodied_co2_grams=embodied if carbon and embodied else None,
-        carbon_source=carbon[0].source if carbon else None,
-    )
-
-
-def energy_headers(energy: EnergyUsage, request_id: str) -> dict[str, str]:
     return {
-        "X-Energy-kWh": repr(energy.kwh),
-        "X-Energy-Joules": repr(energy.joules),
-        "X-CO2-Grams": repr(energy.co2_grams),
-        "X-Energy-Measurement": energy.measurement,
+        "kwh": joules / JOULES_PER_KWH,
+        "joules": joules,
+        "co2_grams": co2,
+        "measurement": first.charge.measurement,
+        "device": first.charge.device,
+        "uncertainty_kwh": sum(o.charge.uncertainty_joules for o in outcomes) / JOULES_PER_KWH,
+        "carbon_intensity_g_per_kwh": carbon[0].intensity_g_per_kwh if carbon else 0.0,
+        "pue": carbon[0].pue if carbon else 1.0,
+        "idle_joules": sum(o.charge.idle_joules for o in outcomes),
+        "embodied_co2_grams": embodied if carbon and embodied else None,
+        "carbon_source": carbon[0].source if carbon else None,
+    }
+
+
+def energy_usage(outcomes: Sequence[Outcome]) -> EnergyUsage:
+    """The energy extension for one response, summed over its members."""
+    # built from trusted internal values: no validation needed
+    return EnergyUsage.model_construct(**_energy_fields(outcomes))
+
+
+def energy_headers(energy: EnergyUsage | Mapping[str, Any], request_id: str) -> dict[str, str]:
+    """The X-Energy-* headers of `energy` (the model, or its fields as `_energy_fields` gives them)."""
+    e = energy if isinstance(energy, Mapping) else energy.__dict__  # a model's __dict__: its fields
+    return {
+        "X-Energy-kWh": repr(e["kwh"]),
+        "X-Energy-Joules": repr(e["joules"]),
+        "X-CO2-Grams": repr(e["co2_grams"]),
+        "X-Energy-Measurement": e["measurement"],
         "X-Request-Id": request_id,
     }
 
 
-def _text_usage(outcomes: Sequence[Outcome]) -> Usage:
+def _tokens(outcomes: Sequence[Outcome]) -> tuple[int, int]:
+    """Prompt and completion tokens, summed over the members."""
     results = [o.result for o in outcomes if isinstance(o.result, TextResult)]
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
+    return sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+
+
+def _text_usage(outcomes: Sequence[Outcome]) -> Usage:
+    prompt, completion = _tokens(outcomes)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
         energy=energy_usage(outcomes),
     )
+
+
+# --- plain (non-streamed) text answers, serialized without pydantic models --------------------------
+#
+# These dicts mirror ChatCompletion and Completion field by field (names, order, defaults), hold only
+# trusted internal values with each field's type (floats as floats: a float field dumps 1 as 1.0), and
+# are serialized by pydantic's own serializer: the bytes model_dump_json gives, without building and
+# validating the models on every answer (tests/test_fast_paths.py compares the bytes).
+
+
+def _energy_json(e: Mapping[str, Any]) -> dict[str, Any]:
+    """`_energy_fields` as EnergyUsage.model_dump gives them."""
+    embodied = e["embodied_co2_grams"]
+    return {
+        "kwh": float(e["kwh"]),
+        "joules": float(e["joules"]),
+        "co2_grams": float(e["co2_grams"]),
+        "measurement": e["measurement"],
+        "device": e["device"],
+        "uncertainty_kwh": float(e["uncertainty_kwh"]),
+        "carbon_intensity_g_per_kwh": float(e["carbon_intensity_g_per_kwh"]),
+        "pue": float(e["pue"]),
+        "idle_joules": float(e["idle_joules"]),
+        "embodied_co2_grams": None if embodied is None else float(embodied),
+        "carbon_source": e["carbon_source"],
+        "usage_source": None,
+    }
+
+
+def _usage_json(outcomes: Sequence[Outcome], energy: Mapping[str, Any]) -> dict[str, Any]:
+    """Usage.model_dump of `_text_usage(outcomes)`."""
+    prompt, completion = _tokens(outcomes)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "energy": _energy_json(energy),
+    }
+
+
+def _text_results(outcomes: Sequence[Outcome]) -> list[TextResult]:
+    results = [o.result for o in outcomes]
+    assert all(isinstance(r, TextResult) for r in results)
+    return results  # type: ignore[return-value]
+
+
+def chat_completion_json(
+    request_id: str, model: str, outcomes: Sequence[Outcome], energy: Mapping[str, Any]
+) -> dict[str, Any]:
+    """ChatCompletion.model_dump of the answer to a chat request whose members are `outcomes`."""
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "finish_reason": r.finish_reason,
+                "logprobs": None,
+            }
+            for i, r in enumerate(_text_results(outcomes))
+        ],
+        "usage": _usage_json(outcomes, energy),
+    }
+
+
+def completion_json(
+    request_id: str, model: str, outcomes: Sequence[Outcome], energy: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Completion.model_dump of the answer to a completion request whose members are `outcomes`."""
+    return {
+        "id": f"cmpl-{request_id}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+            for i, r in enumerate(_text_results(outcomes))
+        ],
+        "usage": _usage_json(outcomes, energy),
+    }
+
+
+def _json_answer(body: dict[str, Any], headers: dict[str, str]) -> web.Response:
+    """What `_json` answers for the model that `body` mirrors (same bytes, same headers)."""
+    headers["Content-Type"] = "application/json; charset=utf-8"  # after the others, as `_json` puts it
+    return web.Response(body=to_json(body, inf_nan_mode="null"), headers=headers)
 
 
 def _max_tokens(ms: ModelSettings, **candidates: int | None) -> int:
@@ -421,15 +570,18 @@ async def _stream_members(
 
 
 async def _answer_members(
-    request: web.Request, served: ServedModel, bases: Sequence[TextRequest]
-) -> tuple[list[TextResult], Usage]:
-    """Queue a text request's members, await them all, and sum their usage (energy included)."""
+    request: web.Request,
+    served: ServedModel,
+    bases: Sequence[TextRequest],
+    body: Callable[[str, str, Sequence[Outcome], Mapping[str, Any]], dict[str, Any]],
+) -> web.Response:
+    """Queue a text request's members, await them all, and answer `body` of them with energy headers."""
     assert served.queue is not None
     outcomes = await _wait(served.queue, _submit_all(served.queue, bases, request, served))
     _raise_failed(outcomes)
-    results = [o.result for o in outcomes]
-    assert all(isinstance(r, TextResult) for r in results)
-    return results, _text_usage(outcomes)  # type: ignore[return-value]
+    rid = request[REQUEST_ID]
+    energy = _energy_fields(outcomes)
+    return _json_answer(body(rid, served.settings.name, outcomes, energy), energy_headers(energy, rid))
 
 
 async def _chat_completions(
@@ -452,14 +604,7 @@ async def _chat_completions(
     bases = [base] * req.n
     if req.stream:
         return await _stream_members(request, served, bases, _ChatChunks, req.stream_options)
-    results, usage = await _answer_members(request, served, bases)
-    choices = [
-        ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason)
-        for i, r in enumerate(results)
-    ]
-    body = ChatCompletion(id=f"chatcmpl-{request[REQUEST_ID]}", model=ms.name, choices=choices, usage=usage)
-    assert usage.energy is not None
-    return _json(body, headers=energy_headers(usage.energy, request[REQUEST_ID]))
+    return await _answer_members(request, served, bases, chat_completion_json)
 
 
 def _with_stream(base: TextRequest, streamer: _Streamer) -> TextRequest:
@@ -511,13 +656,7 @@ async def _completions(
     _admit(request)
     if req.stream:
         return await _stream_members(request, served, bases, _CompletionChunks, req.stream_options)
-    results, usage = await _answer_members(request, served, bases)
-    choices = [
-        CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)
-    ]
-    body = Completion(id=f"cmpl-{request[REQUEST_ID]}", model=ms.name, choices=choices, usage=usage)
-    assert usage.energy is not None
-    return _json(body, headers=energy_headers(usage.energy, request[REQUEST_ID]))
+    return await _answer_members(request, served, bases, completion_json)
 
 
 async def _images_generations(

@@ -312,6 +312,24 @@ def _utc(epoch_s: float) -> datetime:
 
 Row = tuple[Any, ...]  # one record's insert parameters, in `requests_table` column order
 
+# The UTC day last computed by `_day`: (from, until, "YYYY-MM-DD"), a millisecond inside the day's
+# bounds, so that no rounding of a time within them can fall on another day. One tuple, replaced whole:
+# safe to share between threads.
+_day_memo: tuple[float, float, str] = (0.0, 0.0, "")
+
+
+def _day(time_s: float) -> str:
+    """`_utc(time_s).strftime("%Y-%m-%d")`, computed once per day (the requests of a day share it)."""
+    global _day_memo
+    lo, hi, day = _day_memo
+    if lo < time_s < hi:
+        return day
+    when = _utc(time_s)
+    day = when.strftime("%Y-%m-%d")
+    start_s = datetime(when.year, when.month, when.day, tzinfo=timezone.utc).timestamp()
+    _day_memo = (start_s + 0.001, start_s + 86_400 - 0.001, day)
+    return day
+
 
 def _row(r: LedgerRecord) -> Row:
     """The insert parameters of one record: the hot path, so a plain tuple that goes to the driver
@@ -321,7 +339,7 @@ def _row(r: LedgerRecord) -> Row:
     return (
         r.request_id,
         time_s,
-        _utc(time_s).strftime("%Y-%m-%d"),
+        _day(time_s),
         r.user,
         r.key_id,
         r.model,

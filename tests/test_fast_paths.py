@@ -1,0 +1,272 @@
+"""The request path's shortcuts give exactly what the straightforward code they replace gives: answer
+bytes and headers built without pydantic models, the body's text check without a second json.dumps,
+request ids without uuid.UUID, the ledger's day without a datetime per record."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from backends.base import TextRequest, TextResult
+from proxy.api import (
+    _energy_fields,
+    _json,
+    _json_answer,
+    _text_usage,
+    chat_completion_json,
+    completion_json,
+    energy_headers,
+    energy_usage,
+    parse_body,
+)
+from proxy.app import new_request_id
+from proxy.carbon import CarbonCharge
+from proxy.energy.monitor import Charge
+from proxy.errors import InvalidRequest
+from proxy.ledger import _day, _utc
+from proxy.protocol import ChatChoice, ChatCompletion, ChatMessageOut, Completion, CompletionChoice
+from proxy.scheduler import Outcome, RequestTag
+
+REQUEST = TextRequest(prompt="hi", max_tokens=4)
+
+# Values a charge can hold: floats of every kind (and the ints and bools a float field turns into floats)
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1e-300, 5e-324, 1.29e-07, 0.1 + 0.2, 1e16, 123456789.125]),
+    st.integers(min_value=-(2**53), max_value=2**53),
+    st.booleans(),
+)
+texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@st.composite
+def outcomes(draw: st.DrawFn) -> list[Outcome]:
+    members = []
+    for i in range(draw(st.integers(min_value=1, max_value=3))):
+        carbon = draw(
+            st.none()
+            | st.builds(
+                CarbonCharge,
+                co2_grams=numbers,
+                operational_co2_grams=numbers,
+                embodied_co2_grams=numbers,
+                intensity_g_per_kwh=numbers,
+                pue=numbers,
+                zone=texts,
+                source=texts,
+            )
+        )
+        charge = Charge(
+            joules=draw(numbers),
+            idle_joules=draw(numbers),
+            uncertainty_joules=draw(numbers),
+            measurement=draw(st.sampled_from(["measured", "estimated", "synthetic", "unavailable"])),
+            device=draw(st.sampled_from(["cpu", "cuda:0"])),
+            start_s=0.0,
+            end_s=1.0,
+            device_seconds=1.0,
+        )
+        result = TextResult(
+            text=draw(texts),
+            prompt_tokens=draw(st.integers(min_value=0, max_value=10**6)),
+            completion_tokens=draw(st.integers(min_value=0, max_value=10**6)),
+            finish_reason=draw(st.sampled_from(["stop", "length"])),
+            work_units=1.0,
+        )
+        tag = RequestTag(request_id=f"r{i}", model="m", task="text", user="u", carbon=carbon)
+        members.append(Outcome(tag, REQUEST, result, None, charge, "ok", 0.0, 0.0, 1, 0.0))
+    return members
+
+
+def _same_json(a: bytes, b: bytes) -> None:
+    assert a == b, (a, b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(outcomes(), texts)
+def test_chat_and_completion_answers_are_the_bytes_of_their_models(members: list[Outcome], rid: str) -> None:
+    energy = _energy_fields(members)
+    usage = _text_usage(members)
+    results = [o.result for o in members]
+    assert all(isinstance(r, TextResult) for r in results)
+
+    chat = chat_completion_json(rid, "model-é", members, energy)
+    model = ChatCompletion(
+        id=f"chatcmpl-{rid}",
+        created=chat["created"],
+        model="model-é",
+        choices=[
+            ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason)  # type: ignore[union-attr]
+            for i, r in enumerate(results)
+        ],
+        usage=usage,
+    )
+    _same_answer(chat, model, energy, rid)
+
+    completion = completion_json(rid, "m", members, energy)
+    model_c = Completion(
+        id=f"cmpl-{rid}",
+        created=completion["created"],
+        model="m",
+        choices=[
+            CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)  # type: ignore[union-attr]
+            for i, r in enumerate(results)
+        ],
+        usage=usage,
+    )
+    _same_answer(completion, model_c, energy, rid)
+
+
+def _same_answer(body: dict[str, Any], model: Any, energy: dict[str, Any], rid: str) -> None:
+    """`_json_answer` of the dict answers what `_json` of the model did: body bytes and headers."""
+    assert model.usage.energy is not None
+    before = _json(model, headers=energy_headers(model.usage.energy, rid))
+    after = _json_answer(body, energy_headers(energy, rid))
+    _same_json(after.body, before.body)  # type: ignore[arg-type]
+    assert list(after.headers.items()) == list(before.headers.items())
+    assert after.status == before.status and after.content_type == before.content_type
+
+
+@settings(max_examples=200, deadline=None)
+@given(outcomes())
+def test_energy_headers_of_the_fields_are_those_of_the_model(members: list[Outcome]) -> None:
+    fields = _energy_fields(members)
+    assert energy_headers(fields, "rid") == energy_headers(energy_usage(members), "rid")
+
+
+# -- the body's text check: one json.loads, the full re-encoding only where a surrogate may hide --------
+
+
+def _reference_parse(raw: bytes) -> Any:
+    """The straightforward check: parse, then re-encode everything (which a lone surrogate fails)."""
+    if not raw:
+        raise InvalidRequest("request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(raw)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeError as e:
+        raise InvalidRequest("request body is not valid UTF-8 text", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _verdict(parse: Any, raw: bytes) -> tuple[str, Any]:
+    try:
+        data = parse(raw)
+    except InvalidRequest as e:
+        return "invalid", (e.message, e.code)
+    except ValueError as e:  # json.JSONDecodeError; also int digit limits
+        return type(e).__name__, str(e)
+    except RecursionError:
+        return "recursion", None
+    return "ok", json.dumps(data, sort_keys=True, default=repr, allow_nan=True)
+
+
+# Bodies that have hurt: surrogate escapes (lone, paired, reversed, upper case, an escaped backslash
+# before "ud800"), UTF-8-encoded surrogates, bad UTF-8, BOMs, UTF-16 and UTF-32 (whose escapes hide
+# between NULs), non-ASCII text, NaN.
+SAMPLES = [
+    b'{"a": "\\ud800"}',
+    b'{"a": "\\uD800"}',
+    b'{"a": "\\udfff x"}',
+    b'{"a": "\\ud83d\\ude00"}',
+    b'{"a": "\\ude00\\ud83d"}',
+    b'{"a": "\\\\ud800"}',
+    b'{"\\ud800": 1}',
+    b'{"a": "\xed\xa0\x80"}',
+    b'{"a": "\xff"}',
+    b'{"a": "\xc3"}',
+    b"\xef\xbb\xbf" + b'{"a": "x"}',
+    b"\xef\xbb\xbf\xef\xbb\xbf" + b'{"a": "x"}',
+    '{"a": "é ✓ 😀"}'.encode(),
+    '{"a": "\\ud800"}'.encode("utf-16-le"),
+    '{"a": "\\ud800"}'.encode("utf-16"),
+    '{"a": "\\ud800"}'.encode("utf-32-be"),
+    '{"a": "é"}'.encode("utf-16-be"),
+    '{"a": "\ud800"}'.encode("utf-16-le", "surrogatepass"),
+    b'{"a": NaN, "b": -Infinity}',
+    b'{"a": "x\x00"}',
+    b'["not", "an", "object"]',
+    b"{",
+    b"   ",
+    b"",
+    b'{"model": "m", "messages": [{"role": "user", "content": "How much energy?"}], "max_tokens": 16}',
+]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> bytes:
+    """JSON objects, with text of any code point (lone surrogates included) escaped or not, in any of
+    JSON's encodings, sometimes cut or spliced with stray bytes."""
+    value = {draw(st.text(max_size=5)): draw(json_values) for _ in range(draw(st.integers(0, 3)))}
+    value["s"] = draw(st.text(st.characters(), max_size=10))  # "Cs": lone surrogates too
+    text = json.dumps(value, ensure_ascii=draw(st.booleans()))
+    encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "utf-16-le", "utf-16-be", "utf-32-le"]))
+    raw = text.encode(encoding, "surrogatepass")
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(st.binary(max_size=4)) + raw[at + draw(st.integers(0, 2)) :]
+    return raw
+
+
+@pytest.mark.parametrize("raw", SAMPLES)
+def test_the_body_check_answers_as_the_full_check_on_known_bodies(raw: bytes) -> None:
+    assert _verdict(parse_body, raw) == _verdict(_reference_parse, raw)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(bodies())
+@example(b'{"s": "\\ud800"}')
+def test_the_body_check_answers_as_the_full_check(raw: bytes) -> None:
+    assert _verdict(parse_body, raw) == _verdict(_reference_parse, raw)
+
+
+# -- request ids and the ledger's day -------------------------------------------------------------------
+
+
+def test_request_ids_are_uuid4_hex() -> None:
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    for rid in ids:
+        u = uuid.UUID(hex=rid)
+        assert u.hex == rid and len(rid) == 32 and u.version == 4 and u.variant == uuid.RFC_4122
+    # every other bit is random: across many ids each of them takes both values
+    ored = anded = int(rid, 16)
+    for rid in ids:
+        ored, anded = ored | int(rid, 16), anded & int(rid, 16)
+    # 6 bits are fixed (version 0100, variant 10): 4 always 0, 2 always 1
+    assert bin(ored).count("1") == 128 - 4 and bin(anded).count("1") == 2
+
+
+day_edges = st.integers(min_value=-3000, max_value=60_000).flatmap(
+    lambda d: st.sampled_from([-1e-3, -1e-6, -5e-7, -4e-7, 0.0, 4e-7, 5e-7, 1e-6, 1e-3]).map(
+        lambda o: d * 86_400 + o
+    )
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.floats(min_value=-1e10, max_value=4e9) | day_edges, min_size=1, max_size=20))
+def test_the_ledger_day_is_the_utc_date(times: list[float]) -> None:
+    for t in [*times, *sorted(times)]:  # in any order, then day by day
+        assert _day(t) == _utc(t).strftime("%Y-%m-%d"), t
+
+
+def test_the_ledger_day_of_now() -> None:
+    now = datetime.now(timezone.utc)
+    assert _day(now.timestamp()) == now.strftime("%Y-%m-%d")
+    assert math.isfinite(now.timestamp())
