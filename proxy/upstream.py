@@ -74,7 +74,7 @@ from backends.openai_upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.api import _sse, _start_sse, energy_headers, energy_usage
+from proxy.api import _energy_fields, _sse, _start_sse, energy_headers
 from proxy.carbon import CarbonCharge
 from proxy.config import ModelSettings, Settings, UpstreamSettings, parse_size
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
@@ -601,8 +601,8 @@ class UpstreamServing:
         outcome = await self._settled_for_answer(
             self._settle_later(activity, request_obj, result, "ok"), activity
         )
-        energy = energy_usage([outcome]).model_copy(update={"usage_source": source})
-        usage["energy"] = energy.model_dump()
+        energy = {**_energy_fields([outcome]), "usage_source": source}  # EnergyUsage.model_dump()'s
+        usage["energy"] = energy
         body["usage"] = usage
         return web.Response(
             body=json.dumps(body).encode(),
@@ -777,11 +777,15 @@ class UpstreamServing:
         if failure is not None:
             await _sse(resp, failure.body())
         elif wants_usage and not upstream_failed:
-            energy = energy_usage([outcome]).model_copy(update={"usage_source": source})
+            energy = {**_energy_fields([outcome]), "usage_source": source}
             await _sse(
                 resp,
                 _usage_chunk(
-                    held_usage, last_chunk, prompt, completion, energy.model_dump(exclude_none=True)
+                    held_usage,
+                    last_chunk,
+                    prompt,
+                    completion,
+                    {k: v for k, v in energy.items() if v is not None},
                 ),
             )
         await _sse(resp, "[DONE]")

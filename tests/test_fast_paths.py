@@ -270,3 +270,22 @@ def test_the_ledger_day_of_now() -> None:
     now = datetime.now(timezone.utc)
     assert _day(now.timestamp()) == now.strftime("%Y-%m-%d")
     assert math.isfinite(now.timestamp())
+
+
+@settings(max_examples=100, deadline=None)
+@given(outcomes(), st.sampled_from(["upstream", "estimate"]))
+def test_proxy_mode_energy_fields_are_the_model_dump(members: list[Outcome], source: str) -> None:
+    """Proxy mode answers `{**_energy_fields(...), "usage_source": ...}` for EnergyUsage's model_dump."""
+    model = energy_usage(members[:1]).model_copy(update={"usage_source": source})
+    fields = {**_energy_fields(members[:1]), "usage_source": source}
+    assert list(fields) == list(model.model_dump())
+    assert _same_values(fields, model.model_dump())
+    assert {k: v for k, v in fields.items() if v is not None} == model.model_dump(exclude_none=True)
+
+
+def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal, NaN included (NaN != NaN)."""
+    return all(
+        (x != x and y != y) or (x == y and type(x) is type(y))
+        for x, y in zip(a.values(), b.values(), strict=True)
+    )
