@@ -415,3 +415,11 @@ def test_incremental_monitor_agrees_with_the_reference_attribution(
         scale = max(reference.total_j, 1.0)
         assert abs(sum(c.joules for c in charged) - reference.shares_j[key]) <= 1e-9 * scale
         assert abs(sum(c.uncertainty_joules for c in charged) - reference.uncertainty_j[key]) <= 1e-9 * scale
+
+
+def test_uncertainty_is_never_negative_when_rounding_gives_a_span_a_hair_more_than_the_interval() -> None:
+    # found by hypothesis: the second span's share rounds to 1.0000000000000002e-06 of 1e-06 J
+    spans = [Span(0, 0.0, 1 / 3, 0.0), Span(1, 7.235784828053574e-117, 1.0, 1.0)]
+    split = split_interval(Interval(0.0, 0.96875, 1e-6), spans)
+    assert split.shares_j[1] > 1e-6  # the rounding this is about
+    assert all(0.0 <= split.uncertainty_j[k] <= split.shares_j[k] for k in split.shares_j)

@@ -121,7 +121,8 @@ def split_interval(interval: Interval, spans: Iterable[Span]) -> Split:
     for s in active:
         taken_j = split.shares_j.get(s.key, 0.0)
         if s.start_s > a or s.end_s < b:  # the span covers this interval only partly
-            split.uncertainty_j[s.key] = min(taken_j, energy_j - taken_j)
+            # (never below 0: the shares' rounding can leave `taken_j` a hair above `energy_j`)
+            split.uncertainty_j[s.key] = max(min(taken_j, energy_j - taken_j), 0.0)
         else:
             split.uncertainty_j.setdefault(s.key, 0.0)
     return split
