@@ -4,6 +4,7 @@ port running in its own thread and event loop (so tests can use the official syn
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -12,10 +13,16 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
+from hypothesis import settings as hypothesis_settings
 
 from backends.tiny import ensure_model
 from proxy.app import create_app, make_runner
 from proxy.config import ModelSettings, Settings
+
+# CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) draws the same examples on every run, so a submission's
+# result does not depend on the draw; local runs draw new ones, to find what CI's fixed draw misses.
+hypothesis_settings.register_profile("ci", derandomize=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 T = TypeVar("T")
 
