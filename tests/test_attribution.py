@@ -423,3 +423,23 @@ def test_uncertainty_is_never_negative_when_rounding_gives_a_span_a_hair_more_th
     split = split_interval(Interval(0.0, 0.96875, 1e-6), spans)
     assert split.shares_j[1] > 1e-6  # the rounding this is about
     assert all(0.0 <= split.uncertainty_j[k] <= split.shares_j[k] for k in split.shares_j)
+
+
+def test_overlapping_jobs_split_their_shared_time_by_work_rate() -> None:
+    clock = FakeClock()
+    m = _monitor(clock)
+    clock.advance(1.0)
+    first = m.begin()  # [1.0, 2.0], 1 unit of work: rate 1/s
+    clock.advance(0.5)
+    second = m.begin()  # [1.5, 2.5], 3 units: rate 3/s
+    clock.advance(0.5)
+    m.end(first, [("a", 1.0)])
+    clock.advance(0.5)
+    m.end(second, [("b", 3.0)])
+    clock.advance(0.1)
+    m.sample()
+    a = first.result.result(timeout=1)["a"]
+    b = second.result.result(timeout=1)["b"]
+    # [1.0, 1.5] is the first's, [2.0, 2.5] the second's, [1.5, 2.0] shared 1:3
+    assert close(a.device_seconds, 0.5 + 0.5 * 0.25)
+    assert close(b.device_seconds, 0.5 * 0.75 + 0.5)

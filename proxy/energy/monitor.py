@@ -366,13 +366,18 @@ class DeviceMonitor:
             if self._open_job_shares(spans, t0, t1):
                 break
             split = split_interval(Interval(t0, t1, energy_j), spans)
+            # The split is linear in the interval's energy, so each job's share of its time is its
+            # share of its energy scaled (with no energy to scale, the time is split on its own).
+            seconds_per_joule = (t1 - t0) / energy_j if energy_j > 0 and t1 > t0 else 0.0
             for key, joules in split.shares_j.items():
                 job = self._jobs[key]  # type: ignore[index]
                 job.energy_j += joules
                 job.uncertainty_j += split.uncertainty_j.get(key, 0.0)
+                job.device_s += joules * seconds_per_joule
             self._pending_idle_j += split.idle_j
             self.processed_j += energy_j
-            self._share_time_locked(t0, t1, spans)
+            if not seconds_per_joule:
+                self._share_time_locked(t0, t1, spans)
             n += 1
         if n:
             del self._points[:n]
