@@ -259,3 +259,53 @@ def test_first_start_prints_one_admin_key_once(model_cache: Path, tmp_path: Path
             server.proc.send_signal(signal.SIGTERM)
             server.proc.wait(timeout=60)
     assert len(printed[0]) == 1 and printed[1] == []
+
+
+def test_concurrent_requests_with_an_expired_key_share_one_lookup(tmp_path: Path) -> None:
+    from proxy.auth import KeyCache, new_key
+    from proxy.ledger import LedgerUnavailable, sqlite_url
+
+    async def main() -> None:
+        ledger = Ledger(sqlite_url(tmp_path / "keys.db"))
+        await ledger.start()
+        try:
+            secret, record = new_key("ada")
+            await ledger.add_key(record)
+            lookups = 0
+            real = ledger.key_by_hash
+
+            async def counted(key_hash: str):  # type: ignore[no-untyped-def]
+                nonlocal lookups
+                lookups += 1
+                await asyncio.sleep(0.05)  # the database is slow: everyone arrives meanwhile
+                return await real(key_hash)
+
+            ledger.key_by_hash = counted  # type: ignore[method-assign]
+            cache = KeyCache(ledger, ttl_s=60.0)
+            found = await asyncio.gather(*(cache.lookup(secret) for _ in range(20)))
+            assert lookups == 1 and all(r is not None and r.user == "ada" for r in found)
+            assert await cache.lookup("wp-" + "0" * 40) is None and lookups == 2  # another key: its own
+
+            # a waiter that leaves does not take the lookup down with it
+            cache.forget()
+            leaver = asyncio.ensure_future(cache.lookup(secret))
+            stayer = asyncio.ensure_future(cache.lookup(secret))
+            await asyncio.sleep(0.01)
+            leaver.cancel()
+            assert (await stayer) is not None and lookups == 3
+
+            # a failure reaches every waiter, and the next request tries again
+            async def down(key_hash: str):  # type: ignore[no-untyped-def]
+                await asyncio.sleep(0.02)
+                raise LedgerUnavailable("down")
+
+            cache.forget()
+            ledger.key_by_hash = down  # type: ignore[method-assign]
+            failed = await asyncio.gather(*(cache.lookup(secret) for _ in range(3)), return_exceptions=True)
+            assert all(isinstance(f, LedgerUnavailable) for f in failed)
+            ledger.key_by_hash = counted  # type: ignore[method-assign]
+            assert await cache.lookup(secret) is not None and lookups == 4
+        finally:
+            await ledger.close()
+
+    asyncio.run(main())
