@@ -390,16 +390,10 @@ class DeviceMonitor:
         return self._commit_locked(done)
 
     def _share_time_locked(self, a: float, b: float, spans: Sequence[Span]) -> None:
-        """Give the jobs active in [a, b] their share of its time (for embodied carbon): a lone job its
-        overlap, overlapping jobs (proxy mode) a split by work rate x overlap, as for energy."""
-        if b <= a:
-            return
-        active = [s for s in spans if s.end_s > a and s.start_s < b]
-        if len(active) == 1:
-            only = active[0]
-            self._jobs[only.key].device_s += min(b, only.end_s) - max(a, only.start_s)  # type: ignore[index]
-        elif active:
-            for key, seconds in split_interval(Interval(a, b, b - a), active).shares_j.items():
+        """Give the jobs active in [a, b] their share of its time (for embodied carbon), as
+        split_interval shares energy: for an interval whose energy cannot be scaled (none drawn)."""
+        if b > a:
+            for key, seconds in split_interval(Interval(a, b, b - a), spans).shares_j.items():
                 self._jobs[key].device_s += seconds  # type: ignore[index]
 
     @staticmethod
