@@ -212,7 +212,7 @@ def create_app(
                 on_commit=accountant.on_commit,
             )
             book.add_device(device)
-            monitor.start()
+            await loop.run_in_executor(None, monitor.start)  # its first read may block (NVML)
             log.info(
                 "energy meter on %s: %s (%s, %s)",
                 device,

@@ -298,7 +298,7 @@ class Activity:
     ) -> None:
         self.tag = tag
         self.monitors = monitors
-        self.handles: list[JobHandle] = [m.begin() for m in monitors]
+        self.handles: list[JobHandle] = [m.begin(on_loop=True) for m in monitors]
         self.pieces: list[tuple[JobHandle, RequestTag]] = []
         self.pending = 0.0  # work units of the open piece
         self.provisional = 0.0  # work units already given to closed pieces on an estimated rate
@@ -321,7 +321,7 @@ class Activity:
         for i, monitor in enumerate(self.monitors):
             piece = self._piece_tag()
             self.pieces.append((self.handles[i], piece))
-            self.handles[i] = monitor.split(self.handles[i], [(piece, units)], units)
+            self.handles[i] = monitor.split(self.handles[i], [(piece, units)], units, on_loop=True)
         self.pending = 0.0
         self.last_split_s = now_s
 
@@ -335,9 +335,9 @@ class Activity:
             if charged:
                 piece = self._piece_tag()
                 self.pieces.append((self.handles[i], piece))
-                monitor.end(self.handles[i], [(piece, units)], units)
+                monitor.end(self.handles[i], [(piece, units)], units, on_loop=True)
             else:
-                monitor.end(self.handles[i], [], 0.0)
+                monitor.end(self.handles[i], [], 0.0, on_loop=True)
 
     async def charges(self) -> list[tuple[Charge, RequestTag]]:
         """Every piece's charge on every device, once final (each with the tag its carbon is on)."""
@@ -789,7 +789,8 @@ class UpstreamServing:
                 ),
             )
         await _sse(resp, "[DONE]")
-        await resp.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # a client may hang up once it has read [DONE]
+            await resp.write_eof()
         return resp
 
 

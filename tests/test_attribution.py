@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import pytest
@@ -134,8 +135,7 @@ def _monitor(
             commits.append((idle_j, list(charges)))  # type: ignore[call-overload]
 
     m = DeviceMonitor(meter, idle_policy=policy, clock=clock, on_commit=on_commit, max_finalize_delay_s=0.5)  # type: ignore[arg-type]
-    with m._lock:
-        m._sample_locked()
+    m._sample()
     return m
 
 
@@ -443,3 +443,79 @@ def test_overlapping_jobs_split_their_shared_time_by_work_rate() -> None:
     # [1.0, 1.5] is the first's, [2.0, 2.5] the second's, [1.5, 2.0] shared 1:3
     assert close(a.device_seconds, 0.5 + 0.5 * 0.25)
     assert close(b.device_seconds, 0.5 * 0.75 + 0.5)
+
+
+# -- meters whose reads block (NVML) ------------------------------------------------------------
+
+
+class _GatedMeter(SyntheticMeter):
+    """A synthetic meter whose reads block like NVML's, and can be held inside a read."""
+
+    blocking_reads = True
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__("cuda:0", idle_watts=10.0, busy_watts=110.0, clock=clock)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.inside = threading.Event()
+        self.reads = 0
+
+    def read(self):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        self.inside.set()
+        assert self.gate.wait(10)
+        return super().read()
+
+
+def test_the_lock_is_not_held_while_the_meter_reads() -> None:
+    """A boundary from an event loop neither reads a blocking meter nor waits for a read in progress
+    (an NVML read takes milliseconds: the loop would stall on every request)."""
+    clock = FakeClock()
+    meter = _GatedMeter(clock)
+    m = DeviceMonitor(meter, clock=clock, sample_period_s=0.001)
+    m.start()
+    try:
+        meter.gate.clear()
+        meter.inside.clear()
+        assert meter.inside.wait(5)  # the sampler thread is now stuck inside a read
+        reads = meter.reads
+        done = threading.Event()
+        handles = []
+
+        def boundaries() -> None:
+            job = m.begin(on_loop=True)
+            clock.advance(1.0)
+            m.end(job, [("r", 1.0)], on_loop=True)
+            handles.append(job)
+            done.set()
+
+        threading.Thread(target=boundaries, daemon=True).start()
+        assert done.wait(5), "begin/end waited for the sampler's read"
+        assert meter.reads == reads  # and read nothing themselves
+        assert handles[0].charges is None  # final only once a reading after its end is processed
+    finally:
+        meter.gate.set()
+        m.stop()
+    charge = handles[0].result.result(timeout=5)["r"]
+    # 1 s of the job: 110 J busy, placed by the readings around it (the busy profile starts at begin)
+    assert math.isclose(charge.joules + m.committed_idle_j, m.meter_delta_j, rel_tol=1e-12)
+    assert math.isclose(charge.joules, 110.0, rel_tol=1e-9)
+
+
+def test_stale_readings_from_another_thread_add_nothing() -> None:
+    """A reading that reaches the timeline after a later one (reads run outside the lock) is dropped
+    and stands for the latest instant: time and energy on the timeline never go back."""
+    clock = FakeClock()
+    m = _monitor(clock)
+    clock.advance(1.0)
+    early = m.meter.read()
+    clock.advance(1.0)
+    m.sample()
+    with m._lock:
+        assert m._insert_locked(early) == m._latest[0] == early.t_s + 1.0  # type: ignore[index]
+    times = [t for t, _ in m._points]
+    energies = [e for _, e in m._points]
+    assert times == sorted(times) and energies == sorted(energies)
+    m.stop()
+    assert math.isclose(m.committed_idle_j, m.meter_delta_j, rel_tol=1e-12)
+    assert math.isclose(m.meter_delta_j, 20.0, rel_tol=1e-9)

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Settings
+from proxy.energy.meter import Reading, SyntheticMeter
 from proxy.state import LEDGER, MONITORS, SCHEDULER, SERVICE
 from tests.conftest import LiveServer, add_key, settings_for_tests
 
@@ -322,6 +323,55 @@ def test_conservation_with_many_overlapping_requests(
         assert any(e["uncertainty_kwh"] > 0 for e in energies)
     if idle_policy == "amortize":
         assert any(e["idle_joules"] > 0 for e in energies)
+
+
+class _SlowReadMeter(SyntheticMeter):
+    """Reads like NVML's: they block (2 ms here), and the threads that make them are noted."""
+
+    blocking_reads = True
+
+    def __init__(self) -> None:
+        super().__init__("cuda:0", idle_watts=60.0, busy_watts=300.0)
+        self.reader_threads: set[int] = set()
+
+    def read(self) -> Reading:
+        self.reader_threads.add(threading.get_ident())
+        time.sleep(0.002)
+        return super().read()
+
+
+def test_a_meter_whose_reads_block_is_never_read_on_the_event_loop(
+    upstream: LiveServer, model_cache: Path, tmp_path: Path
+) -> None:
+    """With NVML (3-4.6 ms a read), reading the meter at every request's start, end and pieces would
+    stall the proxy's event loop: the boundaries are placed between the sampler thread's readings."""
+    settings = Settings.model_validate(
+        {
+            "port": 0,
+            "cache_dir": model_cache,
+            "data_dir": tmp_path / "slow-meter",
+            "auth": "none",
+            "upstream": {"url": upstream.base_url, "devices": [0], "split_interval_s": 0.002},
+            "energy": {"sample_period_s": 0.01, "max_finalize_delay_s": 0.5},
+        }
+    )
+    meter = _SlowReadMeter()
+    proxy = ProxyServer(settings, meters={"cuda:0": meter})
+    proxy.start(ready_timeout_s=30)
+    try:
+        meter.reader_threads.clear()  # the reads while requests are served
+        energies = _drive(proxy, 12)
+        assert proxy.app is not None
+        records = proxy.call(proxy.app[LEDGER].records())
+        monitor = proxy.app[MONITORS]["cuda:0"]
+    finally:
+        proxy.stop()
+    assert proxy.thread.ident not in meter.reader_threads
+    assert all(e["joules"] > 0 and e["measurement"] == "synthetic-timeline" for e in energies)
+    answered_j = sum(e["joules"] for e in energies)
+    assert len(records) == len(energies)
+    assert math.isclose(sum(r.joules for r in records), answered_j, rel_tol=1e-9)
+    assert math.isclose(answered_j + monitor.committed_idle_j, monitor.meter_delta_j, rel_tol=1e-9)
 
 
 def test_a_long_request_gets_more_energy_than_a_short_one_it_overlaps(proxy: ProxyServer) -> None:

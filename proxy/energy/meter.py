@@ -78,6 +78,8 @@ class EnergyMeter(abc.ABC):
         continuous: True when each ``read()`` reflects energy up to that very instant; False when
             the underlying counter moves in steps (a short window can read 0 J).
         step_hint_s: expected update period of the underlying counter, s (0.0 when continuous).
+        blocking_reads: True when a read can block for milliseconds (NVML): an event loop then never
+            reads it (see `DeviceMonitor.begin`).
     """
 
     device: str
@@ -85,6 +87,7 @@ class EnergyMeter(abc.ABC):
     method: str
     continuous: bool
     step_hint_s: float
+    blocking_reads: bool = False
 
     @abc.abstractmethod
     def read(self) -> Reading:

@@ -147,8 +147,7 @@ class DeviceMonitor:
 
     def start(self) -> None:
         """Take the first reading and start the sampler thread."""
-        with self._lock:
-            self._sample_locked()
+        self._sample()
         self._thread = threading.Thread(target=self._run, name=f"sampler-{self.device}", daemon=True)
         self._thread.start()
 
@@ -158,8 +157,9 @@ class DeviceMonitor:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
+        point = self._read()
         with self._lock:
-            self._sample_locked()
+            self._insert_locked(point)
             self._promote_latest_locked()
             finished = self._advance_locked(commit_idle=True)
             if self._pending_idle_j and not any(j.end_s is None for j in self._jobs.values()):
@@ -173,8 +173,9 @@ class DeviceMonitor:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            with self._lock:
-                reading = self._sample_locked()  # a failed read is simply retried next period
+            reading = self._read()  # outside the lock (an NVML read can take milliseconds); a failed
+            with self._lock:  # read is simply retried next period
+                self._insert_locked(reading)
                 finished = []
                 waiting = [j.end_s for j in self._jobs.values() if j.end_s is not None]
                 if waiting and self._latest is not None:
@@ -219,23 +220,41 @@ class DeviceMonitor:
         return self._commit_locked(done, measurement="unavailable")
 
     def sample(self) -> Reading | None:
-        """Read the meter now (also called by the sampler); returns None if the read failed."""
+        """Read the meter now; returns None if the read failed."""
+        reading = self._read()
         with self._lock:
-            reading = self._sample_locked()
+            self._insert_locked(reading)
             finished = self._advance_locked()
         self._resolve(finished)
         return reading
 
-    def _sample_locked(self) -> Reading | None:
+    def _sample(self) -> None:
+        reading = self._read()
+        with self._lock:
+            self._insert_locked(reading)
+
+    def _read(self) -> Reading | None:
+        """Read the meter, without the monitor's lock: a read can block for milliseconds (NVML), and
+        the lock must never be held that long (the event loop takes it for proxy-mode requests)."""
         try:
-            reading = self.meter.read()
+            return self.meter.read()
         except MeterError as e:
             self.read_errors += 1
             log.warning("energy meter read failed on %s: %s", self.device, e)
             return None
+
+    def _insert_locked(self, reading: Reading | None) -> float | None:
+        """Put a reading on the timeline; returns the time it stands for, None if there is none.
+
+        Reads run outside the lock, so a reading can arrive after a later one from another thread: it
+        then adds nothing (the later one already holds at least its energy) and stands for the latest
+        instant, so that the timeline's time and energy only ever grow."""
+        if reading is None:
+            return None
         point = (reading.t_s, reading.energy_j)
-        if self._latest is not None and point[0] < self._latest[0]:
-            point = (self._latest[0], point[1])  # keep time monotone across threads
+        latest = self._latest
+        if latest is not None and (point[0] < latest[0] or (point[0] == latest[0] and point[1] <= latest[1])):
+            return latest[0]
         self._latest = point
         if self._first_energy_j is None:
             self._first_energy_j = point[1]
@@ -244,7 +263,7 @@ class DeviceMonitor:
             self._points.append(point)
         if len(self._points) > self._max_points:
             self._compact_locked()
-        return reading
+        return point[0]
 
     def _promote_latest_locked(self) -> None:
         """Make the latest sample a change point (a counter that has not moved for a long time)."""
@@ -267,47 +286,75 @@ class DeviceMonitor:
 
     # -- jobs -------------------------------------------------------------------------------------
 
-    def begin(self) -> JobHandle:
-        """Mark the start of a job (call after synchronizing the device). Never raises on meter errors."""
+    def begin(self, *, on_loop: bool = False) -> JobHandle:
+        """Mark the start of a job (call after synchronizing the device). Never raises on meter errors.
+
+        `on_loop`: the caller is an event loop (proxy mode), which must not wait for a meter whose
+        reads block (NVML: milliseconds a read): the boundary is then the clock's time, placed between
+        the sampler's readings like any instant between two counter steps."""
+        self.meter.job_started()
+        reading = self._boundary_read(on_loop)
         with self._lock:
-            self.meter.job_started()
-            handle = self._open_locked(self._read_time_locked())
+            handle = self._open_locked(self._time_locked(reading))
             finished = self._advance_locked()
         self._resolve(finished)
         return handle
 
     def end(
-        self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None = None
+        self,
+        handle: JobHandle,
+        members: Sequence[tuple[Hashable, float]],
+        weight: float | None = None,
+        *,
+        on_loop: bool = False,
     ) -> None:
         """Mark the end of a job (after synchronizing the device) with its members and work units.
 
-        Members with all-zero work units share equally (e.g. a batch that failed before reporting)."""
+        Members with all-zero work units share equally (e.g. a batch that failed before reporting).
+        `on_loop` as for `begin`."""
+        reading = self._boundary_read(on_loop)
+        self.meter.job_finished()
         with self._lock:
-            self._close_locked(handle, members, weight)
-            self.meter.job_finished()
+            self._close_locked(handle, members, weight, self._time_locked(reading))
             finished = self._advance_locked()
             if self._idle_with_waiting_locked():
                 self._wake.set()
         self._resolve(finished)
 
     def split(
-        self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None = None
+        self,
+        handle: JobHandle,
+        members: Sequence[tuple[Hashable, float]],
+        weight: float | None = None,
+        *,
+        on_loop: bool = False,
     ) -> JobHandle:
         """End a job now and start its continuation at the same instant (no gap, no overlap).
 
         For long activities whose work arrives piecemeal (a streamed upstream response): each piece is
         a closed job with its own weight, so other jobs sharing the device need not wait for the whole
-        activity to end before their energy is final."""
+        activity to end before their energy is final. `on_loop` as for `begin`."""
+        reading = self._boundary_read(on_loop)
         with self._lock:
-            following = self._open_locked(self._close_locked(handle, members, weight))
+            end_s = self._close_locked(handle, members, weight, self._time_locked(reading))
+            following = self._open_locked(end_s)
             finished = self._advance_locked()
         self._resolve(finished)
         return following
 
-    def _read_time_locked(self) -> float:
-        """Read the meter now; the reading's time, or the clock's when the meter failed."""
-        reading = self._sample_locked()
-        return self._latest[0] if reading is not None and self._latest else self._clock()
+    def _boundary_read(self, on_loop: bool) -> Reading | None:
+        """The reading a job boundary is placed at; none for an event loop when reads block."""
+        return None if on_loop and self.meter.blocking_reads else self._read()
+
+    def _time_locked(self, reading: Reading | None) -> float:
+        """Put a boundary's reading on the timeline; the time it stands for (the clock's without one,
+        never before the latest reading)."""
+        t_s = self._insert_locked(reading)
+        if t_s is None:
+            t_s = self._clock()
+            if self._latest is not None and t_s < self._latest[0]:
+                t_s = self._latest[0]
+        return t_s
 
     def _open_locked(self, start_s: float) -> JobHandle:
         key = self._next_key
@@ -317,9 +364,8 @@ class DeviceMonitor:
         return handle
 
     def _close_locked(
-        self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None
+        self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None, end_s: float
     ) -> float:
-        end_s = self._read_time_locked()
         job = self._jobs[handle.key]
         job.end_s = max(end_s, job.start_s)
         job.members = list(members)

@@ -200,6 +200,7 @@ class NvmlMeter(EnergyMeter):
     """
 
     measurement: Measurement = "measured"
+    blocking_reads = True  # 3-4.6 ms a read on an H200 VM (bench/results/nvml_interference.md)
 
     def __init__(
         self,
