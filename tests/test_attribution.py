@@ -21,7 +21,7 @@ from proxy.energy.attribution import (
     split_interval,
 )
 from proxy.energy.meter import SyntheticMeter
-from proxy.energy.monitor import DeviceMonitor
+from proxy.energy.monitor import DeviceMonitor, _Job
 
 
 class FakeClock:
@@ -334,21 +334,27 @@ def _open_job_shares_by_definition(spans: list[Span], a: float, b: float) -> boo
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 10), st.one_of(st.integers(0, 10), st.none())), min_size=0, max_size=8),
-    st.integers(0, 10),
+    st.lists(st.tuples(st.integers(0, 3), st.one_of(st.integers(0, 10), st.none())), min_size=0, max_size=8),
+    st.integers(0, 20),
     st.integers(0, 10),
 )
 def test_open_job_sharing_check_matches_its_definition(
     raw: list[tuple[int, int | None]], a: int, width: int
 ) -> None:
-    spans = [
-        Span(i, float(start), math.inf if end is None else float(max(start, end)))
-        for i, (start, end) in enumerate(raw)
-    ]
+    """The monitor's check (which relies on its jobs being in start order) against the definition."""
+    m = DeviceMonitor(SyntheticMeter("cpu"))
+    spans = []
+    start = 0
+    for i, (gap, length) in enumerate(raw):
+        start += gap
+        job = _Job(key=i, start_s=float(start), end_s=None if length is None else float(start + length))
+        m._jobs[i] = job
+        if length is None:
+            m._open[i] = job
+        spans.append(Span(i, job.start_s, math.inf if job.end_s is None else job.end_s))
     b = float(a + width)
-    assert DeviceMonitor._open_job_shares(spans, float(a), b) == _open_job_shares_by_definition(
-        spans, float(a), b
-    )
+    with m._lock:
+        assert m._blocked_locked(float(a), b) == _open_job_shares_by_definition(spans, float(a), b)
 
 
 def test_job_charges_are_on_the_handle_and_its_future_whenever_it_was_asked_for() -> None:
@@ -519,3 +525,69 @@ def test_stale_readings_from_another_thread_add_nothing() -> None:
     m.stop()
     assert math.isclose(m.committed_idle_j, m.meter_delta_j, rel_tol=1e-12)
     assert math.isclose(m.meter_delta_j, 20.0, rel_tol=1e-9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 0.2),  # gap after the previous job's start
+            st.floats(0.0, 0.5),  # length
+            st.lists(st.sampled_from([0.0, 1.0, 3.0]), min_size=1, max_size=3),  # members' work units
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    st.sampled_from([0.0, 0.05, 0.1]),
+    st.sampled_from([0.02, 0.07, 0.3]),
+    st.booleans(),
+)
+def test_overlapping_jobs_get_what_the_reference_attribution_gives_them(
+    jobs: list[tuple[float, float, list[float]]], period: float, sample_every_s: float, blocking: bool
+) -> None:
+    """Many jobs in flight at once (proxy mode), with readings at their boundaries or (a meter whose
+    reads block, from an event loop) only the sampler's: each job's joules and uncertainty are what
+    `attribute` gives it over the same change points, and the books close."""
+    clock = FakeClock(0.0)
+    meter = _LoggingMeter(clock, period)
+    meter.blocking_reads = blocking
+    m = DeviceMonitor(meter, clock=clock, max_finalize_delay_s=0.5)
+    m.sample()
+    events: list[tuple[float, int, int]] = []  # (time, order, job): ends, starts, samples at one instant
+    t = 0.0
+    for i, (gap, length, _) in enumerate(jobs):
+        t += gap
+        events += [(t, 1, i), (t + length, 0 if t + length > t else 2, i)]
+    horizon = max(e[0] for e in events)
+    events += [(k * sample_every_s, 3, -1) for k in range(1, int(horizon / sample_every_s) + 1)]
+    handles: dict[int, object] = {}
+    for when, kind, i in sorted(events):
+        clock.t = max(clock.t, when)
+        if kind == 3:
+            m.sample()
+        elif kind == 1:
+            handles[i] = m.begin(on_loop=True)
+        else:
+            members = [((i, j), w) for j, w in enumerate(jobs[i][2])]
+            m.end(handles[i], members, on_loop=True)  # type: ignore[arg-type]
+    clock.advance(0.5)
+    m.stop()
+    points = change_points(meter.readings, continuous=period == 0.0)
+    if meter.readings[-1][0] > points[-1][0]:
+        points.append(meter.readings[-1])
+    spans = []
+    charged = {}
+    for i, h in handles.items():
+        charges = h.result.result(timeout=1)  # type: ignore[attr-defined]
+        charged[i] = list(charges.values())
+        work = sum(jobs[i][2])
+        spans.append(Span(i, h.start_s, charged[i][0].end_s, work if work > 0 else 1.0))  # type: ignore[attr-defined]
+    reference = attribute(intervals_between(points), spans)
+    scale = max(reference.total_j, 1.0)
+    for i, charges in charged.items():
+        assert abs(sum(c.joules for c in charges) - reference.shares_j[i]) <= 1e-9 * scale
+        assert abs(sum(c.uncertainty_joules for c in charges) - reference.uncertainty_j[i]) <= 1e-9 * scale
+        assert all(c.joules >= 0 and 0 <= c.uncertainty_joules <= c.joules + 1e-12 for c in charges)
+    total = sum(c.joules for cs in charged.values() for c in cs)
+    assert abs(total + m.committed_idle_j - m.processed_j) <= 1e-9 * scale
+    assert abs(reference.idle_j - m.committed_idle_j) <= 1e-9 * scale

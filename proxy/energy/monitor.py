@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.energy.attribution import Interval, Span, amortize, split_by_work, split_interval
+from proxy.energy.attribution import amortize, split_by_work
 from proxy.energy.meter import EnergyMeter, MeterError, Reading
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,12 @@ class Charge:
 CommitHook = Callable[[str, float, Sequence[tuple[Hashable, Charge]]], None]
 
 
-@dataclass
+# a job's place in the sweep (see `_advance_locked`)
+_PENDING, _ACTIVE, _SWEPT, _COMMITTED = 0, 1, 2, 3
+_MAX_RATE = 1e300  # a span of a few femtoseconds would have an infinite rate
+
+
+@dataclass(slots=True, eq=False)
 class _Job:
     key: int
     start_s: float
@@ -60,6 +65,12 @@ class _Job:
     uncertainty_j: float = 0.0
     device_s: float = 0.0  # its share of the device's busy time (overlapping jobs share it, like energy)
     handle: JobHandle | None = None
+    state: int = _PENDING
+    rate: float = 0.0  # weight / duration once ended
+    ma: float = 0.0  # the sweep's running sums when its share was last banked
+    mb: float = 0.0
+    mta: float = 0.0
+    mtb: float = 0.0
 
 
 class JobHandle:
@@ -131,7 +142,16 @@ class DeviceMonitor:
         self._latest: tuple[float, float] | None = None  # the latest sample, change point or not
         self._recent: deque[tuple[float, float]] = deque(maxlen=4096)  # for the power gauge
         self._power_window_s = power_window_s
-        self._jobs: dict[int, _Job] = {}
+        self._jobs: dict[int, _Job] = {}  # not yet committed, in start order
+        self._open: dict[int, _Job] = {}  # not yet ended, in start order
+        self._events: deque[tuple[float, _Job, bool]] = deque()  # boundaries not yet swept (t, job, starts)
+        self._ended: deque[_Job] = deque()  # ended jobs not yet committed, in end order
+        self._active: dict[int, _Job] = {}  # jobs the sweep is inside
+        self._a = self._b = self._ta = self._tb = 0.0  # the sweep's running sums
+        self._rate_sum = 0.0  # of the active jobs' rates
+        self._rate_peak = 0.0  # the largest that sum has been since it was last counted afresh
+        self._intervals = 0
+        self._last_boundary_s = -math.inf
         self._next_key = 0
         self._pending_idle_j = 0.0  # amortize: idle processed but not yet charged
         self.processed_j = 0.0  # meter energy processed (attributed + idle, pending included)
@@ -162,7 +182,7 @@ class DeviceMonitor:
             self._insert_locked(point)
             self._promote_latest_locked()
             finished = self._advance_locked(commit_idle=True)
-            if self._pending_idle_j and not any(j.end_s is None for j in self._jobs.values()):
+            if self._pending_idle_j and not self._open:
                 finished += self._commit_locked([], flush_idle=True)
         self._resolve(finished)
 
@@ -193,12 +213,7 @@ class DeviceMonitor:
         Then the sampler polls every `finalize_poll_s` instead of `sample_period_s`: the answers of
         those jobs wait on that change point, and with nothing running the extra reads cannot slow any
         work down (bench/nvml_interference.py measured what they cost a running job)."""
-        waiting = False
-        for job in self._jobs.values():
-            if job.end_s is None:
-                return False
-            waiting = True
-        return waiting
+        return not self._open and bool(self._jobs)
 
     def _finalize_unmeasured_locked(self) -> list[tuple[_Job, dict[Hashable, Charge]]]:
         """The meter has failed past the end of waiting jobs: answer them with the energy measured up to
@@ -347,115 +362,256 @@ class DeviceMonitor:
         return None if on_loop and self.meter.blocking_reads else self._read()
 
     def _time_locked(self, reading: Reading | None) -> float:
-        """Put a boundary's reading on the timeline; the time it stands for (the clock's without one,
-        never before the latest reading)."""
+        """Put a boundary's reading on the timeline; the time it stands for (the clock's without one),
+        never before the latest reading nor the latest boundary (boundaries stay in time order)."""
         t_s = self._insert_locked(reading)
         if t_s is None:
             t_s = self._clock()
             if self._latest is not None and t_s < self._latest[0]:
                 t_s = self._latest[0]
+        if t_s < self._last_boundary_s:
+            t_s = self._last_boundary_s
+        self._last_boundary_s = t_s
         return t_s
 
     def _open_locked(self, start_s: float) -> JobHandle:
         key = self._next_key
         self._next_key += 1
         handle = JobHandle(key, start_s)
-        self._jobs[key] = _Job(key=key, start_s=start_s, handle=handle)
+        job = _Job(key=key, start_s=start_s, handle=handle)
+        self._jobs[key] = self._open[key] = job
+        self._events.append((start_s, job, True))
         return handle
 
     def _close_locked(
         self, handle: JobHandle, members: Sequence[tuple[Hashable, float]], weight: float | None, end_s: float
     ) -> float:
-        job = self._jobs[handle.key]
-        job.end_s = max(end_s, job.start_s)
+        job = self._open.pop(handle.key)
+        job.end_s = end_s = max(end_s, job.start_s)
         job.members = list(members)
         total_work = sum(w for _, w in job.members)
         job.weight = weight if weight is not None else (total_work if total_work > 0 else 1.0)
-        return job.end_s
+        self._events.append((end_s, job, False))
+        self._ended.append(job)
+        duration_s = end_s - job.start_s
+        rate = min(job.weight / duration_s, _MAX_RATE) if duration_s > 0 else 0.0
+        if job.state == _ACTIVE:  # swept alone on a stand-in rate so far: bank that part, go on at its own
+            self._bank(job)
+            job.rate = rate
+            self._recount()  # rare (a job swept alone before its end), and the stand-in rate may be far off
+        job.rate = rate
+        return end_s
 
     # -- attribution ------------------------------------------------------------------------------
+    #
+    # A sweep over the timeline, left to right, one interval between change points at a time. Each
+    # interval's energy is spread uniformly over its time; every instant's power is shared by the jobs
+    # active then in proportion to their work rates (weight / duration), idle when there are none: the
+    # rule of `attribution.split_interval`, which stays the reference. Instead of splitting every
+    # interval over every job (quadratic in the jobs in flight: proxy mode has hundreds), the sweep
+    # keeps running sums: A (joules per unit of rate) and B (joules per job where every active job has
+    # rate 0, which share equally), and their time twins TA and TB. A job's share of everything swept
+    # while it was active is rate x (A now - A at its start) + (B now - B at its start): O(1) a job
+    # and an interval. Jobs start and end in time order (`_time_locked`), so their boundaries are a
+    # queue merged with the change points.
 
     def _advance_locked(self, commit_idle: bool = False) -> list[tuple[_Job, dict[Hashable, Charge]]]:
         """Attribute every interval that can be split now, then finalize the jobs it completes.
 
         An open job's end and work rate are unknown, but its overlap with a past interval is not:
         an interval is processed unless an open job shares part of it with another job (only then
-        would the split depend on the open job's rate). Idle energy alone is committed only when
-        `commit_idle` (the sampler's ticks), else together with the next finished jobs."""
-        if len(self._points) < 2:
-            return []
-        spans = [
-            Span(j.key, j.start_s, j.end_s if j.end_s is not None else math.inf, j.weight)
-            for j in self._jobs.values()
-        ]
-        # One job at most (in-process serving: one worker per device): an interval it covers whole
-        # is all its own, one it does not touch is idle. These are split_interval's results for
-        # them, without building its objects (the hot path); anything else takes split_interval.
-        lone = self._jobs[spans[0].key] if len(spans) == 1 else None  # type: ignore[index]
+        would the split depend on the open job's rate; alone it takes all, whatever its rate). Idle
+        energy alone is committed only when `commit_idle` (the sampler's ticks), else together with
+        the next finished jobs."""
+        points = self._points
         n = 0
-        while n + 1 < len(self._points):
-            (t0, e0), (t1, e1) = self._points[n], self._points[n + 1]
-            energy_j = max(e1 - e0, 0.0)
-            if lone is not None and t1 > t0:
-                end_s = lone.end_s if lone.end_s is not None else math.inf
-                if lone.start_s <= t0 and end_s >= t1:
-                    lone.energy_j += energy_j
-                    lone.device_s += t1 - t0
-                    self.processed_j += energy_j
-                    n += 1
-                    continue
-                if end_s <= t0 or lone.start_s >= t1:
-                    self._pending_idle_j += energy_j
-                    self.processed_j += energy_j
-                    n += 1
-                    continue
-            if self._open_job_shares(spans, t0, t1):
+        while n + 1 < len(points):
+            (a, e0), (b, e1) = points[n], points[n + 1]
+            if self._blocked_locked(a, b):
                 break
-            split = split_interval(Interval(t0, t1, energy_j), spans)
-            # The split is linear in the interval's energy, so each job's share of its time is its
-            # share of its energy scaled (with no energy to scale, the time is split on its own).
-            seconds_per_joule = (t1 - t0) / energy_j if energy_j > 0 and t1 > t0 else 0.0
-            for key, joules in split.shares_j.items():
-                job = self._jobs[key]  # type: ignore[index]
-                job.energy_j += joules
-                job.uncertainty_j += split.uncertainty_j.get(key, 0.0)
-                job.device_s += joules * seconds_per_joule
-            self._pending_idle_j += split.idle_j
+            energy_j = e1 - e0 if e1 > e0 else 0.0
+            if b > a:
+                self._sweep_interval_locked(a, b, energy_j)
+            else:
+                self._instant_locked(a, energy_j)
             self.processed_j += energy_j
-            if not seconds_per_joule:
-                self._share_time_locked(t0, t1, spans)
             n += 1
         if n:
-            del self._points[:n]
-        if not self._points:
+            del points[:n]
+        if not points:
             return []
-        processed_until = self._points[0][0]
-        done = [j for j in self._jobs.values() if j.end_s is not None and j.end_s <= processed_until]
+        processed_until = points[0][0]
+        self._apply_events_locked(processed_until)  # boundaries at the frontier: ends become final
+        done = []
+        ended = self._ended
+        while ended and ended[0].state >= _SWEPT:  # ends are swept in time order
+            job = ended.popleft()
+            if job.state == _SWEPT:
+                done.append(job)
         if not done and (self.idle_policy == "amortize" or not self._pending_idle_j or not commit_idle):
             return []
         return self._commit_locked(done)
 
-    def _share_time_locked(self, a: float, b: float, spans: Sequence[Span]) -> None:
-        """Give the jobs active in [a, b] their share of its time (for embodied carbon), as
-        split_interval shares energy: for an interval whose energy cannot be scaled (none drawn)."""
-        if b > a:
-            for key, seconds in split_interval(Interval(a, b, b - a), spans).shares_j.items():
-                self._jobs[key].device_s += seconds  # type: ignore[index]
+    def _blocked_locked(self, a: float, b: float) -> bool:
+        """Whether a job still open shares part of [a, b] with another job. Jobs are kept in start
+        order, so: the first open job; a second one that started before b shares [a, b]'s end with it;
+        else any other job in [max(a, its start), b] does (the scan stops at the first job starting at
+        or after b, and at the first blocker, which under load is one of the first few jobs)."""
+        first = second = None
+        for job in self._open.values():
+            if first is None:
+                first = job
+            else:
+                second = job
+                break
+        if first is None or first.start_s >= b:
+            return False
+        if second is not None and second.start_s < b:
+            return True
+        lo = max(a, first.start_s)
+        for job in self._jobs.values():
+            if job.start_s >= b:
+                return False
+            if job is not first and job.end_s is not None and job.end_s > lo:
+                return True
+        return False
+
+    def _apply_events_locked(self, until_s: float) -> None:
+        """Apply the job boundaries at or before `until_s` to the sweep's set of active jobs."""
+        events = self._events
+        while events and events[0][0] <= until_s:
+            _, job, starts = events.popleft()
+            if starts:
+                if job.state == _PENDING:
+                    self._activate(job)
+            elif job.state == _ACTIVE:
+                self._deactivate(job)
+
+    def _activate(self, job: _Job) -> None:
+        if job.end_s is None:
+            job.rate = 1.0  # open, so alone wherever it is swept (else it would block): any rate will do
+        job.state = _ACTIVE
+        job.ma, job.mb, job.mta, job.mtb = self._a, self._b, self._ta, self._tb
+        self._rate_sum += job.rate
+        if self._rate_sum > self._rate_peak:
+            self._rate_peak = self._rate_sum
+        self._active[job.key] = job
+
+    def _deactivate(self, job: _Job) -> None:
+        self._bank(job)
+        job.state = _SWEPT
+        del self._active[job.key]
+        if self._active:
+            self._rate_sum -= job.rate
+            if self._rate_sum < self._rate_peak * 1e-6:  # what is left may be lost in rounding: recount
+                self._recount()
+        else:  # nobody left: restart the running sums from 0 (no drift, no growth)
+            self._rate_sum = self._rate_peak = self._a = self._b = self._ta = self._tb = 0.0
+
+    def _recount(self) -> None:
+        active = self._active
+        if len(active) == 1:
+            for job in active.values():
+                self._rate_sum = self._rate_peak = job.rate
+        else:
+            self._rate_sum = self._rate_peak = math.fsum(job.rate for job in active.values())
+
+    def _bank(self, job: _Job) -> None:
+        """Add to the job what it took since its marks, and move the marks to now."""
+        a, b, ta, tb = self._a, self._b, self._ta, self._tb
+        job.energy_j += job.rate * (a - job.ma) + (b - job.mb)
+        job.device_s += job.rate * (ta - job.mta) + (tb - job.mtb)
+        job.ma, job.mb, job.mta, job.mtb = a, b, ta, tb
+
+    def _sweep_interval_locked(self, a: float, b: float, energy_j: float) -> None:
+        """Sweep [a, b] (b > a), `energy_j` spread uniformly over it, cut at the boundaries inside it."""
+        events = self._events
+        if events and events[0][0] <= a:
+            self._apply_events_locked(a)
+        if not events or events[0][0] >= b:  # no boundary inside (the common case): one segment
+            count = len(self._active)
+            if count == 0:
+                self._pending_idle_j += energy_j
+            elif self._rate_sum > 0:
+                self._a += energy_j / self._rate_sum
+                self._ta += (b - a) / self._rate_sum
+            else:
+                self._b += energy_j / count
+                self._tb += (b - a) / count
+            self._intervals += 1
+            if not self._intervals & 4095 and self._active:
+                self._rebase()
+            return
+        density = energy_j / (b - a)
+        inside: dict[int, tuple[_Job, float, float]] = {}  # jobs that start inside, with A, B then
+        a_at_a, b_at_a = self._a, self._b
+        u = a
+        while True:
+            while events and events[0][0] <= u:
+                _, job, starts = events.popleft()
+                if starts:
+                    if job.state == _PENDING:
+                        self._activate(job)
+                        if u > a:
+                            inside[job.key] = (job, self._a, self._b)
+                elif job.state == _ACTIVE:
+                    if u > a and energy_j > 0:  # it covers [a, b] only in part: uncertain
+                        _, from_a, from_b = inside.pop(job.key, (job, a_at_a, b_at_a))
+                        self._uncertain(job, job.rate * (self._a - from_a) + (self._b - from_b), energy_j)
+                    self._deactivate(job)
+            v = events[0][0] if events and events[0][0] < b else b
+            if v > u:
+                count = len(self._active)
+                if count == 0:
+                    self._pending_idle_j += density * (v - u)
+                elif self._rate_sum > 0:
+                    self._a += density * (v - u) / self._rate_sum
+                    self._ta += (v - u) / self._rate_sum
+                else:
+                    self._b += density * (v - u) / count
+                    self._tb += (v - u) / count
+                u = v
+            if u >= b:
+                break
+        if energy_j > 0:
+            for job, from_a, from_b in inside.values():
+                if job.state == _ACTIVE:
+                    self._uncertain(job, job.rate * (self._a - from_a) + (self._b - from_b), energy_j)
+        self._intervals += 1
+        if not self._intervals & 4095 and self._active:
+            self._rebase()
+
+    def _rebase(self) -> None:
+        """Bank every active job and restart the running sums from 0: they stay small (exact
+        differences) under a load that never lets the device go idle."""
+        for job in self._active.values():
+            self._bank(job)
+            job.ma = job.mb = job.mta = job.mtb = 0.0
+        self._a = self._b = self._ta = self._tb = 0.0
+        self._recount()
 
     @staticmethod
-    def _open_job_shares(spans: Sequence[Span], a: float, b: float) -> bool:
-        """Whether a job still open shares part of [a, b] with another job. Linear in the jobs (proxy
-        mode can have hundreds open): two open jobs that started before b always share [a, b]'s end."""
-        open_job = None
-        for s in spans:
-            if s.end_s == math.inf and s.start_s < b:
-                if open_job is not None:
-                    return True
-                open_job = s
-        if open_job is None:
-            return False
-        lo = max(a, open_job.start_s)
-        return any(s.key != open_job.key and s.start_s < b and s.end_s > lo for s in spans)
+    def _uncertain(job: _Job, taken_j: float, energy_j: float) -> None:
+        # never below 0: rounding can leave `taken_j` a hair above `energy_j`
+        job.uncertainty_j += max(min(taken_j, energy_j - taken_j), 0.0)
+
+    def _instant_locked(self, t_s: float, energy_j: float) -> None:
+        """A zero-length interval (two readings at one instant): its energy goes to the jobs that hold
+        that instant, by weight (equally if none has any), else to idle (`split_interval`'s rule)."""
+        if energy_j <= 0:
+            return
+        holders = [
+            (j, j.weight)
+            for j in self._jobs.values()
+            if j.start_s <= t_s <= (j.end_s if j.end_s is not None else math.inf)
+        ]
+        total = sum(w for _, w in holders)
+        given = 0.0
+        for job, w in holders:
+            part = energy_j * (w / total if total > 0 else 1.0 / len(holders))
+            job.energy_j += part
+            given += part
+        self._pending_idle_j += energy_j - given
 
     def _commit_locked(
         self, done: list[_Job], flush_idle: bool = False, measurement: str | None = None
@@ -469,13 +625,20 @@ class DeviceMonitor:
         commits: list[tuple[Hashable, Charge]] = []
         for job in done:
             del self._jobs[job.key]
+            if job.state == _ACTIVE:  # committed before the sweep reached its end (the meter failed)
+                self._deactivate(job)
+            job.state = _COMMITTED
             assert job.end_s is not None
             job_idle_j = charged_idle.get(job.key, 0.0)
-            units = [w for _, w in job.members]
-            energies = split_by_work(job.energy_j, units)
-            idles = split_by_work(job_idle_j, units)
-            uncert = split_by_work(job.uncertainty_j, units)
-            seconds = split_by_work(job.device_s, units)
+            if len(job.members) == 1:  # one member takes it all (proxy mode's pieces, batch-1 jobs)
+                energies, idles = [job.energy_j], [job_idle_j]
+                uncert, seconds = [job.uncertainty_j], [job.device_s]
+            else:
+                units = [w for _, w in job.members]
+                energies = split_by_work(job.energy_j, units)
+                idles = split_by_work(job_idle_j, units)
+                uncert = split_by_work(job.uncertainty_j, units)
+                seconds = split_by_work(job.device_s, units)
             charges: dict[Hashable, Charge] = {}
             for (member, _), e_j, i_j, u_j, s in zip(
                 job.members, energies, idles, uncert, seconds, strict=True
