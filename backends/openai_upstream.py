@@ -183,6 +183,7 @@ class OpenAIUpstream:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every user: no upstream cookie is kept
             timeout=self._timeout,
             headers=self._headers,
             read_bufsize=MAX_EVENT_BYTES // 2,

@@ -62,6 +62,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -605,7 +606,7 @@ class UpstreamServing:
         usage["energy"] = energy
         body["usage"] = usage
         return web.Response(
-            body=json.dumps(body).encode(),
+            body=_dumps(body, answer.body),
             content_type="application/json",
             headers=energy_headers(energy, request[REQUEST_ID]),
         )
@@ -792,6 +793,19 @@ class UpstreamServing:
         with contextlib.suppress(ConnectionResetError):  # a client may hang up once it has read [DONE]
             await resp.write_eof()
         return resp
+
+
+def _dumps(obj: Any, source: bytes = b"") -> bytes:
+    """JSON bytes of an answer read from `source`: orjson's (a tenth of json.dumps's CPU on a chat
+    answer), else json.dumps's, for what orjson refuses (integers past 64 bits) or would change (it
+    writes NaN and Infinity, which json reads and writes, as null). Not for reading: orjson reads
+    integers past 64 bits as floats, silently."""
+    if b"NaN" in source or b"Infinity" in source:
+        return json.dumps(obj).encode()
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj).encode()
 
 
 def _text_result(prompt: int, completion: int, choices: Any = None) -> TextResult:
