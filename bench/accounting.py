@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import logging
 import sys
@@ -162,6 +163,26 @@ class WattProxyPath:
             energy_headers(_energy_fields([o]), o.tag.request_id)  # as a text answer builds them
 
 
+IN_FLIGHT = (1, 8, 64, 256)
+
+
+class InFlight:
+    """Proxy mode's shape: `n` requests in flight on one device, their boundaries placed from the event
+    loop; each step ends the oldest and sends a new one. Per step: one request's two boundaries, its
+    share of the attribution and its commit (the monitor alone: the commit hook does nothing)."""
+
+    def __init__(self, n: int) -> None:
+        self.monitor = DeviceMonitor(SyntheticMeter("cuda:0"), on_commit=lambda *_: None)
+        self.monitor.sample()
+        self.handles = collections.deque(self.monitor.begin(on_loop=True) for _ in range(n))
+        self.members = itertools.count()
+
+    def step(self) -> None:
+        handle = self.handles.popleft()
+        self.monitor.end(handle, [(next(self.members), 20.0)], 20.0, on_loop=True)
+        self.handles.append(self.monitor.begin(on_loop=True))
+
+
 def codecarbon_tracker() -> tuple[Any, dict[str, str]] | None:
     """An offline CodeCarbon tracker that writes nothing and measures power rarely; None if absent."""
     try:
@@ -246,6 +267,7 @@ def variants(codecarbon: Any | None) -> list[Variant]:
             "sampler_tick", "sampler tick while idle (sample + advance), per tick", synthetic.monitor.sample
         ),
     ]
+    out += [Variant(f"inflight_{n}", f"{n} in flight", InFlight(n).step) for n in IN_FLIGHT]
     if codecarbon is not None:
         names = itertools.count()
 
@@ -337,6 +359,10 @@ def render(
         ["component of WattProxy's path", "CPU µs", "wall µs"],
         [[x.label, v[x.key]["cpu_us"], v[x.key]["wall_us"]] for x in vs if x.in_total],
     )
+    inflight = md_table(
+        ["requests in flight on the device", *(str(n) for n in IN_FLIGHT)],
+        [["monitor CPU µs per request", *(v[f"inflight_{n}"]["cpu_us"] for n in IN_FLIGHT)]],
+    )
     tick = v["sampler_tick"]["cpu_us"]
     per_s = tick / sample_period_s
     if cc_info is not None:
@@ -376,6 +402,12 @@ rotated order, medians over rounds; each block runs for about the same CPU time.
 Where WattProxy's time goes (each part timed on its own; they overlap, so they do not add up exactly):
 
 {parts}
+
+Proxy mode keeps every request in flight to the upstream open on the device's monitor at once. The
+monitor's cost per request (its two boundaries, attribution, commit; synthetic meter, each request
+ending while the others run, one member each, the commit hook empty) as that number grows:
+
+{inflight}
 
 Background, not per request: the sampler thread's idle tick costs {tick:.1f} µs; at the default
 `sample_period_s` of {sample_period_s:g} s that is {per_s:.0f} µs of CPU per second

@@ -2,10 +2,12 @@
 
 One `DeviceMonitor` per device. It reads the device's meter from a sampler thread (every
 `sample_period_s`) and around every job (`begin`/`end`, called by the device worker after the device
-is synchronized), keeps the unprocessed part of the timeline, and attributes each interval with the
-pure functions of `attribution` as soon as every job it touches has ended. A job is finalized once a
+is synchronized; proxy mode's event loop reads no meter whose reads block, see `begin`), keeps the
+unprocessed part of the timeline, and attributes each interval by the rule of
+`attribution.split_interval` as soon as every job it touches has ended, with a sweep that costs O(1)
+a job boundary however many jobs are in flight (see `_advance_locked`). A job is finalized once a
 change point at or after its end has been processed (for a stepped counter: the next counter update,
-at most `max_finalize_delay_s` later), and its members get their `Charge` through a future.
+at most `max_finalize_delay_s` later), and its members get their `Charge` on its handle.
 
 Conservation, per device, at every commit: sum(committed charges) + committed idle == meter energy
 processed so far. `on_commit` sees each commit atomically (it runs under the monitor's lock), so a
