@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -534,6 +535,7 @@ def test_stale_readings_from_another_thread_add_nothing() -> None:
             st.floats(0.0, 0.2),  # gap after the previous job's start
             st.floats(0.0, 0.5),  # length
             st.lists(st.sampled_from([0.0, 1.0, 3.0]), min_size=1, max_size=3),  # members' work units
+            st.one_of(st.none(), st.floats(0.0, 1.0)),  # where in it a stream is cut into two pieces
         ),
         min_size=1,
         max_size=10,
@@ -543,33 +545,47 @@ def test_stale_readings_from_another_thread_add_nothing() -> None:
     st.booleans(),
 )
 def test_overlapping_jobs_get_what_the_reference_attribution_gives_them(
-    jobs: list[tuple[float, float, list[float]]], period: float, sample_every_s: float, blocking: bool
+    jobs: list[tuple[float, float, list[float], float | None]],
+    period: float,
+    sample_every_s: float,
+    blocking: bool,
 ) -> None:
-    """Many jobs in flight at once (proxy mode), with readings at their boundaries or (a meter whose
-    reads block, from an event loop) only the sampler's: each job's joules and uncertainty are what
-    `attribute` gives it over the same change points, and the books close."""
+    """Many jobs in flight at once (proxy mode), some cut into pieces (`split`, as streams are), with
+    readings at their boundaries or (a meter whose reads block, from an event loop) only the
+    sampler's: each piece's joules and uncertainty are what `attribute` gives it over the same change
+    points, and the books close."""
     clock = FakeClock(0.0)
     meter = _LoggingMeter(clock, period)
     meter.blocking_reads = blocking
     m = DeviceMonitor(meter, clock=clock, max_finalize_delay_s=0.5)
     m.sample()
-    events: list[tuple[float, int, int]] = []  # (time, order, job): ends, starts, samples at one instant
+    # (time, order, job) with, at one instant: ends, cuts, starts, ends of zero-length jobs, samples
+    events: list[tuple[float, int, int]] = []
     t = 0.0
-    for i, (gap, length, _) in enumerate(jobs):
+    for i, (gap, length, _, cut) in enumerate(jobs):
         t += gap
-        events += [(t, 1, i), (t + length, 0 if t + length > t else 2, i)]
+        end = t + length
+        events += [(t, 2, i), (end, 0 if end > t else 3, i)]
+        if cut is not None and t < t + length * cut < end:
+            events.append((t + length * cut, 1, i))
     horizon = max(e[0] for e in events)
-    events += [(k * sample_every_s, 3, -1) for k in range(1, int(horizon / sample_every_s) + 1)]
-    handles: dict[int, object] = {}
+    events += [(k * sample_every_s, 4, -1) for k in range(1, int(horizon / sample_every_s) + 1)]
+    handles: dict[int, Any] = {}
+    pieces: list[tuple[Any, float]] = []  # (handle, weight) of every closed piece
     for when, kind, i in sorted(events):
         clock.t = max(clock.t, when)
-        if kind == 3:
+        if kind == 4:
             m.sample()
-        elif kind == 1:
+        elif kind == 2:
             handles[i] = m.begin(on_loop=True)
         else:
-            members = [((i, j), w) for j, w in enumerate(jobs[i][2])]
-            m.end(handles[i], members, on_loop=True)  # type: ignore[arg-type]
+            members = [((i, len(pieces), j), w) for j, w in enumerate(jobs[i][2])]
+            work = sum(jobs[i][2])
+            pieces.append((handles[i], work if work > 0 else 1.0))
+            if kind == 1:
+                handles[i] = m.split(handles[i], members, on_loop=True)
+            else:
+                m.end(handles[i], members, on_loop=True)
     clock.advance(0.5)
     m.stop()
     points = change_points(meter.readings, continuous=period == 0.0)
@@ -577,16 +593,14 @@ def test_overlapping_jobs_get_what_the_reference_attribution_gives_them(
         points.append(meter.readings[-1])
     spans = []
     charged = {}
-    for i, h in handles.items():
-        charges = h.result.result(timeout=1)  # type: ignore[attr-defined]
-        charged[i] = list(charges.values())
-        work = sum(jobs[i][2])
-        spans.append(Span(i, h.start_s, charged[i][0].end_s, work if work > 0 else 1.0))  # type: ignore[attr-defined]
+    for key, (h, weight) in enumerate(pieces):
+        charged[key] = list(h.result.result(timeout=1).values())
+        spans.append(Span(key, h.start_s, charged[key][0].end_s, weight))
     reference = attribute(intervals_between(points), spans)
     scale = max(reference.total_j, 1.0)
-    for i, charges in charged.items():
-        assert abs(sum(c.joules for c in charges) - reference.shares_j[i]) <= 1e-9 * scale
-        assert abs(sum(c.uncertainty_joules for c in charges) - reference.uncertainty_j[i]) <= 1e-9 * scale
+    for key, charges in charged.items():
+        assert abs(sum(c.joules for c in charges) - reference.shares_j[key]) <= 1e-9 * scale
+        assert abs(sum(c.uncertainty_joules for c in charges) - reference.uncertainty_j[key]) <= 1e-9 * scale
         assert all(c.joules >= 0 and 0 <= c.uncertainty_joules <= c.joules + 1e-12 for c in charges)
     total = sum(c.joules for cs in charged.values() for c in cs)
     assert abs(total + m.committed_idle_j - m.processed_j) <= 1e-9 * scale

@@ -70,6 +70,7 @@ class _Job:
     state: int = _PENDING
     rate: float = 0.0  # weight / duration once ended
     ma: float = 0.0  # the sweep's running sums when its share was last banked
+    mal: float = 0.0
     mb: float = 0.0
     mta: float = 0.0
     mtb: float = 0.0
@@ -150,6 +151,8 @@ class DeviceMonitor:
         self._ended: deque[_Job] = deque()  # ended jobs not yet committed, in end order
         self._active: dict[int, _Job] = {}  # jobs the sweep is inside
         self._a = self._b = self._ta = self._tb = 0.0  # the sweep's running sums
+        self._al = 0.0  # what rounding left out of A (A = _a + _al): a job's share is rate x a change in
+        # A, and a short job's rate is large: its change in A can be far below A's last bit
         self._rate_sum = 0.0  # of the active jobs' rates
         self._rate_peak = 0.0  # the largest that sum has been since it was last counted afresh
         self._intervals = 0
@@ -443,7 +446,11 @@ class DeviceMonitor:
         if not points:
             return []
         processed_until = points[0][0]
-        self._apply_events_locked(processed_until)  # boundaries at the frontier: ends become final
+        events = self._events
+        while events and events[0][0] <= processed_until and not events[0][2]:
+            _, job, _ = events.popleft()  # an end at the frontier: the job is final
+            if job.state == _ACTIVE:
+                self._deactivate(job)
         done = []
         ended = self._ended
         while ended and ended[0].state >= _SWEPT:  # ends are swept in time order
@@ -493,7 +500,7 @@ class DeviceMonitor:
         if job.end_s is None:
             job.rate = 1.0  # open, so alone wherever it is swept (else it would block): any rate will do
         job.state = _ACTIVE
-        job.ma, job.mb, job.mta, job.mtb = self._a, self._b, self._ta, self._tb
+        job.ma, job.mal, job.mb, job.mta, job.mtb = self._a, self._al, self._b, self._ta, self._tb
         self._rate_sum += job.rate
         if self._rate_sum > self._rate_peak:
             self._rate_peak = self._rate_sum
@@ -508,7 +515,7 @@ class DeviceMonitor:
             if self._rate_sum < self._rate_peak * 1e-6:  # what is left may be lost in rounding: recount
                 self._recount()
         else:  # nobody left: restart the running sums from 0 (no drift, no growth)
-            self._rate_sum = self._rate_peak = self._a = self._b = self._ta = self._tb = 0.0
+            self._rate_sum = self._rate_peak = self._a = self._al = self._b = self._ta = self._tb = 0.0
 
     def _recount(self) -> None:
         active = self._active
@@ -520,10 +527,17 @@ class DeviceMonitor:
 
     def _bank(self, job: _Job) -> None:
         """Add to the job what it took since its marks, and move the marks to now."""
-        a, b, ta, tb = self._a, self._b, self._ta, self._tb
-        job.energy_j += job.rate * (a - job.ma) + (b - job.mb)
+        a, al, b, ta, tb = self._a, self._al, self._b, self._ta, self._tb
+        job.energy_j += job.rate * ((a - job.ma) + (al - job.mal)) + (b - job.mb)
         job.device_s += job.rate * (ta - job.mta) + (tb - job.mtb)
-        job.ma, job.mb, job.mta, job.mtb = a, b, ta, tb
+        job.ma, job.mal, job.mb, job.mta, job.mtb = a, al, b, ta, tb
+
+    def _add_a(self, x: float) -> None:
+        """A += x, keeping what rounding drops in `_al` (Neumaier's compensated sum)."""
+        a = self._a
+        total = a + x
+        self._al += (a - total) + x if abs(a) >= abs(x) else (x - total) + a
+        self._a = total
 
     def _sweep_interval_locked(self, a: float, b: float, energy_j: float) -> None:
         """Sweep [a, b] (b > a), `energy_j` spread uniformly over it, cut at the boundaries inside it."""
@@ -535,7 +549,7 @@ class DeviceMonitor:
             if count == 0:
                 self._pending_idle_j += energy_j
             elif self._rate_sum > 0:
-                self._a += energy_j / self._rate_sum
+                self._add_a(energy_j / self._rate_sum)
                 self._ta += (b - a) / self._rate_sum
             else:
                 self._b += energy_j / count
@@ -545,8 +559,8 @@ class DeviceMonitor:
                 self._rebase()
             return
         density = energy_j / (b - a)
-        inside: dict[int, tuple[_Job, float, float]] = {}  # jobs that start inside, with A, B then
-        a_at_a, b_at_a = self._a, self._b
+        inside: dict[int, tuple[_Job, tuple[float, float, float]]] = {}  # jobs starting inside; sums then
+        at_a = (self._a, self._al, self._b)
         u = a
         while True:
             while events and events[0][0] <= u:
@@ -555,11 +569,11 @@ class DeviceMonitor:
                     if job.state == _PENDING:
                         self._activate(job)
                         if u > a:
-                            inside[job.key] = (job, self._a, self._b)
+                            inside[job.key] = (job, (self._a, self._al, self._b))
                 elif job.state == _ACTIVE:
                     if u > a and energy_j > 0:  # it covers [a, b] only in part: uncertain
-                        _, from_a, from_b = inside.pop(job.key, (job, a_at_a, b_at_a))
-                        self._uncertain(job, job.rate * (self._a - from_a) + (self._b - from_b), energy_j)
+                        _, since = inside.pop(job.key, (job, at_a))
+                        self._uncertain(job, self._taken_since(job, since), energy_j)
                     self._deactivate(job)
             v = events[0][0] if events and events[0][0] < b else b
             if v > u:
@@ -567,7 +581,7 @@ class DeviceMonitor:
                 if count == 0:
                     self._pending_idle_j += density * (v - u)
                 elif self._rate_sum > 0:
-                    self._a += density * (v - u) / self._rate_sum
+                    self._add_a(density * (v - u) / self._rate_sum)
                     self._ta += (v - u) / self._rate_sum
                 else:
                     self._b += density * (v - u) / count
@@ -576,9 +590,9 @@ class DeviceMonitor:
             if u >= b:
                 break
         if energy_j > 0:
-            for job, from_a, from_b in inside.values():
+            for job, since in inside.values():
                 if job.state == _ACTIVE:
-                    self._uncertain(job, job.rate * (self._a - from_a) + (self._b - from_b), energy_j)
+                    self._uncertain(job, self._taken_since(job, since), energy_j)
         self._intervals += 1
         if not self._intervals & 4095 and self._active:
             self._rebase()
@@ -588,9 +602,13 @@ class DeviceMonitor:
         differences) under a load that never lets the device go idle."""
         for job in self._active.values():
             self._bank(job)
-            job.ma = job.mb = job.mta = job.mtb = 0.0
-        self._a = self._b = self._ta = self._tb = 0.0
+            job.ma = job.mal = job.mb = job.mta = job.mtb = 0.0
+        self._a = self._al = self._b = self._ta = self._tb = 0.0
         self._recount()
+
+    def _taken_since(self, job: _Job, since: tuple[float, float, float]) -> float:
+        """What an active job took since the running sums were `since` (A, its rounding, B)."""
+        return job.rate * ((self._a - since[0]) + (self._al - since[1])) + (self._b - since[2])
 
     @staticmethod
     def _uncertain(job: _Job, taken_j: float, energy_j: float) -> None:
