@@ -70,9 +70,11 @@ def test_accounting_smoke(tmp_path: Path) -> None:
     profile = tmp_path / "profile.txt"
     assert accounting.main(["--smoke", "--out", str(tmp_path), "--profile", str(profile)]) == 0
     markdown, data = check_result(tmp_path, "accounting", "smoke")
-    main_table, parts = tables(markdown)
+    main_table, parts, inflight = tables(markdown)
     assert main_table[0] == ["per request", "CPU µs (process)", "CPU µs (this thread)", "wall µs"]
     assert len(parts) > 3
+    assert inflight[0] == ["requests in flight on the device", "1", "8", "64", "256"]
+    assert all(float(x) > 0 for x in inflight[1][1:])
     variants = data["variants"]
     assert all(v["cpu_us"] >= 0 and v["wall_us"] > 0 for v in variants.values())
     has_codecarbon = importlib.util.find_spec("codecarbon") is not None
