@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import shutil
 import signal
@@ -187,7 +188,7 @@ async def serve_full(data_dir: Path, port: int) -> None:
     disable_created_metrics()
     settings = full_settings(data_dir, port)
     registry = CollectorRegistry()
-    app = create_app(settings, backends={MODEL: InstantBackend()}, registry=registry)
+    app = create_app(settings, backends={MODEL: InstantBackend()}, registry=registry, freeze=True)
     runner = make_runner(app)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
@@ -219,6 +220,8 @@ async def serve_bare(answer_file: Path, port: int) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    gc.collect()  # what `wattproxy serve` does once set up (`proxy.app.freeze_heap`), here too
+    gc.freeze()
     print_flush(f"bare handler listening on 127.0.0.1:{port}")
     await _until_signalled()
     await runner.cleanup()
@@ -574,7 +577,8 @@ def render(
         "headers), captured from it at the start and checked identical.",
         f"- Event loop: both servers run on the one `wattproxy serve` uses by default ({event_loop} here: "
         '`run_event_loop` in proxy/cli.py with `event_loop = "auto"`, uvloop where it is installed), so '
-        "that neither has a faster loop than the other.",
+        "that neither has a faster loop than the other. Both set their heap aside from the cyclic garbage "
+        "collector once set up (`gc.freeze()`, as `wattproxy serve` does: `proxy.app.freeze_heap`).",
         f"- Load: {load}; {seconds:g} s per server and level, {summary['rounds']} round(s); at each level "
         "both servers back to back in an order rotated by round and level. Figures are medians over "
         "rounds; ratios and added latencies are taken within a round, then the median. Every answer was "

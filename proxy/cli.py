@@ -132,7 +132,7 @@ async def serve(settings: Settings) -> None:
     # `_created` series double the counters' series and ~45% of render time; Prometheus does not need them.
     disable_created_metrics()
 
-    app = create_app(settings)
+    app = create_app(settings, freeze=True)
     runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

@@ -102,6 +102,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_env: dict[str, s
         assert server.proc.wait(timeout=60) == 0
         assert any("draining" in line for line in server.lines)
         assert any(f"event loop: {loop}" in line for line in server.lines)
+        # the heap is set aside from the cyclic GC once set up, and again with the models loaded
+        frozen = [
+            int(m.group(1)) for line in server.lines if (m := re.search(r"(\d+) objects set aside", line))
+        ]
+        assert len(frozen) == 2 and 0 < frozen[0] < frozen[1], frozen
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
