@@ -605,3 +605,20 @@ def test_overlapping_jobs_get_what_the_reference_attribution_gives_them(
     total = sum(c.joules for cs in charged.values() for c in cs)
     assert abs(total + m.committed_idle_j - m.processed_j) <= 1e-9 * scale
     assert abs(reference.idle_j - m.committed_idle_j) <= 1e-9 * scale
+
+
+def test_a_job_ending_where_another_begins_is_final_at_once() -> None:
+    """Two boundaries at one instant, the other job's start queued first (clock ties): the ended job
+    is final when it ends, not at the next reading."""
+    clock = FakeClock()
+    m = _monitor(clock)
+    first = m.begin()
+    clock.advance(1.0)
+    second = m.begin()  # t = 1.0
+    m.end(first, [("a", 1.0)])  # t = 1.0 too
+    assert first.charges is not None and close(first.charges["a"].joules, 110.0)
+    assert second.charges is None
+    clock.advance(1.0)
+    m.end(second, [("b", 1.0)])
+    assert second.charges is not None and close(second.charges["b"].joules, 110.0)
+    assert close(220.0 + m.committed_idle_j, m.processed_j)

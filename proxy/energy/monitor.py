@@ -17,6 +17,7 @@ metrics snapshot built from commits always satisfies the identity.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import math
 import threading
@@ -227,17 +228,17 @@ class DeviceMonitor:
         if not self._points:
             return []
         last_good_s = self._points[-1][0]
-        self._advance_locked()  # everything up to the last good reading
+        finished = self._advance_locked()  # everything up to the last good reading
         done = [j for j in self._jobs.values() if j.end_s is not None and j.end_s > last_good_s]
         if not done:
-            return []
+            return finished
         log.warning(
             "energy meter on %s unreadable for %.1f s: answering %d job(s) with the energy measured so far",
             self.device,
             self._clock() - last_good_s,
             len(done),
         )
-        return self._commit_locked(done, measurement="unavailable")
+        return finished + self._commit_locked(done, measurement="unavailable")
 
     def sample(self) -> Reading | None:
         """Read the meter now; returns None if the read failed."""
@@ -446,11 +447,7 @@ class DeviceMonitor:
         if not points:
             return []
         processed_until = points[0][0]
-        events = self._events
-        while events and events[0][0] <= processed_until and not events[0][2]:
-            _, job, _ = events.popleft()  # an end at the frontier: the job is final
-            if job.state == _ACTIVE:
-                self._deactivate(job)
+        self._frontier_events_locked(processed_until)
         done = []
         ended = self._ended
         while ended and ended[0].state >= _SWEPT:  # ends are swept in time order
@@ -484,6 +481,27 @@ class DeviceMonitor:
             if job is not first and job.end_s is not None and job.end_s > lo:
                 return True
         return False
+
+    def _frontier_events_locked(self, until_s: float) -> None:
+        """Apply the boundaries at the frontier, so that jobs ending there are final now. A start of a
+        job still open is left for the sweep (activating it would only cost a bank at its end: the
+        common in-process case), unless an end at the frontier waits behind it."""
+        events = self._events
+        while events and events[0][0] <= until_s:
+            _, job, starts = events[0]
+            if (
+                starts
+                and job.end_s is None
+                and job.state == _PENDING
+                and not any(not e[2] for e in itertools.takewhile(lambda e: e[0] <= until_s, events))
+            ):
+                return
+            events.popleft()
+            if starts:
+                if job.state == _PENDING:
+                    self._activate(job)
+            elif job.state == _ACTIVE:
+                self._deactivate(job)
 
     def _apply_events_locked(self, until_s: float) -> None:
         """Apply the job boundaries at or before `until_s` to the sweep's set of active jobs."""
