@@ -273,7 +273,8 @@ class ServerThread:
             failed = [m.load_error for m in service.models.values() if m.load_error]
             if failed:
                 raise RuntimeError(f"a model failed to load: {failed}")
-            if all(m.queue is not None for m in service.models.values()):
+            ready = all(m.queue is not None or m.upstream for m in service.models.values())
+            if ready and service.upstream in (None, "ready"):  # proxy mode: its upstream's models known
                 return
             time.sleep(0.02)
         raise TimeoutError("the models did not load in time")

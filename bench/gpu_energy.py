@@ -1,7 +1,7 @@
 """GPU energy benchmark: NVML's counter step, J/image and J/token of full-size architectures served
 through `create_app` with the NVML meter, and conservation against the script's own NVML reads.
 
-    python bench/gpu_energy.py --out DIR            # an NVIDIA GPU (Volta or newer); about 5 minutes
+    python bench/gpu_energy.py --out DIR            # an NVIDIA GPU (Volta or newer); about 6 minutes
     python bench/gpu_energy.py --smoke --out DIR    # any CPU: tiny presets, synthetic meter, tiny sizes
 
 Phases:
@@ -15,6 +15,11 @@ Phases:
       sum(response joules) + idle joules == its delta (within 0.5%); it also integrates
       nvmlDeviceGetPowerUsage (trapezoid) over the measured requests and compares it with the counter.
   (e) J/image, J/token, images/s at batch 1 and 8 go to DIR/gpu_energy.md and DIR/gpu_energy.json.
+  (g) proxy mode: the text model served by one WattProxy (the upstream, its own meter synthetic) and
+      the same chats sent through a second one in front of it (`upstream`, devices = the GPU) that
+      meters the GPU with NVML from its sampler thread (its event loop never reads NVML): conservation
+      of the proxy's books against the script's counter, J/token on the request timeline against (c),
+      and the latency the proxy adds over calling the upstream directly.
 
 Models are built (random weights, no downloads) into --cache-dir on first use. Without diffusers the
 image phases are skipped and say so. No network is needed.
@@ -375,6 +380,76 @@ def run_phase(
     )
 
 
+def run_proxy_phase(
+    phase: Phase,
+    upstream_settings: Any,
+    proxy_settings: Callable[[str], Any],
+    backend: RecordingBackend,
+    probe: Probe,
+    proxy_meters: dict[str, Any] | None,
+    plan: Plan,
+) -> dict[str, Any]:
+    """(g) The phase's chats through a proxy-mode WattProxy in front of a WattProxy serving `backend`,
+    the probe's reads bracketing the proxy's life; then the same chats straight at the upstream."""
+    from proxy.state import MONITORS
+
+    upstream = ServerThread(upstream_settings, backends={upstream_settings.models[0].name: backend})
+    start_j: list[float] = []
+    try:
+        upstream.start()
+        proxy = ServerThread(
+            proxy_settings(upstream.base_url), **({"meters": proxy_meters} if proxy_meters else {})
+        )
+        try:
+            proxy.start(before_app=lambda: start_j.append(probe.energy_j()))
+            wall, answers, warm, _ = asyncio.run(
+                _client_phase(proxy, phase, probe, plan.settle_s, plan.power_period_s)
+            )
+        finally:
+            proxy.stop()
+        end_j = probe.energy_j()
+        direct_wall, direct, _, _ = asyncio.run(
+            _client_phase(upstream, phase, probe, plan.settle_s, plan.power_period_s)
+        )
+    finally:
+        upstream.stop()
+    assert proxy.app is not None
+    (monitor,) = proxy.app[MONITORS].values()
+    energies = [p["usage"]["energy"] for _, p in answers]
+    responses_j = sum(float(e["joules"]) for e in [*energies, *(p["usage"]["energy"] for p in warm)])
+    tokens = sum(int(p["usage"].get("completion_tokens", 0)) for _, p in answers)
+    direct_tokens = sum(int(p["usage"].get("completion_tokens", 0)) for _, p in direct)
+    measured_j = sum(float(e["joules"]) for e in energies)
+    delta_j = end_j - start_j[0]
+    p50, direct_p50 = percentile([t for t, _ in answers], 50), percentile([t for t, _ in direct], 50)
+    return {
+        "name": phase.name,
+        "requests": phase.requests,
+        "concurrency": phase.concurrency,
+        "measurement": str(energies[0]["measurement"]) if energies else "-",
+        "usage_source": str(energies[0].get("usage_source")) if energies else "-",
+        "completion_tokens": tokens,
+        "measured_j": measured_j,
+        "j_per_token": measured_j / tokens if tokens else None,
+        "uncertainty_j": sum(float(e["uncertainty_kwh"]) for e in energies) * 3.6e6,
+        "probe_delta_j": delta_j,
+        "responses_j": responses_j,
+        "idle_j": monitor.committed_idle_j,
+        "monitor_attributed_j": monitor.committed_attributed_j,
+        "monitor_delta_j": monitor.meter_delta_j,
+        "conservation_error": (responses_j + monitor.committed_idle_j - delta_j) / delta_j
+        if delta_j
+        else None,
+        "tokens_per_s": tokens / wall,
+        "direct_tokens_per_s": direct_tokens / direct_wall,
+        "latency_p50_s": p50,
+        "latency_p95_s": percentile([t for t, _ in answers], 95),
+        "direct_latency_p50_s": direct_p50,
+        "direct_latency_p95_s": percentile([t for t, _ in direct], 95),
+        "added_p50_s": p50 - direct_p50,
+    }
+
+
 def _batches_for(batches: Sequence[Sequence[object]], requests: int) -> int:
     """How many of the last batches hold the last `requests` requests (the measured ones)."""
     n = total = 0
@@ -621,6 +696,43 @@ def render(data: dict[str, Any]) -> str:
         if ratio is not None
         else "Image phases skipped: " + data.get("image_skipped", "") + "."
     )
+    proxy_section = ""
+    px = data.get("proxy")
+    if px:
+        in_process = next((p for p in phases if p["kind"] == "text"), None)
+        own = in_process["j_per_token"] if in_process else None
+        proxy_table = md_table(
+            ["", "through the proxy", "in-process (c); the upstream called directly"],
+            [
+                ["label", px["measurement"], in_process["measurement"] if in_process else "-"],
+                ["J/completion token", px["j_per_token"], own],
+                ["uncertainty J (measured requests)", px["uncertainty_j"], None],
+                [
+                    "completion tokens/s (proxy / upstream direct)",
+                    px["tokens_per_s"],
+                    px["direct_tokens_per_s"],
+                ],
+                ["latency p50 s (proxy / upstream direct)", px["latency_p50_s"], px["direct_latency_p50_s"]],
+                ["latency p95 s (proxy / upstream direct)", px["latency_p95_s"], px["direct_latency_p95_s"]],
+            ],
+        )
+        verdict = "yes" if abs(px["conservation_error"]) <= CONSERVATION_TOLERANCE else "**no**"
+        proxy_section = f"""
+### (g) Proxy mode: the same chats through a WattProxy in front of one serving the model
+
+The upstream is a WattProxy serving `{plan["text_preset"]}` (its own meter synthetic, so that only the
+proxy reads the device); the proxy (`upstream` = it, devices = the GPU) meters the GPU from its sampler
+thread and places each request on the timeline by the clock (its event loop never reads the meter).
+The same {px["requests"]} chats from {px["concurrency"]} clients go through the proxy, then straight to
+the upstream. Usage source: `{px["usage_source"]}`.
+
+{proxy_table}
+
+Added latency p50: {px["added_p50_s"] * 1e3:.1f} ms (the wait for a counter step after each answer's end,
+and the proxy's own work). Conservation over the proxy's life: responses {px["responses_j"]:.1f} J +
+idle {px["idle_j"]:.1f} J against the script's counter delta {px["probe_delta_j"]:.1f} J:
+{px["conservation_error"] * 100:+.3f}% (within 0.5%: {verdict}).
+"""
     load = "a synthetic stepped meter, 20 ms updates, kept busy" if smoke else "under fp16 matmul load"
     power = "the synthetic meter's power" if smoke else "`nvmlDeviceGetPowerUsage`"
     status = "smoke" if smoke else "ok"
@@ -679,7 +791,7 @@ power included) over the measured stretch divided by its units.
 ### (d) Energy counter vs integrated power ({power}, trapezoid, {period_ms} sampling, measured requests)
 
 {power_table}
-"""
+{proxy_section}"""
 
 
 def not_run_markdown(info: dict[str, str]) -> str:
@@ -833,6 +945,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print_flush(f"(c) {phase.name}: {phase.requests} chats ...")
             results.append(run_phase(phase, settings, text, probe, meters, plan))
+            # (g) the same chats through a proxy-mode WattProxy in front of one serving the model
+            upstream_settings = settings.model_copy(
+                update={"meter": "synthetic", "auth": "none", "data_dir": Path(tmp) / "upstream"}
+            )
+            index = int(plan.device.partition(":")[2] or 0)
+            proxy_meters: dict[str, Any] | None = None
+            proxy_probe = probe
+            if args.smoke:  # the proxy meters `cuda:<index>`: a synthetic meter of that name
+                proxy_meter = SyntheticMeter(f"cuda:{index}")
+                proxy_meters = {f"cuda:{index}": proxy_meter}
+                proxy_probe = MeterProbe(proxy_meter)
+
+            def proxy_settings(url: str) -> Any:
+                from proxy.config import Settings
+
+                return Settings.model_validate(
+                    {
+                        "port": 0,
+                        "cache_dir": str(cache.parent),
+                        "data_dir": str(Path(tmp) / "proxy"),
+                        "meter": "synthetic" if args.smoke else "nvml",
+                        "upstream": {"url": url, "devices": [index]},
+                        "log_level": "WARNING",
+                    }
+                )
+
+            proxied = Phase(f"{phase.name} via proxy mode", "text", phase.concurrency, phase.requests,
+                            phase.warmup, phase.make_request)  # fmt: skip
+            print_flush(f"(g) {proxied.name}: {proxied.requests} chats ...")
+            data["proxy"] = run_proxy_phase(
+                proxied, upstream_settings, proxy_settings, text, proxy_probe, proxy_meters, plan
+            )
         finally:
             text.inner.close()
     probe.close()

@@ -86,7 +86,7 @@ def test_accounting_smoke(tmp_path: Path) -> None:
 def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert gpu_energy.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
     markdown, data = check_result(tmp_path, "gpu_energy", "smoke")
-    assert len(tables(markdown)) == 5
+    assert len(tables(markdown)) == 6
     assert data["counter"]["changes"] > 2
     phases = {p["name"]: p for p in data["phases"]}
     assert set(phases) == {"tiny-sd x1", "tiny-sd x8", "tiny-gpt2 x8"}
@@ -101,6 +101,14 @@ def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert phases["tiny-sd x1"]["j_per_image"] > 0 and phases["tiny-gpt2 x8"]["j_per_token"] > 0
     for p in phases.values():  # the direct replay ran the same batches and produced the same units
         assert p["direct_units"] == p["units"] > 0 and p["direct_wall_s"] > 0 and p["served_over_direct"] > 0
+    proxy = data["proxy"]  # (g) the chats again, through a proxy-mode WattProxy in front of one serving them
+    assert proxy["measurement"] == "synthetic-timeline" and proxy["usage_source"] == "upstream"
+    assert proxy["completion_tokens"] > 0 and proxy["j_per_token"] > 0 and proxy["direct_tokens_per_s"] > 0
+    assert abs(proxy["responses_j"] - proxy["monitor_attributed_j"]) <= 1e-9 * proxy["monitor_delta_j"]
+    assert (
+        abs(proxy["monitor_attributed_j"] + proxy["idle_j"] - proxy["monitor_delta_j"])
+        <= 1e-9 * proxy["monitor_delta_j"]
+    )
 
 
 def test_gpu_batch1_smoke(model_cache: Path, tmp_path: Path) -> None:
