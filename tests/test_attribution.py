@@ -622,3 +622,45 @@ def test_a_job_ending_where_another_begins_is_final_at_once() -> None:
     m.end(second, [("b", 1.0)])
     assert second.charges is not None and close(second.charges["b"].joules, 110.0)
     assert close(220.0 + m.committed_idle_j, m.processed_j)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0.0, 0.1), st.floats(0.0, 1.0), st.booleans()), min_size=2, max_size=12),
+    st.sampled_from([0.0, 0.05]),
+    st.booleans(),
+)
+def test_a_timeline_compacted_under_many_open_jobs_still_conserves(
+    jobs: list[tuple[float, float, bool]], period: float, blocking: bool
+) -> None:
+    """With a long job open, readings pile up unprocessed; past `max_points` the monitor merges those
+    that no job boundary needs. The books still close and no charge is negative or over-certain."""
+    clock = FakeClock(0.0)
+    meter = _LoggingMeter(clock, period)
+    meter.blocking_reads = blocking
+    m = DeviceMonitor(meter, clock=clock, max_finalize_delay_s=0.5, max_points=6)
+    m.sample()
+    events: list[tuple[float, int, int]] = []
+    t = 0.0
+    for i, (gap, length, _) in enumerate(jobs):
+        t += gap
+        end = t + length
+        events += [(t, 1, i), (end, 0 if end > t else 2, i)]
+    horizon = max(e[0] for e in events)
+    events += [(k * 0.01, 3, -1) for k in range(1, int(horizon / 0.01) + 1)]  # many readings
+    handles: dict[int, Any] = {}
+    for when, kind, i in sorted(events):
+        clock.t = max(clock.t, when)
+        if kind == 3:
+            m.sample()
+        elif kind == 1:
+            handles[i] = m.begin(on_loop=True)
+        else:
+            m.end(handles[i], [(i, 2.0 if jobs[i][2] else 0.0)], on_loop=True)
+    clock.advance(0.5)
+    m.stop()
+    charges = [h.result.result(timeout=1)[i] for i, h in handles.items()]
+    assert all(c.joules >= 0 and 0 <= c.uncertainty_joules <= c.joules + 1e-12 for c in charges)
+    total = sum(c.joules for c in charges)
+    assert math.isclose(total + m.committed_idle_j, m.processed_j, rel_tol=1e-9, abs_tol=1e-9)
+    assert math.isclose(m.processed_j, m.meter_delta_j, rel_tol=1e-9, abs_tol=1e-9)
