@@ -576,7 +576,7 @@ class Ledger:
                 # WAL: readers never block the writer. synchronous=FULL: each commit fsyncs the WAL,
                 # so an acknowledged record survives power loss (NORMAL would only survive a crash).
                 cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _enable_wal(cursor, t)
                 cursor.execute("PRAGMA synchronous=FULL")
                 cursor.close()
 
@@ -617,7 +617,7 @@ class Ledger:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            mode = _enable_wal(conn.cursor(), self.timeout_s)
             conn.execute("PRAGMA synchronous=FULL")
             sync = conn.execute("PRAGMA synchronous").fetchone()
             if mode is None or str(mode[0]).lower() != "wal" or sync is None or sync[0] != 2:
@@ -1175,6 +1175,30 @@ def _refused(p: _Pending, error: RecordRejected) -> RecordRejected:
     ids = ", ".join(str(row[0]) for row in p.rows[:5])
     more = ", ..." if len(p.rows) > 5 else ""
     return RecordRejected(f"the ledger refused records {ids}{more}: {error}")
+
+
+def _enable_wal(cursor: Any, timeout_s: float) -> tuple[Any, ...] | None:
+    """Put the database in WAL mode (it stays so, in the file); the row `PRAGMA journal_mode` gives.
+
+    Switching needs the database to itself, and SQLite refuses it at once, without its busy wait,
+    while another connection holds it (replicas starting together on a new file): retried until
+    `timeout_s`. A database already in WAL mode is not switched again."""
+    deadline = time.monotonic() + timeout_s
+    delay_s = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode")
+            mode = cursor.fetchone()
+            if mode is not None and str(mode[0]).lower() == "wal":
+                return tuple(mode)
+            cursor.execute("PRAGMA journal_mode=WAL")
+            row = cursor.fetchone()
+            return tuple(row) if row is not None else None
+        except Exception as e:  # sqlite3's, or SQLAlchemy's adapted copy of it
+            if "locked" not in str(e) or time.monotonic() + delay_s > deadline:
+                raise
+        time.sleep(delay_s)  # start-up only; the write lock is held for a migration's few statements
+        delay_s = min(delay_s * 2, 0.1)
 
 
 def _wake(outcomes: list[_Outcome]) -> None:

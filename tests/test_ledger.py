@@ -613,3 +613,26 @@ async def test_postgres_server_restart(pg_cluster: PostgresCluster) -> None:
             assert (await ledger.usage())[0].joules == 5.5
         finally:
             await ledger.close()
+
+
+def test_switching_to_wal_waits_for_another_connection_holding_the_file(tmp_path: Path) -> None:
+    """Replicas starting together on a new file: SQLite refuses a journal-mode switch at once while
+    another connection holds the database (no busy wait), so the switch is retried, not failed."""
+    import sqlite3
+    import threading
+
+    from proxy.ledger import _enable_wal
+
+    path = tmp_path / "fresh.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.2, holder.execute, ["COMMIT"]).start()
+    other = sqlite3.connect(path, isolation_level=None, timeout=0.0)  # no busy wait of SQLite's own
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            _enable_wal(other.cursor(), 0.05)  # gives up before the holder lets go
+        assert _enable_wal(other.cursor(), 5.0) == ("wal",)
+        assert _enable_wal(other.cursor(), 0.0) == ("wal",)  # already WAL: nothing to wait for
+    finally:
+        other.close()
+        holder.close()
