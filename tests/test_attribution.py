@@ -464,12 +464,13 @@ class _GatedMeter(SyntheticMeter):
         super().__init__("cuda:0", idle_watts=10.0, busy_watts=110.0, clock=clock)
         self.gate = threading.Event()
         self.gate.set()
-        self.inside = threading.Event()
+        self.stuck = threading.Event()  # set by a read that found the gate closed (and waits at it)
         self.reads = 0
 
     def read(self):  # type: ignore[no-untyped-def]
         self.reads += 1
-        self.inside.set()
+        if not self.gate.is_set():
+            self.stuck.set()
         assert self.gate.wait(10)
         return super().read()
 
@@ -483,8 +484,7 @@ def test_the_lock_is_not_held_while_the_meter_reads() -> None:
     m.start()
     try:
         meter.gate.clear()
-        meter.inside.clear()
-        assert meter.inside.wait(5)  # the sampler thread is now stuck inside a read
+        assert meter.stuck.wait(5)  # the sampler thread is now stuck inside a read
         reads = meter.reads
         done = threading.Event()
         handles = []
