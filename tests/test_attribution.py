@@ -536,6 +536,7 @@ def test_stale_readings_from_another_thread_add_nothing() -> None:
             st.floats(0.0, 0.5),  # length
             st.lists(st.sampled_from([0.0, 1.0, 3.0]), min_size=1, max_size=3),  # members' work units
             st.one_of(st.none(), st.floats(0.0, 1.0)),  # where in it a stream is cut into two pieces
+            st.booleans(),  # its boundaries come from an event loop (else from a device worker's thread)
         ),
         min_size=1,
         max_size=10,
@@ -545,15 +546,15 @@ def test_stale_readings_from_another_thread_add_nothing() -> None:
     st.booleans(),
 )
 def test_overlapping_jobs_get_what_the_reference_attribution_gives_them(
-    jobs: list[tuple[float, float, list[float], float | None]],
+    jobs: list[tuple[float, float, list[float], float | None, bool]],
     period: float,
     sample_every_s: float,
     blocking: bool,
 ) -> None:
     """Many jobs in flight at once (proxy mode), some cut into pieces (`split`, as streams are), with
     readings at their boundaries or (a meter whose reads block, from an event loop) only the
-    sampler's: each piece's joules and uncertainty are what `attribute` gives it over the same change
-    points, and the books close."""
+    sampler's, the two mixed on one device: each piece's joules and uncertainty are what `attribute`
+    gives it over the same change points, and the books close."""
     clock = FakeClock(0.0)
     meter = _LoggingMeter(clock, period)
     meter.blocking_reads = blocking
@@ -562,7 +563,7 @@ def test_overlapping_jobs_get_what_the_reference_attribution_gives_them(
     # (time, order, job) with, at one instant: ends, cuts, starts, ends of zero-length jobs, samples
     events: list[tuple[float, int, int]] = []
     t = 0.0
-    for i, (gap, length, _, cut) in enumerate(jobs):
+    for i, (gap, length, _, cut, _) in enumerate(jobs):
         t += gap
         end = t + length
         events += [(t, 2, i), (end, 0 if end > t else 3, i)]
@@ -577,15 +578,15 @@ def test_overlapping_jobs_get_what_the_reference_attribution_gives_them(
         if kind == 4:
             m.sample()
         elif kind == 2:
-            handles[i] = m.begin(on_loop=True)
+            handles[i] = m.begin(on_loop=jobs[i][4])
         else:
             members = [((i, len(pieces), j), w) for j, w in enumerate(jobs[i][2])]
             work = sum(jobs[i][2])
             pieces.append((handles[i], work if work > 0 else 1.0))
             if kind == 1:
-                handles[i] = m.split(handles[i], members, on_loop=True)
+                handles[i] = m.split(handles[i], members, on_loop=jobs[i][4])
             else:
-                m.end(handles[i], members, on_loop=True)
+                m.end(handles[i], members, on_loop=jobs[i][4])
     clock.advance(0.5)
     m.stop()
     points = change_points(meter.readings, continuous=period == 0.0)
