@@ -401,11 +401,12 @@ class DeviceMonitor:
         self._ended.append(job)
         duration_s = end_s - job.start_s
         rate = min(job.weight / duration_s, _MAX_RATE) if duration_s > 0 else 0.0
-        if job.state == _ACTIVE:  # swept alone on a stand-in rate so far: bank that part, go on at its own
-            self._bank(job)
-            job.rate = rate
-            self._recount()  # rare (a job swept alone before its end), and the stand-in rate may be far off
+        swept = job.state == _ACTIVE  # swept alone on a stand-in rate so far (rare)
+        if swept:
+            self._bank(job)  # what it took at the stand-in rate; it goes on at its own
         job.rate = rate
+        if swept:
+            self._recount()  # the stand-in rate may be far off the real one
         return end_s
 
     # -- attribution ------------------------------------------------------------------------------
@@ -497,22 +498,22 @@ class DeviceMonitor:
             ):
                 return
             events.popleft()
-            if starts:
-                if job.state == _PENDING:
-                    self._activate(job)
-            elif job.state == _ACTIVE:
-                self._deactivate(job)
+            self._apply_event(job, starts)
 
     def _apply_events_locked(self, until_s: float) -> None:
         """Apply the job boundaries at or before `until_s` to the sweep's set of active jobs."""
         events = self._events
         while events and events[0][0] <= until_s:
             _, job, starts = events.popleft()
-            if starts:
-                if job.state == _PENDING:
-                    self._activate(job)
-            elif job.state == _ACTIVE:
-                self._deactivate(job)
+            self._apply_event(job, starts)
+
+    def _apply_event(self, job: _Job, starts: bool) -> None:
+        """A job's start or end reached by the sweep (a job committed early has none left to apply)."""
+        if starts:
+            if job.state == _PENDING:
+                self._activate(job)
+        elif job.state == _ACTIVE:
+            self._deactivate(job)
 
     def _activate(self, job: _Job) -> None:
         if job.end_s is None:
@@ -563,18 +564,8 @@ class DeviceMonitor:
         if events and events[0][0] <= a:
             self._apply_events_locked(a)
         if not events or events[0][0] >= b:  # no boundary inside (the common case): one segment
-            count = len(self._active)
-            if count == 0:
-                self._pending_idle_j += energy_j
-            elif self._rate_sum > 0:
-                self._add_a(energy_j / self._rate_sum)
-                self._ta += (b - a) / self._rate_sum
-            else:
-                self._b += energy_j / count
-                self._tb += (b - a) / count
-            self._intervals += 1
-            if not self._intervals & 4095 and self._active:
-                self._rebase()
+            self._share_segment(energy_j, b - a)
+            self._interval_done()
             return
         density = energy_j / (b - a)
         inside: dict[int, tuple[_Job, tuple[float, float, float]]] = {}  # jobs starting inside; sums then
@@ -595,15 +586,7 @@ class DeviceMonitor:
                     self._deactivate(job)
             v = events[0][0] if events and events[0][0] < b else b
             if v > u:
-                count = len(self._active)
-                if count == 0:
-                    self._pending_idle_j += density * (v - u)
-                elif self._rate_sum > 0:
-                    self._add_a(density * (v - u) / self._rate_sum)
-                    self._ta += (v - u) / self._rate_sum
-                else:
-                    self._b += density * (v - u) / count
-                    self._tb += (v - u) / count
+                self._share_segment(density * (v - u), v - u)
                 u = v
             if u >= b:
                 break
@@ -611,6 +594,22 @@ class DeviceMonitor:
             for job, since in inside.values():
                 if job.state == _ACTIVE:
                     self._uncertain(job, self._taken_since(job, since), energy_j)
+        self._interval_done()
+
+    def _share_segment(self, energy_j: float, seconds: float) -> None:
+        """A stretch in which the active jobs do not change: its energy and time to the running sums
+        (by rate; equally where every active job has rate 0), or to idle with no job active."""
+        count = len(self._active)
+        if count == 0:
+            self._pending_idle_j += energy_j
+        elif self._rate_sum > 0:
+            self._add_a(energy_j / self._rate_sum)
+            self._ta += seconds / self._rate_sum
+        else:
+            self._b += energy_j / count
+            self._tb += seconds / count
+
+    def _interval_done(self) -> None:
         self._intervals += 1
         if not self._intervals & 4095 and self._active:
             self._rebase()
