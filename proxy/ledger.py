@@ -52,6 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, RowMapping, make_url
 from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 log = logging.getLogger(__name__)
 
@@ -576,7 +577,8 @@ class Ledger:
                 # WAL: readers never block the writer. synchronous=FULL: each commit fsyncs the WAL,
                 # so an acknowledged record survives power loss (NORMAL would only survive a crash).
                 cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-                _enable_wal(cursor, t)
+                # on the event loop (SQLAlchemy's greenlet): waits between tries are awaited, not slept
+                _enable_wal(cursor, t, sleep=lambda s: await_only(asyncio.sleep(s)))
                 cursor.execute("PRAGMA synchronous=FULL")
                 cursor.close()
 
@@ -1177,7 +1179,9 @@ def _refused(p: _Pending, error: RecordRejected) -> RecordRejected:
     return RecordRejected(f"the ledger refused records {ids}{more}: {error}")
 
 
-def _enable_wal(cursor: Any, timeout_s: float) -> tuple[Any, ...] | None:
+def _enable_wal(
+    cursor: Any, timeout_s: float, sleep: Callable[[float], object] = time.sleep
+) -> tuple[Any, ...] | None:
     """Put the database in WAL mode (it stays so, in the file); the row `PRAGMA journal_mode` gives.
 
     Switching needs the database to itself, and SQLite refuses it at once, without its busy wait,
@@ -1197,7 +1201,7 @@ def _enable_wal(cursor: Any, timeout_s: float) -> tuple[Any, ...] | None:
         except Exception as e:  # sqlite3's, or SQLAlchemy's adapted copy of it
             if "locked" not in str(e) or time.monotonic() + delay_s > deadline:
                 raise
-        time.sleep(delay_s)  # start-up only; the write lock is held for a migration's few statements
+        sleep(delay_s)  # start-up only; the write lock is held for a migration's few statements
         delay_s = min(delay_s * 2, 0.1)
 
 

@@ -636,3 +636,36 @@ def test_switching_to_wal_waits_for_another_connection_holding_the_file(tmp_path
     finally:
         other.close()
         holder.close()
+
+
+async def test_a_ledger_starts_once_another_connection_lets_go_of_a_new_file(tmp_path: Path) -> None:
+    """Start-up against a new SQLite file that another connection holds: the ledger waits for it
+    without stalling the event loop, then starts (in WAL mode)."""
+    path = tmp_path / "held.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.3, holder.execute, "COMMIT")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    ledger = Ledger(sqlite_url(path), timeout_s=5.0)
+    try:
+        t0 = time.monotonic()
+        await ledger.start()
+        waited_s = time.monotonic() - t0
+        await ledger.record([rec("after-the-wait")])
+        assert await ledger.count() == 1
+    finally:
+        ticker.cancel()
+        await ledger.close()
+        holder.close()
+    assert waited_s >= 0.25  # it did wait for the holder
+    assert ticks >= 10  # and the loop went on meanwhile
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
