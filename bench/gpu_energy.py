@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from bench.common import (
@@ -971,8 +971,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
                 )
 
-            proxied = Phase(f"{phase.name} via proxy mode", "text", phase.concurrency, phase.requests,
-                            phase.warmup, phase.make_request)  # fmt: skip
+            proxied = replace(phase, name=f"{phase.name} via proxy mode")
             print_flush(f"(g) {proxied.name}: {proxied.requests} chats ...")
             data["proxy"] = run_proxy_phase(
                 proxied, upstream_settings, proxy_settings, text, proxy_probe, proxy_meters, plan
