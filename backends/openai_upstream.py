@@ -31,7 +31,7 @@ import aiohttp
 from yarl import URL
 
 JSON = "application/json"
-MAX_EVENT_BYTES = 1 << 20  # one SSE line; aiohttp refuses lines above twice its read buffer
+MAX_EVENT_BYTES = 1 << 20  # one SSE line (SseParser refuses longer ones)
 
 
 class UpstreamError(Exception):
@@ -112,32 +112,76 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
         return None
 
 
+class SseParser:
+    """The data payloads of server-sent events, from an answer's bytes fed in pieces cut anywhere.
+
+    Lines end with LF or CRLF; a blank line ends an event; an event's `data:` lines are joined with LF;
+    comment lines (keep-alive pings) and other fields are skipped. A line longer than `max_line_bytes`
+    raises ValueError (a broken upstream must not fill the memory)."""
+
+    def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._pending = b""  # the start of a line whose end has not arrived
+        self._data: list[bytes] = []  # the data lines of the event being read
+        self._max_line_bytes = max_line_bytes
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """The events that `piece` completes, in order."""
+        lines = (self._pending + piece if self._pending else piece).split(b"\n")
+        self._pending = lines.pop()
+        if len(self._pending) > self._max_line_bytes:
+            raise ValueError(f"a stream line longer than {self._max_line_bytes} bytes")
+        events: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line.rstrip(b"\r")
+            if not line:  # a blank line ends an event
+                if data:
+                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data = self._data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+        return events
+
+    def close(self) -> list[bytes]:
+        """The end of the answer: an event whose blank line (or last line's end) never came."""
+        events = self.feed(b"\n") if self._pending else []
+        if self._data:
+            events.append(b"\n".join(self._data))
+            self._data = []
+        return events
+
+
 class EventStream:
-    """The data payloads of a server-sent-events answer, one `bytes` per event, in order, the final
-    `[DONE]` included. Comment lines (keep-alive pings) and other fields are skipped."""
+    """The data payloads of a server-sent-events answer, in order, the final `[DONE]` included
+    (`SseParser`'s rules)."""
 
     def __init__(self, response: aiohttp.ClientResponse, base_url: str) -> None:
         self._response = response
         self._base_url = base_url
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        data: list[bytes] = []
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        """The events as they arrive: each list holds every event complete in what has been received
+        so far (one, unless the reader fell behind: then all that are waiting, to be sent on at once)."""
         content = self._response.content
+        parser = SseParser()
         while True:
             with _translated(self._base_url):
-                line = await content.readline()
-            if not line:  # end of the answer
-                if data:
-                    yield b"\n".join(data)
+                piece = await content.readany()
+            try:
+                events = parser.feed(piece) if piece else parser.close()
+            except ValueError as e:
+                raise UpstreamBadResponse(f"the upstream {self._base_url} sent a bad stream: {e}") from e
+            if events:
+                yield events
+            if not piece:  # end of the answer
                 return
-            line = line.rstrip(b"\r\n")
-            if not line:  # a blank line ends an event
-                if data:
-                    yield b"\n".join(data)
-                    data = []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                data.append(value[1:] if value.startswith(b" ") else value)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for events in self.batches():
+            for event in events:
+                yield event
 
     def abort(self) -> None:
         """Close the connection now: the upstream sees its client leave and cancels the request."""

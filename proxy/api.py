@@ -432,20 +432,53 @@ class _Streamer:
         self.loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
 
 
-async def _sse(resp: web.StreamResponse, payload: BaseModel | dict[str, Any] | str) -> None:
+async def _sse(resp: web.StreamResponse, payload: BaseModel | dict[str, Any] | str | bytes) -> None:
+    """Send one server-sent event (`payload` as its data: a model or dict as JSON, text or bytes as
+    they are)."""
     if isinstance(payload, BaseModel):
-        data = payload.model_dump_json(exclude_none=True)
+        data = payload.model_dump_json(exclude_none=True).encode()
     elif isinstance(payload, dict):
-        data = json.dumps(payload)
+        data = json.dumps(payload).encode()
+    elif isinstance(payload, str):
+        data = payload.encode()
     else:
         data = payload
+    await _send_event(resp, sse_frame(data))
+
+
+def sse_frame(data: bytes) -> bytes:
+    """One server-sent event carrying `data` (a line of its own per line of data)."""
+    if b"\n" in data:
+        data = data.replace(b"\n", b"\ndata: ")
+    return b"data: " + data + b"\n\n"
+
+
+async def _send_event(resp: web.StreamResponse, frame: bytes) -> None:
+    """Write `frame`; a client that takes none of it for the response's write timeout is gone
+    (ConnectionResetError).
+
+    A write waits only while the connection's send buffer is past its high-water mark (aiohttp's
+    drain). While the buffer is at its low-water mark or under it (the protocol is not paused then)
+    and this frame cannot take it past the high one, the write cannot wait, and is sent with no timer:
+    `asyncio.wait_for` costs a task and a timer handle a call, which was 13% of the event loop's CPU
+    when streaming through proxy mode (bench/results/profiles.md)."""
+    limits = resp.get(_SSE_LIMITS)
+    if limits is not None:
+        transport, low, high = limits
+        buffered = transport.get_write_buffer_size()
+        if buffered <= low and buffered + len(frame) + _FRAMING_MARGIN_BYTES <= high:
+            await resp.write(frame)
+            return
     try:
-        await asyncio.wait_for(resp.write(f"data: {data}\n\n".encode()), resp_timeout(resp))
+        await asyncio.wait_for(resp.write(frame), resp_timeout(resp))
     except asyncio.TimeoutError as e:  # a client that stopped reading: treat it as gone
         raise ConnectionResetError("client did not read the stream in time") from e
 
 
 WRITE_TIMEOUT_S = web.ResponseKey("write_timeout_s", float)
+# the connection's transport and its write buffer's low- and high-water marks (bytes)
+_SSE_LIMITS = web.ResponseKey("sse_limits", tuple)
+_FRAMING_MARGIN_BYTES = 4096  # what may go out with a frame: its chunk size line and CRLFs, the headers
 
 
 def resp_timeout(resp: web.StreamResponse) -> float:
@@ -461,6 +494,9 @@ async def _start_sse(request: web.Request) -> web.StreamResponse:
         }
     )
     resp[WRITE_TIMEOUT_S] = request.app[SETTINGS].client_timeout_s
+    transport = request.transport
+    if transport is not None:
+        resp[_SSE_LIMITS] = (transport, *transport.get_write_buffer_limits())
     await resp.prepare(request)
     return resp
 
@@ -498,7 +534,9 @@ async def _stream_text(
                 await _sse(resp, make_chunk.usage(_text_usage(outcomes)))
         await _sse(resp, "[DONE]")
         await resp.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # the client left mid-stream (a write failed): aiohttp closes quietly
+        _abandon(queue, items)
+    except asyncio.CancelledError:
         _abandon(queue, items)
         raise
     return resp

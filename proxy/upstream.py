@@ -75,7 +75,7 @@ from backends.openai_upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.api import _energy_fields, _sse, _start_sse, energy_headers
+from proxy.api import _energy_fields, _send_event, _sse, _start_sse, energy_headers, sse_frame
 from proxy.carbon import CarbonCharge
 from proxy.config import ModelSettings, Settings, UpstreamSettings, parse_size
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
@@ -708,7 +708,7 @@ class UpstreamServing:
         prompt_estimate = self._prompt_tokens(req)
         completion_estimate = 0
         held_usage: dict[str, Any] | None = None  # the upstream's usage chunk, sent on with the energy
-        last_chunk: dict[str, Any] | None = None
+        last_data = b""  # the last chunk with choices (its id, model... go into a usage chunk built here)
         failure: ApiError | None = None
         upstream_failed = False
         resp: web.StreamResponse | None = None
@@ -718,26 +718,31 @@ class UpstreamServing:
             async with self.client.stream(path, body, headers) as events:
                 resp = await _start_sse(request)
                 try:
-                    async for data in events:
-                        if data == b"[DONE]":
-                            continue
-                        try:
-                            chunk = json.loads(data)
-                        except ValueError:
-                            chunk = None
-                        if not isinstance(chunk, dict):
-                            raise UpstreamBadResponse("the upstream sent a stream event that is not JSON")
-                        if "error" in chunk or chunk.get("object") == "error":
-                            upstream_failed = True  # passed on as it is; the upstream ends the stream
-                        elif chunk.get("usage") and not chunk.get("choices"):
-                            held_usage = chunk
-                            continue
-                        else:
-                            last_chunk = chunk
-                            tokens = self.counter.count(_choices_text(chunk.get("choices")))
-                            completion_estimate += tokens
-                            activity.add(tokens)
-                        await _sse(resp, data.decode())
+                    async for batch in events.batches():
+                        frames: list[bytes] = []  # what the client gets of this batch, in one write
+                        bad: UpstreamBadResponse | None = None
+                        for data in batch:
+                            if data == b"[DONE]":
+                                continue
+                            chunk = _inspect_event(data)
+                            if not isinstance(chunk, dict):
+                                bad = UpstreamBadResponse("the upstream sent a stream event that is not JSON")
+                                break
+                            if "error" in chunk or chunk.get("object") == "error":
+                                upstream_failed = True  # passed on as it is; the upstream ends the stream
+                            elif chunk.get("usage") and not chunk.get("choices"):
+                                held_usage = json.loads(data)  # sent on: read exactly (see _inspect_event)
+                                continue
+                            else:
+                                last_data = data
+                                tokens = self.counter.count(_choices_text(chunk.get("choices")))
+                                completion_estimate += tokens
+                                activity.add(tokens)
+                            frames.append(sse_frame(data))  # the bytes as they came
+                        if frames:
+                            await _send_event(resp, b"".join(frames))
+                        if bad is not None:
+                            raise bad
                         now = self.clock()
                         if now - activity.last_split_s >= self.split_interval_s:
                             activity.split(now)
@@ -753,13 +758,15 @@ class UpstreamServing:
                 activity.end(charged=False)
             self._sent()
             raise _api_error(e) from e
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionResetError) as e:
             self._sent()
             activity.client_left = True
             if not activity.ended:
                 activity.end(charged=True)
                 result = _text_result(prompt_estimate, completion_estimate)
                 self._settle_later(activity, TextRequest(), result, "cancelled")
+            if isinstance(e, ConnectionResetError) and resp is not None:
+                return resp  # the client left mid-stream (a write failed): aiohttp closes quietly
             raise
         self._sent()
         assert resp is not None
@@ -775,24 +782,39 @@ class UpstreamServing:
             outcome = await self._settled_for_answer(settle, activity)
         except ApiError as e:
             failure = e
-        if failure is not None:
-            await _sse(resp, failure.body())
-        elif wants_usage and not upstream_failed:
-            energy = {**_energy_fields([outcome]), "usage_source": source}
-            await _sse(
-                resp,
-                _usage_chunk(
-                    held_usage,
-                    last_chunk,
-                    prompt,
-                    completion,
-                    {k: v for k, v in energy.items() if v is not None},
-                ),
-            )
-        await _sse(resp, "[DONE]")
-        with contextlib.suppress(ConnectionResetError):  # a client may hang up once it has read [DONE]
+        try:
+            if failure is not None:
+                await _sse(resp, failure.body())
+            elif wants_usage and not upstream_failed:
+                energy = {**_energy_fields([outcome]), "usage_source": source}
+                await _sse(
+                    resp,
+                    _usage_chunk(
+                        held_usage,
+                        json.loads(last_data) if held_usage is None and last_data else None,
+                        prompt,
+                        completion,
+                        {k: v for k, v in energy.items() if v is not None},
+                    ),
+                )
+            await _sse(resp, "[DONE]")
             await resp.write_eof()
+        except ConnectionResetError:  # the client left once the upstream had finished: it is recorded
+            pass
         return resp
+
+
+def _inspect_event(data: bytes) -> Any:
+    """A stream event's JSON, read to be looked at (its keys, its text), never sent on: orjson's (a
+    fifth of json.loads's CPU on a chunk), which reads integers past 64 bits as floats; json's for
+    what orjson refuses (NaN, lone surrogates); None if it is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(data)
+        except ValueError:
+            return None
 
 
 def _dumps(obj: Any, source: bytes = b"") -> bytes:

@@ -4,6 +4,7 @@ request ids without uuid.UUID, the ledger's day without a datetime per record.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import uuid
@@ -309,3 +310,103 @@ def test_proxy_answers_read_back_as_what_was_written(obj: object) -> None:
     source = json.dumps(obj).encode()
     # compared as json writes them: NaN is not equal to itself
     assert json.dumps(json.loads(_dumps(json.loads(source), source))) == json.dumps(json.loads(source))
+
+
+# --- proxy mode's streams: events read in whatever pieces they arrive, inspected with orjson -----------
+
+sse_text = st.binary(max_size=12).filter(lambda b: b"\n" not in b and b"\r" not in b)
+
+
+@st.composite
+def sse_streams(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """A server-sent-events answer as upstreams write it, and the data of its events."""
+    newline = draw(st.sampled_from([b"\n", b"\r\n"]))
+    out, events = b"", []
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):
+            out += b": keep-alive" + newline  # a comment
+        if draw(st.booleans()):
+            out += b"event: message" + newline  # a field other than data
+        lines = draw(st.lists(sse_text, min_size=1, max_size=3))
+        values = []
+        for line in lines:
+            spaced = draw(st.booleans())  # "data: x" or "data:x"; one space after the colon is dropped
+            out += (b"data: " if spaced else b"data:") + line + newline
+            values.append(line if spaced or not line.startswith(b" ") else line[1:])
+        out += newline
+        events.append(b"\n".join(values))  # dispatched even when empty (the SSE rule)
+    return out, events
+
+
+@settings(max_examples=500, deadline=None)
+@given(sse_streams(), st.lists(st.integers(0, 400), max_size=8))
+def test_sse_events_are_the_same_however_the_answer_is_cut(
+    stream: tuple[bytes, list[bytes]], cuts: list[int]
+) -> None:
+    """`SseParser` gives each event once, whole, in order, whatever pieces the bytes arrive in (cuts
+    inside lines and inside a CRLF included); an event re-sent with `sse_frame` reads back the same."""
+    from backends.openai_upstream import SseParser
+    from proxy.api import sse_frame
+
+    raw, expected = stream
+    bounds = sorted({min(c, len(raw)) for c in cuts} | {0, len(raw)})
+    parser = SseParser()
+    got = [e for a, b in itertools.pairwise(bounds) for e in parser.feed(raw[a:b])] + parser.close()
+    assert got == expected
+    again = SseParser()
+    assert again.feed(b"".join(sse_frame(e) for e in got)) + again.close() == got
+
+
+def test_an_sse_line_past_the_limit_is_refused() -> None:
+    from backends.openai_upstream import SseParser
+
+    parser = SseParser(max_line_bytes=100)
+    assert parser.feed(b"data: " + b"x" * 90) == []
+    with pytest.raises(ValueError, match="longer than 100 bytes"):
+        parser.feed(b"x" * 20)
+    ending = SseParser()
+    assert ending.feed(b"data: last") == [] and ending.close() == [b"last"]  # no blank line before the end
+
+
+def _read_alike(got: object, want: object) -> bool:
+    """Equal as JSON values, NaN equal to itself; an integer past 64 bits may be read as its float."""
+    if isinstance(want, dict):
+        return (
+            isinstance(got, dict)
+            and got.keys() == want.keys()
+            and all(_read_alike(got[k], v) for k, v in want.items())
+        )
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(_read_alike, got, want))
+    if isinstance(want, float) and want != want:
+        return isinstance(got, float) and got != got
+    if isinstance(want, int) and not isinstance(want, bool) and abs(want) >= 2**63 and isinstance(got, float):
+        return got == float(want)
+    return type(got) is type(want) and got == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+@example(float("nan"))
+@example({"big": 2**70, "nested": [-(2**64), "\ud800"]})
+def test_stream_events_are_inspected_as_json_reads_them(obj: object) -> None:
+    """orjson reads the events proxy mode only looks at; json reads what orjson refuses (NaN,
+    Infinity, lone surrogates). Integers past 64 bits may come back as floats: such an event is never
+    sent on from what was read (a held usage chunk is read again with json)."""
+    from proxy.upstream import _inspect_event
+
+    source = json.dumps(obj).encode()
+    assert _read_alike(_inspect_event(source), json.loads(source))
+
+
+def test_a_stream_event_that_is_not_json_inspects_as_none() -> None:
+    from proxy.upstream import _inspect_event
+
+    assert _inspect_event(b"<html>hello</html>") is None
+    assert _inspect_event(b"\xff\xfe") is None

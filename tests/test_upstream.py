@@ -7,7 +7,11 @@ aiohttp stub plays the upstreams that are slow, erroring or speak another error 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -48,7 +52,21 @@ class Stub:
 
     MODELS = (
         "ok-no-usage", "slow", "long-plain", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503",
+        "fast-stream", "odd-sse",
     )  # fmt: skip
+    FAST_STREAM_CHUNKS = 20_000  # more than the sockets between the proxy and its client can buffer
+    # Server-sent events as upstreams may write them: CRLF and LF line ends, a comment (keep-alive),
+    # an event with two data lines, a field other than data, "data:" with no space; in pieces cut
+    # inside lines and inside a CRLF, each sent on its own.
+    ODD_SSE = (
+        b': ping\r\n\r\ndata: {"id":"o","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"con',
+        b'tent":"ab"}}]}\r',
+        b"\n\r\nevent: message\ndata:",
+        b'{"id":"o","object":"chat.completion.chunk",\ndata: "choices":[{"index":0,"delta":',
+        b'{"content":"cd"}}]}\n\n',
+        b'data: {"id":"o","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,',
+        b'"completion_tokens":2,"total_tokens":5}}\n\ndata: [DONE]\n\n',
+    )
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -66,8 +84,11 @@ class Stub:
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": m} for m in self.MODELS]})
 
-    async def _chat(self, request: web.Request) -> web.Response:
-        model = (await request.json())["model"]
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        model = body["model"]
+        if model in ("fast-stream", "odd-sse") and body.get("stream"):
+            return await self._stream(request, model)
         if model == "slow":
             await asyncio.sleep(3.0)
         if model == "long-plain":  # a long non-streamed generation that reports its usage
@@ -93,6 +114,27 @@ class Stub:
         return web.json_response(
             {"id": "x", "object": "chat.completion", "model": model, "choices": [choice]}
         )
+
+    async def _stream(self, request: web.Request, model: str) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if model == "odd-sse":
+            for piece in self.ODD_SSE:
+                await resp.write(piece)
+                await asyncio.sleep(0.02)  # each piece reaches the proxy in a read of its own
+            await resp.write_eof()
+            return resp
+        choice = {"index": 0, "delta": {"content": "word"}, "finish_reason": None}
+        chunk = {"id": "f", "object": "chat.completion.chunk", "model": model, "choices": [choice]}
+        event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        try:  # as fast as it can write
+            for _ in range(self.FAST_STREAM_CHUNKS):
+                await resp.write(event)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:  # the proxy left (its client did)
+            pass
+        return resp
 
     def start(self) -> Stub:
         self.thread.start()
@@ -430,8 +472,6 @@ class socket_closed_port:
     """A localhost port with nothing listening on it (bound, then closed)."""
 
     def __enter__(self) -> int:
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
@@ -572,6 +612,56 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
         if labels["status"] == "cancelled"
     ]
     assert [labels["model"] for labels in cancelled] == ["tiny-gpt2"]
+
+
+def test_clients_that_reset_mid_stream_are_recorded_and_log_no_error(
+    stub: Stub, make_proxy: Callable[..., ProxyServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that resets its connection while chunks are flowing makes the proxy's next write
+    fail: the request is recorded as cancelled, and nothing is logged as a server fault."""
+    proxy = make_proxy(stub.url + "/v1")
+    assert proxy.app is not None
+    messages = [{"role": "user", "content": "x"}]
+    body = json.dumps({"model": "fast-stream", "messages": messages, "stream": True})
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request = f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    clients = 12
+    caplog.set_level(logging.WARNING)
+    for i in range(clients):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+            sock.sendall(request)
+            received = b""
+            while len(received) < 2000 * (i + 1):  # some of the stream, more each time
+                received += sock.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: reset
+    deadline = time.monotonic() + 30
+    while len(records := proxy.call(proxy.app[LEDGER].records())) < clients:
+        assert time.monotonic() < deadline, f"{len(records)} of {clients} streams recorded"
+        time.sleep(0.05)
+    assert [r.status for r in records] == ["cancelled"] * clients
+    assert all(r.joules > 0 and r.completion_tokens > 0 for r in records)
+    faults = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert faults == []
+
+
+def test_server_sent_events_are_read_however_the_upstream_writes_them(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """CRLF line ends, a comment, a multi-line data field, another field, and pieces cut inside lines
+    and inside a CRLF: the client gets each event once, whole, and the upstream's usage."""
+    proxy = make_proxy(stub.url + "/v1")
+    stream = client(proxy).chat.completions.create(
+        model="odd-sse",
+        messages=[{"role": "user", "content": "x"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert [c.choices[0].delta.content for c in chunks if c.choices] == ["ab", "cd"]
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (3, 2)
+    assert _energy(usage)["usage_source"] == "upstream"
 
 
 def test_keys_budgets_ledger_and_metrics_work_through_the_proxy(
