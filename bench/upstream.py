@@ -1,7 +1,9 @@
 """Proxy mode's overhead: added latency and requests/s through WattProxy in front of an OpenAI-shaped
-upstream that answers at once, side by side in one run with LiteLLM's proxy in front of the same one.
+upstream that answers at once, side by side in one run with LiteLLM's proxy in front of the same one;
+then streamed chats through both (the stub streaming as fast as it can), and through WattProxy in front
+of a second stub that streams at a decoding server's pace (its CPU per event sent on).
 
-    python -m bench.upstream --out bench/results      # full run (about 7 minutes)
+    python -m bench.upstream --out bench/results      # full run (about 11 minutes)
     python -m bench.upstream --smoke                  # a few requests, times nothing
 
 Processes: the stub upstream (aiohttp; a fixed chat completion with usage, built once), WattProxy
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -79,6 +82,22 @@ ANSWER = {
     "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22},
 }
 TARGETS = ("direct", "wattproxy", "wattproxy_shm", "litellm")
+# Streaming: the stub streams STREAM_TOKENS content chunks (a role chunk first, then a finish chunk, a
+# usage chunk and [DONE]), each written on its own: as fast as it can ("burst": the proxy is the
+# bottleneck), or one every PACE_MS ("paced": a decoding upstream; then what counts is the proxy's CPU).
+STREAM_TOKENS = 64
+STREAM_EVENTS = STREAM_TOKENS + 4  # what a client receives: role, tokens, finish, usage, [DONE]
+PACE_MS = 10.0  # 100 tokens/s a stream
+STREAM_REQUEST = {
+    **REQUEST,
+    "max_tokens": STREAM_TOKENS,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+STREAM_TARGETS = ("direct", "wattproxy", "litellm")
+PACED_TARGETS = ("direct_paced", "wattproxy_paced")
+PACED_CONCURRENCY = 64
+IDLE_S = 2.0  # how long the paced WattProxy's CPU is measured with nothing to do, each round
 TARGET_ADDED_MS = 1.0  # issue 9: WattProxy's added latency at one connection (p50), ms
 TARGET_RPS_RATIO = 20.0  # issue 9: WattProxy's requests/s over LiteLLM's
 SHM = Path("/dev/shm")  # a RAM disk where there is one: a ledger there commits without a disk fsync
@@ -90,16 +109,58 @@ LITELLM_VENV = REPO_ROOT / "bench" / "_work" / "litellm"
 # --- the stub upstream (run as `python -m bench.upstream --serve-stub PORT`) ---------------------------
 
 
-def serve_stub(port: int) -> None:
-    """An OpenAI-shaped upstream that answers every chat completion at once with the same bytes."""
+def stream_events(tokens: int) -> tuple[bytes, bytes, bytes, bytes]:
+    """The stub's stream, as server-sent events: the role chunk, a token chunk, the finish chunk and
+    the usage chunk, in vLLM's shape."""
+
+    def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    base = {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": MODEL,
+    }
+    usage = {"prompt_tokens": 12, "completion_tokens": tokens, "total_tokens": 12 + tokens}
+    return tuple(  # type: ignore[return-value]
+        b"data: " + json.dumps(c).encode() + b"\n\n"
+        for c in (
+            chunk({"role": "assistant", "content": ""}, None),
+            chunk({"content": " word"}, None),
+            chunk({}, "length"),
+            {**base, "choices": [], "usage": usage},
+        )
+    )
+
+
+def serve_stub(port: int, pace_s: float = 0.0) -> None:
+    """An OpenAI-shaped upstream that answers every chat completion at once with the same bytes, and
+    a streamed one with `STREAM_TOKENS` token chunks, one every `pace_s` (as fast as it can at 0)."""
     from aiohttp import web
 
     answer = json.dumps(ANSWER).encode()
     models = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
+    role, token, finish, usage = stream_events(STREAM_TOKENS)
 
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=answer, content_type="application/json")
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if b'"stream": true' not in body and b'"stream":true' not in body:  # no JSON parse on this path
+            return web.Response(body=answer, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        await resp.write(role)
+        for _ in range(STREAM_TOKENS):
+            if pace_s:
+                await asyncio.sleep(pace_s)
+            await resp.write(token)
+        await resp.write(finish)
+        if b'"include_usage": true' in body or b'"include_usage":true' in body:
+            await resp.write(usage)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     async def list_models(request: web.Request) -> web.Response:
         return web.Response(body=models, content_type="application/json")
@@ -206,12 +267,31 @@ def services(litellm: Path | None, tmp: Path, shm: Path | None) -> Iterator[dict
         )
         wait_ready(running["direct"], "/v1/models", 60)
         stub_url = running["direct"].url
-        for target, data_dir in (("wattproxy", tmp / "wattproxy"), ("wattproxy_shm", shm)):
+        paced_port = free_port()
+        paced_cmd = [sys.executable, "-m", "bench.upstream", "--serve-stub", str(paced_port)]
+        running["direct_paced"] = start(
+            "stub_paced", [*paced_cmd, "--pace-ms", str(PACE_MS)], paced_port, tmp
+        )
+        wait_ready(running["direct_paced"], "/v1/models", 60)
+        for target, data_dir, upstream_url in (
+            ("wattproxy", tmp / "wattproxy", stub_url),
+            ("wattproxy_shm", shm, stub_url),
+            ("wattproxy_paced", tmp / "wattproxy_paced", running["direct_paced"].url),
+        ):
             if data_dir is None:
                 continue
             port = free_port()
             wattproxy_cmd = [
-                *(sys.executable, "-m", "proxy", "serve", "--upstream", stub_url, "--upstream-devices", "0"),
+                *(
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "serve",
+                    "--upstream",
+                    upstream_url,
+                    "--upstream-devices",
+                    "0",
+                ),
                 *("--auth", "none", "--meter", "synthetic", "--port", str(port), "--data-dir", str(data_dir)),
                 *("--cache-dir", str(tmp / "cache"), "--log-level", "WARNING"),
             ]
@@ -252,6 +332,7 @@ class Measurement:
     rps: float
     p50_s: float
     p99_s: float
+    cpu_s: float = math.nan  # the target's processes' CPU over the measurement (streams only)
 
 
 _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
@@ -289,6 +370,40 @@ def wrk_script(tmp: Path) -> Path:
     return path
 
 
+def stream_script(tmp: Path) -> Path:
+    path = tmp / "stream.lua"
+    body = json.dumps(STREAM_REQUEST).replace("\\", "\\\\").replace("'", "\\'")
+    path.write_text(
+        f"wrk.method = 'POST'\nwrk.body = '{body}'\nwrk.headers['Content-Type'] = 'application/json'\n"
+        "wrk.headers['Authorization'] = 'Bearer sk-bench'\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants, from /proc (NaN where there is none)."""
+    proc = Path("/proc")
+    if not (proc / str(pid)).is_dir():
+        return math.nan
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        ticks[child] = int(fields[11]) + int(fields[12])  # utime, stime
+    tree, grew = {pid}, True
+    while grew:
+        more = {c for c, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(wrk: str, script: Path, url: str, target: str, concurrency: int, seconds: float) -> Measurement:
     cmd = [
         wrk,
@@ -307,13 +422,16 @@ def run_wrk(wrk: str, script: Path, url: str, target: str, concurrency: int, sec
     return parse_wrk(out.stdout, target, concurrency)
 
 
-async def run_aiohttp(url: str, target: str, concurrency: int, seconds: float) -> Measurement:
-    """The fallback load generator: `concurrency` closed-loop clients for `seconds`."""
+async def run_aiohttp(
+    url: str, target: str, concurrency: int, seconds: float, request: dict[str, Any] = REQUEST
+) -> Measurement:
+    """The fallback load generator: `concurrency` closed-loop clients for `seconds` (each answer read
+    to its end)."""
     import aiohttp
 
     latencies: list[float] = []
     errors = 0
-    body = json.dumps(REQUEST).encode()
+    body = json.dumps(request).encode()
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -385,6 +503,7 @@ def ledger_requests(data_dir: Path) -> int:
 @dataclass
 class Run:
     measurements: list[Measurement] = field(default_factory=list)
+    idle_cpu_s_per_s: list[float] = field(default_factory=list)  # a WattProxy's CPU with no request
 
     def of(self, target: str, concurrency: int) -> list[Measurement]:
         return [m for m in self.measurements if m.target == target and m.concurrency == concurrency]
@@ -415,6 +534,90 @@ def measure(
                     f"p99 {m.p99_s * 1e3:7.3f} ms  errors {m.errors}"
                 )
     return run
+
+
+def measure_streams(
+    running: dict[str, Service],
+    concurrencies: Sequence[int],
+    paced_concurrency: int,
+    seconds: float,
+    rounds: int,
+    wrk: str | None,
+    tmp: Path,
+) -> Run:
+    """Streamed chats: the burst stub at each concurrency (direct, WattProxy, LiteLLM), and the paced
+    stub at `paced_concurrency` (direct, WattProxy); with the CPU each proxy's processes used."""
+    run = Run()
+    script = stream_script(tmp) if wrk else None
+    plan = [(t, c) for t in STREAM_TARGETS if t in running for c in concurrencies]
+    plan += [(t, paced_concurrency) for t in PACED_TARGETS if t in running]
+    for r in range(rounds):
+        for target, c in rotated(plan, r):
+            service = running[target]
+            if target == "wattproxy_paced":  # its CPU with nothing to do (the sampler's ticks), first
+                cpu0 = cpu_seconds(service.process.pid)
+                time.sleep(IDLE_S)
+                run.idle_cpu_s_per_s.append((cpu_seconds(service.process.pid) - cpu0) / IDLE_S)
+            cpu0 = cpu_seconds(service.process.pid)
+            if wrk and script:
+                m = run_wrk(wrk, script, service.url, target, c, seconds)
+            else:
+                m = asyncio.run(run_aiohttp(service.url, target, c, seconds, STREAM_REQUEST))
+            if not target.startswith("direct"):
+                m.cpu_s = cpu_seconds(service.process.pid) - cpu0
+            run.measurements.append(m)
+            print_flush(
+                f"round {r + 1} stream {target:15} c={c:<3} {m.rps:8.1f} streams/s  "
+                f"p50 {m.p50_s * 1e3:8.3f} ms  cpu {m.cpu_s:6.2f} s  errors {m.errors}"
+            )
+    return run
+
+
+def summarize_streams(run: Run, concurrencies: Sequence[int], paced_concurrency: int) -> dict[str, Any]:
+    """Medians over rounds: streams/s, events/s, time to the last byte, CPU µs per event sent on."""
+    out: dict[str, Any] = {"burst": {}, "paced": {}}
+    for kind, targets, cs in (
+        ("burst", STREAM_TARGETS, concurrencies),
+        ("paced", PACED_TARGETS, [paced_concurrency]),
+    ):
+        for target in targets:
+            per_c: dict[str, Any] = {}
+            for c in cs:
+                ms = run.of(target, c)
+                if not ms:
+                    continue
+                direct = run.of("direct" if kind == "burst" else "direct_paced", c)
+                row: dict[str, Any] = {
+                    "streams_per_s": median(m.rps for m in ms),
+                    "events_per_s": median(m.rps for m in ms) * STREAM_EVENTS,
+                    "p50_ms": median(m.p50_s for m in ms) * 1e3,
+                    "p99_ms": median(m.p99_s for m in ms) * 1e3,
+                    "streams": sum(m.requests for m in ms),
+                    "errors": sum(m.errors for m in ms),
+                }
+                if not target.startswith("direct"):
+                    row["cpu_us_per_event"] = median(
+                        m.cpu_s / (m.requests * STREAM_EVENTS) * 1e6 for m in ms if m.requests
+                    )
+                    row["added_p50_ms"] = median(
+                        (m.p50_s - d.p50_s) * 1e3 for m, d in zip(ms, direct, strict=True)
+                    )
+                per_c[str(c)] = row
+            if per_c:
+                out[kind][target] = per_c
+    if run.idle_cpu_s_per_s:
+        out["idle_cpu_ms_per_s"] = median(run.idle_cpu_s_per_s) * 1e3
+    burst = out["burst"]
+    if "litellm" in burst and "wattproxy" in burst:
+        out["ratios"] = {
+            str(c): median(
+                a.rps / b.rps
+                for a, b in zip(run.of("wattproxy", c), run.of("litellm", c), strict=True)
+                if b.rps > 0
+            )
+            for c in concurrencies
+        }
+    return out
 
 
 def summarize(run: Run, concurrencies: Sequence[int], rounds: int) -> dict[str, Any]:
@@ -464,7 +667,84 @@ LABELS = {
     "wattproxy": "WattProxy",
     "wattproxy_shm": "WattProxy, ledger on /dev/shm",
     "litellm": "LiteLLM proxy",
+    "direct_paced": "paced stub, called directly",
+    "wattproxy_paced": "WattProxy in front of the paced stub",
 }
+
+
+def render_streams(
+    streams: dict[str, Any], concurrencies: Sequence[int], paced_concurrency: int
+) -> list[str]:
+    burst_rows = [
+        [
+            LABELS[t],
+            *(
+                f"{fmt(per_c[str(c)]['streams_per_s'])} / {fmt(per_c[str(c)]['p50_ms'])}"
+                + (
+                    f" / {fmt(per_c[str(c)]['cpu_us_per_event'])}"
+                    if "cpu_us_per_event" in per_c[str(c)]
+                    else ""
+                )
+                for c in concurrencies
+            ),
+        ]
+        for t in STREAM_TARGETS
+        if (per_c := streams["burst"].get(t))
+    ]
+    paced_rows = [
+        [
+            LABELS[t],
+            row["streams_per_s"],
+            row["events_per_s"],
+            row["p50_ms"],
+            row.get("added_p50_ms", "-"),
+            row.get("cpu_us_per_event", "-"),
+            row["errors"],
+        ]
+        for t in PACED_TARGETS
+        if (row := streams["paced"].get(t, {}).get(str(paced_concurrency)))
+    ]
+    parts = [
+        "",
+        "### Streaming",
+        "",
+        f"Each streamed chat (`stream: true`, usage included) is {STREAM_EVENTS} events: a role chunk, "
+        f"{STREAM_TOKENS} token chunks, a finish chunk, a usage chunk and [DONE], about 200 bytes each. "
+        "WattProxy reads every event (tokens counted, usage held and sent on with its energy) and sends "
+        "it on; the ledger records each stream. CPU is the proxy's processes' (user + system, from "
+        "/proc) over the measurement, per event sent on.",
+        "",
+        "Burst: the stub writes its events as fast as it can, so the proxy is the bottleneck. Where "
+        "events arrive faster than WattProxy sends them on, it sends on all that are waiting in one "
+        "write; with a decoding upstream (below) that rarely happens. Streams/s / p50 ms to the last "
+        "byte / CPU µs per event:",
+        "",
+        md_table(["target", *(f"{c} conn." for c in concurrencies)], burst_rows),
+    ]
+    if streams.get("ratios"):
+        ratios = ", ".join(f"{fmt(r)}x at {c}" for c, r in streams["ratios"].items())
+        parts += ["", f"WattProxy / LiteLLM, streams/s: {ratios}."]
+    if paced_rows:
+        parts += [
+            "",
+            f"Paced: a second stub writes one token chunk every {PACE_MS:g} ms "
+            f"({1000 / PACE_MS:g} tokens/s a stream, as a decoding server does), {paced_concurrency} streams "
+            "at once; a second WattProxy in front of it. The throughput is the stub's; what the proxy "
+            "costs is its added time and its CPU:",
+            "",
+            md_table(
+                ["target", "streams/s", "events/s", "p50 ms", "added p50 ms", "CPU µs per event", "errors"],
+                paced_rows,
+            ),
+        ]
+        if "idle_cpu_ms_per_s" in streams:
+            parts += [
+                "",
+                f"The CPU per event includes what the proxy spends with nothing to do: "
+                f"{fmt(streams['idle_cpu_ms_per_s'])} ms of CPU a second (its meter's sampler; measured "
+                f"for {IDLE_S:g} s before each paced run).",
+            ]
+    return parts
 
 
 def render(
@@ -477,6 +757,8 @@ def render(
     litellm: str,
     ledger: dict[str, int],
     smoke: bool,
+    streams: dict[str, Any] | None = None,
+    paced_concurrency: int = PACED_CONCURRENCY,
 ) -> str:
     # in the fixed orders (a summary read back from JSON has its keys sorted)
     targets = {t: summary["targets"][t] for t in TARGETS if t in summary["targets"]}
@@ -575,6 +857,8 @@ def render(
                 ["connections", "req/s: WattProxy / LiteLLM", "added p50: LiteLLM / WattProxy"], ratio_rows
             ),
         ]
+    if streams is not None:
+        parts += render_streams(streams, concurrencies, paced_concurrency)
     parts += ["", targets_verdict(summary, concurrencies[0])]
     return "\n".join(parts) + "\n"
 
@@ -622,10 +906,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="auto",
         help="also measure a WattProxy whose ledger is on /dev/shm (auto: where it exists, not with --smoke)",
     )
+    parser.add_argument("--no-streams", action="store_true", help="leave out the streaming measurements")
     parser.add_argument("--serve-stub", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--pace-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_stub is not None:
-        serve_stub(args.serve_stub)
+        serve_stub(args.serve_stub, args.pace_ms / 1000)
         return 0
     concurrencies = [int(c) for c in (args.concurrency or ("1,4" if args.smoke else "1,8,32,64")).split(",")]
     seconds = args.seconds or (1.0 if args.smoke else 5.0)
@@ -655,14 +941,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             if use_shm
             else None
         )
+        paced_concurrency = min(PACED_CONCURRENCY, max(concurrencies))
         with services(litellm, tmp, shm) as running:
             check_answers(running)
             run = measure(running, concurrencies, seconds, rounds, wrk, tmp)
-        sent = 1 + sum(m.requests for m in run.measurements if m.target == "wattproxy")
+            stream_run = (
+                Run()
+                if args.no_streams
+                else measure_streams(running, concurrencies, paced_concurrency, seconds, rounds, wrk, tmp)
+            )
+        sent = 1 + sum(
+            m.requests for m in [*run.measurements, *stream_run.measurements] if m.target == "wattproxy"
+        )
         ledger = {"sent": sent, "recorded": ledger_requests(tmp / "wattproxy")}
     summary = summarize(run, concurrencies, rounds)
+    streams = None if args.no_streams else summarize_streams(stream_run, concurrencies, paced_concurrency)
     command = reproduce_command(f"bench.{NAME}", sys.argv[1:] if argv is None else argv)
-    markdown = render(summary, info, command, concurrencies, seconds, load, litellm_note, ledger, args.smoke)
+    markdown = render(
+        summary,
+        info,
+        command,
+        concurrencies,
+        seconds,
+        load,
+        litellm_note,
+        ledger,
+        args.smoke,
+        streams,
+        paced_concurrency,
+    )
     data = {
         "benchmark": NAME,
         "smoke": args.smoke,
@@ -672,7 +979,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "litellm": litellm_note,
         "ledger": ledger,
         "summary": summary,
+        "streams": streams,
         "measurements": [m.__dict__ for m in run.measurements],
+        "stream_measurements": [m.__dict__ for m in stream_run.measurements],
     }
     md_path, _ = write_result(args.out, NAME, markdown, data)
     print(markdown)

@@ -134,7 +134,7 @@ def test_upstream_smoke(tmp_path: Path) -> None:
     argv = ["--smoke", "--no-litellm", "--out", str(tmp_path), "--concurrency", "1,2", "--seconds", "1"]
     assert upstream.main(argv) == 0
     markdown, data = check_result(tmp_path, "upstream", "smoke")
-    latency, rps, added = tables(markdown)
+    latency, rps, added, burst, paced = tables(markdown)
     assert [row[0] for row in latency[1:]] == ["stub, called directly", "WattProxy"]
     assert rps[0] == ["target", "req/s at 1 conn.", "req/s at 2 conn."]
     assert [row[0] for row in added[1:]] == ["WattProxy"]
@@ -142,7 +142,23 @@ def test_upstream_smoke(tmp_path: Path) -> None:
     assert set(targets) == {"direct", "wattproxy"}
     for per_c in targets.values():
         assert all(row["rps"] > 0 and row["errors"] == 0 for row in per_c.values())
-    assert data["ledger"]["recorded"] >= data["ledger"]["sent"] > 0  # every answer was accounted
+    # streams: through WattProxy in front of the burst stub, and of the paced one (2 at once here)
+    assert [row[0] for row in burst[1:]] == ["stub, called directly", "WattProxy"]
+    assert [row[0] for row in paced[1:]] == [
+        "paced stub, called directly",
+        "WattProxy in front of the paced stub",
+    ]
+    streams = data["streams"]
+    for kind in ("burst", "paced"):
+        for per_c in streams[kind].values():
+            assert all(row["streams"] > 0 and row["errors"] == 0 for row in per_c.values())
+    assert all(row["cpu_us_per_event"] > 0 for row in streams["burst"]["wattproxy"].values())
+    assert (
+        streams["paced"]["wattproxy_paced"]["2"]["cpu_us_per_event"] > 0 and streams["idle_cpu_ms_per_s"] >= 0
+    )
+    # every answer was accounted, streamed ones included
+    plain = sum(m["requests"] for m in data["measurements"] if m["target"] == "wattproxy")
+    assert data["ledger"]["recorded"] >= data["ledger"]["sent"] > plain > 0
 
 
 def test_run_all_assembles_every_results_file(tmp_path: Path) -> None:
