@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -82,11 +83,13 @@ ANSWER = {
     "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22},
 }
 TARGETS = ("direct", "wattproxy", "wattproxy_shm", "litellm")
-# Streaming: the stub streams STREAM_TOKENS content chunks (a role chunk first, then a finish chunk, a
-# usage chunk and [DONE]), each written on its own: as fast as it can ("burst": the proxy is the
-# bottleneck), or one every PACE_MS ("paced": a decoding upstream; then what counts is the proxy's CPU).
+# Streaming: the stub streams token chunks (a role chunk first, then a finish chunk, a usage chunk and
+# [DONE]), each written on its own: STREAM_TOKENS as fast as it can ("burst": the proxy is the
+# bottleneck), or one every PACE_MS ("paced": a decoding upstream; then what counts is the proxy's CPU),
+# STREAM_TOKENS / 2 to 3 x STREAM_TOKENS / 2 of them (streams of one length would end together).
 STREAM_TOKENS = 64
 STREAM_EVENTS = STREAM_TOKENS + 4  # what a client receives: role, tokens, finish, usage, [DONE]
+STATS_PATH = "/stub/stats"  # the stub's count of the events it has written
 PACE_MS = 10.0  # 100 tokens/s a stream
 STREAM_REQUEST = {
     **REQUEST,
@@ -97,6 +100,7 @@ STREAM_REQUEST = {
 STREAM_TARGETS = ("direct", "wattproxy", "litellm")
 PACED_TARGETS = ("direct_paced", "wattproxy_paced")
 PACED_CONCURRENCY = 64
+TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")  # the resolution of /proc's CPU times
 IDLE_S = 2.0  # how long the paced WattProxy's CPU is measured with nothing to do, each round
 TARGET_ADDED_MS = 1.0  # issue 9: WattProxy's added latency at one connection (p50), ms
 TARGET_RPS_RATIO = 20.0  # issue 9: WattProxy's requests/s over LiteLLM's
@@ -111,7 +115,7 @@ LITELLM_VENV = REPO_ROOT / "bench" / "_work" / "litellm"
 
 def stream_events(tokens: int) -> tuple[bytes, bytes, bytes, bytes]:
     """The stub's stream, as server-sent events: the role chunk, a token chunk, the finish chunk and
-    the usage chunk, in vLLM's shape."""
+    the usage chunk (of `tokens` tokens), in vLLM's shape."""
 
     def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -136,31 +140,40 @@ def stream_events(tokens: int) -> tuple[bytes, bytes, bytes, bytes]:
 
 
 def serve_stub(port: int, pace_s: float = 0.0) -> None:
-    """An OpenAI-shaped upstream that answers every chat completion at once with the same bytes, and
-    a streamed one with `STREAM_TOKENS` token chunks, one every `pace_s` (as fast as it can at 0)."""
+    """An OpenAI-shaped upstream that answers every chat completion at once with the same bytes, and a
+    streamed one with `STREAM_TOKENS` token chunks as fast as it can, or, with `pace_s`, one chunk every
+    `pace_s` and from half to one and a half times as many. GET `STATS_PATH` counts the events written."""
     from aiohttp import web
 
     answer = json.dumps(ANSWER).encode()
     models = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
-    role, token, finish, usage = stream_events(STREAM_TOKENS)
+    role, token, finish, _ = stream_events(STREAM_TOKENS)
+    lengths = random.Random(port)  # paced streams' lengths: reproducible for a port
+    written = [0]  # events written, for the benchmark's CPU per event
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         if b'"stream": true' not in body and b'"stream":true' not in body:  # no JSON parse on this path
             return web.Response(body=answer, content_type="application/json")
+        tokens = lengths.randint(STREAM_TOKENS // 2, 3 * STREAM_TOKENS // 2) if pace_s else STREAM_TOKENS
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         await resp.write(role)
-        for _ in range(STREAM_TOKENS):
+        for _ in range(tokens):
             if pace_s:
                 await asyncio.sleep(pace_s)
             await resp.write(token)
         await resp.write(finish)
+        written[0] += tokens + 3
         if b'"include_usage": true' in body or b'"include_usage":true' in body:
-            await resp.write(usage)
+            await resp.write(stream_events(tokens)[3])
+            written[0] += 1
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"events": written[0]})
 
     async def list_models(request: web.Request) -> web.Response:
         return web.Response(body=models, content_type="application/json")
@@ -168,6 +181,7 @@ def serve_stub(port: int, pace_s: float = 0.0) -> None:
     app = web.Application()
     app.router.add_post(CHAT_PATH, chat)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get(STATS_PATH, stats)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, handle_signals=True)
 
 
@@ -333,6 +347,7 @@ class Measurement:
     p50_s: float
     p99_s: float
     cpu_s: float = math.nan  # the target's processes' CPU over the measurement (streams only)
+    events: int = 0  # stream events the stub wrote over the measurement (streams only)
 
 
 _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
@@ -547,6 +562,12 @@ def measure_streams(
 ) -> Run:
     """Streamed chats: the burst stub at each concurrency (direct, WattProxy, LiteLLM), and the paced
     stub at `paced_concurrency` (direct, WattProxy); with the CPU each proxy's processes used."""
+    import urllib.request
+
+    def written(stub: Service) -> int:
+        with urllib.request.urlopen(stub.url + STATS_PATH, timeout=10) as resp:
+            return int(json.loads(resp.read())["events"])
+
     run = Run()
     script = stream_script(tmp) if wrk else None
     plan = [(t, c) for t in STREAM_TARGETS if t in running for c in concurrencies]
@@ -558,13 +579,15 @@ def measure_streams(
                 cpu0 = cpu_seconds(service.process.pid)
                 time.sleep(IDLE_S)
                 run.idle_cpu_s_per_s.append((cpu_seconds(service.process.pid) - cpu0) / IDLE_S)
-            cpu0 = cpu_seconds(service.process.pid)
+            stub = running["direct_paced" if target in PACED_TARGETS else "direct"]
+            events0, cpu0 = written(stub), cpu_seconds(service.process.pid)
             if wrk and script:
                 m = run_wrk(wrk, script, service.url, target, c, seconds)
             else:
                 m = asyncio.run(run_aiohttp(service.url, target, c, seconds, STREAM_REQUEST))
             if not target.startswith("direct"):
                 m.cpu_s = cpu_seconds(service.process.pid) - cpu0
+            m.events = written(stub) - events0
             run.measurements.append(m)
             print_flush(
                 f"round {r + 1} stream {target:15} c={c:<3} {m.rps:8.1f} streams/s  "
@@ -589,16 +612,14 @@ def summarize_streams(run: Run, concurrencies: Sequence[int], paced_concurrency:
                 direct = run.of("direct" if kind == "burst" else "direct_paced", c)
                 row: dict[str, Any] = {
                     "streams_per_s": median(m.rps for m in ms),
-                    "events_per_s": median(m.rps for m in ms) * STREAM_EVENTS,
+                    "events_per_s": median(m.events * m.rps / m.requests for m in ms if m.requests),
                     "p50_ms": median(m.p50_s for m in ms) * 1e3,
                     "p99_ms": median(m.p99_s for m in ms) * 1e3,
                     "streams": sum(m.requests for m in ms),
                     "errors": sum(m.errors for m in ms),
                 }
                 if not target.startswith("direct"):
-                    row["cpu_us_per_event"] = median(
-                        m.cpu_s / (m.requests * STREAM_EVENTS) * 1e6 for m in ms if m.requests
-                    )
+                    row["cpu_us_per_event"] = median(m.cpu_s / m.events * 1e6 for m in ms if m.events)
                     row["added_p50_ms"] = median(
                         (m.p50_s - d.p50_s) * 1e3 for m, d in zip(ms, direct, strict=True)
                     )
@@ -694,9 +715,9 @@ def render_streams(
     paced_rows = [
         [
             LABELS[t],
-            row["streams_per_s"],
-            row["events_per_s"],
+            row["streams"],
             row["p50_ms"],
+            row["p99_ms"],
             row.get("added_p50_ms", "-"),
             row.get("cpu_us_per_event", "-"),
             row["errors"],
@@ -728,21 +749,28 @@ def render_streams(
         parts += [
             "",
             f"Paced: a second stub writes one token chunk every {PACE_MS:g} ms "
-            f"({1000 / PACE_MS:g} tokens/s a stream, as a decoding server does), {paced_concurrency} streams "
-            "at once; a second WattProxy in front of it. The throughput is the stub's; what the proxy "
-            "costs is its added time and its CPU:",
+            f"({1000 / PACE_MS:g} tokens/s a stream, as a decoding server does), {STREAM_TOKENS // 2} to "
+            f"{3 * STREAM_TOKENS // 2} of them a stream ({STREAM_TOKENS} on average, so that streams end at "
+            f"different times), {paced_concurrency} streams at once; a second WattProxy in front of it. The "
+            "throughput is the stub's; what the proxy costs is its added time to the last byte and its CPU:",
             "",
             md_table(
-                ["target", "streams/s", "events/s", "p50 ms", "added p50 ms", "CPU µs per event", "errors"],
+                ["target", "streams", "p50 ms", "p99 ms", "added p50 ms", "CPU µs per event", "errors"],
                 paced_rows,
             ),
         ]
         if "idle_cpu_ms_per_s" in streams:
             parts += [
                 "",
-                f"The CPU per event includes what the proxy spends with nothing to do: "
-                f"{fmt(streams['idle_cpu_ms_per_s'])} ms of CPU a second (its meter's sampler; measured "
-                f"for {IDLE_S:g} s before each paced run).",
+                "The CPU per event includes what the proxy spends with nothing to do (its meter's "
+                f"sampler): {fmt(streams['idle_cpu_ms_per_s'])} ms of CPU a second, measured for "
+                f"{IDLE_S:g} s before each paced run (/proc counts CPU in ticks of {TICK_MS:g} ms).",
+                "",
+                "The added time to the last byte is the stream's settlement: token chunks are sent on as "
+                "they come, and the usage chunk and [DONE] once the stream's energy is final and recorded. "
+                "Its last piece is final once the other streams' pieces open across its end have closed "
+                "(each closes within `split_interval_s` x 1.5, 0.15 s; where streams end together, as "
+                "streams of one length started together do, the wait is shorter).",
             ]
     return parts
 
