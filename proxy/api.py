@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import sys
@@ -496,7 +497,8 @@ async def _start_sse(request: web.Request) -> web.StreamResponse:
     resp[WRITE_TIMEOUT_S] = request.app[SETTINGS].client_timeout_s
     transport = request.transport
     if transport is not None:
-        resp[_SSE_LIMITS] = (transport, *transport.get_write_buffer_limits())
+        with contextlib.suppress(AttributeError, NotImplementedError):  # without them, every write is timed
+            resp[_SSE_LIMITS] = (transport, *transport.get_write_buffer_limits())
     await resp.prepare(request)
     return resp
 

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Settings
 from proxy.energy.meter import Reading, SyntheticMeter
-from proxy.state import LEDGER, MONITORS, SCHEDULER, SERVICE
+from proxy.state import LEDGER, MONITORS, SCHEDULER, SERVICE, UPSTREAM
 from tests.conftest import LiveServer, add_key, settings_for_tests
 
 T = TypeVar("T")
@@ -52,9 +52,10 @@ class Stub:
 
     MODELS = (
         "ok-no-usage", "slow", "long-plain", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503",
-        "fast-stream", "odd-sse",
+        "fast-stream", "endless-stream", "odd-sse",
     )  # fmt: skip
     FAST_STREAM_CHUNKS = 20_000  # more than the sockets between the proxy and its client can buffer
+    ENDLESS_STREAM_CHUNKS = 1_000_000  # about 150 MB: until the proxy stops reading it, in effect
     # Server-sent events as upstreams may write them: CRLF and LF line ends, a comment (keep-alive),
     # an event with two data lines, a field other than data, "data:" with no space; in pieces cut
     # inside lines and inside a CRLF, each sent on its own.
@@ -87,7 +88,7 @@ class Stub:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         model = body["model"]
-        if model in ("fast-stream", "odd-sse") and body.get("stream"):
+        if model in ("fast-stream", "endless-stream", "odd-sse") and body.get("stream"):
             return await self._stream(request, model)
         if model == "slow":
             await asyncio.sleep(3.0)
@@ -127,8 +128,9 @@ class Stub:
         choice = {"index": 0, "delta": {"content": "word"}, "finish_reason": None}
         chunk = {"id": "f", "object": "chat.completion.chunk", "model": model, "choices": [choice]}
         event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
-        try:  # as fast as it can write
-            for _ in range(self.FAST_STREAM_CHUNKS):
+        chunks = self.ENDLESS_STREAM_CHUNKS if model == "endless-stream" else self.FAST_STREAM_CHUNKS
+        try:  # as fast as it can write (as fast as the proxy reads)
+            for _ in range(chunks):
                 await resp.write(event)
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -643,6 +645,31 @@ def test_clients_that_reset_mid_stream_are_recorded_and_log_no_error(
     assert all(r.joules > 0 and r.completion_tokens > 0 for r in records)
     faults = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert faults == []
+
+
+def test_a_streaming_client_that_stops_reading_is_let_go_after_the_client_timeout(
+    stub: Stub, make_proxy: Callable[..., ProxyServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the sockets to a client that reads nothing are full, the proxy's write waits; after
+    `client_timeout_s` it gives the client up: the stream is recorded as cancelled, the upstream
+    request is closed, and nothing is logged as a server fault."""
+    proxy = make_proxy(stub.url + "/v1", client_timeout_s=0.5)
+    assert proxy.app is not None
+    messages = [{"role": "user", "content": "x"}]
+    body = json.dumps({"model": "endless-stream", "messages": messages, "stream": True})
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    caplog.set_level(logging.WARNING)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode())  # and reads nothing
+        deadline = time.monotonic() + 60
+        while not (records := proxy.call(proxy.app[LEDGER].records())):
+            assert time.monotonic() < deadline, "the stalled stream was never given up"
+            time.sleep(0.05)
+    assert [r.status for r in records] == ["cancelled"] and records[0].completion_tokens > 0
+    assert proxy.app[UPSTREAM].inflight == 0  # its upstream request was closed
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_server_sent_events_are_read_however_the_upstream_writes_them(
