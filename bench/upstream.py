@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,8 +141,9 @@ def stream_events(tokens: int) -> tuple[bytes, bytes, bytes, bytes]:
 
 def serve_stub(port: int, pace_s: float = 0.0) -> None:
     """An OpenAI-shaped upstream that answers every chat completion at once with the same bytes, and a
-    streamed one with `STREAM_TOKENS` token chunks as fast as it can, or, with `pace_s`, one chunk every
-    `pace_s` and from half to one and a half times as many. GET `STATS_PATH` counts the events written."""
+    streamed one with `STREAM_TOKENS` token chunks as fast as it can, or, with `pace_s`, from half to one
+    and a half times as many, paced as a continuous-batching server's decode steps: every `pace_s`, each
+    stream in flight gets its next token at once. GET `STATS_PATH` counts the events written."""
     from aiohttp import web
 
     answer = json.dumps(ANSWER).encode()
@@ -161,7 +162,7 @@ def serve_stub(port: int, pace_s: float = 0.0) -> None:
         await resp.write(role)
         for _ in range(tokens):
             if pace_s:
-                await asyncio.sleep(pace_s)
+                await step[0]  # the next decode step
             await resp.write(token)
         await resp.write(finish)
         written[0] += tokens + 3
@@ -178,10 +179,28 @@ def serve_stub(port: int, pace_s: float = 0.0) -> None:
     async def list_models(request: web.Request) -> web.Response:
         return web.Response(body=models, content_type="application/json")
 
+    step: list[asyncio.Future[None]] = []  # done at the next decode step
+
+    async def steps(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        step.append(loop.create_future())
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(pace_s)
+                done, step[0] = step[0], loop.create_future()
+                done.set_result(None)
+
+        ticker = asyncio.create_task(tick())
+        yield
+        ticker.cancel()
+
     app = web.Application()
     app.router.add_post(CHAT_PATH, chat)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get(STATS_PATH, stats)
+    if pace_s:
+        app.cleanup_ctx.append(steps)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, handle_signals=True)
 
 
@@ -748,10 +767,11 @@ def render_streams(
     if paced_rows:
         parts += [
             "",
-            f"Paced: a second stub writes one token chunk every {PACE_MS:g} ms "
-            f"({1000 / PACE_MS:g} tokens/s a stream, as a decoding server does), {STREAM_TOKENS // 2} to "
-            f"{3 * STREAM_TOKENS // 2} of them a stream ({STREAM_TOKENS} on average, so that streams end at "
-            f"different times), {paced_concurrency} streams at once; a second WattProxy in front of it. The "
+            f"Paced: a second stub paces its streams as a continuous-batching server's decode steps: every "
+            f"{PACE_MS:g} ms each stream in flight gets its next token chunk ({1000 / PACE_MS:g} tokens/s a "
+            f"stream), {STREAM_TOKENS // 2} to {3 * STREAM_TOKENS // 2} of them a stream ({STREAM_TOKENS} on "
+            f"average, so that streams end at different times), {paced_concurrency} streams at once; a "
+            "second WattProxy in front of it. The "
             "throughput is the stub's; what the proxy costs is its added time to the last byte and its CPU:",
             "",
             md_table(
