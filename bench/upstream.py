@@ -393,20 +393,10 @@ def parse_wrk(output: str, target: str, concurrency: int) -> Measurement:
     return Measurement(target, concurrency, requests, errors, rps, p50, p99)
 
 
-def wrk_script(tmp: Path) -> Path:
-    path = tmp / "post.lua"
-    body = json.dumps(REQUEST).replace("\\", "\\\\").replace("'", "\\'")
-    path.write_text(
-        f"wrk.method = 'POST'\nwrk.body = '{body}'\nwrk.headers['Content-Type'] = 'application/json'\n"
-        "wrk.headers['Authorization'] = 'Bearer sk-bench'\n",
-        encoding="utf-8",
-    )
-    return path
-
-
-def stream_script(tmp: Path) -> Path:
-    path = tmp / "stream.lua"
-    body = json.dumps(STREAM_REQUEST).replace("\\", "\\\\").replace("'", "\\'")
+def wrk_script(tmp: Path, request: dict[str, Any] = REQUEST, name: str = "post.lua") -> Path:
+    """A wrk Lua script that POSTs `request` as JSON."""
+    path = tmp / name
+    body = json.dumps(request).replace("\\", "\\\\").replace("'", "\\'")
     path.write_text(
         f"wrk.method = 'POST'\nwrk.body = '{body}'\nwrk.headers['Content-Type'] = 'application/json'\n"
         "wrk.headers['Authorization'] = 'Bearer sk-bench'\n",
@@ -588,7 +578,7 @@ def measure_streams(
             return int(json.loads(resp.read())["events"])
 
     run = Run()
-    script = stream_script(tmp) if wrk else None
+    script = wrk_script(tmp, STREAM_REQUEST, "stream.lua") if wrk else None
     plan = [(t, c) for t in STREAM_TARGETS if t in running for c in concurrencies]
     plan += [(t, paced_concurrency) for t in PACED_TARGETS if t in running]
     for r in range(rounds):

@@ -294,14 +294,16 @@ def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-        max_leaves=20,
-    )
+# Any JSON value (integers of any size, NaN and the infinities included)
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
 )
+
+
+@settings(max_examples=200, deadline=None)
+@given(any_json)
 def test_proxy_answers_read_back_as_what_was_written(obj: object) -> None:
     """orjson writes the proxy's answers; json writes what orjson refuses (integers past 64 bits) or
     would change (NaN and Infinity, from an upstream whose answer has them)."""
@@ -386,13 +388,7 @@ def _read_alike(got: object, want: object) -> bool:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-        max_leaves=20,
-    )
-)
+@given(any_json)
 @example(float("nan"))
 @example({"big": 2**70, "nested": [-(2**64), "\ud800"]})
 def test_stream_events_are_inspected_as_json_reads_them(obj: object) -> None:
