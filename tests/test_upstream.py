@@ -7,6 +7,7 @@ aiohttp stub plays the upstreams that are slow, erroring or speak another error 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import requests
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from backends.openai_upstream import MAX_EVENT_BYTES
 from proxy.config import Settings
 from proxy.energy.meter import Reading, SyntheticMeter
 from proxy.state import LEDGER, MONITORS, SCHEDULER, SERVICE, UPSTREAM
@@ -52,7 +54,7 @@ class Stub:
 
     MODELS = (
         "ok-no-usage", "slow", "long-plain", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503",
-        "fast-stream", "endless-stream", "odd-sse",
+        "fast-stream", "endless-stream", "odd-sse", "huge-line",
     )  # fmt: skip
     FAST_STREAM_CHUNKS = 20_000  # more than the sockets between the proxy and its client can buffer
     ENDLESS_STREAM_CHUNKS = 1_000_000  # about 150 MB: until the proxy stops reading it, in effect
@@ -88,7 +90,7 @@ class Stub:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         model = body["model"]
-        if model in ("fast-stream", "endless-stream", "odd-sse") and body.get("stream"):
+        if model in ("fast-stream", "endless-stream", "odd-sse", "huge-line") and body.get("stream"):
             return await self._stream(request, model)
         if model == "slow":
             await asyncio.sleep(3.0)
@@ -119,6 +121,13 @@ class Stub:
     async def _stream(self, request: web.Request, model: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if model == "huge-line":  # a chunk, then a line past the proxy's limit (MAX_EVENT_BYTES)
+            choice = {"index": 0, "delta": {"content": "ok"}, "finish_reason": None}
+            await resp.write(b"data: " + json.dumps({"id": "h", "choices": [choice]}).encode() + b"\n\n")
+            with contextlib.suppress(ConnectionResetError):  # the proxy hangs up partway
+                await resp.write(b"data: " + b"x" * (MAX_EVENT_BYTES + 10) + b"\n\n")
+                await resp.write_eof()
+            return resp
         if model == "odd-sse":
             for piece in self.ODD_SSE:
                 await resp.write(piece)
@@ -670,6 +679,26 @@ def test_a_streaming_client_that_stops_reading_is_let_go_after_the_client_timeou
     assert [r.status for r in records] == ["cancelled"] and records[0].completion_tokens > 0
     assert proxy.app[UPSTREAM].inflight == 0  # its upstream request was closed
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_stream_line_past_the_limit_ends_the_stream_with_an_error(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """An upstream that sends a line longer than MAX_EVENT_BYTES (1 MiB) is a broken one: the client
+    gets what came before it, then the error event (upstream_bad_response); the request is charged
+    and recorded as an error."""
+    proxy = make_proxy(stub.url + "/v1")
+    assert proxy.app is not None
+    body = {"model": "huge-line", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with requests.post(proxy.base_url + CHAT, json=body, stream=True, timeout=30) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert r.status_code == 200 and json.loads(events[0])["choices"][0]["delta"]["content"] == "ok"
+    assert json.loads(events[1])["error"]["code"] == "upstream_bad_response" and events[2:] == [b"[DONE]"]
+    deadline = time.monotonic() + 10
+    while not (records := proxy.call(proxy.app[LEDGER].records())):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert [r.status for r in records] == ["error"] and records[0].joules > 0
 
 
 def test_server_sent_events_are_read_however_the_upstream_writes_them(
