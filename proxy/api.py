@@ -21,6 +21,7 @@ from pydantic_core import to_json
 from backends.base import ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
 from proxy.config import ModelSettings, parse_size
 from proxy.errors import (
+    STREAM,
     ApiError,
     InvalidRequest,
     NotFound,
@@ -499,6 +500,7 @@ async def _start_sse(request: web.Request) -> web.StreamResponse:
     if transport is not None:
         with contextlib.suppress(AttributeError, NotImplementedError):  # without them, every write is timed
             resp[_SSE_LIMITS] = (transport, *transport.get_write_buffer_limits())
+    request[STREAM] = resp
     await resp.prepare(request)
     return resp
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -153,10 +154,24 @@ _HTTP_ERRORS: dict[int, type[ApiError]] = {
 }
 
 
+# A server-sent-events answer once its headers are out (set by the handler that starts it): an error
+# after that can only end it with an error event, not replace it with an error response.
+STREAM = web.RequestKey("stream", web.StreamResponse)
+
+
+async def _end_stream(stream: web.StreamResponse, err: ApiError) -> web.StreamResponse:
+    """End a started stream with `err` as an error event and [DONE] (what the stream paths send on a
+    failure), so that the client gets a well-formed answer that says it failed."""
+    with contextlib.suppress(ConnectionResetError):
+        await stream.write(f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n".encode())
+    return stream
+
+
 def error_middleware(
     request_id_of: Callable[[web.Request], str | None], max_body_bytes: int
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Middleware factory: ApiError, aiohttp HTTP errors, bad JSON and anything unexpected -> envelope."""
+    """Middleware factory: ApiError, aiohttp HTTP errors, bad JSON and anything unexpected -> envelope
+    (an error event where a stream has started)."""
 
     @web.middleware
     async def middleware(
@@ -165,6 +180,9 @@ def error_middleware(
         try:
             return await handler(request)
         except ApiError as e:
+            stream = request.get(STREAM)
+            if stream is not None and stream.prepared:
+                return await _end_stream(stream, e)
             return error_response(e, request_id_of(request))
         except ValidationError as e:
             return error_response(from_validation_error(e), request_id_of(request))
@@ -194,6 +212,10 @@ def error_middleware(
         except Exception:
             rid = request_id_of(request)
             log.exception("unhandled error in %s %s (request %s)", request.method, request.path, rid)
-            return error_response(ServerError(f"internal server error (request id {rid})"), rid)
+            err = ServerError(f"internal server error (request id {rid})")
+            stream = request.get(STREAM)
+            if stream is not None and stream.prepared:
+                return await _end_stream(stream, err)
+            return error_response(err, rid)
 
     return middleware

@@ -566,6 +566,22 @@ class UpstreamServing:
         req: ForwardedRequest,
     ) -> web.Response:
         activity = self._begin(tag)
+        try:
+            return await self._plain_activity(request, activity, path, raw, headers, req)
+        except Exception as e:
+            if not activity.ended:  # a fault of WattProxy's own: what ran is charged, and recorded
+                self._failed_unexpectedly(activity, *self._unfinished(activity, req), e)
+            raise
+
+    async def _plain_activity(
+        self,
+        request: web.Request,
+        activity: Activity,
+        path: str,
+        raw: bytes,
+        headers: dict[str, str],
+        req: ForwardedRequest,
+    ) -> web.Response:
         ticked = not isinstance(req, ImageGenerationRequest)
         if ticked:
             self._ticking.add(activity)
@@ -637,6 +653,17 @@ class UpstreamServing:
         if duration_s > 0 and result.completion_tokens > 0:
             observed = (result.prompt_tokens + result.completion_tokens) / duration_s
             self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * observed
+
+    def _failed_unexpectedly(
+        self, activity: Activity, request_obj: BackendRequest, result: BackendResult, e: Exception
+    ) -> None:
+        """An exception no path expects (a fault of WattProxy's own) before the activity ended: it is
+        ended, charged and recorded as an error, so that no piece stays open on the device's timeline
+        (an open piece would hold back the attribution of every request overlapping it). The error
+        middleware logs the exception."""
+        if not activity.ended:
+            activity.end(charged=True)
+            self._settle_later(activity, request_obj, result, "error", e)
 
     def _failed(self, activity: Activity, req: ForwardedRequest, e: UpstreamError) -> None:
         if activity.ended:
@@ -767,6 +794,12 @@ class UpstreamServing:
                 self._settle_later(activity, TextRequest(), result, "cancelled")
             if isinstance(e, ConnectionResetError) and resp is not None:
                 return resp  # the client left mid-stream (a write failed): aiohttp closes quietly
+            raise
+        except Exception as e:  # a fault of WattProxy's own: what ran is charged, and recorded
+            self._sent()
+            self._failed_unexpectedly(
+                activity, TextRequest(), _text_result(prompt_estimate, completion_estimate), e
+            )
             raise
         self._sent()
         assert resp is not None

@@ -701,6 +701,75 @@ def test_a_stream_line_past_the_limit_ends_the_stream_with_an_error(
     assert [r.status for r in records] == ["error"] and records[0].joules > 0
 
 
+def _fault_on_call(n: int, real: Callable[..., T]) -> Callable[..., T]:
+    """`real`, which raises RuntimeError on its n-th call: a stand-in for a fault in WattProxy's code."""
+    calls = [0]
+
+    def wrapped(*args: Any) -> T:
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError("injected fault")
+        return real(*args)
+
+    return wrapped
+
+
+def test_a_fault_of_the_proxys_own_mid_stream_is_charged_and_blocks_no_one(
+    proxy: ProxyServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception no path expects (here injected into the third event's inspection) ends the stream
+    with the server_error event and [DONE], a well-formed answer; the request is charged and recorded
+    as an error, its piece is closed, and the requests after it are answered and accounted as usual."""
+    import proxy.upstream as upstream_module
+
+    assert proxy.app is not None
+    monkeypatch.setattr(upstream_module, "_inspect_event", _fault_on_call(3, upstream_module._inspect_event))
+    caplog.set_level(logging.WARNING)
+    body = {
+        "model": "tiny-gpt2",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 8,
+        "stream": True,
+    }
+    with requests.post(proxy.base_url + CHAT, json=body, stream=True, timeout=30) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert r.status_code == 200 and len(events) == 4  # two chunks, the error, [DONE]
+    assert json.loads(events[2])["error"]["type"] == "server_error" and events[3] == b"[DONE]"
+    assert [rec.getMessage().split(" (")[0] for rec in caplog.records if rec.levelno >= logging.ERROR] == [
+        "unhandled error in POST /v1/chat/completions"
+    ]
+    answer = client(proxy).chat.completions.create(  # overlaps nothing open: answered, with its energy
+        model="tiny-gpt2", messages=[{"role": "user", "content": "y"}], max_tokens=4
+    )
+    assert _energy(answer.usage)["joules"] > 0
+    deadline = time.monotonic() + 10
+    while len(records := proxy.call(proxy.app[LEDGER].records())) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sorted(r.status for r in records) == ["error", "ok"] and all(r.joules > 0 for r in records)
+
+
+def test_a_fault_of_the_proxys_own_in_a_plain_answer_is_charged_and_blocks_no_one(
+    proxy: ProxyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.upstream as upstream_module
+
+    assert proxy.app is not None
+    monkeypatch.setattr(upstream_module, "_token_usage", _fault_on_call(1, upstream_module._token_usage))
+    body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    failed = requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    answer = client(proxy).chat.completions.create(
+        model="tiny-gpt2", messages=[{"role": "user", "content": "y"}], max_tokens=4
+    )
+    assert _energy(answer.usage)["joules"] > 0
+    deadline = time.monotonic() + 10
+    while len(records := proxy.call(proxy.app[LEDGER].records())) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sorted(r.status for r in records) == ["error", "ok"] and all(r.joules > 0 for r in records)
+
+
 def test_server_sent_events_are_read_however_the_upstream_writes_them(
     stub: Stub, make_proxy: Callable[..., ProxyServer]
 ) -> None:
