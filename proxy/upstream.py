@@ -741,6 +741,16 @@ class UpstreamServing:
         resp: web.StreamResponse | None = None
         activity = self._begin(tag)
         activity.add(prompt_estimate)
+        piece_text: list[str] = []  # the open piece's generated text: counted once, when it closes
+
+        def count_piece() -> None:  # one tokenizer call a piece, not an event
+            nonlocal completion_estimate
+            if piece_text:
+                tokens = self.counter.count("".join(piece_text))
+                piece_text.clear()
+                completion_estimate += tokens
+                activity.add(tokens)
+
         try:
             async with self.client.stream(path, body, headers) as events:
                 resp = await _start_sse(request)
@@ -762,9 +772,7 @@ class UpstreamServing:
                                 continue
                             else:
                                 last_data = data
-                                tokens = self.counter.count(_choices_text(chunk.get("choices")))
-                                completion_estimate += tokens
-                                activity.add(tokens)
+                                piece_text.append(_choices_text(chunk.get("choices")))
                             frames.append(sse_frame(data))  # the bytes as they came
                         if frames:
                             await _send_event(resp, b"".join(frames))
@@ -772,6 +780,7 @@ class UpstreamServing:
                             raise bad
                         now = self.clock()
                         if now - activity.last_split_s >= self.split_interval_s:
+                            count_piece()
                             activity.split(now)
                 except UpstreamError as e:
                     failure = _api_error(e)
@@ -789,6 +798,7 @@ class UpstreamServing:
             self._sent()
             activity.client_left = True
             if not activity.ended:
+                count_piece()
                 activity.end(charged=True)
                 result = _text_result(prompt_estimate, completion_estimate)
                 self._settle_later(activity, TextRequest(), result, "cancelled")
@@ -797,12 +807,15 @@ class UpstreamServing:
             raise
         except Exception as e:  # a fault of WattProxy's own: what ran is charged, and recorded
             self._sent()
+            if not activity.ended:
+                count_piece()
             self._failed_unexpectedly(
                 activity, TextRequest(), _text_result(prompt_estimate, completion_estimate), e
             )
             raise
         self._sent()
         assert resp is not None
+        count_piece()
         activity.end(charged=True)
         reported = _token_usage(held_usage.get("usage") if held_usage else None)
         source: UsageSource = "upstream" if reported is not None else "estimate"

@@ -571,6 +571,26 @@ def test_estimates_use_the_configured_tokenizer(
     assert usage["energy"]["usage_source"] == "estimate"
 
 
+def test_a_stream_without_usage_is_estimated_from_all_its_text(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """The stub's fast stream reports no usage: the estimate counts the text of every piece (one count
+    a piece, about 4 characters a token), the last piece's included."""
+    proxy = make_proxy(stub.url + "/v1")
+    stream = client(proxy).chat.completions.create(
+        model="fast-stream",
+        messages=[{"role": "user", "content": "x"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "word" * Stub.FAST_STREAM_CHUNKS
+    usage = chunks[-1].usage
+    assert usage is not None and _energy(usage)["usage_source"] == "estimate"
+    assert usage.completion_tokens == len(text) // 4  # "word": 4 characters, whatever the pieces
+
+
 def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
     proxy: ProxyServer, upstream: LiveServer
 ) -> None:
