@@ -117,19 +117,22 @@ class SseParser:
 
     Lines end with LF or CRLF; a blank line ends an event; an event's `data:` lines are joined with LF;
     comment lines (keep-alive pings) and other fields are skipped. A line longer than `max_line_bytes`
-    raises ValueError (a broken upstream must not fill the memory)."""
+    (a broken upstream must not fill the memory) raises ValueError: at once, or, where the same piece
+    completed events before it, at the next `feed` or `close`, once those have been returned."""
 
     def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES) -> None:
         self._pending = b""  # the start of a line whose end has not arrived
         self._data: list[bytes] = []  # the data lines of the event being read
         self._max_line_bytes = max_line_bytes
+        self._too_long = False
 
     def feed(self, piece: bytes) -> list[bytes]:
         """The events that `piece` completes, in order."""
+        if self._too_long:
+            raise ValueError(f"a stream line longer than {self._max_line_bytes} bytes")
         lines = (self._pending + piece if self._pending else piece).split(b"\n")
         self._pending = lines.pop()
-        if len(self._pending) > self._max_line_bytes:
-            raise ValueError(f"a stream line longer than {self._max_line_bytes} bytes")
+        self._too_long = len(self._pending) > self._max_line_bytes
         events: list[bytes] = []
         data = self._data
         for line in lines:
@@ -142,10 +145,14 @@ class SseParser:
             elif line.startswith(b"data:"):
                 value = line[5:]
                 data.append(value[1:] if value.startswith(b" ") else value)
+        if self._too_long and not events:
+            raise ValueError(f"a stream line longer than {self._max_line_bytes} bytes")
         return events
 
     def close(self) -> list[bytes]:
         """The end of the answer: an event whose blank line (or last line's end) never came."""
+        if self._too_long:
+            raise ValueError(f"a stream line longer than {self._max_line_bytes} bytes")
         events = self.feed(b"\n") if self._pending else []
         if self._data:
             events.append(b"\n".join(self._data))

@@ -366,6 +366,10 @@ def test_an_sse_line_past_the_limit_is_refused() -> None:
     assert parser.feed(b"data: " + b"x" * 90) == []
     with pytest.raises(ValueError, match="longer than 100 bytes"):
         parser.feed(b"x" * 20)
+    cut = SseParser(max_line_bytes=100)  # the events completed before the long line come first
+    assert cut.feed(b"data: a\n\ndata: " + b"x" * 200) == [b"a"]
+    with pytest.raises(ValueError, match="longer than 100 bytes"):
+        cut.close()
     ending = SseParser()
     assert ending.feed(b"data: last") == [] and ending.close() == [b"last"]  # no blank line before the end
 

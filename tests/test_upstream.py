@@ -753,8 +753,10 @@ def test_a_fault_of_the_proxys_own_mid_stream_is_charged_and_blocks_no_one(
     }
     with requests.post(proxy.base_url + CHAT, json=body, stream=True, timeout=30) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith(b"data: ")]
-    assert r.status_code == 200 and len(events) == 4  # two chunks, the error, [DONE]
-    assert json.loads(events[2])["error"]["type"] == "server_error" and events[3] == b"[DONE]"
+    # up to two chunks (the events read together with the third are not sent), the error, [DONE]
+    assert r.status_code == 200 and 2 <= len(events) <= 4
+    assert all("choices" in json.loads(e) for e in events[:-2])
+    assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == b"[DONE]"
     assert [rec.getMessage().split(" (")[0] for rec in caplog.records if rec.levelno >= logging.ERROR] == [
         "unhandled error in POST /v1/chat/completions"
     ]
