@@ -29,6 +29,7 @@ from proxy.errors import (
     RateLimited,
     RequestTimeout,
     ServerError,
+    sse_frame,
 )
 from proxy.openapi import openapi_document
 from proxy.protocol import (
@@ -446,13 +447,6 @@ async def _sse(resp: web.StreamResponse, payload: BaseModel | dict[str, Any] | s
     else:
         data = payload
     await _send_event(resp, sse_frame(data))
-
-
-def sse_frame(data: bytes) -> bytes:
-    """One server-sent event carrying `data` (a line of its own per line of data)."""
-    if b"\n" in data:
-        data = data.replace(b"\n", b"\ndata: ")
-    return b"data: " + data + b"\n\n"
 
 
 async def _send_event(resp: web.StreamResponse, frame: bytes) -> None:

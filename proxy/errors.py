@@ -159,11 +159,18 @@ _HTTP_ERRORS: dict[int, type[ApiError]] = {
 STREAM = web.RequestKey("stream", web.StreamResponse)
 
 
+def sse_frame(data: bytes) -> bytes:
+    """One server-sent event carrying `data` (a line of its own per line of data)."""
+    if b"\n" in data:
+        data = data.replace(b"\n", b"\ndata: ")
+    return b"data: " + data + b"\n\n"
+
+
 async def _end_stream(stream: web.StreamResponse, err: ApiError) -> web.StreamResponse:
     """End a started stream with `err` as an error event and [DONE] (what the stream paths send on a
     failure), so that the client gets a well-formed answer that says it failed."""
     with contextlib.suppress(ConnectionResetError):
-        await stream.write(f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n".encode())
+        await stream.write(sse_frame(json.dumps(err.body()).encode()) + sse_frame(b"[DONE]"))
     return stream
 
 

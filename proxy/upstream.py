@@ -75,11 +75,11 @@ from backends.openai_upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.api import _energy_fields, _send_event, _sse, _start_sse, energy_headers, sse_frame
+from proxy.api import _energy_fields, _send_event, _sse, _start_sse, energy_headers
 from proxy.carbon import CarbonCharge
 from proxy.config import ModelSettings, Settings, UpstreamSettings, parse_size
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
-from proxy.errors import ApiError, BadGateway, GatewayTimeout, Overloaded
+from proxy.errors import ApiError, BadGateway, GatewayTimeout, Overloaded, sse_frame
 from proxy.metrics import JOULES_PER_KWH
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
 from proxy.scheduler import Outcome, Recorder, RequestTag, Status

@@ -348,7 +348,7 @@ def test_sse_events_are_the_same_however_the_answer_is_cut(
     """`SseParser` gives each event once, whole, in order, whatever pieces the bytes arrive in (cuts
     inside lines and inside a CRLF included); an event re-sent with `sse_frame` reads back the same."""
     from backends.openai_upstream import SseParser
-    from proxy.api import sse_frame
+    from proxy.errors import sse_frame
 
     raw, expected = stream
     bounds = sorted({min(c, len(raw)) for c in cuts} | {0, len(raw)})

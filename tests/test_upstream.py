@@ -571,19 +571,24 @@ def test_estimates_use_the_configured_tokenizer(
     assert usage["energy"]["usage_source"] == "estimate"
 
 
+def _streamed(proxy: ProxyServer, model: str) -> list[Any]:
+    """The chunks of a streamed chat through the proxy (openai client, usage asked for)."""
+    stream = client(proxy).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "x"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    return list(stream)
+
+
 def test_a_stream_without_usage_is_estimated_from_all_its_text(
     stub: Stub, make_proxy: Callable[..., ProxyServer]
 ) -> None:
     """The stub's fast stream reports no usage: the estimate counts the text of every piece (one count
     a piece, about 4 characters a token), the last piece's included."""
     proxy = make_proxy(stub.url + "/v1")
-    stream = client(proxy).chat.completions.create(
-        model="fast-stream",
-        messages=[{"role": "user", "content": "x"}],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
+    chunks = _streamed(proxy, "fast-stream")
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "word" * Stub.FAST_STREAM_CHUNKS
     usage = chunks[-1].usage
@@ -734,6 +739,21 @@ def _fault_on_call(n: int, real: Callable[..., T]) -> Callable[..., T]:
     return wrapped
 
 
+def _the_next_request_is_answered_and_both_are_recorded(proxy: ProxyServer) -> None:
+    """After a request that failed inside the proxy: the next one overlaps nothing left open, so it is
+    answered with its energy; both are in the ledger, charged (the failed one as an error)."""
+    assert proxy.app is not None
+    answer = client(proxy).chat.completions.create(
+        model="tiny-gpt2", messages=[{"role": "user", "content": "y"}], max_tokens=4
+    )
+    assert _energy(answer.usage)["joules"] > 0
+    deadline = time.monotonic() + 10
+    while len(records := proxy.call(proxy.app[LEDGER].records())) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sorted(r.status for r in records) == ["error", "ok"] and all(r.joules > 0 for r in records)
+
+
 def test_a_fault_of_the_proxys_own_mid_stream_is_charged_and_blocks_no_one(
     proxy: ProxyServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -760,15 +780,7 @@ def test_a_fault_of_the_proxys_own_mid_stream_is_charged_and_blocks_no_one(
     assert [rec.getMessage().split(" (")[0] for rec in caplog.records if rec.levelno >= logging.ERROR] == [
         "unhandled error in POST /v1/chat/completions"
     ]
-    answer = client(proxy).chat.completions.create(  # overlaps nothing open: answered, with its energy
-        model="tiny-gpt2", messages=[{"role": "user", "content": "y"}], max_tokens=4
-    )
-    assert _energy(answer.usage)["joules"] > 0
-    deadline = time.monotonic() + 10
-    while len(records := proxy.call(proxy.app[LEDGER].records())) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert sorted(r.status for r in records) == ["error", "ok"] and all(r.joules > 0 for r in records)
+    _the_next_request_is_answered_and_both_are_recorded(proxy)
 
 
 def test_a_fault_of_the_proxys_own_in_a_plain_answer_is_charged_and_blocks_no_one(
@@ -781,15 +793,7 @@ def test_a_fault_of_the_proxys_own_in_a_plain_answer_is_charged_and_blocks_no_on
     body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
     failed = requests.post(proxy.base_url + CHAT, json=body, timeout=30)
     assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
-    answer = client(proxy).chat.completions.create(
-        model="tiny-gpt2", messages=[{"role": "user", "content": "y"}], max_tokens=4
-    )
-    assert _energy(answer.usage)["joules"] > 0
-    deadline = time.monotonic() + 10
-    while len(records := proxy.call(proxy.app[LEDGER].records())) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert sorted(r.status for r in records) == ["error", "ok"] and all(r.joules > 0 for r in records)
+    _the_next_request_is_answered_and_both_are_recorded(proxy)
 
 
 def test_server_sent_events_are_read_however_the_upstream_writes_them(
@@ -798,13 +802,7 @@ def test_server_sent_events_are_read_however_the_upstream_writes_them(
     """CRLF line ends, a comment, a multi-line data field, another field, and pieces cut inside lines
     and inside a CRLF: the client gets each event once, whole, and the upstream's usage."""
     proxy = make_proxy(stub.url + "/v1")
-    stream = client(proxy).chat.completions.create(
-        model="odd-sse",
-        messages=[{"role": "user", "content": "x"}],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
+    chunks = _streamed(proxy, "odd-sse")
     assert [c.choices[0].delta.content for c in chunks if c.choices] == ["ab", "cd"]
     usage = chunks[-1].usage
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (3, 2)
