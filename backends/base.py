@@ -33,6 +33,9 @@ class TextRequest:
     seed: int | None = None
     # Called from the worker thread with each new piece of text as it is generated (streaming).
     on_text: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
+    # The prompt's token ids, where the server already tokenized it with this model's tokenizer to
+    # check its length (`prompt_ids` of the backend): `run` then does not tokenize it a second time.
+    prompt_ids: tuple[int, ...] | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)

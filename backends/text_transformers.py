@@ -276,12 +276,17 @@ class TransformersTextBackend:
         limit = getattr(tokenizer, "model_max_length", None)
         return limit if isinstance(limit, int) and limit < 10**9 else None
 
-    def count_prompt_tokens(self, request: TextRequest) -> int:
-        """Tokens the prompt (or the chat, rendered by its template) takes. Thread-safe."""
+    def prompt_ids(self, request: TextRequest) -> tuple[int, ...]:
+        """The token ids of the prompt (or of the chat, rendered by its template), as `run` feeds
+        them to the model. Thread-safe (a tokenizer of its own, not the one `run` uses)."""
         self._loaded()
         self._check_request(request)
         with self._counting_lock:
-            return len(self._prompt_ids(request, self._counting_tokenizer))
+            return tuple(self._prompt_ids(request, self._counting_tokenizer))
+
+    def count_prompt_tokens(self, request: TextRequest) -> int:
+        """Tokens the prompt (or the chat, rendered by its template) takes. Thread-safe."""
+        return len(request.prompt_ids if request.prompt_ids is not None else self.prompt_ids(request))
 
     def batch_key(self, request: BackendRequest) -> Hashable:
         """Greedy requests (temperature 0) batch together; sampled ones by (temperature, top_p, seed).
@@ -300,7 +305,7 @@ class TransformersTextBackend:
         requests = self._check_batch(batch)
         with self._lock, torch.inference_mode():
             model, tokenizer = self._loaded()
-            prompts = [self._prompt_ids(request, tokenizer) for request in requests]
+            prompts = [self._ids(request, tokenizer) for request in requests]
             limit = self.max_context_tokens
             for request, prompt in zip(requests, prompts, strict=True):
                 if limit is not None and len(prompt) + request.max_tokens > limit:
@@ -381,6 +386,12 @@ class TransformersTextBackend:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
         if request.temperature < 0:
             raise ValueError(f"temperature must not be negative, got {request.temperature}")
+
+    def _ids(self, request: TextRequest, tokenizer: Any) -> list[int]:
+        """The ids the server left on the request (`prompt_ids`), or the prompt tokenized now."""
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        return self._prompt_ids(request, tokenizer)
 
     def _prompt_ids(self, request: TextRequest, tokenizer: Any) -> list[int]:
         if request.messages is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from backends.base import Backend, BackendRequest, BackendResult, Task
+from backends.base import Backend, BackendRequest, BackendResult, Task, TextRequest
 
 T = TypeVar("T")
 
@@ -423,9 +424,18 @@ def print_flush(*args: object) -> None:
     print(*args, flush=True, file=sys.stderr)
 
 
+def _as_text(request: BackendRequest) -> BackendRequest:
+    if isinstance(request, TextRequest) and request.prompt_ids is not None:
+        return dataclasses.replace(request, prompt_ids=None)
+    return request
+
+
 def replay(backend: Backend, batches: Sequence[Sequence[BackendRequest]]) -> tuple[float, list[float], int]:
     """Run the recorded batches directly, one after another. Returns (wall s, per-request latency s,
-    units): a request's latency is its batch's run time (every member finishes with its batch)."""
+    units): a request's latency is its batch's run time (every member finishes with its batch).
+    Text requests are replayed as a caller hands them to the pipeline, as text: the token ids that the
+    server's length check left on them are dropped, so that the direct path tokenizes its prompts."""
+    batches = [[_as_text(r) for r in batch] for batch in batches]
     latencies: list[float] = []
     units = 0
     t0 = time.perf_counter()

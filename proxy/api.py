@@ -405,8 +405,10 @@ def _check_n(ms: ModelSettings, n: int) -> None:
         )
 
 
-def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> None:
-    counted = served.count_prompt_tokens(req)
+def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> TextRequest:
+    """The request, with its prompt's token ids where the backend gives them, once its length is
+    within the model's limits."""
+    req, counted = served.tokenized(req)
     if counted > served.settings.max_prompt_tokens:
         raise InvalidRequest(
             f"the prompt has {counted} tokens, above this model's limit "
@@ -422,6 +424,7 @@ def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> None:
             param="max_tokens",
             code="context_length_exceeded",
         )
+    return req
 
 
 class _Streamer:
@@ -635,7 +638,7 @@ async def _chat_completions(
         stop=req.stop_list(),
         seed=req.seed,
     )
-    _check_prompt(served, base, "messages")
+    base = _check_prompt(served, base, "messages")
     _admit(request)
     bases = [base] * req.n
     if req.stream:
@@ -687,7 +690,7 @@ async def _completions(
             stop=req.stop_list(),
             seed=req.seed,
         )
-        _check_prompt(served, base, "prompt")
+        base = _check_prompt(served, base, "prompt")
         bases.extend([base] * req.n)
     _admit(request)
     if req.stream:

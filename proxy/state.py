@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -31,9 +31,15 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     upstream: bool = False  # proxy mode: the upstream server runs it (no backend, no queue)
 
-    def count_prompt_tokens(self, request: TextRequest) -> int:
+    def tokenized(self, request: TextRequest) -> tuple[TextRequest, int]:
+        """(the request, its prompt's tokens). Where the backend gives the prompt's token ids, the
+        request returned carries them, so that its batch does not tokenize it again."""
+        tokenize = getattr(self.backend, "prompt_ids", None)
+        if tokenize is not None:
+            ids = tuple(tokenize(request))
+            return replace(request, prompt_ids=ids), len(ids)
         counter = getattr(self.backend, "count_prompt_tokens", None)
-        return int(counter(request)) if counter is not None else 0
+        return request, int(counter(request)) if counter is not None else 0
 
     def max_context_tokens(self) -> int | None:
         value = getattr(self.backend, "max_context_tokens", None)

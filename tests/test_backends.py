@@ -156,6 +156,18 @@ def test_each_member_stops_at_its_own_max_tokens(text: TransformersTextBackend) 
     assert _text(text, short)[0] == a  # a short member is not changed by a longer batch-mate
 
 
+def test_a_request_that_carries_its_token_ids_is_not_tokenized_again(text: TransformersTextBackend) -> None:
+    chat = TextRequest(messages=(ChatMessage("user", "What is a joule?"),), max_tokens=6, temperature=0)
+    ids = text.prompt_ids(chat)
+    carried = replace(chat, prompt_ids=ids)
+    assert len(ids) == text.count_prompt_tokens(chat) == text.count_prompt_tokens(carried)
+    (plain,) = _text(text, chat)
+    assert _text(text, carried) == [plain]
+    # run() feeds the ids it is given: another prompt's text with these ids answers as this chat does
+    other = replace(TextRequest(prompt="A cat", max_tokens=6, temperature=0), prompt_ids=ids)
+    assert _text(text, other) == [plain]
+
+
 def test_streamed_pieces_concatenate_to_the_text(text: TransformersTextBackend) -> None:
     pieces: tuple[list[str], list[str]] = ([], [])
     requests = [
