@@ -64,6 +64,9 @@ class _Row:
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._on_text = request.on_text
+        # Nobody reads the text before the end and no stop string can end the row early: its ids
+        # are decoded once, when it finishes, rather than step by step.
+        self._at_end = request.on_text is None and not request.stop
         self._ids: list[int] = []  # generated ids to decode (EOS excluded)
         self._decoded = ""  # complete characters decoded so far; `text` is a prefix of it
         # Decoding window (as in TGI): ids[prefix:read] were decoded already; decoding from `prefix`
@@ -84,6 +87,10 @@ class _Row:
             self._finish("stop")
             return
         self._ids.append(token_id)
+        if self._at_end:
+            if self.completion_tokens >= self.request.max_tokens:
+                self._finish("length")
+            return
         self._decode(final=False)
         if self._cut_at_stop():
             self._finish("stop")

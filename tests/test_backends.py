@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from backends import load_backend, tiny
@@ -253,6 +256,40 @@ def test_row_holds_back_split_characters_and_stops_at_eos(text: TransformersText
     row.push(ids[0])  # after EOS: ignored
     assert streamed == ["é", "€", "!"]
     assert (row.text, row.finish_reason, row.completion_tokens) == ("é€!", "stop", 7)
+
+
+@given(
+    picks=st.lists(st.integers(min_value=0, max_value=2**20), max_size=40),
+    eos_at=st.none() | st.integers(min_value=0, max_value=40),
+)
+@hyp_settings(max_examples=300, deadline=None)
+def test_a_row_decoded_at_its_end_reads_as_one_decoded_step_by_step(
+    text: TransformersTextBackend, picks: list[int], eos_at: int | None
+) -> None:
+    """A row nobody streams and no stop string ends is decoded once, at its end: its text, reason and
+    count are those of the step-by-step decoding a streamed row gets, whatever the tokens (a quarter
+    of the tiny vocabulary is GPT-2's byte tokens, which cut multi-byte characters and make invalid
+    UTF-8)."""
+    tokenizer = text._tokenizer
+    tokens = [pick % len(tokenizer) for pick in picks]
+    if eos_at is not None:
+        tokens.insert(eos_at, tokenizer.eos_token_id)
+    eos = frozenset({tokenizer.eos_token_id})
+    streamed: list[str] = []
+    step_by_step = _Row(TextRequest(prompt="x", max_tokens=12, on_text=streamed.append), tokenizer, eos)
+    at_end = _Row(TextRequest(prompt="x", max_tokens=12), tokenizer, eos)
+    for token in tokens:
+        step_by_step.push(token)
+        at_end.push(token)
+    step_by_step.finish_if_running()
+    at_end.finish_if_running()
+    assert at_end._at_end and not step_by_step._at_end
+    assert (at_end.text, at_end.finish_reason, at_end.completion_tokens) == (
+        step_by_step.text,
+        step_by_step.finish_reason,
+        step_by_step.completion_tokens,
+    )
+    assert "".join(streamed) == step_by_step.text
 
 
 # --- images -----------------------------------------------------------------------------------------
