@@ -213,6 +213,20 @@ def common_args(parser: argparse.ArgumentParser) -> None:
 # --- a server in its own thread ------------------------------------------------------------------
 
 
+def new_serve_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind `wattproxy serve` runs on for the setting `event_loop` (see
+    `proxy.cli.run_event_loop`): uvloop for "uvloop", and for "auto" where it is installed."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 class ServerThread:
     """`create_app(settings, **app_kwargs)` behind a real localhost socket, in a background thread with
     its own event loop, so that the benchmark's clients (another loop) reach it over TCP."""
@@ -220,7 +234,7 @@ class ServerThread:
     def __init__(self, settings: Any, **app_kwargs: Any) -> None:
         self.settings = settings
         self.app_kwargs = app_kwargs
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_serve_loop(getattr(settings, "event_loop", "asyncio"))
         self.thread = threading.Thread(target=self.loop.run_forever, name="bench-server", daemon=True)
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None

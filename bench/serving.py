@@ -3,13 +3,13 @@ side with calling the same pipelines directly in-process on the same batches.
 
 One process, one run: a server (`create_app`, synthetic meter) in its own thread on a localhost port,
 and concurrent aiohttp clients on the main thread. For each workload (tiny-gpt2 chat, tiny-sd images
-64x64 x 4 steps; 1 and 8 concurrent clients) a round sends N requests through the server while a
+64x64 x 4 steps; 1, 8 and 24 concurrent clients) a round sends N requests through the server while a
 wrapper records every batch the scheduler formed, then replays exactly those batches with
 `backend.run()` in-process (no HTTP, no queue, no accounting). Rounds interleave the workloads in
 rotated order; tables show the median over rounds, and ratios are taken within a round first.
 The batch sizes recorded are checked against the server's own `wattproxy_batch_size` histogram.
 
-    python -m bench.serving --out bench/results          # full: about 2 minutes on 2 cores
+    python -m bench.serving --out bench/results          # full: about 4 minutes on 2 cores
     python -m bench.serving --smoke --out /tmp/bench     # a few requests
 """
 
@@ -58,6 +58,9 @@ Kind = Literal["chat", "image"]
 
 
 NO_WAIT = "-nowait"  # the same pipeline served a second time, under a model whose max_wait_ms is 0
+# Three batches' worth of clients: the next batch is queued while one runs, so the device never waits
+# for the clients' round trip (with 8 clients and batches of 8 it waits for every batch's).
+SATURATED = 24
 
 
 @dataclass(frozen=True)
@@ -424,6 +427,11 @@ Command: `{command}`
 - *Direct* replays, in the same process right after each served chunk, exactly the batches the server
   formed (`backend.run()` on the same requests: no HTTP, no queue, no energy accounting, no metrics), so
   served/direct is the cost of serving at equal batching.
+- Concurrency: 1 client (batch 1); 8 clients, as many as a batch holds, so that each batch waits for the
+  previous one's answers to reach the clients and their next requests to arrive (the device idles
+  meanwhile); {SATURATED} clients, three batches' worth, so that the next batch is queued while one runs:
+  the cost of serving that remains is the server's work competing with the model's for the GIL and
+  the 2 cores (which the load generator shares).
 - Latency: served = client-side, request sent to answer read; direct = the run time of the request's batch.
 
 {served_table}
@@ -440,6 +448,14 @@ Throughput in work units:
 
 {hist_table}
 """
+
+
+def loop_name() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio's: uvloop is not installed"
+    return f"uvloop {uvloop.__version__}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -460,13 +476,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rounds = args.rounds or (1 if args.smoke else 5)
     chunks = 1 if args.smoke else 4
-    counts: dict[Kind, tuple[int, int]] = (
-        {"chat": (4, 16), "image": (2, 8)} if args.smoke else {"chat": (100, 400), "image": (40, 160)}
+    counts: dict[Kind, tuple[int, int, int]] = (
+        {"chat": (4, 16, 48), "image": (2, 8, 24)}
+        if args.smoke
+        else {"chat": (100, 400, 1200), "image": (40, 160, 480)}
     )
     workloads = [
         Workload(kind, c, max(c, round(n * args.scale)), no_wait)
-        for kind, (n1, n8) in counts.items()
-        for c, n, no_wait in ((1, n1, False), (1, n1, True), (8, n8, False))
+        for kind, (n1, n8, n24) in counts.items()
+        for c, n, no_wait in ((1, n1, False), (1, n1, True), (8, n8, False), (SATURATED, n24, False))
     ]
     shape = Shape()
     cache = (args.cache_dir or default_cache_dir()) / "models"
@@ -506,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = machine_info()
         settings_note = (
             f"Server: synthetic meter, max_batch_size 8, max_wait_ms {args.max_wait_ms:g}, "
+            f"on the event loop `wattproxy serve` picks ({loop_name()}), "
             f"torch threads {args.torch_threads} (both paths). The `max_wait_ms 0` rows use a twin of the "
             "model (same pipeline object) whose batcher does not wait for batch-mates. As `wattproxy serve` "
             "does, the server sets the process's heap aside from the cyclic garbage collector once set up "
