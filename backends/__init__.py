@@ -57,9 +57,19 @@ def quiet_progress_bars() -> None:
 
 
 def load_backend(
-    task: Task, name: str, source: str | Path, *, device: str = "cpu", dtype: str = "auto"
+    task: Task,
+    name: str,
+    source: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    own_process: bool = False,
+    torch_threads: int | None = None,
 ) -> Backend:
-    """Construct the backend for `task` and load it (blocking: call from a worker thread)."""
+    """Construct the backend for `task` and load it (blocking: call from a worker thread).
+
+    `own_process`: the model runs in a child process (`backends.process`), which sets its torch
+    threads to `torch_threads` (None: torch's default); this process keeps only the tokenizer."""
     quiet_progress_bars()
     backend: Backend
     if task == "text":
@@ -72,5 +82,22 @@ def load_backend(
         backend = DiffusersImageBackend(name, source, device=device, dtype=dtype)
     else:
         raise ValueError(f"unknown task {task!r}; expected 'text' or 'image'")
-    backend.load()
-    return backend
+    if not own_process:
+        backend.load()
+        return backend
+    from backends.process import ProcessBackend
+
+    load_tokenizer = getattr(backend, "load_tokenizer", None)  # the text front counts prompts
+    if load_tokenizer is not None:
+        load_tokenizer()
+    process = ProcessBackend(
+        backend,
+        task=task,
+        name=name,
+        source=str(source),
+        device=device,
+        dtype=dtype,
+        torch_threads=torch_threads,
+    )
+    process.load()
+    return process

@@ -19,6 +19,7 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -245,6 +246,7 @@ class TransformersTextBackend:
         self._counting_lock = threading.Lock()
         self._eos_ids: frozenset[int] = frozenset()
         self._pad_id = 0
+        self._max_context_tokens: int | None = None
 
     def load(self) -> None:
         """Load tokenizer and weights onto `device` (blocking)."""
@@ -261,32 +263,51 @@ class TransformersTextBackend:
             **{_DTYPE_KWARG: dtype},
         )
         model.eval()
-        eos = model.generation_config.eos_token_id
+        self._set_up(model, tokenizer, counting_tokenizer, model.config, model.generation_config)
+
+    def load_tokenizer(self) -> None:
+        """Load what counting prompts needs (the tokenizer and the model's config), not the weights:
+        the front of a model that runs in a process of its own (`backends.process`). `run` then
+        refuses; `prompt_ids`, `count_prompt_tokens`, `max_context_tokens` and `batch_key` work."""
+        config = AutoConfig.from_pretrained(self.source, trust_remote_code=False)
+        try:
+            generation = GenerationConfig.from_pretrained(self.source)
+        except OSError:  # no generation_config.json: what from_pretrained derives from the config
+            generation = GenerationConfig.from_model_config(config)
+        counting_tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
+        self._set_up(None, None, counting_tokenizer, config, generation)
+
+    def _set_up(
+        self, model: Any, tokenizer: Any, counting_tokenizer: Any, config: Any, generation: Any
+    ) -> None:
+        eos = generation.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=None)
+        if counting_tokenizer.eos_token_id is not None:
+            eos_ids.add(counting_tokenizer.eos_token_id)
+        pad = counting_tokenizer.pad_token_id
+        pad = pad if pad is not None else min(eos_ids, default=None)
         if pad is None:
             raise ValueError(f"{self.source}: the tokenizer has neither a pad nor an end-of-sequence token")
+        positions = getattr(config, "max_position_embeddings", None)
+        if not isinstance(positions, int):
+            limit = getattr(counting_tokenizer, "model_max_length", None)
+            positions = limit if isinstance(limit, int) and limit < 10**9 else None
         with self._lock:
             self._model, self._tokenizer = model, tokenizer
             self._counting_tokenizer = counting_tokenizer
             self._eos_ids, self._pad_id = frozenset(eos_ids), pad
+            self._max_context_tokens = positions
 
     @property
     def max_context_tokens(self) -> int | None:
         """Prompt + completion tokens the model can attend to; None where the config does not say."""
-        model, tokenizer = self._loaded()
-        positions = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(positions, int):
-            return positions
-        limit = getattr(tokenizer, "model_max_length", None)
-        return limit if isinstance(limit, int) and limit < 10**9 else None
+        self._counting()
+        return self._max_context_tokens
 
     def prompt_ids(self, request: TextRequest) -> tuple[int, ...]:
         """The token ids of the prompt (or of the chat, rendered by its template), as `run` feeds
         them to the model. Thread-safe (a tokenizer of its own, not the one `run` uses)."""
-        self._loaded()
+        self._counting()
         self._check_request(request)
         with self._counting_lock:
             return tuple(self._prompt_ids(request, self._counting_tokenizer))
@@ -373,6 +394,10 @@ class TransformersTextBackend:
         if self._model is None:
             raise RuntimeError(f"backend {self.name!r} is not loaded")
         return self._model, self._tokenizer
+
+    def _counting(self) -> None:
+        if self._counting_tokenizer is None:
+            raise RuntimeError(f"backend {self.name!r} is not loaded")
 
     def _check_batch(self, batch: Sequence[BackendRequest]) -> list[TextRequest]:
         if not batch:

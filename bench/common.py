@@ -366,8 +366,11 @@ class RecordingBackend:
     wrapped model loaded when the app closes it, so one load serves several server lifetimes and the
     same pipeline can be called directly for comparison. Everything else is the wrapped backend's."""
 
-    def __init__(self, inner: Backend) -> None:
+    def __init__(self, inner: Backend, direct: Backend | None = None) -> None:
         self.inner = inner
+        # what the benchmark calls directly: the wrapped backend, or the same model loaded in this
+        # process where the wrapped one runs it elsewhere (a model process of its own)
+        self.direct = direct if direct is not None else inner
         self.name: str = inner.name
         self.task: Task = inner.task
         self.device: str = inner.device

@@ -8,8 +8,10 @@ wrapper records every batch the scheduler formed, then replays exactly those bat
 `backend.run()` in-process (no HTTP, no queue, no accounting). Rounds interleave the workloads in
 rotated order; tables show the median over rounds, and ratios are taken within a round first.
 The batch sizes recorded are checked against the server's own `wattproxy_batch_size` histogram.
+The same workloads run again with the models in model processes of their own (`own_process`), their
+batches replayed directly on the in-process copies.
 
-    python -m bench.serving --out bench/results          # full: about 4 minutes on 2 cores
+    python -m bench.serving --out bench/results          # full: about 7 minutes on 2 cores
     python -m bench.serving --smoke --out /tmp/bench     # a few requests
 """
 
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +60,7 @@ Kind = Literal["chat", "image"]
 
 
 NO_WAIT = "-nowait"  # the same pipeline served a second time, under a model whose max_wait_ms is 0
+OWN = "-own"  # the same model run in a model process of its own (`own_process = true`)
 # Three batches' worth of clients: the next batch is queued while one runs, so the device never waits
 # for the clients' round trip (with 8 clients and batches of 8 it waits for every batch's).
 SATURATED = 24
@@ -69,14 +72,19 @@ class Workload:
     concurrency: int
     requests: int
     no_wait: bool = False  # served by the max_wait_ms=0 twin of the model
+    own_process: bool = False  # served by the twin that runs in a model process of its own
+
+    @property
+    def suffix(self) -> str:
+        return (NO_WAIT if self.no_wait else "") + (OWN if self.own_process else "")
 
     @property
     def key(self) -> str:
-        return f"{self.kind}-c{self.concurrency}{NO_WAIT if self.no_wait else ''}"
+        return f"{self.kind}-c{self.concurrency}{self.suffix}"
 
     @property
     def model(self) -> str:
-        return (CHAT_MODEL if self.kind == "chat" else IMAGE_MODEL) + (NO_WAIT if self.no_wait else "")
+        return (CHAT_MODEL if self.kind == "chat" else IMAGE_MODEL) + self.suffix
 
 
 @dataclass(frozen=True)
@@ -196,7 +204,7 @@ async def served_then_direct(
             f"{workload.key}: recorded {len(sizes)} batches of {sum(sizes)} requests, but the server's "
             f"wattproxy_batch_size moved by {count1 - count0:g} batches of {sum1 - sum0:g}"
         )
-    d_wall, d_latencies, d_units = replay(backend.inner, batches)
+    d_wall, d_latencies, d_units = replay(backend.direct, batches)
     return RoundResult(
         workload.key, workload.requests, wall, latencies, d_wall, d_latencies, sizes, units, d_units
     )
@@ -234,7 +242,7 @@ async def measure(
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=server.headers) as session:
         for w in workloads:  # first calls allocate and tune: keep them out of every round
-            small = Workload(w.kind, w.concurrency, 2 * w.concurrency, w.no_wait)
+            small = replace(w, requests=2 * w.concurrency)
             await served_then_direct(session, server, backends[w.model], small, shape, next_index)
             next_index += small.requests
         for r in range(rounds):
@@ -243,7 +251,7 @@ async def measure(
                 per_chunk = max(1, w.requests // (chunks * w.concurrency)) * w.concurrency
                 parts = []
                 for done in range(0, w.requests, per_chunk):
-                    chunk = Workload(w.kind, w.concurrency, min(per_chunk, w.requests - done), w.no_wait)
+                    chunk = replace(w, requests=min(per_chunk, w.requests - done))
                     parts.append(
                         await served_then_direct(session, server, backends[w.model], chunk, shape, next_index)
                     )
@@ -334,7 +342,7 @@ def render(
         rows.append(
             [
                 f"{s['kind']} ({CHAT_MODEL if s['kind'] == 'chat' else IMAGE_MODEL})",
-                f"{s['concurrency']}{' (max_wait_ms 0)' if key.endswith(NO_WAIT) else ''}",
+                clients_label(key, s["concurrency"]),
                 s["requests_per_round"],
                 s["served_rps"],
                 s["direct_rps"],
@@ -450,6 +458,11 @@ Throughput in work units:
 """
 
 
+def clients_label(key: str, concurrency: int) -> str:
+    notes = [note for suffix, note in ((NO_WAIT, "max_wait_ms 0"), (OWN, "own process")) if suffix in key]
+    return f"{concurrency} ({', '.join(notes)})" if notes else str(concurrency)
+
+
 def loop_name() -> str:
     try:
         import uvloop
@@ -482,9 +495,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else {"chat": (100, 400, 1200), "image": (40, 160, 480)}
     )
     workloads = [
-        Workload(kind, c, max(c, round(n * args.scale)), no_wait)
+        Workload(kind, c, max(c, round(n * args.scale)), no_wait, own)
         for kind, (n1, n8, n24) in counts.items()
-        for c, n, no_wait in ((1, n1, False), (1, n1, True), (8, n8, False), (SATURATED, n24, False))
+        for c, n, no_wait, own in (
+            (1, n1, False, False),
+            (1, n1, True, False),
+            (8, n8, False, False),
+            (SATURATED, n24, False, False),
+            (1, n1, True, True),
+            (8, n8, False, True),
+            (SATURATED, n24, False, True),
+        )
     ]
     shape = Shape()
     cache = (args.cache_dir or default_cache_dir()) / "models"
@@ -492,6 +513,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat_path, image_path = ensure_model(CHAT_MODEL, cache), ensure_model(IMAGE_MODEL, cache)
     chat = RecordingBackend(load_backend("text", CHAT_MODEL, chat_path))
     image = RecordingBackend(load_backend("image", IMAGE_MODEL, image_path))
+    # the same models in model processes of their own; their batches are replayed on the ones above
+    own = {"torch_threads": args.torch_threads, "own_process": True}
+    chat_own = RecordingBackend(load_backend("text", CHAT_MODEL, chat_path, **own), direct=chat.inner)
+    image_own = RecordingBackend(load_backend("image", IMAGE_MODEL, image_path, **own), direct=image.inner)
     print_flush(f"models ready in {time.perf_counter() - t0:.1f} s")
     with tempfile.TemporaryDirectory(prefix="wattproxy-bench-") as tmp:
         settings = Settings.model_validate(
@@ -510,14 +535,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "source": str(path),
                             "max_batch_size": 8,
                             "max_queue": 1024,
-                            "max_wait_ms": 0.0 if suffix else args.max_wait_ms,
+                            "max_wait_ms": 0.0 if suffix.startswith(NO_WAIT) else args.max_wait_ms,
                         }
                     )
                     for base, task, path in (
                         (CHAT_MODEL, "text", chat_path),
                         (IMAGE_MODEL, "image", image_path),
                     )
-                    for suffix in ("", NO_WAIT)
+                    for suffix in ("", NO_WAIT, NO_WAIT + OWN, OWN)
                 ],
             }
         )
@@ -528,13 +553,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"torch threads {args.torch_threads} (both paths). The `max_wait_ms 0` rows use a twin of the "
             "model (same pipeline object) whose batcher does not wait for batch-mates. As `wattproxy serve` "
             "does, the server sets the process's heap aside from the cyclic garbage collector once set up "
-            "(`gc.freeze()`), which spares both paths the collector's full passes."
+            "(`gc.freeze()`), which spares both paths the collector's full passes. The *own process* rows "
+            "serve the same models with `own_process = true`: each runs in a model process of its own "
+            "(`backends/process.py`; its torch threads as above), and the direct path replays their batches "
+            "on the in-process copy."
         )
         backends = {
             CHAT_MODEL: chat,
             CHAT_MODEL + NO_WAIT: chat,
+            CHAT_MODEL + NO_WAIT + OWN: chat_own,
+            CHAT_MODEL + OWN: chat_own,
             IMAGE_MODEL: image,
             IMAGE_MODEL + NO_WAIT: image,
+            IMAGE_MODEL + NO_WAIT + OWN: image_own,
+            IMAGE_MODEL + OWN: image_own,
         }
         previous_threads = torch.get_num_threads()  # process-wide: restored for whoever called main()
         torch.set_num_threads(args.torch_threads)
@@ -546,8 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             server.stop()
             gc.unfreeze()  # for a caller of main() that goes on (the tests)
-            chat.inner.close()
-            image.inner.close()
+            for backend in (chat, image, chat_own, image_own):
+                backend.inner.close()
             torch.set_num_threads(previous_threads)
     summary = summarize(run, workloads)
     batching = dynamic_batching(run)

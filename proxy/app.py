@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from backends import load_backend
 from backends.base import Backend, ImageRequest, ImageResult, TextResult
+from backends.process import cpu_seconds as process_cpu_seconds
 from proxy import accounts_api, api
 from proxy.auth import KeyCache, Principal, auth_middleware, new_key
 from proxy.budgets import Budgets
@@ -94,7 +95,12 @@ def _meter_for(settings: Settings, device: str, clock: Callable[[], float]) -> E
             "busy_watts": e.synthetic_busy_watts,
             "update_period_s": e.synthetic_update_period_s,
         },
-        estimated={"watts_per_core": e.estimated_watts_per_core, "idle_watts": e.estimated_idle_watts},
+        estimated={
+            "watts_per_core": e.estimated_watts_per_core,
+            "idle_watts": e.estimated_idle_watts,
+            # the CPU of the models that run in processes of their own counts too
+            "cpu_clock": process_cpu_seconds,
+        },
         nvml={"step_hint_s": e.nvml_step_hint_s},
     )
 
@@ -310,7 +316,13 @@ async def _load_models(
                 backend = await loop.run_in_executor(
                     None,
                     lambda ms=ms, source=source: load_backend(
-                        ms.task, ms.name, source, device=ms.device, dtype=ms.dtype
+                        ms.task,
+                        ms.name,
+                        source,
+                        device=ms.device,
+                        dtype=ms.dtype,
+                        own_process=ms.own_process,
+                        torch_threads=settings.torch_threads,
                     ),
                 )
         except Exception as e:

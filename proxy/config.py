@@ -59,6 +59,9 @@ class ModelSettings(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     max_queue: int = Field(64, ge=1, le=100_000)
+    # Run the model in a process of its own, whose Python does not share the server's interpreter
+    # lock (backends/process.py): the server's request handling then does not slow the model down.
+    own_process: bool = False
     # text limits
     max_tokens: int = Field(256, ge=1)  # upper bound on max_tokens a request may ask for
     default_max_tokens: int = Field(16, ge=1)

@@ -51,12 +51,9 @@ def test_serving_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert [t[0][0] for t in found] == ["workload", "workload", "path", "workload"]
     workloads = data["workloads"]
     assert set(workloads) == {
-        "chat-c1",
-        "chat-c1-nowait",
-        "chat-c8",
-        "image-c1",
-        "image-c1-nowait",
-        "image-c8",
+        f"{kind}-{level}"
+        for kind in ("chat", "image")
+        for level in ("c1", "c1-nowait", "c8", "c24", "c1-nowait-own", "c8-own", "c24-own")
     }
     for w in workloads.values():
         assert w["served_rps"] > 0 and w["direct_rps"] > 0 and w["served_over_direct"] > 0

@@ -1,0 +1,308 @@
+"""A model that runs in a process of its own (`own_process = true` in a model's settings).
+
+In the serving process the event loop (HTTP, validation, accounting) and the device's worker thread
+(the model's Python: `generate`'s loop, a diffusion pipeline's steps) share one interpreter lock.
+Where the model's Python is much of its time (small models, and on a GPU any decoding that is bound
+by kernel launches), every request the loop handles holds the model back. Here the model runs in a
+child process with an interpreter of its own; the worker thread sends it each batch and waits.
+
+The parent keeps a *front* that answers what the server asks before a batch (the prompt's tokens,
+the context size, batch keys) without the weights. Nothing else changes: the worker thread still
+reads the meter around the job (it brackets the round trip to the child), and a streamed member's
+pieces come back as messages, handed to its `on_text` on the worker thread, as in-process.
+
+CPU-time estimates must count the child's CPU: each answer carries the child's process CPU time,
+and `cpu_seconds` (this process's CPU plus every child's last report) is the estimated meter's clock
+where models run in processes of their own. A child reports when a batch ends, so its CPU lands in
+the job that spent it.
+
+A child that dies fails the batch it was running (RuntimeError, recorded as a failed job) and is
+started again, its model loaded again, at the next batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from backends.base import BackendRequest, BackendResult, Task, TextRequest
+
+log = logging.getLogger(__name__)
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `backends` is importable from
+
+_reports_lock = threading.Lock()
+_reports: dict[int, float] = {}  # a child's serial number -> its last reported process CPU time, s
+_serials = iter(range(1, 1 << 62))
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time plus the last one each of its model processes reported (dead ones
+    included: what they spent was spent), s. Non-decreasing."""
+    with _reports_lock:
+        children = sum(_reports.values())
+    return time.process_time() + children
+
+
+def _report(serial: int, cpu_s: float) -> None:
+    with _reports_lock:
+        if cpu_s > _reports.get(serial, 0.0):
+            _reports[serial] = cpu_s
+
+
+def _child_main(
+    conn: Connection,
+    task: Task,
+    name: str,
+    source: str,
+    device: str,
+    dtype: str,
+    torch_threads: int | None,
+) -> None:
+    """The model process: load, answer "ready", then run each batch it is sent until told to stop."""
+    import torch
+
+    from backends import load_backend
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        backend = load_backend(task, name, source, device=device, dtype=dtype)
+    except BaseException as e:
+        conn.send(("failed", _sendable(e), time.process_time()))
+        return
+    # As the serving process does once its models are loaded (proxy.app.freeze_heap): the model's heap
+    # out of the cyclic collector's reach, whose full passes over it would stall generation.
+    gc.collect()
+    gc.freeze()
+    conn.send(("ready", None, time.process_time()))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:  # the server is gone
+            message = None
+        if message is None:
+            backend.close()
+            return
+        requests, streamed = message
+        batch = [
+            replace(r, on_text=_sender(conn, i)) if i in streamed and isinstance(r, TextRequest) else r
+            for i, r in enumerate(requests)
+        ]
+        try:
+            results = backend.run(batch)
+            backend.synchronize()
+        except Exception as e:
+            conn.send(("error", _sendable(e), time.process_time()))
+        else:
+            conn.send(("done", results, time.process_time()))
+
+
+def _sender(conn: Connection, index: int) -> Callable[[str], None]:
+    def send(piece: str) -> None:
+        conn.send(("piece", (index, piece), None))
+
+    return send
+
+
+def _sendable(e: BaseException) -> BaseException:
+    """`e` itself where it survives pickling, else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(e))
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+    return e
+
+
+class ProcessBackend:
+    """`front`'s model, run in a child process (see the module docstring). `front` is the same
+    backend class, constructed for the same model and loaded without its weights (its `run` is
+    never called); everything the server asks before a batch is the front's."""
+
+    def __init__(
+        self,
+        front: Any,
+        *,
+        task: Task,
+        name: str,
+        source: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        torch_threads: int | None = None,
+        start_timeout_s: float = 600.0,
+    ) -> None:
+        self.front = front
+        self.name = name
+        self.task: Task = task
+        self.device = device
+        self._args = (task, name, source, device, dtype, torch_threads)
+        self._start_timeout_s = start_timeout_s
+        self._lock = threading.Lock()  # one batch at a time, and one child
+        self._conn: Connection | None = None
+        self._process: Any = None
+        self._serial = 0
+        self._closed = False
+
+    # what the server asks before a batch: the front's
+
+    def batch_key(self, request: BackendRequest) -> Hashable:
+        return self.front.batch_key(request)
+
+    def __getattr__(self, name: str) -> Any:  # prompt_ids, count_prompt_tokens, max_context_tokens
+        if name in ("prompt_ids", "count_prompt_tokens", "max_context_tokens"):
+            return getattr(self.front, name)
+        raise AttributeError(name)
+
+    @property
+    def pid(self) -> int | None:
+        """The model process's id while one runs."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    # the model: the child's
+
+    def load(self) -> None:
+        """Start the model process and wait until its model is loaded (blocking)."""
+        with self._lock:
+            self._start()
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        """Run one batch in the model process; a streamed member's pieces reach its `on_text` here,
+        on the calling thread, as they come."""
+        requests = list(batch)
+        streamed = {i for i, r in enumerate(requests) if isinstance(r, TextRequest) and r.on_text is not None}
+        sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(requests)]
+        consumers: dict[int, Callable[[str], None] | None] = {
+            i: r.on_text for i, r in enumerate(requests) if isinstance(r, TextRequest) and i in streamed
+        }
+        with self._lock:
+            if self._conn is None:
+                self._start()
+            conn = self._conn
+            assert conn is not None
+            try:
+                conn.send((sent, streamed))
+                while True:
+                    kind, value, cpu_s = conn.recv()
+                    if kind == "piece":
+                        index, piece = value
+                        consumers[index] = _deliver(consumers[index], piece)
+                        continue
+                    _report(self._serial, cpu_s)
+                    if kind == "done":
+                        return list(value)
+                    raise value
+            except (EOFError, OSError, BrokenPipeError) as e:
+                code = self._stop()
+                raise RuntimeError(
+                    f"the model process of {self.name} exited (exit code {code}) while running a batch; "
+                    "it is started again at the next batch"
+                ) from e
+
+    def synchronize(self) -> None:
+        """Nothing to wait for here: the model process synchronizes its device before it answers."""
+
+    def close(self) -> None:
+        """Stop the model process (it releases the model first)."""
+        with self._lock:
+            self._closed = True
+            conn = self._conn
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+            self._stop(grace_s=30.0)
+        release = getattr(self.front, "close", None)
+        if release is not None:
+            release()
+
+    def _start(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"backend {self.name!r} is closed")
+        # A fresh interpreter (never a fork of a process with threads and torch), started as a module
+        # rather than by multiprocessing's spawn, which would run the parent's main script again.
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(_PROJECT_ROOT), env.get("PYTHONPATH"))))
+        task, name, source, device, dtype, torch_threads = self._args
+        argv = [sys.executable, "-m", "backends.process", str(child.fileno()), task, name, source, device]
+        argv += [dtype, str(torch_threads or 0)]
+        self._serial = next(_serials)
+        try:
+            process = subprocess.Popen(argv, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        conn = Connection(parent.detach())
+        self._process, self._conn = process, conn
+        try:
+            if not conn.poll(self._start_timeout_s):
+                raise RuntimeError(
+                    f"the model process of {self.name} did not load in {self._start_timeout_s:g} s"
+                )
+            kind, value, cpu_s = conn.recv()
+        except (EOFError, OSError) as e:
+            code = self._stop()
+            raise RuntimeError(
+                f"the model process of {self.name} exited (exit code {code}) while loading"
+            ) from e
+        except BaseException:
+            self._stop()
+            raise
+        _report(self._serial, cpu_s)
+        if kind != "ready":
+            self._stop()
+            raise value
+        log.info("model %s runs in process %d", self.name, process.pid)
+
+    def _stop(self, grace_s: float = 5.0) -> int | None:
+        """Close the pipe and end the process (terminated if it does not exit within grace_s)."""
+        conn, process = self._conn, self._process
+        self._conn = self._process = None
+        if conn is not None:
+            conn.close()
+        if process is None:
+            return None
+        for stop in (None, process.terminate, process.kill):
+            if stop is not None:
+                stop()
+            try:
+                return process.wait(grace_s if stop is None else 5.0)
+            except subprocess.TimeoutExpired:
+                continue
+        return process.wait()
+
+
+def _deliver(consumer: Callable[[str], None] | None, piece: str) -> Callable[[str], None] | None:
+    """Hand `piece` to `consumer`; a consumer that raises gets no more (as in-process: one member's
+    broken consumer must not fail its batch-mates)."""
+    if consumer is None:
+        return None
+    try:
+        consumer(piece)
+    except Exception:
+        log.warning("on_text callback failed; streaming to it stops", exc_info=True)
+        return None
+    return consumer
+
+
+def main(argv: Sequence[str]) -> None:
+    """`python -m backends.process FD TASK NAME SOURCE DEVICE DTYPE TORCH_THREADS` (ProcessBackend)."""
+    fd, task, name, source, device, dtype, threads = argv
+    if task not in ("text", "image"):
+        raise SystemExit(f"unknown task {task!r}")
+    _child_main(Connection(int(fd)), task, name, source, device, dtype, int(threads) or None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,196 @@
+"""Models in processes of their own (`own_process = true`, backends/process.py): the same answers as
+in-process, errors that come back, a dead model process started again, and end to end through the
+server, with the model process's CPU counted by the estimated meter."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from backends import load_backend, process
+from backends.base import ChatMessage, ImageRequest, TextRequest, TextResult
+from backends.process import ProcessBackend
+from backends.tiny import ensure_model
+from proxy.config import ModelSettings
+from proxy.state import MONITORS, SERVICE
+from tests.conftest import LiveServer
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Both sides on one torch thread (the child is given 1): identical floats, identical answers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def text_pair(model_cache: Path, one_thread: None) -> Iterator[tuple[ProcessBackend, object]]:
+    source = ensure_model("tiny-gpt2", model_cache / "models")
+    own = load_backend("text", "tiny-gpt2", source, own_process=True, torch_threads=1)
+    here = load_backend("text", "tiny-gpt2", source)
+    assert isinstance(own, ProcessBackend)
+    yield own, here
+    own.close()
+    here.close()
+
+
+def _exited(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_text_in_its_own_process_answers_as_in_process(text_pair: tuple[ProcessBackend, object]) -> None:
+    own, here = text_pair
+    assert own.pid is not None and own.pid != os.getpid()
+    assert own.front._model is None  # this process holds the tokenizer, not the weights
+    chat = TextRequest(messages=(ChatMessage("user", "What is a joule?"),), max_tokens=9, temperature=0)
+    assert own.count_prompt_tokens(chat) == here.count_prompt_tokens(chat)  # type: ignore[attr-defined]
+    assert own.prompt_ids(chat) == here.prompt_ids(chat)  # type: ignore[attr-defined]
+    assert own.max_context_tokens == here.max_context_tokens == 512  # type: ignore[attr-defined]
+    assert own.batch_key(chat) == here.batch_key(chat)  # type: ignore[attr-defined]
+
+    def batch(streams: list[list[str]]) -> list[TextRequest]:
+        return [
+            chat,
+            TextRequest(prompt="Once upon", max_tokens=12, temperature=0, on_text=streams[0].append),
+            TextRequest(prompt="Numbers", max_tokens=5, temperature=0, on_text=streams[1].append),
+        ]
+
+    own_streams: list[list[str]] = [[], []]
+    here_streams: list[list[str]] = [[], []]
+    own_results = own.run(batch(own_streams))
+    assert own_results == here.run(batch(here_streams))  # type: ignore[attr-defined]
+    assert own_streams == here_streams and all(len(s) > 1 for s in own_streams)
+    for streamed, result in zip(own_streams, own_results[1:], strict=True):
+        assert isinstance(result, TextResult) and "".join(streamed) == result.text
+
+
+def test_a_broken_stream_consumer_stops_only_its_own_stream(text_pair: tuple[ProcessBackend, object]) -> None:
+    own, _ = text_pair
+    good: list[str] = []
+
+    def broken(piece: str) -> None:
+        raise RuntimeError("consumer gone")
+
+    results = own.run(
+        [
+            TextRequest(prompt="a", max_tokens=6, temperature=0, on_text=broken),
+            TextRequest(prompt="b", max_tokens=6, temperature=0, on_text=good.append),
+        ]
+    )
+    assert [r.completion_tokens for r in results] == [6, 6]  # type: ignore[union-attr]
+    assert "".join(good) == results[1].text  # type: ignore[union-attr]
+
+
+def test_errors_come_back_and_a_dead_model_process_is_started_again(
+    text_pair: tuple[ProcessBackend, object],
+) -> None:
+    own, here = text_pair
+    with pytest.raises(ValueError, match="exceeds the model's context of 512 tokens"):
+        own.run([TextRequest(prompt="Hello", max_tokens=600, temperature=0)])
+    request = TextRequest(prompt="Still there?", max_tokens=4, temperature=0)
+    assert own.run([request]) == here.run([request])  # type: ignore[attr-defined]  # the process went on
+
+    first = own.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="exited"):
+        own.run([request])
+    assert _exited(first)
+    assert own.run([request]) == here.run([request])  # type: ignore[attr-defined]  # a new process
+    assert own.pid not in (None, first)
+
+
+def test_a_model_that_cannot_load_fails_its_load(model_cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        load_backend("text", "missing", tmp_path / "nothing-here", own_process=True)
+
+
+def test_images_in_their_own_process_are_the_same_images(model_cache: Path, one_thread: None) -> None:
+    source = ensure_model("tiny-sd", model_cache / "models")
+    own = load_backend("image", "tiny-sd", source, own_process=True, torch_threads=1)
+    here = load_backend("image", "tiny-sd", source)
+    try:
+        requests = [
+            ImageRequest(prompt="a red fox", n=2, seed=3),
+            ImageRequest(prompt="a lighthouse", seed=9),
+        ]
+        assert own.run(requests) == here.run(requests)
+        pid = own.pid  # type: ignore[attr-defined]
+    finally:
+        own.close()
+        here.close()
+    assert pid is not None and _exited(pid) and own.pid is None  # type: ignore[attr-defined]
+
+
+def test_served_from_their_own_processes_with_their_cpu_counted(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Chat, a stream and images through the openai client with both models in processes of their own;
+    with the estimated meter (10 W a core, no idle power) a chat's joules hold at least the CPU its
+    model process spent on it, and every joule is in an answer or idle."""
+    server: LiveServer = make_server(
+        meter="estimated",
+        energy={"estimated_watts_per_core": 10.0, "estimated_idle_watts": 0.0, "sample_period_s": 0.01},
+        models=[
+            ModelSettings(
+                name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_tokens=64, own_process=True
+            ),
+            ModelSettings(
+                name="tiny-sd", task="image", source="tiny:tiny-sd", max_steps=20, own_process=True
+            ),
+        ],
+    )
+    backends = [m.backend for m in server.app[SERVICE].models.values()]  # type: ignore[index]
+    assert all(isinstance(b, ProcessBackend) for b in backends)
+    pids = [b.pid for b in backends]  # type: ignore[union-attr]
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+    children_before = sum(process._reports.values())
+    chat = client.chat.completions.create(
+        model="tiny-gpt2", messages=[{"role": "user", "content": "Hi"}], max_tokens=24, temperature=0
+    )
+    children_spent_s = sum(process._reports.values()) - children_before
+    energy = chat.usage.model_extra["energy"]  # type: ignore[union-attr,index]
+    assert chat.usage.completion_tokens == 24 and energy["measurement"] == "estimated"  # type: ignore[union-attr]
+    assert children_spent_s > 0
+    assert energy["joules"] >= 10.0 * children_spent_s
+
+    streamed = client.chat.completions.create(
+        model="tiny-gpt2",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.model_extra["energy"]["joules"] > 0  # type: ignore[index]
+
+    image = client.images.generate(
+        model="tiny-sd", prompt="a fox", n=2, size="64x64", extra_body={"steps": 2}
+    )
+    assert len(image.data) == 2 and image.usage.model_extra["energy"]["joules"] > 0  # type: ignore[union-attr]
+
+    answered_j = energy["joules"] + chunks[-1].usage.model_extra["energy"]["joules"]  # type: ignore[union-attr,index]
+    answered_j += image.usage.model_extra["energy"]["joules"]  # type: ignore[union-attr,index]
+    monitor = server.app[MONITORS]["cpu"]  # type: ignore[index]
+    server.stop()  # the models' processes stop with the server
+    assert math.isclose(answered_j + monitor.committed_idle_j, monitor.meter_delta_j, rel_tol=1e-9)
+    deadline = time.monotonic() + 10
+    while not all(_exited(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_exited(p) for p in pids)
