@@ -88,26 +88,24 @@ def _child_main(
     gc.collect()
     gc.freeze()
     conn.send(("ready", None, time.process_time()))
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:  # the server is gone
-            message = None
-        if message is None:
-            backend.close()
-            return
-        requests, streamed = message
-        batch = [
-            replace(r, on_text=_sender(conn, i)) if i in streamed and isinstance(r, TextRequest) else r
-            for i, r in enumerate(requests)
-        ]
-        try:
-            results = backend.run(batch)
-            backend.synchronize()
-        except Exception as e:
-            conn.send(("error", _sendable(e), time.process_time()))
-        else:
-            conn.send(("done", results, time.process_time()))
+    try:
+        while (message := conn.recv()) is not None:
+            requests, streamed = message
+            batch = [
+                replace(r, on_text=_sender(conn, i)) if i in streamed and isinstance(r, TextRequest) else r
+                for i, r in enumerate(requests)
+            ]
+            try:
+                results = backend.run(batch)
+                backend.synchronize()
+            except Exception as e:
+                conn.send(("error", _sendable(e), time.process_time()))
+            else:
+                conn.send(("done", results, time.process_time()))
+    except (EOFError, OSError):  # the server is gone (it closed the pipe, or exited)
+        pass
+    finally:
+        backend.close()
 
 
 def _sender(conn: Connection, index: int) -> Callable[[str], None]:
@@ -188,6 +186,12 @@ class ProcessBackend:
             i: r.on_text for i, r in enumerate(requests) if isinstance(r, TextRequest) and i in streamed
         }
         with self._lock:
+            if self._process is not None and self._process.poll() is not None:
+                log.warning(
+                    "the model process of %s exited (exit code %s) between batches; starting it again",
+                    self.name,
+                    self._stop(),
+                )
             if self._conn is None:
                 self._start()
             conn = self._conn

@@ -104,14 +104,26 @@ def test_errors_come_back_and_a_dead_model_process_is_started_again(
     request = TextRequest(prompt="Still there?", max_tokens=4, temperature=0)
     assert own.run([request]) == here.run([request])  # type: ignore[attr-defined]  # the process went on
 
+    # dies while it runs a batch (killed at its first streamed piece): that batch fails
     first = own.pid
     assert first is not None
-    os.kill(first, signal.SIGKILL)
-    with pytest.raises(RuntimeError, match="exited"):
-        own.run([request])
+
+    def kill(piece: str) -> None:
+        os.kill(first, signal.SIGKILL)
+
+    with pytest.raises(RuntimeError, match=r"exited .* while running a batch"):
+        own.run([TextRequest(prompt="Long", max_tokens=400, temperature=0, on_text=kill)])
     assert _exited(first)
     assert own.run([request]) == here.run([request])  # type: ignore[attr-defined]  # a new process
-    assert own.pid not in (None, first)
+    second = own.pid
+    assert second not in (None, first)
+
+    # dies between batches: the next batch starts a new one and runs
+    assert second is not None
+    os.kill(second, signal.SIGKILL)
+    own._process.wait(10)
+    assert own.run([request]) == here.run([request])  # type: ignore[attr-defined]
+    assert own.pid not in (None, first, second)
 
 
 def test_a_model_that_cannot_load_fails_its_load(model_cache: Path, tmp_path: Path) -> None:
