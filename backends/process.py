@@ -159,7 +159,7 @@ class ProcessBackend:
         return self.front.batch_key(request)
 
     def __getattr__(self, name: str) -> Any:  # prompt_ids, count_prompt_tokens, max_context_tokens
-        if name in ("prompt_ids", "count_prompt_tokens", "max_context_tokens"):
+        if name in ("prompt_ids", "count_prompt_tokens", "max_context_tokens") and self.front is not None:
             return getattr(self.front, name)
         raise AttributeError(name)
 
@@ -227,9 +227,8 @@ class ProcessBackend:
                 with contextlib.suppress(OSError):
                     conn.send(None)
             self._stop(grace_s=30.0)
-        release = getattr(self.front, "close", None)
-        if release is not None:
-            release()
+        # The front holds a tokenizer, no device memory: its `close` would only open the device here.
+        self.front = None
 
     def _start(self) -> None:
         if self._closed:
