@@ -330,6 +330,21 @@ async def _create_key(db_url: str, user: str) -> str:
 # --- closed-loop clients ---------------------------------------------------------------------------
 
 
+async def read_stream(resp: Any) -> dict[str, Any]:
+    """A streamed answer read to its end: {"usage": the last chunk's usage, "events": chunks before
+    [DONE]}; an error event raises."""
+    usage, events = None, 0
+    async for line in resp.content:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(f"the stream failed: {chunk['error']}")
+        events += 1
+        usage = chunk.get("usage") or usage
+    return {"usage": usage, "events": events}
+
+
 async def drive(
     session: Any,
     base_url: str,
@@ -348,9 +363,9 @@ async def drive(
             path, body = make_request(i)
             t0 = time.perf_counter()
             async with session.post(base_url + path, json=body) as resp:
-                payload = await resp.json()
                 if resp.status != 200:
-                    raise RuntimeError(f"{path} answered {resp.status}: {payload}")
+                    raise RuntimeError(f"{path} answered {resp.status}: {await resp.text()}")
+                payload = await (read_stream(resp) if body.get("stream") else resp.json())
             answers.append((time.perf_counter() - t0, payload))
 
     t0 = time.perf_counter()
@@ -442,16 +457,19 @@ def print_flush(*args: object) -> None:
 
 
 def _as_text(request: BackendRequest) -> BackendRequest:
-    if isinstance(request, TextRequest) and request.prompt_ids is not None:
-        return dataclasses.replace(request, prompt_ids=None)
-    return request
+    if not isinstance(request, TextRequest):
+        return request
+    # a streamed member's pieces go to a list of the replay's own (the server's consumer is done)
+    streamed: list[str] = []
+    return dataclasses.replace(request, prompt_ids=None, on_text=streamed.append if request.on_text else None)
 
 
 def replay(backend: Backend, batches: Sequence[Sequence[BackendRequest]]) -> tuple[float, list[float], int]:
     """Run the recorded batches directly, one after another. Returns (wall s, per-request latency s,
     units): a request's latency is its batch's run time (every member finishes with its batch).
     Text requests are replayed as a caller hands them to the pipeline, as text: the token ids that the
-    server's length check left on them are dropped, so that the direct path tokenizes its prompts."""
+    server's length check left on them are dropped, so that the direct path tokenizes its prompts; a
+    streamed one hands its pieces to a list."""
     batches = [[_as_text(r) for r in batch] for batch in batches]
     latencies: list[float] = []
     units = 0

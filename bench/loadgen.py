@@ -22,7 +22,11 @@ from bench.common import drive
 
 
 def trimmed(payload: dict[str, Any]) -> dict[str, Any]:
-    return {"usage": payload.get("usage"), "data": [None] * len(payload.get("data") or [])}
+    return {
+        "usage": payload.get("usage"),
+        "data": [None] * len(payload.get("data") or []),
+        "events": payload.get("events"),  # streamed answers: chunks before [DONE]
+    }
 
 
 async def main(job: dict[str, Any]) -> dict[str, Any]:

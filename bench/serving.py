@@ -56,7 +56,7 @@ from bench.common import (
 NAME = "serving"
 CHAT_MODEL = "tiny-gpt2"
 IMAGE_MODEL = "tiny-sd"
-Kind = Literal["chat", "image"]
+Kind = Literal["chat", "stream", "image"]  # stream: chats streamed (SSE, usage in the last chunk)
 
 
 NO_WAIT = "-nowait"  # the same pipeline served a second time, under a model whose max_wait_ms is 0
@@ -85,7 +85,7 @@ class Workload:
 
     @property
     def model(self) -> str:
-        return (CHAT_MODEL if self.kind == "chat" else IMAGE_MODEL) + self.suffix
+        return (IMAGE_MODEL if self.kind == "image" else CHAT_MODEL) + self.suffix
 
 
 @dataclass(frozen=True)
@@ -130,13 +130,16 @@ class Run:
 
 def request_for(workload: Workload, i: int, shape: Shape) -> tuple[str, dict[str, Any]]:
     """The HTTP path and JSON body of request number i."""
-    if workload.kind == "chat":
-        return "/v1/chat/completions", {
+    if workload.kind != "image":
+        body: dict[str, Any] = {
             "model": workload.model,
             "messages": [{"role": "user", "content": f"Tell me about the energy of request {i}."}],
             "max_tokens": shape.chat_max_tokens,
             "temperature": 0,
         }
+        if workload.kind == "stream":
+            body.update(stream=True, stream_options={"include_usage": True})
+        return "/v1/chat/completions", body
     side = shape.image_size
     return "/v1/images/generations", {
         "model": workload.model,
@@ -161,7 +164,7 @@ async def send(
         range(first_index, first_index + workload.requests),
         workload.concurrency,
     )
-    if workload.kind == "chat":
+    if workload.kind != "image":
         units = sum(int(a["usage"]["completion_tokens"]) for _, a in answers)
     else:
         units = sum(len(a["data"]) for _, a in answers)
@@ -342,7 +345,7 @@ def render(
     for key, s in summary.items():
         rows.append(
             [
-                f"{s['kind']} ({CHAT_MODEL if s['kind'] == 'chat' else IMAGE_MODEL})",
+                f"{s['kind']} ({IMAGE_MODEL if s['kind'] == 'image' else CHAT_MODEL})",
                 clients_label(key, s["concurrency"]),
                 s["requests_per_round"],
                 s["served_rps"],
@@ -378,7 +381,7 @@ def render(
                 key,
                 s["served_units_per_s"],
                 s["direct_units_per_s"],
-                "completion tokens" if s["kind"] == "chat" else "images",
+                "images" if s["kind"] == "image" else "completion tokens",
             ]
             for key, s in summary.items()
         ],
@@ -505,15 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rounds = args.rounds or (1 if args.smoke else 5)
     chunks = 1 if args.smoke else 4
-    counts: dict[Kind, tuple[int, int, int]] = (
-        {"chat": (4, 16, 48), "image": (2, 8, 24)}
-        if args.smoke
-        else {"chat": (100, 400, 1200), "image": (40, 160, 480)}
-    )
-    workloads = [
-        Workload(kind, c, max(c, round(n * args.scale)), no_wait, own)
-        for kind, (n1, n8, n24) in counts.items()
-        for c, n, no_wait, own in (
+    # (clients, requests per round, max_wait_ms 0, own process) per kind
+    levels: dict[Kind, list[tuple[int, int, bool, bool]]] = {
+        kind: [
             (1, n1, False, False),
             (1, n1, True, False),
             (8, n8, False, False),
@@ -521,7 +518,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             (1, n1, True, True),
             (8, n8, False, True),
             (SATURATED, n24, False, True),
-        )
+        ]
+        for kind, (n1, n8, n24) in (("chat", (100, 400, 1200)), ("image", (40, 160, 480)))
+    }
+    # streamed chats: what streaming adds to a chat, at 8 clients and with a batch always queued
+    levels["stream"] = [
+        (8, 400, False, False),
+        (SATURATED, 1200, False, False),
+        (SATURATED, 1200, False, True),
+    ]
+    shrink = 25 if args.smoke else 1  # a smoke run: a few requests (whole rounds of the clients)
+    workloads = [
+        Workload(kind, c, max(c, round(n * args.scale / shrink)), no_wait, own)
+        for kind in ("chat", "stream", "image")
+        for c, n, no_wait, own in levels[kind]
     ]
     shape = Shape()
     cache = (args.cache_dir or default_cache_dir()) / "models"

@@ -54,7 +54,7 @@ def test_serving_smoke(model_cache: Path, tmp_path: Path) -> None:
         f"{kind}-{level}"
         for kind in ("chat", "image")
         for level in ("c1", "c1-nowait", "c8", "c24", "c1-nowait-own", "c8-own", "c24-own")
-    }
+    } | {"stream-c8", "stream-c24", "stream-c24-own"}
     for w in workloads.values():
         assert w["served_rps"] > 0 and w["direct_rps"] > 0 and w["served_over_direct"] > 0
         sizes = w["per_round"][0]["batch_sizes"]
