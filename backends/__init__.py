@@ -46,14 +46,20 @@ def release_device_memory(device: str) -> None:
 
 
 def quiet_progress_bars() -> None:
-    """Turn off the libraries' tqdm bars (loading/saving shards): a server logs, it does not draw."""
-    import diffusers.utils.logging as diffusers_logging
-    import huggingface_hub.utils as hub_utils
-    import transformers.utils.logging as transformers_logging
+    """Turn off the libraries' tqdm bars (loading/saving shards): a server logs, it does not draw.
+    A library that is not installed (diffusers, on a host that serves text only) has none to turn off."""
+    import importlib
 
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
-    hub_utils.disable_progress_bars()
+    for module, switch in (
+        ("transformers.utils.logging", "disable_progress_bar"),
+        ("diffusers.utils.logging", "disable_progress_bar"),
+        ("huggingface_hub.utils", "disable_progress_bars"),
+    ):
+        try:
+            library = importlib.import_module(module)
+        except ImportError:
+            continue
+        getattr(library, switch)()
 
 
 def load_backend(

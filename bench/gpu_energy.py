@@ -10,6 +10,8 @@ Phases:
   (b) images: `backends.tiny` preset `sd15` (Stable Diffusion 1.5's architecture, random weights,
       fp16), 512x512, 30 steps, 1 and 8 concurrent clients, served with meter="nvml".
   (c) text: preset `gpt2-medium`, 32 concurrent chats of 128 tokens.
+  (h) the same chats with the model in a process of its own (`own_process`), its NVML energy read by
+      the serving process as in (c); replayed directly on the in-process copy.
   (d) every serving phase runs a server of its own; the script reads the counter through its own NVML
       handle just before the server starts and just after it stops, and checks
       sum(response joules) + idle joules == its delta (within 0.5%); it also integrates
@@ -341,7 +343,7 @@ def run_phase(
     e1 = probe.energy_j()
     measured_batches = batches[-_batches_for(batches, phase.requests) :] if batches else []
     direct_e0 = probe.energy_j()
-    direct_wall, _, direct_units = replay(backend.inner, measured_batches)
+    direct_wall, _, direct_units = replay(backend.direct, measured_batches)
     direct_j = probe.energy_j() - direct_e0
     assert server.app is not None
     monitor = server.app[MONITORS][device]
@@ -945,6 +947,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print_flush(f"(c) {phase.name}: {phase.requests} chats ...")
             results.append(run_phase(phase, settings, text, probe, meters, plan))
+            # (h) the same chats with the model in a process of its own; replayed on the in-process copy
+            print_flush(f"(h) loading {plan.text_preset} in a model process of its own ...")
+            own = RecordingBackend(
+                load_backend(
+                    "text", plan.text_preset, path, device=plan.device, dtype=plan.dtype, own_process=True
+                ),
+                direct=text.inner,
+            )
+            try:
+                owned = replace(phase, name=f"{phase.name} own process")
+                print_flush(f"(h) {owned.name}: {owned.requests} chats ...")
+                own_settings = settings.model_copy(update={"data_dir": Path(tmp) / "own"})
+                results.append(run_phase(owned, own_settings, own, probe, meters, plan))
+            finally:
+                own.inner.close()
             # (g) the same chats through a proxy-mode WattProxy in front of one serving the model
             upstream_settings = settings.model_copy(
                 update={"meter": "synthetic", "auth": "none", "data_dir": Path(tmp) / "upstream"}

@@ -86,7 +86,7 @@ def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert len(tables(markdown)) == 6
     assert data["counter"]["changes"] > 2
     phases = {p["name"]: p for p in data["phases"]}
-    assert set(phases) == {"tiny-sd x1", "tiny-sd x8", "tiny-gpt2 x8"}
+    assert set(phases) == {"tiny-sd x1", "tiny-sd x8", "tiny-gpt2 x8", "tiny-gpt2 x8 own process"}
     for p in phases.values():
         assert p["measurement"] == "synthetic"
         assert p["measured_j"] > 0 and p["probe_delta_j"] > 0
