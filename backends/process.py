@@ -198,22 +198,20 @@ class ProcessBackend:
             assert conn is not None
             try:
                 conn.send((sent, streamed))
-                while True:
-                    kind, value, cpu_s = conn.recv()
-                    if kind == "piece":
-                        index, piece = value
-                        consumers[index] = _deliver(consumers[index], piece)
-                        continue
-                    _report(self._serial, cpu_s)
-                    if kind == "done":
-                        return list(value)
-                    raise value
-            except (EOFError, OSError, BrokenPipeError) as e:
+                while (answer := conn.recv())[0] == "piece":
+                    index, piece = answer[1]
+                    consumers[index] = _deliver(consumers[index], piece)
+            except (EOFError, OSError) as e:  # the pipe: the model process is gone
                 code = self._stop()
                 raise RuntimeError(
                     f"the model process of {self.name} exited (exit code {code}) while running a batch; "
                     "it is started again at the next batch"
                 ) from e
+            kind, value, cpu_s = answer
+            _report(self._serial, cpu_s)
+            if kind == "done":
+                return list(value)
+            raise value  # the model's own error (an OSError of the model's among them), as it was raised
 
     def synchronize(self) -> None:
         """Nothing to wait for here: the model process synchronizes its device before it answers."""
