@@ -92,8 +92,7 @@ def _child_main(
         while (message := conn.recv()) is not None:
             requests, streamed = message
             batch = [
-                replace(r, on_text=_sender(conn, i)) if i in streamed and isinstance(r, TextRequest) else r
-                for i, r in enumerate(requests)
+                replace(r, on_text=_sender(conn, i)) if i in streamed else r for i, r in enumerate(requests)
             ]
             try:
                 results = backend.run(batch)
@@ -179,12 +178,11 @@ class ProcessBackend:
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
         """Run one batch in the model process; a streamed member's pieces reach its `on_text` here,
         on the calling thread, as they come."""
-        requests = list(batch)
-        streamed = {i for i, r in enumerate(requests) if isinstance(r, TextRequest) and r.on_text is not None}
-        sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(requests)]
         consumers: dict[int, Callable[[str], None] | None] = {
-            i: r.on_text for i, r in enumerate(requests) if isinstance(r, TextRequest) and i in streamed
+            i: r.on_text for i, r in enumerate(batch) if isinstance(r, TextRequest) and r.on_text is not None
         }
+        streamed = set(consumers)
+        sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(batch)]
         with self._lock:
             if self._process is not None and self._process.poll() is not None:
                 log.warning(

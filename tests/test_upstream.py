@@ -34,6 +34,13 @@ from tests.conftest import LiveServer, add_key, settings_for_tests
 
 T = TypeVar("T")
 CHAT = "/v1/chat/completions"
+# a short streamed chat, sent as raw HTTP where a test reads the stream's bytes itself
+STREAMED_CHAT = {
+    "model": "tiny-gpt2",
+    "messages": [{"role": "user", "content": "x"}],
+    "max_tokens": 8,
+    "stream": True,
+}
 
 
 class ProxyServer(LiveServer):
@@ -611,13 +618,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
     before = cancelled_upstream()
     gate.clear()  # the upstream's device holds the batch before it starts: the request stays in flight
     try:
-        body = {
-            "model": "tiny-gpt2",
-            "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 8,
-            "stream": True,
-        }
-        with requests.post(proxy.base_url + CHAT, json=body, stream=True, timeout=30) as r:
+        with requests.post(proxy.base_url + CHAT, json=STREAMED_CHAT, stream=True, timeout=30) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # kept: dropping the generator closes the connection
             assert next(lines).startswith(b"data: ")  # the role chunk: the stream is open end to end
@@ -765,13 +766,7 @@ def test_a_fault_of_the_proxys_own_mid_stream_is_charged_and_blocks_no_one(
     assert proxy.app is not None
     monkeypatch.setattr(upstream_module, "_inspect_event", _fault_on_call(3, upstream_module._inspect_event))
     caplog.set_level(logging.WARNING)
-    body = {
-        "model": "tiny-gpt2",
-        "messages": [{"role": "user", "content": "x"}],
-        "max_tokens": 8,
-        "stream": True,
-    }
-    with requests.post(proxy.base_url + CHAT, json=body, stream=True, timeout=30) as r:
+    with requests.post(proxy.base_url + CHAT, json=STREAMED_CHAT, stream=True, timeout=30) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith(b"data: ")]
     # up to two chunks (the events read together with the third are not sent), the error, [DONE]
     assert r.status_code == 200 and 2 <= len(events) <= 4
