@@ -821,10 +821,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     common_args(parser)
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: the service's)")
     parser.add_argument("--device", default=None, help="CUDA device (default cuda:0; cpu with --smoke)")
+    parser.add_argument(
+        "--no-images", action="store_true", help="skip (b), the images (bench/gpu_served.py measures them)"
+    )
+    parser.add_argument("--text-requests", type=int, default=None, help="measured chats per text phase")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.device:
-        plan = Plan(**{**asdict(plan), "device": args.device})
+        plan = replace(plan, device=args.device)
+    if args.text_requests:
+        plan = replace(plan, text_requests=args.text_requests)
     if not args.smoke and not gpu_visible():
         print_flush("no CUDA GPU visible to torch and NVML: run with --smoke on a CPU")
         return 2
@@ -874,7 +880,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[PhaseResult] = []
     with tempfile.TemporaryDirectory(prefix="wattproxy-gpu-bench-") as tmp:
         # (b) images
-        if not installed("diffusers"):
+        if args.no_images:
+            data["image_skipped"] = "not run (`--no-images`); `bench/gpu_served.py` measures them"
+        elif not installed("diffusers"):
             data["image_skipped"] = "diffusers is not installed"
         else:
             print_flush(f"(b) building/loading {plan.image_preset} ...")

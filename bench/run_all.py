@@ -5,7 +5,8 @@
 
 Runs `bench.serving`, `bench.accounting`, `bench.overhead`, `bench.upstream` (with LiteLLM where it is
 installed: see that module), `bench.ledger_bench` and `bench.metrics_render`, and the GPU benchmarks
-(`bench/gpu_energy.py`, `bench/gpu_batch1.py`, `bench/nvml_interference.py`; `bench/gpu_check.sh` runs
+(`bench/gpu_energy.py`, `bench/gpu_served.py` with and without `--own-process`,
+`bench/nvml_interference.py`; `bench/gpu_check.sh` runs
 them on a bare GPU machine) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
 results in the results directory are kept as they are; if there is no `gpu_energy` result, a clearly
 marked "not run here: no GPU" section is written instead. Each benchmark runs
@@ -36,12 +37,15 @@ ORDER = (
     "ledger",
     "metrics_render",
     "gpu_energy",
-    "gpu_batch1",
+    "gpu_served",
+    "gpu_served_own",
     "nvml_interference",
 )
 CPU_BENCHMARKS = ("serving", "accounting", "overhead", "upstream", "ledger", "metrics_render")
 GPU = "gpu_energy"
-GPU_BENCHMARKS = ("gpu_energy", "gpu_batch1", "nvml_interference")
+GPU_BENCHMARKS = ("gpu_energy", "gpu_served", "gpu_served_own", "nvml_interference")
+# a GPU benchmark that is another one's script with arguments of its own
+GPU_COMMANDS = {"gpu_served_own": ("gpu_served", "--own-process")}
 
 HEADER = """# WattProxy benchmark results
 
@@ -157,8 +161,12 @@ def gpu_benchmarks(out_dir: Path, mode: str, names: Sequence[str], extra: Sequen
 
     wanted = gpu_visible() if mode == "auto" else mode == "yes"
     if wanted:
+        commands = [GPU_COMMANDS.get(name, (name,)) for name in names]
         return all(
-            [run([sys.executable, f"bench/{name}.py", "--out", _shown(out_dir), *extra]) for name in names]
+            [
+                run([sys.executable, f"bench/{script}.py", *args, "--out", _shown(out_dir), *extra])
+                for script, *args in commands
+            ]
         )
     if GPU not in names:
         return True

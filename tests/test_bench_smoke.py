@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from bench import accounting, gpu_batch1, gpu_energy, nvml_interference, run_all, serving, upstream
+from bench import accounting, gpu_energy, gpu_served, nvml_interference, run_all, serving, upstream
 from bench.common import read_status
 
 
@@ -108,14 +108,32 @@ def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
     )
 
 
-def test_gpu_batch1_smoke(model_cache: Path, tmp_path: Path) -> None:
-    assert gpu_batch1.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
-    markdown, data = check_result(tmp_path, "gpu_batch1", "smoke")
-    (table,) = tables(markdown)
+def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
+    assert gpu_served.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
+    markdown, data = check_result(tmp_path, "gpu_served", "smoke")
+    timing, ratios = tables(markdown)
     rows = {r["condition"]: r for r in data["conditions"]}
-    assert [row[0] for row in table[1:]] == list(rows)
-    assert rows["served, 2 clients, batches of 1, NVML meter"]["calls"] == 4
-    assert all(r["calls"] == r["images"] and r["call_s_median"] > 0 for r in rows.values())
+    assert [row[0] for row in timing[1:]] == list(rows)
+    assert len(data["blocks"]) == data["rounds"] * len(rows)
+    for block in data["blocks"]:  # every block's pipeline calls carried its images, at its batch size
+        expected = rows[block["condition"]]["images_per_block"]
+        assert sum(n for _, _, n in block["calls"]) == block["images"] == expected
+        assert all(b > a for a, b, _ in block["calls"])
+    assert {n for b in data["blocks"] if b["condition"].endswith("batch 1") for _, _, n in b["calls"]} == {1}
+    served = [r for r in rows.values() if "vs" in r]
+    assert [row[0] for row in ratios[1:]] == [r["condition"] for r in served]
+    for r in served:
+        assert r["measurement"] == "synthetic" and r["responses_j_per_image"] > 0
+        assert len(r["cycle_ratio"]) == data["rounds"] and all(x > 0 for x in r["cycle_ratio"])
+        # each server's responses and idle joules close against the script's reads of the same meter
+        assert all(abs(e) < 0.05 for e in r["conservation_errors"])
+    assert data["batch8_over_batch1_responses_j_per_image"] > 0
+    # the stored raw calls alone give the same analysis again (what --from-json does with a GPU run's JSON)
+    again = tmp_path / "again"
+    assert gpu_served.main(["--from-json", str(tmp_path / "gpu_served.json"), "--out", str(again)]) == 0
+    redone = json.loads((again / "gpu_served.json").read_text(encoding="utf-8"))
+    assert redone["conditions"] == data["conditions"] and "reanalysed" in redone
+    assert tables((again / "gpu_served.md").read_text(encoding="utf-8")) == [timing, ratios]
 
 
 def test_nvml_interference_smoke(model_cache: Path, tmp_path: Path) -> None:

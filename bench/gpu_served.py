@@ -1,0 +1,551 @@
+"""Served against direct pipeline calls on a GPU, in interleaved rounds (issue #8, target 5).
+
+    python bench/gpu_served.py --out DIR            # an NVIDIA GPU; about 3 minutes
+    python bench/gpu_served.py --smoke --out DIR    # any CPU: tiny-sd, a synthetic meter
+
+An earlier run of bench/gpu_energy.py saw the same GPU's speed drift by up to 25% between minutes,
+which a served phase followed by a direct one mistakes for the server's cost. Here every round runs
+six conditions back to back, in an order rotated from round to round, and each served condition is
+compared with the direct condition of the same batch size in the same round:
+
+  direct, batch 1        `backend.run()` on one image at a time, from this thread (no server at all)
+  served, 1 client       one client, each request sent when the last is answered (max_batch_size 1):
+                         the device waits for every answer, finalization included
+  served, 2 clients      two clients, batches of 1: one request runs while the other is answered
+  direct, batch 8        `backend.run()` on eight images at a time
+  served, 8 clients      eight clients, batches of 8: the device waits for every answer
+  served, 16 clients     sixteen clients, batches of 8: a batch is always queued
+
+Each served condition is a server of its own (`create_app`, meter nvml, its sampler and finalization
+as `wattproxy serve` runs them, max_wait_ms 100), started before and stopped after its requests; the
+model is loaded once. The clients run in a process of their own (`bench.loadgen`), as real clients
+do, so that parsing eight 1 MB answers does not take the server's interpreter lock. Every pipeline
+call is timed on the thread that runs it (start to device synchronized), so the figures are:
+throughput over whole cycles (call start to the next call's start; the device's idle gap between calls
+counted), throughput as the clients see it, and the calls' own duration (a call slowed by the server,
+e.g. by NVML reads, shows there). The script's own NVML handle reads the counter around each direct
+block (J/image on the device counter) and around each server's life (conservation: responses + idle
+joules against the counter's delta).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/gpu_served.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import asyncio
+import itertools
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import Backend, BackendRequest, BackendResult
+from bench.common import (
+    RecordingBackend,
+    ServerThread,
+    batch_histogram,
+    common_args,
+    default_cache_dir,
+    drive_elsewhere,
+    histogram_text,
+    machine_info,
+    machine_markdown,
+    md_table,
+    median,
+    print_flush,
+    quiet_logging,
+    status_marker,
+    write_result,
+)
+
+NAME = "gpu_served"
+
+
+class TimedBackend(RecordingBackend):
+    """Records (start, end, images) of every pipeline call (perf_counter s), the device synchronized
+    before the end is taken."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.calls: list[tuple[float, float, int]] = []
+        self._calls_lock = threading.Lock()
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        t0 = time.perf_counter()
+        results = self.inner.run(batch)
+        self.inner.synchronize()
+        t1 = time.perf_counter()
+        with self._calls_lock:
+            self.calls.append((t0, t1, len(batch)))
+        return results
+
+    def take_calls(self) -> list[tuple[float, float, int]]:
+        with self._calls_lock:
+            calls, self.calls = sorted(self.calls), []
+        return calls
+
+
+@dataclass(frozen=True)
+class Condition:
+    label: str
+    batch: int  # images per pipeline call (the server's max_batch_size)
+    clients: int  # 0: direct calls, no server
+    calls: int  # pipeline calls per block
+
+    @property
+    def served(self) -> bool:
+        return self.clients > 0
+
+    @property
+    def images(self) -> int:
+        return self.batch * self.calls
+
+
+def cycle_rate(calls: Sequence[tuple[float, float, int]]) -> float:
+    """Images per second over whole cycles, the block's first call left out (it runs cold: after the
+    idle between blocks, and in a server on a device thread that has not run a call yet): from the
+    second call's start to the last call's start, the images of the calls in between (each cycle is a
+    call and the gap after it)."""
+    if len(calls) < 3:
+        return float("nan")
+    span = calls[-1][0] - calls[1][0]
+    return sum(n for _, _, n in calls[1:-1]) / span
+
+
+def gaps(calls: Sequence[tuple[float, float, int]]) -> list[float]:
+    return [b0 - a1 for (_, a1, _), (b0, _, _) in itertools.pairwise(calls)]
+
+
+def block_figures(calls: Sequence[Sequence[float]], client_wall_s: float) -> dict[str, Any]:
+    """One block's figures from its calls [(start s, end s, images)], the first (cold) call apart."""
+    timed = sorted((float(a), float(b), int(n)) for a, b, n in calls)
+    images = sum(n for _, _, n in timed)
+    warm = timed[1:]
+    return {
+        "images": images,
+        "batches": [n for _, _, n in timed],
+        "cycle_images_per_s": cycle_rate(timed),
+        "client_images_per_s": images / client_wall_s,
+        "first_call_s": timed[0][1] - timed[0][0],
+        "call_s_median": median([b - a for a, b, _ in warm]),
+        "gap_s_median": median(gaps(warm)),
+        "gap_share": sum(gaps(warm)) / (warm[-1][1] - warm[0][0]),
+        "calls": [[a, b, n] for a, b, n in timed],
+    }
+
+
+def condition_of(label: str, images: int, batches: Sequence[int]) -> Condition:
+    """A stored block's condition from its label ("served, 16 clients, ...", "direct, batch 8")."""
+    batch = 1 if "batch 1" in label or "batches of 1" in label else 8
+    clients = 0 if label.startswith("direct") else int(label.split(", ")[1].split()[0])
+    return Condition(label, batch, clients, images // batch)
+
+
+def reanalyse(path: Path, out: Path) -> int:
+    """Rewrite a stored run's results from its raw calls with this version's analysis (no GPU needed)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    blocks = data["blocks"]
+    for block in blocks:
+        block.update(block_figures(block["calls"], block["client_wall_s"]))
+    conditions: list[Condition] = []
+    for block in blocks:
+        c = condition_of(block["condition"], block["images"], block["batches"])
+        if c.label not in [d.label for d in conditions]:
+            conditions.append(c)
+    conditions.sort(key=lambda c: (c.batch, c.clients))
+    rounds = 1 + max(b["round"] for b in blocks)
+    data.update(summarize(conditions, blocks, rounds))
+    data["reanalysed"] = f"python bench/gpu_served.py --from-json {path.name}"
+    name = data.get("benchmark", NAME)
+    md_path, _ = write_result(out, name, render(data), data)
+    print_flush(f"wrote {md_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/gpu_served.py", description=__doc__.splitlines()[0])
+    common_args(parser)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: the service's)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the conditions (default 4)")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="only re-analyse a stored run's raw calls (its JSON)"
+    )
+    parser.add_argument(
+        "--own-process",
+        action="store_true",
+        help="serve the model from a process of its own (own_process = true); direct calls stay in this "
+        "process; only the conditions with a request always queued (2 clients at batch 1, 16 at batch 8)",
+    )
+    args = parser.parse_args(argv)
+    if args.from_json:
+        return reanalyse(args.from_json, args.out)
+    smoke = args.smoke
+    name = NAME + ("_own" if args.own_process else "")
+    device, dtype, preset, side, steps = (
+        ("cpu", "float32", "tiny-sd", 64, 2) if smoke else ("cuda:0", "float16", "sd15", 512, 30)
+    )
+    rounds = args.rounds or (2 if smoke else 4)
+    b1_calls, b8_calls = (3, 3) if smoke else (5, 4)
+    own = " (own process)" if args.own_process else ""
+    conditions = [
+        Condition("direct, batch 1", 1, 0, b1_calls),
+        Condition(f"served, 2 clients, batches of 1{own}", 1, 2, b1_calls),
+        Condition("direct, batch 8", 8, 0, b8_calls),
+        Condition(f"served, 16 clients, batches of 8{own}", 8, 16, b8_calls),
+    ]
+    conditions = (
+        conditions
+        if args.own_process
+        else [
+            Condition("direct, batch 1", 1, 0, b1_calls),
+            Condition("served, 1 client, batch 1", 1, 1, b1_calls),
+            Condition("served, 2 clients, batches of 1", 1, 2, b1_calls),
+            Condition("direct, batch 8", 8, 0, b8_calls),
+            Condition("served, 8 clients, batches of 8", 8, 8, b8_calls),
+            Condition("served, 16 clients, batches of 8", 8, 16, b8_calls),
+        ]
+    )
+
+    from backends import load_backend
+    from backends.base import ImageRequest
+    from backends.tiny import ensure_model
+    from bench.gpu_energy import MeterProbe, NvmlProbe, Probe
+    from proxy.config import ModelSettings, Settings
+    from proxy.energy.meter import SyntheticMeter
+    from proxy.state import MONITORS
+
+    cache = (args.cache_dir or default_cache_dir()) / "models"
+    info = machine_info(gpu=not smoke)
+    print_flush(f"building/loading {preset} ...")
+    path = ensure_model(preset, cache, dtype=dtype)
+    backend = TimedBackend(load_backend("image", preset, path, device=device, dtype=dtype))
+    serving = backend
+    if args.own_process:
+        print_flush(f"loading {preset} in a model process of its own ...")
+        serving = TimedBackend(
+            load_backend("image", preset, path, device=device, dtype=dtype, own_process=True)
+        )
+    size = f"{side}x{side}"
+    meters: dict[str, Any] | None = None
+    probe: Probe
+    if smoke:
+        meter = SyntheticMeter(device, update_period_s=0.1)
+        meters, probe = {device: meter}, MeterProbe(meter)
+    else:
+        nvml_probe = NvmlProbe(device)
+        info["gpu"] = nvml_probe.name
+        probe = nvml_probe
+    prompt = "an oil painting of a lighthouse on a rocky coast at sunset, number {}"
+
+    def image(i: int) -> ImageRequest:
+        return ImageRequest(prompt=prompt.format(i), width=side, height=side, steps=steps, seed=i)
+
+    def body(i: int) -> tuple[str, dict[str, Any]]:
+        return "/v1/images/generations", {
+            "model": preset,
+            "prompt": prompt.format(i),
+            "size": size,
+            "steps": steps,
+            "seed": i,
+        }
+
+    def direct(c: Condition, first: int) -> dict[str, Any]:
+        backend.take_calls()
+        e0, t0 = probe.energy_j(), time.perf_counter()
+        for k in range(c.calls):
+            backend.run([image(first + k * c.batch + j) for j in range(c.batch)])
+        wall, joules = time.perf_counter() - t0, probe.energy_j() - e0
+        return {"calls": backend.take_calls(), "client_wall_s": wall, "counter_j": joules}
+
+    def served(c: Condition, first: int, data_dir: str) -> dict[str, Any]:
+        model = ModelSettings.model_validate(
+            {
+                "name": preset,
+                "task": "image",
+                "source": str(path),
+                "device": device,
+                "dtype": dtype,
+                "sizes": [size],
+                "default_size": size,
+                "default_steps": steps,
+                "max_batch_size": c.batch,
+                # a first run with 10 ms split the 8 clients' batches (5 + 3, ...) for good: their
+                # answers (1 MB each) came back over more than 10 ms; 100 ms is 5% of a batch of 8
+                "max_wait_ms": 100,
+                "max_n": 1,
+                "max_queue": 64,
+            }
+        )
+        settings = Settings.model_validate(
+            {
+                "port": 0,
+                "cache_dir": str(cache.parent),
+                "data_dir": data_dir,
+                "auth": "none",
+                "meter": "synthetic" if smoke else "nvml",
+                "models": [model],
+                "log_level": "WARNING",
+            }
+        )
+        server = ServerThread(settings, backends={preset: serving}, **({"meters": meters} if meters else {}))
+        life: list[float] = []
+        serving.take_calls()
+        try:
+            server.start(before_app=lambda: life.append(probe.energy_j()))
+
+            wall, answers = asyncio.run(
+                drive_elsewhere(
+                    server.base_url, server.headers, body, range(first, first + c.images), c.clients
+                )
+            )
+        finally:
+            server.stop()
+        life_j = probe.energy_j() - life[0]
+        assert server.app is not None
+        monitor = server.app[MONITORS][device]
+        energies = [p["usage"]["energy"] for _, p in answers]
+        responses_j = sum(float(e["joules"]) for e in energies)
+        return {
+            "calls": serving.take_calls(),
+            "client_wall_s": wall,
+            "counter_j": None,  # the clients' process starts inside the block: see life_j
+            "responses_j": responses_j,
+            "latency_s_median": median([t for t, _ in answers]),
+            "measurement": str(energies[0]["measurement"]),
+            "life_j": life_j,
+            "idle_j": monitor.committed_idle_j,
+            "conservation_error": (responses_j + monitor.committed_idle_j - life_j) / life_j,
+        }
+
+    blocks: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="wattproxy-gpu-served-") as tmp:
+        print_flush("warming up (one call of 1 and one of 8) ...")
+        backend.inner.run([image(0)])
+        backend.inner.run([image(j) for j in range(8)])
+        backend.inner.synchronize()
+        if serving is not backend:
+            serving.inner.run([image(0)])
+            serving.inner.run([image(j) for j in range(8)])
+        first = 100
+        for r in range(rounds):
+            order = conditions[r % len(conditions) :] + conditions[: r % len(conditions)]
+            for c in order:
+                block = direct(c, first) if not c.served else served(c, first, f"{tmp}/{r}-{c.clients}")
+                first += c.images
+                figures = block_figures(block["calls"], block["client_wall_s"])
+                block.update({"round": r, "condition": c.label, **figures})
+                if block["images"] != c.images:
+                    raise RuntimeError(f"{c.label}: {block['images']} images in calls, {c.images} expected")
+                blocks.append(block)
+                print_flush(
+                    f"round {r} {c.label}: cycle {block['cycle_images_per_s']:.3f} images/s, "
+                    f"call {block['call_s_median']:.3f} s, gap {block['gap_s_median'] * 1000:.1f} ms"
+                )
+    backend.inner.close()
+    if serving is not backend:
+        serving.inner.close()
+    probe.close()
+
+    data = summarize(conditions, blocks, rounds)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    data.update(
+        {
+            "benchmark": name,
+            "smoke": smoke,
+            "machine": info,
+            "command": " ".join(["python", "bench/gpu_served.py", *argv_list]),
+            "model": {"preset": preset, "dtype": dtype, "size": size, "steps": steps, "device": device},
+            "blocks": blocks,
+        }
+    )
+    markdown = render(data)
+    md_path, _ = write_result(args.out, name, markdown, data)
+    print(markdown)
+    print_flush(f"wrote {md_path}")
+    return 0
+
+
+def summarize(
+    conditions: Sequence[Condition], blocks: Sequence[dict[str, Any]], rounds: int
+) -> dict[str, Any]:
+    """Per condition: medians over its blocks; per served condition, the ratios to the direct condition
+    of its batch size in the same round (median, min, max over rounds)."""
+    by: dict[tuple[str, int], dict[str, Any]] = {(b["condition"], b["round"]): b for b in blocks}
+
+    def over(label: str, key: str) -> list[float]:
+        return [by[(label, r)][key] for r in range(rounds)]
+
+    rows = []
+    for c in conditions:
+        base = next(d for d in conditions if not d.served and d.batch == c.batch)
+        row: dict[str, Any] = {
+            "condition": c.label,
+            "images_per_block": c.images,
+            "cycle_images_per_s": median(over(c.label, "cycle_images_per_s")),
+            "client_images_per_s": median(over(c.label, "client_images_per_s")),
+            "first_call_s": median(over(c.label, "first_call_s")),
+            "call_s_median": median(over(c.label, "call_s_median")),
+            "gap_s_median": median(over(c.label, "gap_s_median")),
+            "gap_share": median(over(c.label, "gap_share")),
+            "counter_j_per_image": None
+            if c.served
+            else median([b["counter_j"] / b["images"] for b in blocks if b["condition"] == c.label]),
+        }
+        if c.served:
+            pairs = {
+                key: [by[(c.label, r)][key] / by[(base.label, r)][key] for r in range(rounds)]
+                for key in ("cycle_images_per_s", "client_images_per_s", "call_s_median")
+            }
+            row.update(
+                {
+                    "vs": base.label,
+                    "cycle_ratio": pairs["cycle_images_per_s"],
+                    "client_ratio": pairs["client_images_per_s"],
+                    "call_ratio": pairs["call_s_median"],
+                    "batches": histogram_text(
+                        batch_histogram(n for b in blocks if b["condition"] == c.label for n in b["batches"])
+                    ),
+                    "responses_j_per_image": median(
+                        [b["responses_j"] / b["images"] for b in blocks if b["condition"] == c.label]
+                    ),
+                    "latency_s_median": median(over(c.label, "latency_s_median")),
+                    "conservation_errors": over(c.label, "conservation_error"),
+                    "measurement": by[(c.label, 0)]["measurement"],
+                }
+            )
+        rows.append(row)
+    # batch 8 against batch 1 where the device always has a request queued (2 and 16 clients)
+    b1, b8 = (next(r for r, c in zip(rows, conditions, strict=True) if c.clients == n) for n in (2, 16))
+    return {
+        "rounds": rounds,
+        "conditions": rows,
+        "batch8_over_batch1": [b8["condition"], b1["condition"]],
+        "batch8_over_batch1_responses_j_per_image": b8["responses_j_per_image"] / b1["responses_j_per_image"],
+        "batch8_over_batch1_images_per_s": b8["cycle_images_per_s"] / b1["cycle_images_per_s"],
+    }
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"{median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def render(data: dict[str, Any]) -> str:
+    m, smoke = data["model"], data["smoke"]
+    rows = data["conditions"]
+    timing = md_table(
+        [
+            "condition",
+            "images per block",
+            "images/s, whole cycles",
+            "images/s, clients' view",
+            "first call s",
+            "call s (median)",
+            "gap between calls ms (median)",
+            "device idle share",
+            "J/image (device counter)",
+        ],
+        [
+            [
+                r["condition"],
+                r["images_per_block"],
+                r["cycle_images_per_s"],
+                r["client_images_per_s"],
+                r["first_call_s"],
+                r["call_s_median"],
+                r["gap_s_median"] * 1000,
+                f"{r['gap_share']:.1%}",
+                r["counter_j_per_image"] if r["counter_j_per_image"] is not None else "-",
+            ]
+            for r in rows
+        ],
+    )
+    served = [r for r in rows if "vs" in r]
+    ratios = md_table(
+        [
+            "served condition",
+            "against",
+            "batches formed",
+            "whole cycles: served / direct",
+            "clients' view: served / direct",
+            "call duration: served / direct",
+            "within 3% (whole cycles)",
+            "J/image (responses)",
+            "client latency s (median)",
+            "conservation error, each server's life",
+        ],
+        [
+            [
+                r["condition"],
+                r["vs"],
+                r["batches"],
+                _spread(r["cycle_ratio"]),
+                _spread(r["client_ratio"]),
+                _spread(r["call_ratio"]),
+                "yes" if median(r["cycle_ratio"]) >= 0.97 else "no",
+                r["responses_j_per_image"],
+                r["latency_s_median"],
+                ", ".join(f"{e:+.3%}" for e in r["conservation_errors"]),
+            ]
+            for r in served
+        ],
+    )
+    smoke_note = "\n**Smoke run on a CPU: tiny-sd and a synthetic meter; it proves the code path only.**\n"
+    name = data["benchmark"]
+    own = name.endswith("_own")
+    title = ", the model in a process of its own" if own else ""
+    where = (
+        " in this process for the direct calls, and once in a model process of its own\n"
+        "  (`own_process = true`) for the servers"
+        if own
+        else ""
+    )
+    reanalysed = (
+        f"\nRe-analysed from the run's raw call times by `{data['reanalysed']}` (the first call of each "
+        "block set apart).\n"
+        if data.get("reanalysed")
+        else ""
+    )
+    return f"""## Served against direct pipeline calls on a GPU, interleaved{title} (bench/gpu_served.py)
+
+{status_marker(name, "smoke" if smoke else "ok")}
+{smoke_note if smoke else ""}
+Command: `{data["command"]}`
+{reanalysed}
+{machine_markdown(data["machine"])}
+
+- `{m["preset"]}` ({m["dtype"]}, {m["size"]}, {m["steps"]} steps, random weights of the real architecture) on
+  `{m["device"]}`, loaded once{where}. {data["rounds"]} rounds; each runs the
+  {len(rows)} conditions back to back, in an order rotated from round to round; each served condition is
+  a server of its own (meter `{"synthetic" if smoke else "nvml"}`, labelled `{served[0]["measurement"]}`,
+  max_wait_ms 100), its clients in a process of their own.
+- Each block's first call runs cold (after the idle between blocks; in a server, on a device thread
+  that has run no call yet) and is shown apart ("first call s"); the other columns leave it out.
+- "Whole cycles": images over the time from the second call's start to the last call's start, so the
+  device's idle gap after each call counts (the steady state); "clients' view": images over the
+  clients' wall time (first request sent to last answer, the cold call included). Ratios are against
+  the direct condition of the same batch size in the same round: median (min-max) over the rounds.
+- "Call duration" compares the pipeline calls themselves: above 1, the calls ran slower in the server.
+- J/image (responses): the joules the server attributed to its answers (idle excluded); J/image (device
+  counter, direct calls only): the script's own counter delta over the block, over its images.
+
+{timing}
+
+{ratios}
+
+{data["batch8_over_batch1"][0]} against {data["batch8_over_batch1"][1]}: J/image (responses)
+**{data["batch8_over_batch1_responses_j_per_image"]:.2f}x**, images/s (whole cycles)
+**{data["batch8_over_batch1_images_per_s"]:.2f}x**.
+"""
+
+
+if __name__ == "__main__":
+    quiet_logging()
+    raise SystemExit(main())
