@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,9 +62,29 @@ _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
+_IDS_PER_DRAW = 256
+_spare_ids: deque[str] = deque()
+os.register_at_fork(after_in_child=_spare_ids.clear)  # a forked child must not repeat the parent's ids
+
+
+def _draw_request_ids(n: int) -> list[str]:
+    pool = os.urandom(16 * n)
+    return [
+        ((int.from_bytes(pool[i : i + 16], "big") & _UUID4_CLEAR) | _UUID4_SET).to_bytes(16, "big").hex()
+        for i in range(0, 16 * n, 16)
+    ]
+
+
 def new_request_id() -> str:
-    """`uuid.uuid4().hex` (32 hex digits, a version 4 UUID), without building a `uuid.UUID`."""
-    return ((int.from_bytes(os.urandom(16), "big") & _UUID4_CLEAR) | _UUID4_SET).to_bytes(16, "big").hex()
+    """`uuid.uuid4().hex` (32 hex digits, a version 4 UUID), without building a `uuid.UUID`. The
+    random bytes come from `os.urandom` 256 ids at a time: each call of it lets go of the interpreter
+    lock (the `getrandom` syscall may block), and the event loop then waits to get it back from the
+    device and ledger threads; a deque's `popleft` and `extend` are atomic, so threads can share it."""
+    while True:
+        try:
+            return _spare_ids.popleft()
+        except IndexError:
+            _spare_ids.extend(_draw_request_ids(_IDS_PER_DRAW))
 
 
 class Accountant:

@@ -4,9 +4,11 @@ request ids without uuid.UUID, the ledger's day without a datetime per record.""
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import math
+import os
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -251,6 +253,28 @@ def test_request_ids_are_uuid4_hex() -> None:
         ored, anded = ored | int(rid, 16), anded & int(rid, 16)
     # 6 bits are fixed (version 0100, variant 10): 4 always 0, 2 always 1
     assert bin(ored).count("1") == 128 - 4 and bin(anded).count("1") == 2
+
+
+def test_request_ids_are_unique_across_threads_and_forks() -> None:
+    """Ids are drawn 256 at a time into a shared deque: threads that take them together (refilling it
+    together) get no id twice, and a forked child draws its own rather than the parent's spares."""
+    new_request_id()  # spares are left in the parent
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(lambda _: [new_request_id() for _ in range(2_000)], range(8)))
+    taken = [rid for batch in batches for rid in batch]
+    assert len(set(taken)) == len(taken) == 16_000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent, then out without cleanup
+        os.write(write, "".join(new_request_id() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as f:
+        child = f.read().decode()
+    child_ids = {child[i : i + 32] for i in range(0, 128, 32)}
+    parent_ids = {new_request_id() for _ in range(4)}
+    assert len(child_ids) == 4 and not child_ids & parent_ids
 
 
 day_edges = st.integers(min_value=-3000, max_value=60_000).flatmap(
