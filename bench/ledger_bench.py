@@ -7,6 +7,12 @@ Durable settings throughout: SQLite in WAL with synchronous=FULL on a real file,
 fsync and synchronous_commit on (a throwaway server from tests/pg.py unless --pg-url is given).
 
     python -m bench.ledger_bench [--seconds 3] [--concurrency 1,16,64,256] [--pg-url URL] [--dir DIR]
+                                 [--grown 300000]
+
+Records carry the ids the server gives requests (`proxy.app.new_request_id`: time-ordered UUIDs,
+version 7). A second table compares them with random ids (uuid4) on SQLite ledgers that already hold
+`--grown` records, side by side (alternating, two rounds each): a random key's insert lands on a
+random page of the primary-key index, a time-ordered one on its last page.
 
 Prints a Markdown table and writes it to bench/results/ledger.md.
 """
@@ -23,6 +29,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,6 +37,7 @@ from pathlib import Path
 
 import sqlalchemy
 
+from proxy.app import new_request_id
 from proxy.ledger import Ledger, LedgerRecord, sqlite_url
 
 RESULTS = Path(__file__).parent / "results" / "ledger.md"
@@ -95,8 +103,17 @@ def _record(request_id: str) -> LedgerRecord:
     )
 
 
-async def _level(ledger: Ledger, backend: str, concurrency: int, seconds: float) -> Result:
-    prefix = uuid.uuid4().hex[:8]
+def _uuid4_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def _level(
+    ledger: Ledger,
+    backend: str,
+    concurrency: int,
+    seconds: float,
+    make_id: Callable[[], str] = new_request_id,
+) -> Result:
     latencies: list[float] = []
     commits0, recorded0 = ledger.commits, ledger.recorded
     start = time.perf_counter()
@@ -105,7 +122,7 @@ async def _level(ledger: Ledger, backend: str, concurrency: int, seconds: float)
     async def caller(c: int) -> None:
         i = 0
         while time.perf_counter() < deadline:
-            record = _record(f"{prefix}-{c}-{i}")
+            record = _record(make_id())
             t0 = time.perf_counter()
             await ledger.record([record])
             latencies.append(time.perf_counter() - t0)
@@ -136,6 +153,34 @@ async def _run_backend(url: str, backend: str, levels: list[int], seconds: float
         return results
     finally:
         await ledger.close()
+
+
+async def _grown(
+    directory: Path, grown: int, concurrency: int, seconds: float
+) -> list[tuple[str, Result, float]]:
+    """SQLite ledgers that already hold `grown` records (of the ids under test), then `concurrency`
+    callers for `seconds` each: the server's ids and uuid4, alternating, two rounds. Returns (ids,
+    result, CPU µs a record of this process) per run."""
+    kinds = {"time-ordered (the server's, UUID v7)": new_request_id, "random (uuid4)": _uuid4_id}
+    ledgers = {}
+    for name, make_id in kinds.items():
+        ledger = Ledger(sqlite_url(directory / f"grown-{uuid.uuid4().hex[:8]}.db"))
+        await ledger.start()
+        for _ in range(grown // 10_000):
+            await ledger.record([_record(make_id()) for _ in range(10_000)])
+        ledgers[name] = ledger
+    runs = []
+    try:
+        for name in [*kinds, *reversed(kinds)]:
+            cpu0 = time.process_time()
+            result = await _level(ledgers[name], "SQLite", concurrency, seconds, kinds[name])
+            cpu_us = 1e6 * (time.process_time() - cpu0) / max(1, result.records)
+            print(f"{name}: {result.records_per_s:,.0f} records/s, {cpu_us:.1f} µs CPU a record", flush=True)
+            runs.append((name, result, cpu_us))
+    finally:
+        for ledger in ledgers.values():
+            await ledger.close()
+    return runs
 
 
 def _filesystem(path: Path) -> str:
@@ -188,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pg-url", help="an existing PostgreSQL database (default: a throwaway server)")
     parser.add_argument("--dir", type=Path, help="directory for the SQLite file (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--grown",
+        type=int,
+        default=300_000,
+        help="records already in the ledgers of the id comparison (0: skip)",
+    )
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -207,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         db = sqlite_dir / f"ledger-bench-{uuid.uuid4().hex[:8]}.db"
         results = asyncio.run(_run_backend(sqlite_url(db), "SQLite", levels, args.seconds))
         results += asyncio.run(_run_backend(pg_url, "PostgreSQL", levels, args.seconds))
+        grown = asyncio.run(_grown(sqlite_dir, args.grown, 16, args.seconds)) if args.grown else []
         fs = _filesystem(sqlite_dir)
 
     table = "\n".join([HEADER, *(r.row() for r in results)])
@@ -226,6 +278,20 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         "# Ledger: group-commit throughput and added latency\n\n" + "\n".join(notes) + "\n\n" + table + "\n"
     )
+    if grown:
+        rows = [
+            f"| {name} | {r.records_per_s:,.0f} | {r.records / max(1, r.commits):.1f} | {cpu_us:.1f} | "
+            f"{r.latency_ms(0.5):.2f} | {r.latency_ms(0.99):.2f} |"
+            for name, r, cpu_us in grown
+        ]
+        text += (
+            f"\n## Request ids on a grown ledger (SQLite, {args.grown:,} records already in, 16 callers)\n\n"
+            "The same records under two kinds of id, each on a ledger of its own that already holds "
+            f"{args.grown:,} records of that kind; the runs alternate (A, B, B, A). CPU is this "
+            "process's (the callers, the event loop and the writer thread) a record.\n\n"
+            "| ids | records/s | records per commit | CPU µs a record | record() p50 ms | p99 ms |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows) + "\n"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"\nwritten to {args.out}")

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cpu_command(name: str, out_dir: Path, smoke: bool) -> list[str]:
     """The module and arguments of one CPU benchmark (the ledger's takes a file and no --smoke)."""
     if name == "ledger":
-        levels = ["--seconds", "0.3", "--concurrency", "1,16"] if smoke else []
+        levels = ["--seconds", "0.3", "--concurrency", "1,16", "--grown", "20000"] if smoke else []
         return ["bench.ledger_bench", "--out", _shown(out_dir / "ledger.md"), *levels]
     return [f"bench.{name}", "--out", _shown(out_dir), *(["--smoke"] if smoke else [])]
 

@@ -57,34 +57,37 @@ log = logging.getLogger(__name__)
 
 ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics", "/openapi.json")
 
-# uuid.uuid4()'s version (4) and variant (RFC 4122) bits, as masks over its 128-bit integer
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+# A UUID version 7 (RFC 9562) over its 128-bit integer: 48 bits of Unix time in ms, the version (7),
+# 12 bits of the millisecond's fraction, the variant (10) and 62 random bits.
+_UUID7_VERSION_VARIANT = (0x7 << 76) | (0b10 << 62)
+_RANDOM_62 = (1 << 62) - 1
+_RANDOM_PER_DRAW = 256
+_spare_random: deque[int] = deque()
+os.register_at_fork(after_in_child=_spare_random.clear)  # a forked child must not repeat the parent's
 
 
-_IDS_PER_DRAW = 256
-_spare_ids: deque[str] = deque()
-os.register_at_fork(after_in_child=_spare_ids.clear)  # a forked child must not repeat the parent's ids
-
-
-def _draw_request_ids(n: int) -> list[str]:
-    pool = os.urandom(16 * n)
-    return [
-        ((int.from_bytes(pool[i : i + 16], "big") & _UUID4_CLEAR) | _UUID4_SET).to_bytes(16, "big").hex()
-        for i in range(0, 16 * n, 16)
-    ]
+def _draw_random(n: int) -> list[int]:
+    pool = os.urandom(8 * n)
+    return [int.from_bytes(pool[i : i + 8], "big") & _RANDOM_62 for i in range(0, 8 * n, 8)]
 
 
 def new_request_id() -> str:
-    """`uuid.uuid4().hex` (32 hex digits, a version 4 UUID), without building a `uuid.UUID`. The
-    random bytes come from `os.urandom` 256 ids at a time: each call of it lets go of the interpreter
-    lock (the `getrandom` syscall may block), and the event loop then waits to get it back from the
-    device and ledger threads; a deque's `popleft` and `extend` are atomic, so threads can share it."""
+    """A request id: a UUID version 7 as 32 hex digits, ordered by time (to the 1/4096 ms) and unique
+    by 62 random bits. Time-ordered ids are appended at the end of the ledger's primary-key index,
+    where random ones (uuid4) land on a random page each: as the ledger grows, that is a page read
+    and a page written per record (`bench/results/ledger.md`). The random bits come from
+    `os.urandom` 256 ids' worth at a time: each call of it lets go of the interpreter lock (the
+    `getrandom` syscall may block), and the event loop then waits to get it back from the device and
+    ledger threads. A deque's `popleft` and `extend` are atomic, so threads can share it."""
     while True:
         try:
-            return _spare_ids.popleft()
+            random_bits = _spare_random.popleft()
+            break
         except IndexError:
-            _spare_ids.extend(_draw_request_ids(_IDS_PER_DRAW))
+            _spare_random.extend(_draw_random(_RANDOM_PER_DRAW))
+    ms, ns = divmod(time.time_ns(), 1_000_000)
+    value = (ms << 80) | ((ns * 4096 // 1_000_000) << 64) | _UUID7_VERSION_VARIANT | random_bits
+    return value.to_bytes(16, "big").hex()
 
 
 class Accountant:

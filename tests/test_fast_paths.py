@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -241,18 +242,24 @@ def test_the_body_check_answers_as_the_full_check(raw: bytes) -> None:
 # -- request ids and the ledger's day -------------------------------------------------------------------
 
 
-def test_request_ids_are_uuid4_hex() -> None:
-    ids = {new_request_id() for _ in range(10_000)}
-    assert len(ids) == 10_000
-    for rid in ids:
+def test_request_ids_are_uuid7_hex_in_time_order() -> None:
+    before_ms = time.time_ns() // 1_000_000
+    made = [new_request_id() for _ in range(10_000)]
+    after_ms = time.time_ns() // 1_000_000
+    assert len(set(made)) == 10_000
+    for rid in made:
         u = uuid.UUID(hex=rid)
-        assert u.hex == rid and len(rid) == 32 and u.version == 4 and u.variant == uuid.RFC_4122
-    # every other bit is random: across many ids each of them takes both values
-    ored = anded = int(rid, 16)
-    for rid in ids:
-        ored, anded = ored | int(rid, 16), anded & int(rid, 16)
-    # 6 bits are fixed (version 0100, variant 10): 4 always 0, 2 always 1
-    assert bin(ored).count("1") == 128 - 4 and bin(anded).count("1") == 2
+        assert u.hex == rid and len(rid) == 32 and u.version == 7 and u.variant == uuid.RFC_4122
+        assert before_ms <= u.int >> 80 <= after_ms  # 48 bits of Unix time in ms
+    # one thread's ids come in time order, to the 12 bits of the millisecond's fraction
+    stamps = [int(rid[:15], 16) for rid in made]  # 48 bits of ms, the version digit, 12 bits of fraction
+    assert stamps == sorted(stamps)
+    # the 62 random bits: across many ids each of them takes both values
+    mask = (1 << 62) - 1
+    ored, anded = 0, mask
+    for rid in made:
+        ored, anded = ored | (int(rid, 16) & mask), anded & int(rid, 16)
+    assert ored == mask and anded & mask == 0
 
 
 def test_request_ids_are_unique_across_threads_and_forks() -> None:
