@@ -7,7 +7,7 @@ ARGS ?=
 # has one, else PyTorch's CPU index) instead of the multi-GB CUDA build. Override with TORCH_SPEC=...
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: serve test bench lint clean
+.PHONY: serve test bench gpu-wheels lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@if $(PYTHON) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then \
@@ -41,6 +41,19 @@ bench: $(BIN)/.installed
 	@command -v wrk >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m bench.run_all
+
+# The packages a bare GPU machine without network lacks (its image has torch, transformers, aiohttp,
+# prometheus-client, nvidia-ml-py, uvloop), as CPython 3.12 x86-64 wheels in .whl/ for
+# bench/gpu_check.sh; versions as installed here.
+GPU_WHEELS := diffusers pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+  sqlalchemy greenlet aiosqlite platformdirs importlib-metadata lazy-importer orjson
+gpu-wheels: $(BIN)/.installed
+	mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $$($(BIN)/python -m pip list --format=freeze 2>/dev/null | grep -i -E \
+	     "^($$(echo $(GPU_WHEELS) | tr ' ' '|' | sed 's/-/[-_]/g'))==")
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check proxy backends tests bench

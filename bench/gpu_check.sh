@@ -6,7 +6,8 @@
 # process of their own and through proxy mode), and bench/nvml_interference.py where INTERFERENCE=1;
 # results go to $OUT (default bench/results). About 9 minutes on an H200.
 #
-#     bash bench/gpu_check.sh
+#     make gpu-wheels           # here, with network: the wheels into .whl/
+#     bash bench/gpu_check.sh   # there
 set -uo pipefail
 OUT=${OUT:-bench/results}
 CACHE=/tmp/wattproxy-gpu-cache
