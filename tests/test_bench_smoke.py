@@ -136,6 +136,33 @@ def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert tables((again / "gpu_served.md").read_text(encoding="utf-8")) == [timing, ratios]
 
 
+def test_gpu_served_own_process_smoke(model_cache: Path, tmp_path: Path) -> None:
+    argv = [
+        "--smoke",
+        "--own-process",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--cache-dir",
+        str(model_cache),
+    ]
+    assert gpu_served.main(argv) == 0
+    markdown, data = check_result(tmp_path, "gpu_served_own", "smoke")
+    assert "a process of its own" in markdown.splitlines()[0]
+    rows = {r["condition"]: r for r in data["conditions"]}
+    assert set(rows) == {
+        "direct, batch 1",
+        "served, 2 clients, batches of 1 (own process)",
+        "direct, batch 8",
+        "served, 16 clients, batches of 8 (own process)",
+    }
+    served = [r for r in rows.values() if "vs" in r]
+    assert all(r["responses_j_per_image"] > 0 and r["measurement"] == "synthetic" for r in served)
+    for block in data["blocks"]:  # the model process ran the served calls, at their batch sizes
+        assert sum(n for _, _, n in block["calls"]) == block["images"]
+
+
 def test_nvml_interference_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert nvml_interference.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
     markdown, data = check_result(tmp_path, "nvml_interference", "smoke")
