@@ -4,7 +4,8 @@
 # served against direct calls in interleaved rounds; the model in process, then in a process of its
 # own) and bench/gpu_energy.py without its images (the counter step, the chats in process, in a model
 # process of their own and through proxy mode), and bench/nvml_interference.py where INTERFERENCE=1;
-# results go to $OUT (default bench/results). About 9 minutes on an H200.
+# results go to $OUT (default bench/results). About 10 minutes on an H200 (the
+# device time a task gets is 15).
 #
 #     make gpu-wheels           # here, with network: the wheels into .whl/
 #     bash bench/gpu_check.sh   # there
@@ -21,8 +22,8 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,power.draw,temperature.gp
 python3 -c "import torch, transformers, diffusers, pynvml; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
 rc=0
 python3 bench/gpu_served.py --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served.log" || rc=1
-python3 bench/gpu_served.py --own-process --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served_own.log" || rc=1
-python3 bench/gpu_energy.py --no-images --out "$OUT" --cache-dir "$CACHE" ${TEXT_REQUESTS:+--text-requests "$TEXT_REQUESTS"} 2>&1 | tee "$OUT/gpu_energy.log" || rc=1
+python3 bench/gpu_served.py --own-process --rounds 3 --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served_own.log" || rc=1
+python3 bench/gpu_energy.py --no-images --out "$OUT" --cache-dir "$CACHE" --text-requests "${TEXT_REQUESTS:-96}" 2>&1 | tee "$OUT/gpu_energy.log" || rc=1
 if [ "${INTERFERENCE:-0}" = 1 ]; then
   python3 bench/nvml_interference.py --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/nvml_interference.log" || rc=1
 fi
