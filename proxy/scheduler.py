@@ -2,8 +2,11 @@
 
 A request becomes a `WorkItem` in its model's bounded queue. The model's batcher takes the oldest
 item and every queued item with the same `batch_key`, up to `max_batch_size`, waiting at most
-`max_wait_ms` (counted from the oldest item's arrival) for more. The batch runs as one *job* on the
-device's single worker thread, bracketed by the device monitor's meter reads after synchronization.
+`max_wait_ms` (counted from the oldest item's arrival) for more, unless every member it answered in
+the last `max_wait_ms` has been followed by an arrival: then no batch-mate is on its way (a lone
+client, say, that sends its next request once answered) and the batch starts at once. The batch runs
+as one *job* on the device's single worker thread, bracketed by the device monitor's meter reads
+after synchronization.
 While a job runs, the queue fills, so batches grow with load. A request whose client leaves while it
 is queued is dropped and never runs; one whose batch has started is charged (the device did the work).
 """
@@ -180,6 +183,10 @@ class ModelQueue:
     items: deque[WorkItem] = field(default_factory=deque)
     running: int = 0
     batch_seconds_ewma: float = 0.0
+    # Members answered in the model's last answers and not yet matched by an arrival, and when those
+    # answers went out: the batch-mates that may be on their way.
+    _returning: int = 0
+    _answered_s: float = -math.inf
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _finishers: set[asyncio.Task[None]] = field(default_factory=set)
@@ -203,6 +210,8 @@ class ModelQueue:
             pieces=pieces,
         )
         self.items.append(item)
+        if self._returning:
+            self._returning -= 1
         self._arrived.set()
         return item
 
@@ -232,6 +241,14 @@ class ModelQueue:
     def _compatible(self, key: Hashable) -> list[WorkItem]:
         return [it for it in self.items if it.key == key][: self.max_batch_size]
 
+    def _all_back(self) -> bool:
+        """Whether every member answered in the last `max_wait_s` has been matched by an arrival since:
+        no batch-mate to wait for. False without recent answers (a quiet model waits as configured)."""
+        if self.clock() - self._answered_s > self.max_wait_s:
+            self._returning = 0
+            return False
+        return self._returning == 0
+
     async def _batcher(self) -> None:
         while True:
             while not self.items:
@@ -240,7 +257,11 @@ class ModelQueue:
             first = self.items[0]
             deadline = first.enqueued_s + self.max_wait_s
             batch = self._compatible(first.key)
-            while len(batch) < self.max_batch_size and (remaining := deadline - self.clock()) > 0:
+            while (
+                len(batch) < self.max_batch_size
+                and (remaining := deadline - self.clock()) > 0
+                and not self._all_back()
+            ):
                 self._arrived.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -312,6 +333,9 @@ class ModelQueue:
                 if not it.future.done():
                     it.future.set_exception(NotRecorded(str(e)))
             return
+        # Before the answers go out (a client cannot come back before its answer): who may come back.
+        self._returning += sum(1 for it in batch if not it.future.done())
+        self._answered_s = self.clock()
         for it, outcome in zip(batch, outcomes, strict=True):
             it.state = "done"
             if not it.future.done():

@@ -16,6 +16,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import ModelSettings
 from proxy.state import SCHEDULER
 from tests.conftest import LiveServer
 
@@ -293,6 +294,60 @@ def test_concurrent_requests_are_batched(server: LiveServer) -> None:
     batches = sum(v for labels, v in counts if labels["model"] == "tiny-gpt2")
     assert total == 8
     assert batches == 2  # one request was already running when the other seven queued up
+
+
+def _waiting_model(max_wait_ms: float) -> list[ModelSettings]:
+    return [
+        ModelSettings(
+            name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_batch_size=8, max_wait_ms=max_wait_ms
+        )
+    ]
+
+
+def _chat(c: openai.OpenAI, i: int) -> None:
+    c.chat.completions.create(
+        model="tiny-gpt2", messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=2, temperature=0
+    )
+
+
+def _queue_wait(server: LiveServer) -> tuple[float, float]:
+    """(requests, seconds queued in all) from the queue-wait histogram."""
+    count = sum(v for _, v in metric_samples(server, "wattproxy_queue_wait_seconds_count"))
+    total = sum(v for _, v in metric_samples(server, "wattproxy_queue_wait_seconds_sum"))
+    return count, total
+
+
+def test_a_lone_client_that_came_back_does_not_wait_for_batch_mates(make_server) -> None:  # type: ignore[no-untyped-def]
+    """A quiet model's first request waits `max_wait_ms` for batch-mates; once every member answered
+    has come back, nobody is on the way, and the next request starts at once."""
+    server: LiveServer = make_server(models=_waiting_model(1500))
+    c = client(server)
+    for i in range(4):
+        _chat(c, i)
+    count, queued_s = _queue_wait(server)
+    assert count == 4
+    # the first waited its 1.5 s; the three that followed it (6 s more without the rule) started at once
+    assert 1.4 <= queued_s < 2.5
+
+
+def test_clients_that_come_back_together_are_batched_together(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Four clients, each sending its next request when answered: each round waits for all four (the
+    members answered are on their way back), so every batch holds the four."""
+    server: LiveServer = make_server(models=_waiting_model(3000))
+    barrier = threading.Barrier(4)
+
+    def loop(k: int) -> None:
+        c = client(server)
+        barrier.wait()
+        for i in range(3):
+            _chat(c, 10 * k + i)
+
+    with ThreadPoolExecutor(4) as pool:
+        [f.result(timeout=120) for f in [pool.submit(loop, k) for k in range(4)]]
+    counts = metric_samples(server, "wattproxy_batch_size_count")
+    sizes = metric_samples(server, "wattproxy_batch_size_sum")
+    assert sum(v for _, v in sizes) == 12
+    assert sum(v for _, v in counts) == 3
 
 
 def test_a_request_whose_client_left_while_queued_never_runs(server: LiveServer) -> None:
