@@ -17,7 +17,6 @@ metrics snapshot built from commits always satisfies the identity.
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import logging
 import math
 import threading
@@ -490,13 +489,14 @@ class DeviceMonitor:
         events = self._events
         while events and events[0][0] <= until_s:
             _, job, starts = events[0]
-            if (
-                starts
-                and job.end_s is None
-                and job.state == _PENDING
-                and not any(not e[2] for e in itertools.takewhile(lambda e: e[0] <= until_s, events))
-            ):
-                return
+            if starts and job.end_s is None and job.state == _PENDING:
+                for t_s, _, later_starts in events:  # an end at the frontier behind it?
+                    if t_s > until_s:
+                        return
+                    if not later_starts:
+                        break
+                else:
+                    return
             events.popleft()
             self._apply_event(job, starts)
 
@@ -565,7 +565,9 @@ class DeviceMonitor:
             self._apply_events_locked(a)
         if not events or events[0][0] >= b:  # no boundary inside (the common case): one segment
             self._share_segment(energy_j, b - a)
-            self._interval_done()
+            self._intervals += 1  # `_interval_done`, inline on the hot path
+            if not self._intervals & 4095 and self._active:
+                self._rebase()
             return
         density = energy_j / (b - a)
         inside: dict[int, tuple[_Job, tuple[float, float, float]]] = {}  # jobs starting inside; sums then
