@@ -89,7 +89,7 @@ class TimedBackend(RecordingBackend):
 
     def take_calls(self) -> list[tuple[float, float, int]]:
         with self._calls_lock:
-            calls, self.calls = sorted(self.calls), []
+            calls, self.calls = self.calls, []
         return calls
 
 
@@ -142,7 +142,7 @@ def block_figures(calls: Sequence[Sequence[float]], client_wall_s: float) -> dic
     }
 
 
-def condition_of(label: str, images: int, batches: Sequence[int]) -> Condition:
+def condition_of(label: str, images: int) -> Condition:
     """A stored block's condition from its label ("served, 16 clients, ...", "direct, batch 8")."""
     batch = 1 if "batch 1" in label or "batches of 1" in label else 8
     clients = 0 if label.startswith("direct") else int(label.split(", ")[1].split()[0])
@@ -155,12 +155,8 @@ def reanalyse(path: Path, out: Path) -> int:
     blocks = data["blocks"]
     for block in blocks:
         block.update(block_figures(block["calls"], block["client_wall_s"]))
-    conditions: list[Condition] = []
-    for block in blocks:
-        c = condition_of(block["condition"], block["images"], block["batches"])
-        if c.label not in [d.label for d in conditions]:
-            conditions.append(c)
-    conditions.sort(key=lambda c: (c.batch, c.clients))
+    by_label = {b["condition"]: condition_of(b["condition"], b["images"]) for b in blocks}
+    conditions = sorted(by_label.values(), key=lambda c: (c.batch, c.clients))
     rounds = 1 + max(b["round"] for b in blocks)
     data.update(summarize(conditions, blocks, rounds))
     data["reanalysed"] = f"python bench/gpu_served.py --from-json {path.name}"

@@ -565,9 +565,7 @@ class DeviceMonitor:
             self._apply_events_locked(a)
         if not events or events[0][0] >= b:  # no boundary inside (the common case): one segment
             self._share_segment(energy_j, b - a)
-            self._intervals += 1  # `_interval_done`, inline on the hot path
-            if not self._intervals & 4095 and self._active:
-                self._rebase()
+            self._interval_done()
             return
         density = energy_j / (b - a)
         inside: dict[int, tuple[_Job, tuple[float, float, float]]] = {}  # jobs starting inside; sums then
