@@ -128,9 +128,8 @@ class WattProxyPath:
         self._ids = itertools.count()
 
     def tag(self) -> RequestTag:
-        return RequestTag(
-            request_id=f"{next(self._ids):032x}", model=MODEL, task=TASK, user=USER, key_id="key_bench"
-        )
+        # positional, as the service builds it: request_id, model, task, user, key_id
+        return RequestTag(f"{next(self._ids):032x}", MODEL, TASK, USER, "key_bench")
 
     def job(self, tags: Sequence[RequestTag]) -> dict[Any, Charge]:
         """One job: begin, end with its members, attribution and commit; the charges."""
@@ -140,18 +139,9 @@ class WattProxyPath:
         return handle.charges if handle.charges is not None else handle.result.result(timeout=5)
 
     def outcome(self, tag: RequestTag, charge: Charge, batch_size: int) -> Outcome:
-        return Outcome(
-            tag=tag,
-            request=REQUEST,
-            result=RESULT,
-            error=None,
-            charge=charge,
-            status="ok",
-            queue_wait_s=0.001,
-            run_s=0.01,
-            batch_size=batch_size,
-            duration_s=0.011,
-        )
+        # positional, as the batcher builds it: tag, request, result, error, charge, status,
+        # queue_wait_s, run_s, batch_size, duration_s
+        return Outcome(tag, REQUEST, RESULT, None, charge, "ok", 0.001, 0.01, batch_size, 0.011)
 
     def requests(self, n: int) -> None:
         """n requests served as one job: everything the service does for their energy and metrics."""

@@ -164,12 +164,12 @@ def _tag(request: web.Request, served: ServedModel, member: int | None = None) -
     ids `<request id>-<index>` so each has its own ledger record."""
     principal = request.get(PRINCIPAL)
     rid = request[REQUEST_ID]
-    return RequestTag(
-        request_id=rid if member is None else f"{rid}-{member}",
-        model=served.settings.name,
-        task=served.settings.task,
-        user=request.get(USER, "anonymous"),
-        key_id=principal.key_id if principal is not None else None,
+    return RequestTag(  # positional, in field order (hot path: keywords cost more)
+        rid if member is None else f"{rid}-{member}",  # request_id
+        served.settings.name,  # model
+        served.settings.task,  # task
+        request.get(USER, "anonymous"),  # user
+        principal.key_id if principal is not None else None,  # key_id
     )
 
 
@@ -243,6 +243,21 @@ def _energy_fields(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     """The energy extension for one response, summed over its members: EnergyUsage's fields (but
     `usage_source`) in its order, from trusted internal values, as they are (an int stays an int)."""
     first = outcomes[0]
+    if len(outcomes) == 1:  # one member (most answers): its own figures, no sums
+        charge, c = first.charge, first.tag.carbon
+        return {
+            "kwh": charge.joules / JOULES_PER_KWH,
+            "joules": charge.joules,
+            "co2_grams": c.co2_grams if c is not None else 0,
+            "measurement": charge.measurement,
+            "device": charge.device,
+            "uncertainty_kwh": charge.uncertainty_joules / JOULES_PER_KWH,
+            "carbon_intensity_g_per_kwh": c.intensity_g_per_kwh if c is not None else 0.0,
+            "pue": c.pue if c is not None else 1.0,
+            "idle_joules": charge.idle_joules,
+            "embodied_co2_grams": c.embodied_co2_grams if c is not None and c.embodied_co2_grams else None,
+            "carbon_source": c.source if c is not None else None,
+        }
     joules = sum(o.charge.joules for o in outcomes)
     carbon = [o.tag.carbon for o in outcomes if o.tag.carbon is not None]
     co2 = sum(c.co2_grams for c in carbon)
@@ -270,7 +285,8 @@ def energy_usage(outcomes: Sequence[Outcome]) -> EnergyUsage:
 
 def energy_headers(energy: EnergyUsage | Mapping[str, Any], request_id: str) -> dict[str, str]:
     """The X-Energy-* headers of `energy` (the model, or its fields as `_energy_fields` gives them)."""
-    e = energy if isinstance(energy, Mapping) else energy.__dict__  # a model's __dict__: its fields
+    # a model's __dict__ holds its fields; `type(...) is dict` first: an ABC check costs 0.3 µs
+    e = energy if type(energy) is dict or isinstance(energy, Mapping) else energy.__dict__
     return {
         "X-Energy-kWh": repr(e["kwh"]),
         "X-Energy-Joules": repr(e["joules"]),

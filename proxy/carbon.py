@@ -647,14 +647,14 @@ class CarbonModel:
         pue = self.settings.pue
         operational = energy_kwh * intensity.g_per_kwh * pue
         embodied = gpu_seconds * self._embodied_rate
-        return CarbonCharge(
-            co2_grams=operational + embodied,
-            operational_co2_grams=operational,
-            embodied_co2_grams=embodied,
-            intensity_g_per_kwh=intensity.g_per_kwh,
-            pue=pue,
-            zone=intensity.zone,
-            source=intensity.source,
+        return CarbonCharge(  # positional, in field order (hot path: keywords cost more)
+            operational + embodied,  # co2_grams
+            operational,  # operational_co2_grams
+            embodied,  # embodied_co2_grams
+            intensity.g_per_kwh,  # intensity_g_per_kwh
+            pue,  # pue
+            intensity.zone,  # zone
+            intensity.source,  # source
         )
 
     def current(self) -> Intensity:

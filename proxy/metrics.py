@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
+from prometheus_client.values import MutexValue
 
 from proxy.errors import AuthenticationFailed
 from proxy.exposition import Exposition, RowFamily
@@ -193,8 +194,8 @@ class _ScrapeCollector(Collector):
 def _observe(child: Any, amount: float, request_id: str | None = None) -> None:
     """`child.observe(amount, exemplar={"request_id": request_id})` for a Histogram child, without its
     per-call checks and linear bucket scan: the same updates to the same values, at a third of the cost
-    (hot path; tests/test_exposition.py compares the exposition with `observe`'s). Anything unusual
-    (NaN, a long exemplar, another prometheus_client layout) takes `observe` itself."""
+    (tests/test_exposition.py compares the exposition with `observe`'s). Anything unusual (NaN, a long
+    exemplar, another prometheus_client layout) takes `observe` itself."""
     bounds = getattr(child, "_upper_bounds", None)
     if bounds is None or amount != amount or (request_id is not None and len(request_id) > 100):
         child.observe(amount, exemplar={"request_id": request_id} if request_id is not None else None)
@@ -206,7 +207,47 @@ def _observe(child: Any, amount: float, request_id: str | None = None) -> None:
         bucket.set_exemplar(Exemplar({"request_id": request_id}, amount, time.time()))
 
 
-@dataclass(frozen=True)
+class _Shared:
+    """The values of prometheus_client children (`MutexValue`s: a float, an exemplar and a lock each),
+    re-pointed at one shared lock, so that a request's dozen updates take one lock round trip instead
+    of one each (hot path). Whoever reads them (`get`, the exposition) or writes them through
+    prometheus_client (`inc`, `observe`) takes that same lock, so every update stays atomic and a
+    request's updates become visible together. Built only where every value is a plain `MutexValue`
+    (not prometheus_client's multiprocess mode, nor another layout): `Metrics` checks with `usable`."""
+
+    @staticmethod
+    def values(child: Any) -> list[Any]:
+        """A Counter child's value, or a Histogram child's sum and buckets."""
+        if hasattr(child, "_upper_bounds"):
+            return [child._sum, *child._buckets]
+        return [child._value]
+
+    @staticmethod
+    def usable(children: Sequence[Any]) -> bool:
+        try:
+            return all(type(v) is MutexValue for c in children for v in _Shared.values(c))
+        except AttributeError:
+            return False
+
+    @staticmethod
+    def share(lock: threading.Lock, children: Sequence[Any]) -> None:
+        for c in children:
+            for v in _Shared.values(c):
+                v._lock = lock
+
+
+class _Histo:
+    """A Histogram child's parts, for `_bump` under the shared lock."""
+
+    __slots__ = ("bounds", "buckets", "sum")
+
+    def __init__(self, child: Any) -> None:
+        self.bounds: Sequence[float] = child._upper_bounds
+        self.buckets: list[Any] = child._buckets
+        self.sum: Any = child._sum
+
+
+@dataclass(slots=True)
 class _RequestChildren:
     requests: Any
     energy: Any
@@ -216,6 +257,23 @@ class _RequestChildren:
     prompt_tokens: Any
     completion_tokens: Any
     images: Any
+    shared: bool = False  # every value above is a MutexValue on `Metrics._lock` (see `_Shared`)
+    h_energy: _Histo | None = None
+    h_co2: _Histo | None = None
+    h_queue_wait: _Histo | None = None
+    h_duration: _Histo | None = None
+
+    def all(self) -> tuple[Any, ...]:
+        return (
+            self.requests,
+            self.energy,
+            self.co2,
+            self.queue_wait,
+            self.duration,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.images,
+        )
 
 
 class Metrics:
@@ -270,30 +328,50 @@ class Metrics:
         )
         self.images = Counter("wattproxy_images", "Images generated", ["model", "user"], registry=registry)
         self._children: dict[tuple[str, str, str, str], _RequestChildren] = {}
-        self._batch_children: dict[str, Any] = {}
+        self._batch_children: dict[str, _Histo] = {}  # batch-size children on the shared lock
+        self._lock = threading.Lock()  # the request metrics' values share it (`_Shared`)
 
     def observe_batch(self, model: str, size: int) -> None:
-        child = self._batch_children.get(model)
-        if child is None:
-            child = self._batch_children[model] = self.batch_size.labels(model)
-        _observe(child, size)
+        h = self._batch_children.get(model)
+        if h is None:
+            child = self.batch_size.labels(model)
+            if not _Shared.usable([child]):
+                _observe(child, size)
+                return
+            with self._lock:
+                _Shared.share(self._lock, [child])
+            h = self._batch_children[model] = _Histo(child)
+        with self._lock:
+            h.buckets[bisect_left(h.bounds, size)]._value += 1.0
+            h.sum._value += size
+
+    def _request_children(self, r: RequestStats) -> _RequestChildren:
+        c = _RequestChildren(
+            requests=self.requests.labels(r.model, r.task, r.user, r.status),
+            energy=self.request_energy.labels(r.model, r.task),
+            co2=self.request_co2.labels(r.model, r.task),
+            queue_wait=self.queue_wait.labels(r.model, r.task),
+            duration=self.request_duration.labels(r.model, r.task),
+            prompt_tokens=self.tokens.labels(r.model, r.user, "prompt"),
+            completion_tokens=self.tokens.labels(r.model, r.user, "completion"),
+            images=self.images.labels(r.model, r.user),
+        )
+        if _Shared.usable(c.all()):
+            with self._lock:  # a value shared with a request being recorded keeps this same lock
+                _Shared.share(self._lock, c.all())
+            c.shared = True
+            c.h_energy, c.h_co2 = _Histo(c.energy), _Histo(c.co2)
+            c.h_queue_wait, c.h_duration = _Histo(c.queue_wait), _Histo(c.duration)
+        self._children[(r.model, r.task, r.user, r.status)] = c
+        return c
 
     def observe_request(self, r: RequestStats) -> None:
         """Record one request; label children are looked up once per label set (hot path)."""
-        key = (r.model, r.task, r.user, r.status)
-        children = self._children.get(key)
+        children = self._children.get((r.model, r.task, r.user, r.status))
         if children is None:
-            children = _RequestChildren(
-                requests=self.requests.labels(r.model, r.task, r.user, r.status),
-                energy=self.request_energy.labels(r.model, r.task),
-                co2=self.request_co2.labels(r.model, r.task),
-                queue_wait=self.queue_wait.labels(r.model, r.task),
-                duration=self.request_duration.labels(r.model, r.task),
-                prompt_tokens=self.tokens.labels(r.model, r.user, "prompt"),
-                completion_tokens=self.tokens.labels(r.model, r.user, "completion"),
-                images=self.images.labels(r.model, r.user),
-            )
-            self._children[key] = children
+            children = self._request_children(r)
+        if children.shared and self._observe_shared(children, r):
+            return
         children.requests.inc()
         _observe(children.energy, r.energy_kwh, r.request_id)
         if r.co2_grams is not None:
@@ -305,6 +383,42 @@ class Metrics:
             children.completion_tokens.inc(r.completion_tokens)
         elif r.images:
             children.images.inc(r.images)
+
+    def _observe_shared(self, c: _RequestChildren, r: RequestStats) -> bool:
+        """`observe_request`'s updates, made directly on the values under their one shared lock; False
+        (nothing done) for what only prometheus_client's checks handle (NaN, a long request id)."""
+        kwh, co2, wait_s, duration_s = r.energy_kwh, r.co2_grams, r.queue_wait_s, r.duration_s
+        if (
+            kwh != kwh
+            or co2 != co2
+            or wait_s != wait_s
+            or duration_s != duration_s
+            or len(r.request_id) > 100
+        ):
+            return False
+        he, hq, hd = c.h_energy, c.h_queue_wait, c.h_duration
+        assert he is not None and hq is not None and hd is not None and c.h_co2 is not None
+        exemplar = Exemplar({"request_id": r.request_id}, kwh, time.time())
+        with self._lock:
+            c.requests._value._value += 1.0
+            bucket = he.buckets[bisect_left(he.bounds, kwh)]
+            bucket._value += 1.0
+            bucket._exemplar = exemplar
+            he.sum._value += kwh
+            if co2 is not None:
+                h = c.h_co2
+                h.buckets[bisect_left(h.bounds, co2)]._value += 1.0
+                h.sum._value += co2
+            hq.buckets[bisect_left(hq.bounds, wait_s)]._value += 1.0
+            hq.sum._value += wait_s
+            hd.buckets[bisect_left(hd.bounds, duration_s)]._value += 1.0
+            hd.sum._value += duration_s
+            if r.task == "text":
+                c.prompt_tokens._value._value += r.prompt_tokens
+                c.completion_tokens._value._value += r.completion_tokens
+            elif r.images:
+                c.images._value._value += r.images
+        return True
 
     def attach(
         self,

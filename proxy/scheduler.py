@@ -311,17 +311,17 @@ class ModelQueue:
         for i, it in enumerate(batch):
             status: Status = "error" if error is not None else ("cancelled" if it.future.done() else "ok")
             outcomes.append(
-                Outcome(
-                    tag=it.tag,
-                    request=it.request,
-                    result=results[i] if results is not None else None,
-                    error=error,
-                    charge=charges[it.tag],
-                    status=status,
-                    queue_wait_s=max(start_s - it.enqueued_s, 0.0),
-                    run_s=run_s,
-                    batch_size=len(batch),
-                    duration_s=max(self.clock() - it.enqueued_s, 0.0),
+                Outcome(  # positional, in field order (a member of every batch: keywords cost more)
+                    it.tag,  # tag
+                    it.request,  # request
+                    results[i] if results is not None else None,  # result
+                    error,  # error
+                    charges[it.tag],  # charge
+                    status,  # status
+                    max(start_s - it.enqueued_s, 0.0),  # queue_wait_s
+                    run_s,  # run_s
+                    len(batch),  # batch_size
+                    max(self.clock() - it.enqueued_s, 0.0),  # duration_s
                 )
             )
         try:

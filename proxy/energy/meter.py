@@ -166,7 +166,8 @@ class SyntheticMeter(EnergyMeter):
         self._t_open_s = clock()
         self._active_jobs = 0
         # Busy seconds are folded into an anchor at each read; transitions after the anchor stay
-        # in the queue because a stepped read may report an instant before them.
+        # in the queue because a stepped read may report an instant before them (a continuous
+        # meter folds each transition in as it happens: the queue stays empty).
         self._anchor_t_s = self._t_open_s
         self._anchor_busy_s = 0.0
         self._anchor_is_busy = False
@@ -175,6 +176,13 @@ class SyntheticMeter(EnergyMeter):
 
     def _record_transition(self, is_busy: bool) -> None:
         t_s = self._clock()
+        if self.continuous:  # every read reports its own instant, so fold the transition in at once
+            if t_s < self._anchor_t_s:
+                t_s = self._anchor_t_s
+            if self._anchor_is_busy:
+                self._anchor_busy_s += t_s - self._anchor_t_s
+            self._anchor_t_s, self._anchor_is_busy = t_s, is_busy
+            return
         floor_s = self._transitions[-1][0] if self._transitions else self._anchor_t_s
         self._transitions.append((max(t_s, floor_s), is_busy))
 
@@ -229,8 +237,15 @@ class SyntheticMeter(EnergyMeter):
         """Clock now and the profile's joules since open (as of the last update when stepped)."""
         with self._lock:
             t_s = self._clock()
-            until_s = max(self.last_update_s(t_s), self._anchor_t_s)
-            busy_s = self._busy_seconds_until(until_s)
+            if self.continuous:  # `_busy_seconds_until(t_s)` with no transition left to fold
+                until_s = t_s if t_s > self._anchor_t_s else self._anchor_t_s
+                busy_s = self._anchor_busy_s
+                if self._anchor_is_busy:
+                    busy_s += until_s - self._anchor_t_s
+                self._anchor_t_s, self._anchor_busy_s = until_s, busy_s
+            else:
+                until_s = max(self.last_update_s(t_s), self._anchor_t_s)
+                busy_s = self._busy_seconds_until(until_s)
             energy_j = (
                 self.idle_watts * (until_s - self._t_open_s) + (self.busy_watts - self.idle_watts) * busy_s
             )

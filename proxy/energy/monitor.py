@@ -315,6 +315,8 @@ class DeviceMonitor:
         self.meter.job_started()
         reading = self._boundary_read(on_loop)
         with self._lock:
+            if not self._jobs and self.meter.continuous and self._idle_start_locked(reading):
+                return self._open_locked(reading.t_s)  # type: ignore[union-attr]
             handle = self._open_locked(self._time_locked(reading))
             finished = self._advance_locked()
         self._resolve(finished)
@@ -335,6 +337,11 @@ class DeviceMonitor:
         reading = self._boundary_read(on_loop)
         self.meter.job_finished()
         with self._lock:
+            if len(self._jobs) == 1 and reading is not None and self.meter.continuous:
+                finished = self._end_alone_locked(handle, members, weight, reading)
+                if finished is not None:
+                    self._resolve(finished)
+                    return
             self._close_locked(handle, members, weight, self._time_locked(reading))
             finished = self._advance_locked()
             if self._idle_with_waiting_locked():
@@ -361,6 +368,78 @@ class DeviceMonitor:
             finished = self._advance_locked()
         self._resolve(finished)
         return following
+
+    # The lone job (one request at a time on a device, and every job's start on an idle device): the
+    # sweep's result computed directly, for the common case where nothing else touches the timeline.
+
+    def _idle_start_locked(self, reading: Reading | None) -> bool:
+        """A job starts on a continuous meter's device with no job to account: everything since the
+        last processed change point is idle (what the sweep would find). False, with nothing changed,
+        unless the reading follows the timeline's only point directly (then it becomes that point)."""
+        points = self._points
+        if reading is None or len(points) != 1 or self._events or self._active:
+            return False
+        t_s, energy_j = reading.t_s, reading.energy_j
+        t0, e0 = points[0]
+        if t_s <= t0 or energy_j < e0 or t_s < self._last_boundary_s or t_s < self._latest[0]:  # type: ignore[index]
+            return False
+        point = points[0] = self._latest = (t_s, energy_j)
+        self._recent.append(point)
+        self._last_boundary_s = t_s
+        self._pending_idle_j += energy_j - e0
+        self.processed_j += energy_j - e0
+        self._intervals += 1
+        return True
+
+    def _end_alone_locked(
+        self,
+        handle: JobHandle,
+        members: Sequence[tuple[Hashable, float]],
+        weight: float | None,
+        reading: Reading,
+    ) -> list[tuple[_Job, dict[Hashable, Charge]]] | None:
+        """The only job on a continuous meter ends, and no reading has come since its start: it takes
+        the whole interval (energy and time), final at once. None, with nothing changed, otherwise."""
+        job = self._jobs.get(handle.key)
+        points = self._points
+        if job is None or job.state != _PENDING or job.end_s is not None or len(points) != 1:
+            return None
+        t_s, energy_j = reading.t_s, reading.energy_j
+        t0, e0 = points[0]
+        if t0 != job.start_s or t_s <= t0 or energy_j < e0 or t_s < self._last_boundary_s:
+            return None
+        point = points[0] = self._latest = (t_s, energy_j)
+        self._recent.append(point)
+        self._last_boundary_s = t_s
+        self.processed_j += energy_j - e0
+        self._intervals += 1
+        del self._open[job.key]
+        self._events.clear()  # its start, never applied
+        job.end_s = t_s
+        job.members = members = list(members)
+        if weight is None:
+            total_work = sum(w for _, w in members)
+            weight = total_work if total_work > 0 else 1.0
+        job.weight = weight
+        job.energy_j = energy_j - e0
+        job.device_s = t_s - t0
+        job.state = _SWEPT
+        if len(members) != 1 or self.idle_policy != "separate":
+            return self._commit_locked([job])
+        # `_commit_locked([job])` for its one member, without the lists a batch needs
+        idle_j, self._pending_idle_j = self._pending_idle_j, 0.0
+        del self._jobs[job.key]
+        job.state = _COMMITTED
+        member = members[0][0]
+        charge = Charge(  # joules, idle_joules, uncertainty_joules, measurement, device, start_s, end_s,
+            job.energy_j, 0.0, 0.0, self.meter.measurement, self.device, job.start_s, t_s, job.device_s
+        )  # device_seconds
+        self.committed_attributed_j += job.energy_j
+        self.committed_idle_j += idle_j
+        charges = {member: charge}
+        if self._on_commit is not None:
+            self._on_commit(self.device, idle_j, [(member, charge)])
+        return [(job, charges)]
 
     def _boundary_read(self, on_loop: bool) -> Reading | None:
         """The reading a job boundary is placed at; none for an event loop when reads block."""
@@ -680,15 +759,15 @@ class DeviceMonitor:
             for (member, _), e_j, i_j, u_j, s in zip(
                 job.members, energies, idles, uncert, seconds, strict=True
             ):
-                charge = Charge(
-                    joules=e_j + i_j,
-                    idle_joules=i_j,
-                    uncertainty_joules=u_j,
-                    measurement=measurement or self.meter.measurement,
-                    device=self.device,
-                    start_s=job.start_s,
-                    end_s=job.end_s,
-                    device_seconds=s,
+                charge = Charge(  # positional, in field order (hot path: keywords cost more)
+                    e_j + i_j,  # joules
+                    i_j,  # idle_joules
+                    u_j,  # uncertainty_joules
+                    measurement or self.meter.measurement,  # measurement
+                    self.device,  # device
+                    job.start_s,  # start_s
+                    job.end_s,  # end_s
+                    s,  # device_seconds
                 )
                 charges[member] = charge
                 commits.append((member, charge))
