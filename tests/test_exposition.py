@@ -362,9 +362,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
 
 def test_fast_histogram_observation_equals_observe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`Metrics` updates its histograms through `proxy.metrics._observe`; a registry fed the same
-    requests through prometheus_client's own `Histogram.observe` exposes the same bytes (exemplars
-    included, timestamps aside)."""
+    """`Metrics` updates its values directly under one shared lock (`_observe_shared`, and `_observe`
+    for what that leaves out); a registry fed the same requests through prometheus_client's own
+    `Histogram.observe` and `Counter.inc` exposes the same bytes (exemplars included, timestamps
+    aside)."""
     import re
 
     import proxy.metrics as metrics_module
@@ -391,6 +392,21 @@ def test_fast_histogram_observation_equals_observe(monkeypatch: pytest.MonkeyPat
                     images=1,
                 )
             )
+            m.observe_request(
+                RequestStats(
+                    model="tiny-gpt2",
+                    task="text",
+                    user="u",
+                    status="ok" if i % 3 else "error",
+                    request_id=f"t{i}",
+                    energy_kwh=v,
+                    co2_grams=v,
+                    queue_wait_s=abs(v),
+                    duration_s=v,
+                    prompt_tokens=i,
+                    completion_tokens=2 * i,
+                )
+            )
         return registry
 
     fast = feed()
@@ -401,9 +417,10 @@ def test_fast_histogram_observation_equals_observe(monkeypatch: pytest.MonkeyPat
             amount, exemplar={"request_id": request_id} if request_id is not None else None
         ),
     )
+    monkeypatch.setattr(metrics_module._Shared, "usable", staticmethod(lambda children: False))
     reference = feed()
     created = re.compile(rb"^\S+_created[{ ].*\n", re.MULTILINE)  # when each registry was built
-    stamp = re.compile(rb"(# \{request_id=\"r*\"\} \S+) \d+\.\d+")  # when each exemplar was seen
+    stamp = re.compile(rb"(# \{request_id=\"[^\"]*\"\} \S+) \d+\.\d+")  # when each exemplar was seen
 
     def normal(text: bytes) -> bytes:
         return stamp.sub(rb"\1", created.sub(b"", text))
@@ -411,3 +428,34 @@ def test_fast_histogram_observation_equals_observe(monkeypatch: pytest.MonkeyPat
     assert normal(generate_latest(fast)) == normal(generate_latest(reference))
     assert normal(generate_openmetrics(fast)) == normal(generate_openmetrics(reference))
     assert b"request_id" in generate_openmetrics(fast)
+
+
+def test_request_metric_values_share_the_lock_the_direct_updates_take() -> None:
+    """`Metrics` writes a request's values directly under its own lock (`proxy.metrics._Shared`); that is
+    atomic only if every other reader and writer (`get`, `inc`, `observe`, the exposition) takes the
+    same lock, i.e. if every value of the request and batch metrics was re-pointed at it."""
+    registry = CollectorRegistry()
+    m = Metrics(registry, EnergyBook())
+    for task, status in (("text", "ok"), ("image", "error")):
+        m.observe_request(
+            RequestStats(
+                model="tiny",
+                task=task,
+                user="u",
+                status=status,
+                request_id="r",
+                energy_kwh=1e-6,
+                co2_grams=1e-4,
+                queue_wait_s=0.001,
+                duration_s=0.01,
+                prompt_tokens=3,
+                completion_tokens=5,
+                images=1,
+            )
+        )
+    m.observe_batch("tiny", 4)
+    metrics = (m.requests, m.request_energy, m.request_co2, m.request_duration, m.queue_wait, m.batch_size)
+    children = [c for metric in (*metrics, m.tokens, m.images) for c in metric._metrics.values()]
+    values = [v for c in children for v in ([c._sum, *c._buckets] if hasattr(c, "_buckets") else [c._value])]
+    assert len(children) == 2 + 2 * 4 + 1 + 2 + 1  # requests, 4 histograms x 2 tasks, batch, tokens, images
+    assert values and all(v._lock is m._lock for v in values)
