@@ -80,12 +80,18 @@ class EnergyBook:
 
     def commit(self, device: str, idle_j: float, entries: Sequence[EnergyEntry]) -> None:
         """One device commit: idle energy plus the entries' energy; all visible at once."""
+        requests = self._requests
         with self._lock:
-            dev = self._devices.setdefault(device, [0.0, 0.0])
+            dev = self._devices.get(device)
+            if dev is None:
+                dev = self._devices[device] = [0.0, 0.0]
             dev[0] += idle_j
             dev[1] += idle_j
             for e in entries:
-                totals = self._requests.setdefault((e.model, e.task, e.user), [0.0, 0.0])
+                key = (e.model, e.task, e.user)
+                totals = requests.get(key)
+                if totals is None:
+                    totals = requests[key] = [0.0, 0.0]
                 totals[0] += e.joules
                 totals[1] += e.co2_grams
                 dev[0] += e.joules

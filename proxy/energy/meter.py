@@ -252,7 +252,7 @@ class SyntheticMeter(EnergyMeter):
             # Only reachable through rounding when busy_watts < idle_watts.
             energy_j = max(energy_j, self._last_energy_j)
             self._last_energy_j = energy_j
-            return Reading(t_s=t_s, energy_j=energy_j)
+            return Reading(t_s, energy_j)  # positional: a hot call
 
     def power_watts(self) -> float:
         """The profile's current power, W."""
@@ -301,7 +301,7 @@ class EstimatedMeter(EnergyMeter):
             energy_j = self.idle_watts * (t_s - self._t_open_s) + self.watts_per_core * (
                 cpu_s - self._cpu_open_s
             )
-            reading = Reading(t_s=t_s, energy_j=max(energy_j, self._last.energy_j))
+            reading = Reading(t_s, max(energy_j, self._last.energy_j))  # positional: a hot call
             self._previous, self._last = self._last, reading
             return reading
 

@@ -81,14 +81,14 @@ class JobHandle:
     `result` is a future of them, for a caller that must wait (made on first use: most jobs are final
     by the time their caller looks, and a future costs more than the rest of a job's bookkeeping)."""
 
-    __slots__ = ("_future", "_lock", "charges", "key", "start_s")
+    __slots__ = ("_future", "charges", "key", "start_s")
+    _lock = threading.Lock()  # one for all handles: held for a few attribute operations at a time
 
     def __init__(self, key: int, start_s: float) -> None:
         self.key = key
         self.start_s = start_s
         self.charges: dict[Hashable, Charge] | None = None
         self._future: concurrent.futures.Future[dict[Hashable, Charge]] | None = None
-        self._lock = threading.Lock()
 
     @property
     def result(self) -> concurrent.futures.Future[dict[Hashable, Charge]]:
@@ -418,7 +418,7 @@ class DeviceMonitor:
         job.end_s = t_s
         job.members = members = list(members)
         if weight is None:
-            total_work = sum(w for _, w in members)
+            total_work = members[0][1] if len(members) == 1 else sum(w for _, w in members)
             weight = total_work if total_work > 0 else 1.0
         job.weight = weight
         job.energy_j = energy_j - e0
@@ -462,7 +462,8 @@ class DeviceMonitor:
         key = self._next_key
         self._next_key += 1
         handle = JobHandle(key, start_s)
-        job = _Job(key=key, start_s=start_s, handle=handle)
+        job = _Job(key, start_s)
+        job.handle = handle
         self._jobs[key] = self._open[key] = job
         self._events.append((start_s, job, True))
         return handle

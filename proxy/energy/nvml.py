@@ -342,7 +342,7 @@ class NvmlMeter(EnergyMeter):
             self._base_mj = 0
         self._last_raw_mj = raw_mj
         self._last_t_s = t_s
-        return Reading(t_s=t_s, energy_j=(self._carried_mj + raw_mj - self._base_mj) / 1000.0)
+        return Reading(t_s, (self._carried_mj + raw_mj - self._base_mj) / 1000.0)  # t_s, energy_j
 
     def _read_power_integral(self) -> Reading:
         power_mw = self._power_mw()
