@@ -154,6 +154,8 @@ class WattProxyPath:
 
 
 IN_FLIGHT = (1, 8, 64, 256)
+TARGET_CPU_US = 50.0  # issue 8, target 1
+TARGET_CODECARBON_RATIO = 20.0
 
 
 class InFlight:
@@ -321,6 +323,26 @@ def summarize(vs: Sequence[Variant], samples: dict[str, list[Sample]]) -> dict[s
     return out
 
 
+def targets_line(v: dict[str, Any], summary: dict[str, Any] | None) -> str:
+    """Issue 8's target 1, judged on the request in its own job with the synthetic meter (the headline)."""
+    us = v["wattproxy_b1"]["cpu_us"]
+    out = f"Targets (issue 8, target 1): at most {TARGET_CPU_US:g} µs of CPU a request: {us:.1f} µs, " + (
+        "met" if us <= TARGET_CPU_US else "not met"
+    )
+    if summary is None:
+        return out + "; against CodeCarbon: not measured (not installed)."
+    ratio = summary["codecarbon_over_wattproxy_cpu"]
+    per_round = [
+        c / w
+        for c, w in zip(v["codecarbon"]["rounds_cpu_us"], v["wattproxy_b1"]["rounds_cpu_us"], strict=True)
+    ]
+    return (
+        out + f"; at least {TARGET_CODECARBON_RATIO:g}x less than CodeCarbon: {ratio:.1f}x "
+        f"(rounds {min(per_round):.1f}x to {max(per_round):.1f}x), "
+        + ("met." if ratio >= TARGET_CODECARBON_RATIO else "not met.")
+    )
+
+
 def render(
     vs: Sequence[Variant],
     summary: dict[str, Any],
@@ -367,6 +389,7 @@ def render(
         )
     else:
         verdict = "CodeCarbon is not installed here, so there is no ratio."
+    verdict += "\n\n" + targets_line(v, summary if cc_info is not None else None)
     status = "smoke" if smoke else "ok"
     smoke_note = "\n**Smoke run (a few iterations): the figures prove the code path, not the cost.**\n"
     return f"""## Accounting: CPU cost per request, WattProxy vs CodeCarbon (bench/accounting.py)
