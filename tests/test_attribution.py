@@ -665,3 +665,99 @@ def test_a_timeline_compacted_under_many_open_jobs_still_conserves(
     total = sum(c.joules for c in charges)
     assert math.isclose(total + m.committed_idle_j, m.processed_j, rel_tol=1e-9, abs_tol=1e-9)
     assert math.isclose(m.processed_j, m.meter_delta_j, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 0.2),  # idle before it
+            st.floats(0.0, 0.3),  # length
+            st.lists(st.sampled_from([0.0, 1.0, 2.5]), min_size=1, max_size=3),  # members' work units
+            st.booleans(),  # a sampler reading while it runs
+            st.booleans(),  # a sampler reading before it starts
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.sampled_from(["separate", "amortize"]),
+)
+def test_the_lone_job_shortcuts_agree_with_the_sweep(
+    jobs: list[tuple[float, float, list[float], bool, bool]], policy: str
+) -> None:
+    """`begin` on an idle device and `end` of the only job (a continuous meter) skip the sweep: a
+    monitor with those shortcuts turned off, fed the same readings, commits the same charges, idle
+    and totals (sampler readings before and inside some jobs make the shortcuts refuse there)."""
+
+    def run(shortcuts: bool) -> tuple[list[dict[Any, Any]], DeviceMonitor]:
+        clock = FakeClock(0.0)
+        m = DeviceMonitor(SyntheticMeter("cuda:0", clock=clock), clock=clock, idle_policy=policy)  # type: ignore[arg-type]
+        if not shortcuts:
+            m._idle_start_locked = lambda reading: False  # type: ignore[method-assign]
+            m._end_alone_locked = lambda *args: None  # type: ignore[method-assign]
+        m.sample()
+        charges = []
+        for n, (gap, length, units, mid_sample, pre_sample) in enumerate(jobs):
+            clock.advance(gap)
+            if pre_sample:
+                m.sample()
+            h = m.begin()
+            clock.advance(length / 2)
+            if mid_sample:
+                m.sample()
+            clock.advance(length / 2)
+            m.end(h, [((n, i), w) for i, w in enumerate(units)])
+            charges.append(h.result.result(timeout=1))
+        clock.advance(0.1)
+        m.stop()
+        return charges, m
+
+    fast, m_fast = run(True)
+    slow, m_slow = run(False)
+    scale = max(m_slow.processed_j, 1.0)
+    for a, b in zip(fast, slow, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            x, y = a[key], b[key]
+            assert abs(x.joules - y.joules) <= 1e-9 * scale
+            assert abs(x.idle_joules - y.idle_joules) <= 1e-9 * scale
+            assert abs(x.uncertainty_joules - y.uncertainty_joules) <= 1e-9 * scale
+            assert abs(x.device_seconds - y.device_seconds) <= 1e-9
+            assert (x.start_s, x.end_s, x.measurement, x.device) == (
+                y.start_s,
+                y.end_s,
+                y.measurement,
+                y.device,
+            )
+    for name in ("processed_j", "committed_idle_j", "committed_attributed_j"):
+        assert abs(getattr(m_fast, name) - getattr(m_slow, name)) <= 1e-9 * scale
+    assert abs(m_fast.committed_idle_j + m_fast.committed_attributed_j - m_fast.processed_j) <= 1e-9 * scale
+
+
+def test_the_lone_job_shortcuts_are_taken() -> None:
+    """A request at a time on an idle continuous meter's device goes through both shortcuts (the
+    equivalence test above would pass, uselessly, if they were never taken)."""
+    clock = FakeClock(0.0)
+    m = DeviceMonitor(SyntheticMeter("cuda:0", clock=clock), clock=clock)
+    m.sample()
+    seen = {"begin": 0, "end": 0}
+    begin, end = m._idle_start_locked, m._end_alone_locked
+
+    def counted_begin(reading: Any) -> bool:
+        seen["begin"] += (ok := begin(reading))
+        return ok
+
+    def counted_end(*args: Any) -> Any:
+        seen["end"] += (out := end(*args)) is not None
+        return out
+
+    m._idle_start_locked = counted_begin  # type: ignore[method-assign]
+    m._end_alone_locked = counted_end  # type: ignore[method-assign]
+    for _ in range(3):
+        clock.advance(0.5)
+        h = m.begin()
+        clock.advance(1.0)
+        m.end(h, [("r", 1.0)])
+        assert h.charges is not None and close(h.charges["r"].joules, 300.0)  # busy_watts x 1 s
+    assert seen == {"begin": 3, "end": 3}
+    assert close(m.committed_idle_j, 3 * 0.5 * 50.0)  # idle_watts x the gaps
