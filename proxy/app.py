@@ -500,8 +500,7 @@ def _recorder(
         await ledger.record([ledger_record(o) for o in outcomes])
         for o in outcomes:
             budgets.add(o.tag.user, o.charge.joules, o.tag.carbon.co2_grams if o.tag.carbon else 0.0)
-        first = outcomes[0]
-        metrics.observe_batch(first.tag.model, first.batch_size)
+        batch_size: int | None = outcomes[0].batch_size  # observed once a batch, with its first member
         for o in outcomes:
             tag, result = o.tag, o.result
             text = result if isinstance(result, TextResult) else None
@@ -519,7 +518,9 @@ def _recorder(
                     text.prompt_tokens if text else 0,  # prompt_tokens
                     text.completion_tokens if text else 0,  # completion_tokens
                     len(result.images_png) if isinstance(result, ImageResult) else 0,  # images
-                )
+                ),
+                batch_size,
             )
+            batch_size = None
 
     return record

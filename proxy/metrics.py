@@ -371,13 +371,21 @@ class Metrics:
         self._children[(r.model, r.task, r.user, r.status)] = c
         return c
 
-    def observe_request(self, r: RequestStats) -> None:
-        """Record one request; label children are looked up once per label set (hot path)."""
+    def observe_request(self, r: RequestStats, batch_size: int | None = None) -> None:
+        """Record one request; label children are looked up once per label set (hot path). With
+        `batch_size`, also `observe_batch(r.model, batch_size)` (under the same lock: one a batch)."""
         children = self._children.get((r.model, r.task, r.user, r.status))
         if children is None:
             children = self._request_children(r)
-        if children.shared and self._observe_shared(children, r):
+        batch = None
+        if batch_size is not None:
+            batch = self._batch_children.get(r.model)
+            if batch is None:  # its first batch: made (or not shareable) there
+                self.observe_batch(r.model, batch_size)
+        if children.shared and self._observe_shared(children, r, batch, batch_size):
             return
+        if batch is not None and batch_size is not None:
+            self.observe_batch(r.model, batch_size)
         children.requests.inc()
         _observe(children.energy, r.energy_kwh, r.request_id)
         if r.co2_grams is not None:
@@ -390,9 +398,12 @@ class Metrics:
         elif r.images:
             children.images.inc(r.images)
 
-    def _observe_shared(self, c: _RequestChildren, r: RequestStats) -> bool:
-        """`observe_request`'s updates, made directly on the values under their one shared lock; False
-        (nothing done) for what only prometheus_client's checks handle (NaN, a long request id)."""
+    def _observe_shared(
+        self, c: _RequestChildren, r: RequestStats, batch: _Histo | None = None, batch_size: int | None = None
+    ) -> bool:
+        """`observe_request`'s updates (and the batch's, with `batch`), made directly on the values under
+        their one shared lock; False (nothing done) for what only prometheus_client's checks handle
+        (NaN, a long request id)."""
         kwh, co2, wait_s, duration_s = r.energy_kwh, r.co2_grams, r.queue_wait_s, r.duration_s
         if (
             kwh != kwh
@@ -406,6 +417,9 @@ class Metrics:
         assert he is not None and hq is not None and hd is not None and c.h_co2 is not None
         exemplar = Exemplar({"request_id": r.request_id}, kwh, time.time())
         with self._lock:
+            if batch is not None and batch_size is not None:
+                batch.buckets[bisect_left(batch.bounds, batch_size)]._value += 1.0
+                batch.sum._value += batch_size
             c.requests._value._value += 1.0
             bucket = he.buckets[bisect_left(he.bounds, kwh)]
             bucket._value += 1.0

@@ -415,31 +415,32 @@ class DeviceMonitor:
         self._intervals += 1
         del self._open[job.key]
         self._events.clear()  # its start, never applied
+        job_j = energy_j - e0
+        if len(members) == 1 and self.idle_policy == "separate":
+            # `_commit_locked([job])` for its one member, without the lists a batch needs (the job is
+            # done with: only its handle is read again)
+            idle_j, self._pending_idle_j = self._pending_idle_j, 0.0
+            del self._jobs[job.key]
+            job.end_s, job.state = t_s, _COMMITTED
+            member = members[0][0]
+            charge = Charge(  # joules, idle_joules, uncertainty_joules, measurement, device, start_s,
+                job_j, 0.0, 0.0, self.meter.measurement, self.device, t0, t_s, t_s - t0
+            )  # end_s, device_seconds
+            self.committed_attributed_j += job_j
+            self.committed_idle_j += idle_j
+            if self._on_commit is not None:
+                self._on_commit(self.device, idle_j, [(member, charge)])
+            return [(job, {member: charge})]
         job.end_s = t_s
         job.members = members = list(members)
         if weight is None:
-            total_work = members[0][1] if len(members) == 1 else sum(w for _, w in members)
+            total_work = sum(w for _, w in members)
             weight = total_work if total_work > 0 else 1.0
         job.weight = weight
-        job.energy_j = energy_j - e0
+        job.energy_j = job_j
         job.device_s = t_s - t0
         job.state = _SWEPT
-        if len(members) != 1 or self.idle_policy != "separate":
-            return self._commit_locked([job])
-        # `_commit_locked([job])` for its one member, without the lists a batch needs
-        idle_j, self._pending_idle_j = self._pending_idle_j, 0.0
-        del self._jobs[job.key]
-        job.state = _COMMITTED
-        member = members[0][0]
-        charge = Charge(  # joules, idle_joules, uncertainty_joules, measurement, device, start_s, end_s,
-            job.energy_j, 0.0, 0.0, self.meter.measurement, self.device, job.start_s, t_s, job.device_s
-        )  # device_seconds
-        self.committed_attributed_j += job.energy_j
-        self.committed_idle_j += idle_j
-        charges = {member: charge}
-        if self._on_commit is not None:
-            self._on_commit(self.device, idle_j, [(member, charge)])
-        return [(job, charges)]
+        return self._commit_locked([job])
 
     def _boundary_read(self, on_loop: bool) -> Reading | None:
         """The reading a job boundary is placed at; none for an event loop when reads block."""
