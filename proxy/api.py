@@ -243,37 +243,31 @@ def _energy_fields(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     """The energy extension for one response, summed over its members: EnergyUsage's fields (but
     `usage_source`) in its order, from trusted internal values, as they are (an int stays an int)."""
     first = outcomes[0]
+    c = first.tag.carbon
     if len(outcomes) == 1:  # one member (most answers): its own figures, no sums
-        charge, c = first.charge, first.tag.carbon
-        return {
-            "kwh": charge.joules / JOULES_PER_KWH,
-            "joules": charge.joules,
-            "co2_grams": c.co2_grams if c is not None else 0,
-            "measurement": charge.measurement,
-            "device": charge.device,
-            "uncertainty_kwh": charge.uncertainty_joules / JOULES_PER_KWH,
-            "carbon_intensity_g_per_kwh": c.intensity_g_per_kwh if c is not None else 0.0,
-            "pue": c.pue if c is not None else 1.0,
-            "idle_joules": charge.idle_joules,
-            "embodied_co2_grams": c.embodied_co2_grams if c is not None and c.embodied_co2_grams else None,
-            "carbon_source": c.source if c is not None else None,
-        }
-    joules = sum(o.charge.joules for o in outcomes)
-    carbon = [o.tag.carbon for o in outcomes if o.tag.carbon is not None]
-    co2 = sum(c.co2_grams for c in carbon)
-    embodied = sum(c.embodied_co2_grams for c in carbon)
+        charge = first.charge
+        joules, uncertainty_j, idle_j = charge.joules, charge.uncertainty_joules, charge.idle_joules
+        co2, embodied = (c.co2_grams, c.embodied_co2_grams) if c is not None else (0, 0)
+    else:
+        joules = sum(o.charge.joules for o in outcomes)
+        uncertainty_j = sum(o.charge.uncertainty_joules for o in outcomes)
+        idle_j = sum(o.charge.idle_joules for o in outcomes)
+        carbon = [o.tag.carbon for o in outcomes if o.tag.carbon is not None]
+        co2 = sum(x.co2_grams for x in carbon)
+        embodied = sum(x.embodied_co2_grams for x in carbon)
+        c = carbon[0] if carbon else None
     return {
         "kwh": joules / JOULES_PER_KWH,
         "joules": joules,
         "co2_grams": co2,
         "measurement": first.charge.measurement,
         "device": first.charge.device,
-        "uncertainty_kwh": sum(o.charge.uncertainty_joules for o in outcomes) / JOULES_PER_KWH,
-        "carbon_intensity_g_per_kwh": carbon[0].intensity_g_per_kwh if carbon else 0.0,
-        "pue": carbon[0].pue if carbon else 1.0,
-        "idle_joules": sum(o.charge.idle_joules for o in outcomes),
-        "embodied_co2_grams": embodied if carbon and embodied else None,
-        "carbon_source": carbon[0].source if carbon else None,
+        "uncertainty_kwh": uncertainty_j / JOULES_PER_KWH,
+        "carbon_intensity_g_per_kwh": c.intensity_g_per_kwh if c is not None else 0.0,
+        "pue": c.pue if c is not None else 1.0,
+        "idle_joules": idle_j,
+        "embodied_co2_grams": embodied if c is not None and embodied else None,
+        "carbon_source": c.source if c is not None else None,
     }
 
 

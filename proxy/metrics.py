@@ -243,7 +243,7 @@ class _Shared:
 
 
 class _Histo:
-    """A Histogram child's parts, for `_bump` under the shared lock."""
+    """A Histogram child's parts, for updates made directly under the shared lock."""
 
     __slots__ = ("bounds", "buckets", "sum")
 
@@ -263,7 +263,7 @@ class _RequestChildren:
     prompt_tokens: Any
     completion_tokens: Any
     images: Any
-    shared: bool = False  # every value above is a MutexValue on `Metrics._lock` (see `_Shared`)
+    # set when every value above is a MutexValue on `Metrics._lock` (see `_Shared`), else None
     h_energy: _Histo | None = None
     h_co2: _Histo | None = None
     h_queue_wait: _Histo | None = None
@@ -365,7 +365,6 @@ class Metrics:
         if _Shared.usable(c.all()):
             with self._lock:  # a value shared with a request being recorded keeps this same lock
                 _Shared.share(self._lock, c.all())
-            c.shared = True
             c.h_energy, c.h_co2 = _Histo(c.energy), _Histo(c.co2)
             c.h_queue_wait, c.h_duration = _Histo(c.queue_wait), _Histo(c.duration)
         self._children[(r.model, r.task, r.user, r.status)] = c
@@ -379,13 +378,15 @@ class Metrics:
             children = self._request_children(r)
         batch = None
         if batch_size is not None:
-            batch = self._batch_children.get(r.model)
-            if batch is None:  # its first batch: made (or not shareable) there
+            histo = self._batch_children.get(r.model)
+            if histo is None:  # the model's first batch (or children that cannot share the lock)
                 self.observe_batch(r.model, batch_size)
-        if children.shared and self._observe_shared(children, r, batch, batch_size):
+            else:
+                batch = (histo, batch_size)
+        if children.h_energy is not None and self._observe_shared(children, r, batch):
             return
-        if batch is not None and batch_size is not None:
-            self.observe_batch(r.model, batch_size)
+        if batch is not None:
+            self.observe_batch(r.model, batch[1])
         children.requests.inc()
         _observe(children.energy, r.energy_kwh, r.request_id)
         if r.co2_grams is not None:
@@ -399,11 +400,11 @@ class Metrics:
             children.images.inc(r.images)
 
     def _observe_shared(
-        self, c: _RequestChildren, r: RequestStats, batch: _Histo | None = None, batch_size: int | None = None
+        self, c: _RequestChildren, r: RequestStats, batch: tuple[_Histo, int] | None = None
     ) -> bool:
-        """`observe_request`'s updates (and the batch's, with `batch`), made directly on the values under
-        their one shared lock; False (nothing done) for what only prometheus_client's checks handle
-        (NaN, a long request id)."""
+        """`observe_request`'s updates (and a batch's size into its histogram, if given), made directly
+        on the values under their one shared lock; False (nothing done) for what only prometheus_client's
+        checks handle (NaN, a long request id)."""
         kwh, co2, wait_s, duration_s = r.energy_kwh, r.co2_grams, r.queue_wait_s, r.duration_s
         if (
             kwh != kwh
@@ -417,9 +418,10 @@ class Metrics:
         assert he is not None and hq is not None and hd is not None and c.h_co2 is not None
         exemplar = Exemplar({"request_id": r.request_id}, kwh, time.time())
         with self._lock:
-            if batch is not None and batch_size is not None:
-                batch.buckets[bisect_left(batch.bounds, batch_size)]._value += 1.0
-                batch.sum._value += batch_size
+            if batch is not None:
+                hb, size = batch
+                hb.buckets[bisect_left(hb.bounds, size)]._value += 1.0
+                hb.sum._value += size
             c.requests._value._value += 1.0
             bucket = he.buckets[bisect_left(he.bounds, kwh)]
             bucket._value += 1.0
