@@ -7,9 +7,12 @@ energy around `run()` and splits it by the `work_units` each result reports.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
 
 Task = Literal["text", "image"]
 
@@ -31,7 +34,9 @@ class TextRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    # Called from the worker thread with each new piece of text as it is generated (streaming).
+    # Called from the worker thread with each new piece of text as it is generated (streaming). Where
+    # it has a `flush` method, the backend calls that after every decoding step and once the batch
+    # ends (`flush_steps`): the consumer may hold a step's pieces and pass them on together.
     on_text: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
     # The prompt's token ids, where the server already tokenized it with this model's tokenizer to
     # check its length (`prompt_ids` of the backend): `run` then does not tokenize it a second time.
@@ -68,6 +73,27 @@ class ImageResult:
 
 BackendRequest = TextRequest | ImageRequest
 BackendResult = TextResult | ImageResult
+
+
+def step_flushes(batch: Sequence[BackendRequest]) -> tuple[Callable[[], None], ...]:
+    """The distinct `flush` methods of the batch's streamed members' `on_text` consumers (TextRequest).
+    Members streamed to one consumer share its method: it is called once a step, not once a member."""
+    flushes: list[Callable[[], None]] = []
+    for request in batch:
+        flush = getattr(getattr(request, "on_text", None), "flush", None)
+        if flush is not None and flush not in flushes:
+            flushes.append(flush)
+    return tuple(flushes)
+
+
+def flush_steps(flushes: Sequence[Callable[[], None]]) -> None:
+    """Call each of `flushes` (a step ended, or the batch did). One that fails is logged: a broken
+    consumer must not fail the batch its members are in."""
+    for flush in flushes:
+        try:
+            flush()
+        except Exception:
+            log.warning("a stream's flush failed", exc_info=True)
 
 
 @runtime_checkable

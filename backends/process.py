@@ -9,7 +9,8 @@ child process with an interpreter of its own; the worker thread sends it each ba
 The parent keeps a *front* that answers what the server asks before a batch (the prompt's tokens,
 the context size, batch keys) without the weights. Nothing else changes: the worker thread still
 reads the meter around the job (it brackets the round trip to the child), and a streamed member's
-pieces come back as messages, handed to its `on_text` on the worker thread, as in-process.
+pieces come back as messages (one a decoding step for all its streamed members), handed to their
+`on_text` on the worker thread, as in-process.
 
 CPU-time estimates must count the child's CPU: each answer carries the child's process CPU time,
 and `cpu_seconds` (this process's CPU plus every child's last report) is the estimated meter's clock
@@ -38,7 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from backends.base import BackendRequest, BackendResult, Task, TextRequest
+from backends.base import BackendRequest, BackendResult, Task, TextRequest, flush_steps, step_flushes
 
 log = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `backends` is importable from
@@ -91,15 +92,18 @@ def _child_main(
     try:
         while (message := conn.recv()) is not None:
             requests, streamed = message
+            sender = _StepSender(conn)
             batch = [
-                replace(r, on_text=_sender(conn, i)) if i in streamed else r for i, r in enumerate(requests)
+                replace(r, on_text=sender.member(i)) if i in streamed else r for i, r in enumerate(requests)
             ]
             try:
                 results = backend.run(batch)
                 backend.synchronize()
             except Exception as e:
+                sender.flush()
                 conn.send(("error", _sendable(e), time.process_time()))
             else:
+                sender.flush()
                 conn.send(("done", results, time.process_time()))
     except (EOFError, OSError):  # the server is gone (it closed the pipe, or exited)
         pass
@@ -107,11 +111,34 @@ def _child_main(
         backend.close()
 
 
-def _sender(conn: Connection, index: int) -> Callable[[str], None]:
-    def send(piece: str) -> None:
-        conn.send(("piece", (index, piece), None))
+class _StepSender:
+    """The streamed members' pieces of one batch, sent to the server a decoding step at a time: one
+    message a step for all its members (the backend calls `flush` after each step) rather than one a
+    piece."""
 
-    return send
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._held: list[tuple[int, str]] = []
+
+    def member(self, index: int) -> _MemberSink:
+        return _MemberSink(self._held, index, self.flush)
+
+    def flush(self) -> None:
+        if self._held:
+            self._conn.send(("pieces", self._held, None))
+            self._held.clear()
+
+
+class _MemberSink:
+    """A streamed member's `on_text` in the model process (_StepSender)."""
+
+    __slots__ = ("_held", "_index", "flush")
+
+    def __init__(self, held: list[tuple[int, str]], index: int, flush: Callable[[], None]) -> None:
+        self._held, self._index, self.flush = held, index, flush
+
+    def __call__(self, piece: str) -> None:
+        self._held.append((self._index, piece))
 
 
 def _sendable(e: BaseException) -> BaseException:
@@ -182,6 +209,7 @@ class ProcessBackend:
             i: r.on_text for i, r in enumerate(batch) if isinstance(r, TextRequest) and r.on_text is not None
         }
         streamed = set(consumers)
+        flushes = step_flushes(batch)
         sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(batch)]
         with self._lock:
             if self._process is not None and self._process.poll() is not None:
@@ -196,9 +224,11 @@ class ProcessBackend:
             assert conn is not None
             try:
                 conn.send((sent, streamed))
-                while (answer := conn.recv())[0] == "piece":
-                    index, piece = answer[1]
-                    consumers[index] = _deliver(consumers[index], piece)
+                while (answer := conn.recv())[0] == "pieces":  # a step's pieces
+                    for index, piece in answer[1]:
+                        consumers[index] = _deliver(consumers[index], piece)
+                    if flushes:
+                        flush_steps(flushes)
             except (EOFError, OSError) as e:  # the pipe: the model process is gone
                 code = self._stop()
                 raise RuntimeError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,15 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from backends import release_device_memory, synchronize_device, torch_dtype
-from backends.base import BackendRequest, BackendResult, Task, TextRequest, TextResult
+from backends.base import (
+    BackendRequest,
+    BackendResult,
+    Task,
+    TextRequest,
+    TextResult,
+    flush_steps,
+    step_flushes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +179,13 @@ class _BatchStream(BaseStreamer):
     `max_tokens` and never costs the batch an extra step.
     """
 
-    def __init__(self, rows: list[_Row], prompt_width: int) -> None:
+    def __init__(
+        self, rows: list[_Row], prompt_width: int, flushes: tuple[Callable[[], None], ...] = ()
+    ) -> None:
         self.rows = rows
+        self._flushes = (
+            flushes  # the streamed members' consumers', called after every step (base.TextRequest)
+        )
         self._prompt_width = prompt_width
         self._puts = 0
         self._steps = 0  # steps consumed
@@ -186,6 +199,8 @@ class _BatchStream(BaseStreamer):
     def end(self) -> None:
         for row in self.rows:
             row.finish_if_running()
+        if self._flushes:
+            flush_steps(self._flushes)
 
     def observe(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The stopping criterion's side: take the step from `input_ids`; which rows are done."""
@@ -198,6 +213,8 @@ class _BatchStream(BaseStreamer):
         self._steps = step
         for row, token in zip(self.rows, tokens, strict=True):
             row.push(token)
+        if self._flushes:
+            flush_steps(self._flushes)
 
 
 class _RowsFinished(StoppingCriteria):
@@ -348,7 +365,7 @@ class TransformersTextBackend:
                 input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
                 attention_mask[i, width - len(prompt) :] = 1
             rows = [_Row(request, tokenizer, self._eos_ids) for request in requests]
-            stream = _BatchStream(rows, prompt_width=width)
+            stream = _BatchStream(rows, prompt_width=width, flushes=step_flushes(requests))
             first = requests[0]
             sampled = first.temperature >= GREEDY_BELOW
             config = GenerationConfig(

@@ -50,7 +50,7 @@ from proxy.protocol import (
     StreamOptions,
     Usage,
 )
-from proxy.scheduler import ModelQueue, NotRecorded, Outcome, QueueFull, RequestTag, WorkItem
+from proxy.scheduler import ModelQueue, NotRecorded, Outcome, PieceSink, QueueFull, RequestTag, WorkItem
 from proxy.state import (
     BUDGETS,
     METRICS,
@@ -437,17 +437,6 @@ def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> TextRequ
     return req
 
 
-class _Streamer:
-    """Feeds text pieces from the worker thread into an asyncio queue, in order."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def __call__(self, piece: str) -> None:
-        self.loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
-
-
 async def _sse(resp: web.StreamResponse, payload: BaseModel | dict[str, Any] | str | bytes) -> None:
     """Send one server-sent event (`payload` as its data: a model or dict as JSON, text or bytes as
     they are)."""
@@ -516,7 +505,7 @@ async def _stream_text(
     request: web.Request,
     queue: ModelQueue,
     items: Sequence[WorkItem],
-    streamers: Sequence[_Streamer],
+    streamers: Sequence[PieceSink],
     make_chunk: Any,
     include_usage: bool,
 ) -> web.StreamResponse:
@@ -611,7 +600,8 @@ async def _stream_members(
 ) -> web.StreamResponse:
     """Queue a text request's members with a streamer each and answer them as server-sent events."""
     assert served.queue is not None
-    streamers = [_Streamer() for _ in bases]
+    assert served.queue.step_pieces is not None
+    streamers = [served.queue.step_pieces.sink() for _ in bases]
     items = _submit_all(served.queue, bases, request, served, streamers)
     include_usage = bool(stream_options and stream_options.include_usage)
     maker = chunks(request[REQUEST_ID], served.settings.name, len(bases))
@@ -656,7 +646,7 @@ async def _chat_completions(
     return await _answer_members(request, served, bases, chat_completion_json)
 
 
-def _with_stream(base: TextRequest, streamer: _Streamer) -> TextRequest:
+def _with_stream(base: TextRequest, streamer: PieceSink) -> TextRequest:
     return replace(base, on_text=streamer)
 
 
@@ -665,7 +655,7 @@ def _submit_all(
     reqs: Sequence[TextRequest],
     request: web.Request,
     served: ServedModel,
-    streamers: Sequence[_Streamer] | None = None,
+    streamers: Sequence[PieceSink] | None = None,
 ) -> list[WorkItem]:
     """Queue every member of one HTTP request, or none of them (all-or-nothing on 429)."""
     items: list[WorkItem] = []

@@ -7,8 +7,11 @@ the last `max_wait_ms` has been followed by an arrival: then no batch-mate is on
 client, say, that sends its next request once answered) and the batch starts at once. The batch runs
 as one *job* on the device's single worker thread, bracketed by the device monitor's meter reads
 after synchronization.
-While a job runs, the queue fills, so batches grow with load. A request whose client leaves while it
-is queued is dropped and never runs; one whose batch has started is charged (the device did the work).
+While a job runs, the queue fills, so batches grow with load; a full batch that is waiting then is
+handed to the device at once, to start as soon as the running job ends (a partial one stays in the
+queue, where later arrivals can join it). A request whose client leaves while it is queued is dropped
+and never runs; one whose batch has been handed to the device is charged (the device does the work).
+A streamed member's text pieces reach the event loop a decoding step at a time (`StepPieces`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from backends.base import Backend, BackendRequest, BackendResult
+from backends.base import Backend, BackendRequest, BackendResult, flush_steps, step_flushes
 from proxy.carbon import CarbonCharge
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
 
@@ -73,6 +76,53 @@ class WorkItem:
     state: Literal["queued", "dropped", "running", "done"] = "queued"
 
 
+class StepPieces:
+    """Streamed text pieces on their way from a device's thread to the event loop, a decoding step at a
+    time. Each streamed member's `on_text` is a `sink` of its model's StepPieces: it holds the piece,
+    and the backend calls `flush` after every step (backends.base.TextRequest), which hands the step's
+    pieces of all the batch's streamed members to their queues in one call on the loop: one wake-up of
+    the loop a step, not one a piece. The device's worker flushes once more when a job ends, before it
+    hands the job back, so every piece reaches its queue before the end of its text (None)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()  # the device's thread adds and flushes; a lock in case of two
+        self._held: list[tuple[asyncio.Queue[str | None], str]] = []
+
+    def sink(self) -> PieceSink:
+        return PieceSink(self)
+
+    def add(self, pieces: asyncio.Queue[str | None], piece: str) -> None:
+        with self._lock:
+            self._held.append((pieces, piece))
+
+    def flush(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        if held:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
+                self._loop.call_soon_threadsafe(_hand_over, held)
+
+
+def _hand_over(held: list[tuple[asyncio.Queue[str | None], str]]) -> None:
+    for pieces, piece in held:
+        pieces.put_nowait(piece)
+
+
+class PieceSink:
+    """A streamed member's `on_text` (StepPieces): its pieces go to `pieces`, on the event loop."""
+
+    __slots__ = ("_add", "flush", "pieces")
+
+    def __init__(self, step_pieces: StepPieces) -> None:
+        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        self._add = step_pieces.add
+        self.flush = step_pieces.flush
+
+    def __call__(self, piece: str) -> None:
+        self._add(self.pieces, piece)
+
+
 class NotRecorded(Exception):
     """The ledger could not commit a finished batch: its requests must not be answered as successes."""
 
@@ -105,15 +155,19 @@ class DeviceWorker:
 
     async def run(self, backend: Backend, items: Sequence[WorkItem]) -> JobResult:
         """`run_job` in the device's thread, jobs in the order they are given."""
+        return await self.submit(backend, items)
+
+    def submit(self, backend: Backend, items: Sequence[WorkItem]) -> asyncio.Future[JobResult]:
+        """Queue `run_job` for the device's thread (after the jobs queued before it); its result comes
+        on the returned future."""
         if self._closed:
             raise RuntimeError(f"the worker of device {self.device} is closed")
         if self._thread is None:
             self._thread = threading.Thread(target=self._main, name=f"device-{self.device}", daemon=True)
             self._thread.start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[JobResult] = loop.create_future()
-        self._jobs.put((loop, future, backend, items))
-        return await future
+        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        self._jobs.put((future.get_loop(), future, backend, items))
+        return future
 
     def _main(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -133,14 +187,17 @@ class DeviceWorker:
         t0 = time.perf_counter()
         results: list[BackendResult] | None = None
         error: BaseException | None = None
+        requests = [it.request for it in items]
         try:
-            results = backend.run([it.request for it in items])
+            results = backend.run(requests)
             backend.synchronize()
             if len(results) != len(items):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(items)} requests")
         except Exception as e:
             error, results = e, None
         run_s = time.perf_counter() - t0
+        if flushes := step_flushes(requests):
+            flush_steps(flushes)  # pieces still held go to the loop before the job's end does
         units = [r.work_units for r in results] if results is not None else [0.0] * len(items)
         self.monitor.end(handle, [(it.tag, w) for it, w in zip(items, units, strict=True)])
         return results, error, handle, run_s
@@ -189,6 +246,7 @@ class ModelQueue:
     _answered_s: float = -math.inf
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
+    step_pieces: StepPieces | None = None  # made by `start`, on the serving loop
     _finishers: set[asyncio.Task[None]] = field(default_factory=set)
 
     def depth(self) -> int:
@@ -225,6 +283,7 @@ class ModelQueue:
         return True
 
     def start(self) -> None:
+        self.step_pieces = StepPieces(asyncio.get_running_loop())
         self._task = asyncio.create_task(self._batcher(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
@@ -249,7 +308,16 @@ class ModelQueue:
             return False
         return self._returning == 0
 
-    async def _batcher(self) -> None:
+    def _full_batch(self) -> list[WorkItem] | None:
+        """A full batch of queued items (the oldest item's key), if one is waiting."""
+        if len(self.items) < self.max_batch_size:
+            return None
+        batch = [it for it in self._compatible(self.items[0].key) if it.state == "queued"]
+        return batch if len(batch) == self.max_batch_size else None
+
+    async def _next_batch(self) -> list[WorkItem]:
+        """Wait for the next batch: the oldest item and its compatible items, waiting for batch-mates
+        as the module says."""
         while True:
             while not self.items:
                 self._arrived.clear()
@@ -269,29 +337,61 @@ class ModelQueue:
                     break
                 batch = self._compatible(first.key)
             batch = [it for it in self._compatible(first.key) if it.state == "queued"] if self.items else []
-            if not batch:
-                continue
-            for it in batch:
-                self.items.remove(it)
-                it.state = "running"
-            self.running += 1
-            try:
-                results, error, handle, run_s = await self.device.run(self.backend, batch)
-            except BaseException:
+            if batch:
+                return batch
+
+    def _dispatch(self, batch: list[WorkItem]) -> asyncio.Future[JobResult]:
+        for it in batch:
+            self.items.remove(it)
+            it.state = "running"
+        self.running += 1
+        return self.device.submit(self.backend, batch)
+
+    async def _batcher(self) -> None:
+        # Jobs handed to the device and not yet finished, oldest first: the one running and at most one
+        # full batch queued behind it, which the device's thread starts as soon as the running one ends
+        # (no round trip through the event loop in between). Only a full batch is queued ahead: a
+        # partial one waits, as it would have, for the running job to end and more requests to arrive.
+        in_flight: deque[tuple[list[WorkItem], asyncio.Future[JobResult]]] = deque()
+        try:
+            while True:
+                if not in_flight:
+                    batch = await self._next_batch()
+                    in_flight.append((batch, self._dispatch(batch)))
+                if len(in_flight) < 2 and (ahead := self._full_batch()) is not None:
+                    in_flight.append((ahead, self._dispatch(ahead)))
+                batch, job = in_flight[0]
+                try:
+                    results, error, handle, run_s = await job
+                except BaseException:
+                    self.running -= len(in_flight)
+                    raise
+                in_flight.popleft()
                 self.running -= 1
-                raise
-            self.running -= 1
-            self.batch_seconds_ewma = (
-                run_s if not self.batch_seconds_ewma else 0.8 * self.batch_seconds_ewma + 0.2 * run_s
-            )
-            for it in batch:
-                if it.pieces is not None:
-                    it.pieces.put_nowait(None)
-            if error is not None:
-                log.error("batch of %d on model %s failed: %r", len(batch), self.name, error)
-            finisher = asyncio.create_task(self._finish(batch, results, error, handle, run_s))
-            self._finishers.add(finisher)
-            finisher.add_done_callback(self._finishers.discard)
+                self._ended(batch, results, error, handle, run_s)
+        finally:
+            for _, job in in_flight:
+                job.cancel()
+
+    def _ended(
+        self,
+        batch: list[WorkItem],
+        results: list[BackendResult] | None,
+        error: BaseException | None,
+        handle: JobHandle,
+        run_s: float,
+    ) -> None:
+        self.batch_seconds_ewma = (
+            run_s if not self.batch_seconds_ewma else 0.8 * self.batch_seconds_ewma + 0.2 * run_s
+        )
+        for it in batch:
+            if it.pieces is not None:
+                it.pieces.put_nowait(None)
+        if error is not None:
+            log.error("batch of %d on model %s failed: %r", len(batch), self.name, error)
+        finisher = asyncio.create_task(self._finish(batch, results, error, handle, run_s))
+        self._finishers.add(finisher)
+        finisher.add_done_callback(self._finishers.discard)
 
     async def _finish(
         self,

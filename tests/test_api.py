@@ -8,7 +8,10 @@ import io
 import json
 import threading
 import time
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 
 import openai
 import pytest
@@ -16,8 +19,12 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from backends import load_backend
+from backends.base import Backend, BackendRequest, BackendResult, TextRequest
+from backends.tiny import ensure_model
 from proxy.config import ModelSettings
-from proxy.state import SCHEDULER
+from proxy.scheduler import PieceSink
+from proxy.state import LEDGER, SCHEDULER
 from tests.conftest import LiveServer
 
 
@@ -294,6 +301,149 @@ def test_concurrent_requests_are_batched(server: LiveServer) -> None:
     batches = sum(v for labels, v in counts if labels["model"] == "tiny-gpt2")
     assert total == 8
     assert batches == 2  # one request was already running when the other seven queued up
+
+
+class HeldBackend:
+    """Test-only: the wrapped model's batches each wait in `run` until the test releases them."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name, self.task, self.device = inner.name, inner.task, inner.device
+        self.sizes: list[int] = []  # each batch's size, in the order the device started them
+        self.holds: list[threading.Event] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def batch_key(self, request: BackendRequest) -> Hashable:
+        return self.inner.batch_key(request)
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        hold = threading.Event()
+        self.sizes.append(len(batch))
+        self.holds.append(hold)
+        assert hold.wait(60), "the test did not release the batch"
+        return self.inner.run(batch)
+
+    def synchronize(self) -> None:
+        self.inner.synchronize()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+def test_a_full_batch_waits_on_the_device_behind_the_running_one(make_server, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    """While a batch runs, a full batch that is waiting is handed to the device at once, to start as
+    soon as the running one ends (no round trip through the event loop in between); a partial one
+    stays in the queue, where later arrivals can still join it."""
+    held = HeldBackend(load_backend("text", "tiny-gpt2", ensure_model("tiny-gpt2", model_cache / "models")))
+    models = [ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_batch_size=2)]
+    server = make_server(models=models, app_kwargs={"backends": {"tiny-gpt2": held}})
+    queue = server.app[SCHEDULER].queues["tiny-gpt2"]  # type: ignore[index]
+    c = client(server)
+    with ThreadPoolExecutor(6) as pool:
+        answers = [pool.submit(_chat, c, 0)]
+        _until(lambda: len(held.holds) == 1, "the first batch runs")
+        answers += [pool.submit(_chat, c, i) for i in range(1, 6)]
+        _until(lambda: queue.depth() == 5, "five more requests are queued")
+        assert queue.running == 1
+        held.holds[0].set()
+        # The batcher takes the next batch of two, and hands the full one after it to the device too;
+        # the fifth request waits in the queue.
+        _until(lambda: len(held.holds) == 2, "the second batch runs")
+        _until(lambda: queue.running == 2, "the third batch waits on the device")
+        assert queue.depth() == 1
+        assert held.sizes == [1, 2]  # the third has not started: the second still runs
+        held.holds[1].set()
+        _until(lambda: len(held.holds) == 3, "the third batch runs")
+        assert held.sizes == [1, 2, 2]
+        held.holds[2].set()
+        _until(lambda: len(held.holds) == 4, "the last request runs")
+        held.holds[3].set()
+        [a.result(timeout=60) for a in answers]
+    assert held.sizes == [1, 2, 2, 1]
+    assert queue.running == 0
+    records = server.call(server.app[LEDGER].records())  # type: ignore[index]
+    assert len(records) == 6 and all(r.status == "ok" and r.joules > 0 for r in records)
+    counts = metric_samples(server, "wattproxy_batch_size_count")
+    assert sum(v for _, v in counts) == 4
+
+
+class _PauseAfterFirstPieces:
+    """Test-only `on_text` wrapper: once the first pieces have been flushed on their way to the client,
+    generation waits (in the device's thread) until the test has seen them arrive."""
+
+    def __init__(self, inner: PieceSink, seen: threading.Event) -> None:
+        self.inner, self.seen, self.pieces, self.paused = inner, seen, 0, False
+        self.paused_after = 0  # pieces handed out when generation paused
+
+    def __call__(self, piece: str) -> None:
+        self.pieces += 1
+        self.inner(piece)
+
+    def flush(self) -> None:
+        self.inner.flush()
+        if self.pieces and not self.paused:
+            self.paused, self.paused_after = True, self.pieces
+            assert self.seen.wait(30), "the first pieces did not reach the client before the batch ended"
+
+
+class PausingBackend(HeldBackend):
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.seen = threading.Event()
+        self.finished = threading.Event()
+        self.consumers: list[object] = []
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        paused = [
+            replace(r, on_text=_PauseAfterFirstPieces(r.on_text, self.seen))  # type: ignore[arg-type]
+            if isinstance(r, TextRequest) and r.on_text is not None
+            else r
+            for r in batch
+        ]
+        self.consumers = [r.on_text for r in paused if isinstance(r, TextRequest) and r.on_text is not None]
+        results = self.inner.run(paused)
+        self.finished.set()
+        return results
+
+
+def test_a_streamed_piece_reaches_the_client_while_its_batch_still_runs(
+    make_server, model_cache: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A step's pieces go to the event loop when the step ends (StepPieces), not when the batch does."""
+    pausing = PausingBackend(
+        load_backend("text", "tiny-gpt2", ensure_model("tiny-gpt2", model_cache / "models"))
+    )
+    models = [ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2")]
+    server = make_server(models=models, app_kwargs={"backends": {"tiny-gpt2": pausing}})
+    c = client(server)
+    messages = [{"role": "user", "content": "Count with me"}]
+    text = ""
+    stream = c.chat.completions.create(
+        model="tiny-gpt2", messages=messages, max_tokens=12, temperature=0, stream=True
+    )
+    for chunk in stream:
+        content = chunk.choices[0].delta.content if chunk.choices else None
+        if content and not pausing.seen.is_set():
+            assert not pausing.finished.is_set()  # the model is still generating this request's text
+            pausing.seen.set()
+        text += content or ""
+    assert pausing.seen.is_set() and pausing.finished.is_set()
+    (consumer,) = pausing.consumers
+    assert consumer.paused_after == 1  # type: ignore[union-attr]  # flushed after the step of its first piece
+    plain = c.chat.completions.create(model="tiny-gpt2", messages=messages, max_tokens=12, temperature=0)
+    assert text == plain.choices[0].message.content
 
 
 def _waiting_model(max_wait_ms: float) -> list[ModelSettings]:

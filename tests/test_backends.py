@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -182,6 +182,56 @@ def test_streamed_pieces_concatenate_to_the_text(text: TransformersTextBackend) 
         assert len(streamed) > 1 and all(streamed)
         assert "".join(streamed) == result.text
     assert [r.completion_tokens for r in results] == [16, 7]
+
+
+class StepLog:
+    """One consumer of several streamed members, with a `flush` of its own (backends.base.TextRequest):
+    `steps` holds what arrived between flushes, (member, piece) pairs."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[int, str]]] = [[]]
+
+    def member(self, index: int) -> _StepMember:
+        return _StepMember(self, index)
+
+    def flush(self) -> None:
+        self.steps.append([])
+
+    def text(self, index: int) -> str:
+        return "".join(piece for step in self.steps for i, piece in step if i == index)
+
+
+class _StepMember:
+    def __init__(self, log: StepLog, index: int) -> None:
+        self.log, self.index, self.flush = log, index, log.flush
+
+    def __call__(self, piece: str) -> None:
+        self.log.steps[-1].append((self.index, piece))
+
+
+def check_step_log(log: StepLog, results: Sequence[TextResult], members: int) -> None:
+    """Each member's pieces make its text; a flush came after every step that handed out pieces (no
+    step holds two pieces of a member) and after the last piece; the pieces went out over many steps."""
+    for i in range(members):
+        assert log.text(i) == results[i].text
+    for step in log.steps:
+        assert len({i for i, _ in step}) == len(step)
+    assert log.steps[-1] == []
+    assert sum(1 for step in log.steps if step) > 2
+
+
+def test_a_streaming_consumer_is_flushed_after_every_step(text: TransformersTextBackend) -> None:
+    log = StepLog()
+    requests = [
+        TextRequest(prompt="Hello", max_tokens=12, temperature=0, on_text=log.member(0)),
+        TextRequest(prompt="Numbers: 0 1 2", max_tokens=5, temperature=0, on_text=log.member(1)),
+        TextRequest(prompt="Not streamed", max_tokens=8, temperature=0),
+    ]
+    results = _text(text, *requests)
+    check_step_log(log, results, members=2)
+    # one flush a step for the two members together, not one each: 12 steps, and at the end (from
+    # `generate`'s call to the streamer's `end` and the backend's own)
+    assert len(log.steps) - 1 <= 12 + 2
 
 
 def test_stop_string_truncates_text_and_stream(text: TransformersTextBackend) -> None:

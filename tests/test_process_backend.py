@@ -22,6 +22,7 @@ from backends.tiny import ensure_model
 from proxy.config import ModelSettings
 from proxy.state import MONITORS, SERVICE
 from tests.conftest import LiveServer
+from tests.test_backends import StepLog, check_step_log
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,24 @@ def test_text_in_its_own_process_answers_as_in_process(text_pair: tuple[ProcessB
     assert own_streams == here_streams and all(len(s) > 1 for s in own_streams)
     for streamed, result in zip(own_streams, own_results[1:], strict=True):
         assert isinstance(result, TextResult) and "".join(streamed) == result.text
+
+
+def test_streamed_pieces_cross_over_a_step_at_a_time(text_pair: tuple[ProcessBackend, object]) -> None:
+    """The model process sends a step's pieces of every streamed member in one message; here each
+    message is handed out, then the consumers flushed, as in-process."""
+    own, here = text_pair
+    own_log, here_log = StepLog(), StepLog()
+
+    def batch(log: StepLog) -> list[TextRequest]:
+        return [
+            TextRequest(prompt="Once upon", max_tokens=12, temperature=0, on_text=log.member(0)),
+            TextRequest(prompt="Numbers", max_tokens=5, temperature=0, on_text=log.member(1)),
+        ]
+
+    results = own.run(batch(own_log))
+    assert results == here.run(batch(here_log))  # type: ignore[attr-defined]
+    check_step_log(own_log, results, members=2)  # type: ignore[arg-type]
+    assert [step for step in own_log.steps if step] == [step for step in here_log.steps if step]
 
 
 def test_a_broken_stream_consumer_stops_only_its_own_stream(text_pair: tuple[ProcessBackend, object]) -> None:
