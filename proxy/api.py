@@ -542,9 +542,24 @@ async def _stream_text(
     return resp
 
 
+# A JSON string, as pydantic writes one (non-ASCII characters as they are): C code, 0.3 µs.
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
 class _ChatChunks:
+    """A stream's chunks. A piece's chunk (one a token: the stream's hot path) is put together from a
+    head made once a stream (0.6 µs, against 3.9 for pydantic's model and its JSON); the rest are
+    pydantic's. A test holds the two to the same JSON."""
+
     def __init__(self, rid: str, model: str, n: int) -> None:
         self.id, self.model, self.n, self.created = f"chatcmpl-{rid}", model, n, int(time.time())
+        self._head = self._piece_head("chat.completion.chunk")
+
+    def _piece_head(self, kind: str) -> str:
+        return (
+            f'{{"id":{_json_string(self.id)},"object":"{kind}","created":{self.created},'
+            f'"model":{_json_string(self.model)},"choices":[{{"index":'
+        )
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -557,8 +572,8 @@ class _ChatChunks:
                 resp, self._chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
             )
 
-    def piece(self, index: int, text: str) -> ChatCompletionChunk:
-        return self._chunk([ChunkChoice(index=index, delta=ChunkDelta(content=text))])
+    def piece(self, index: int, text: str) -> bytes:
+        return f'{self._head}{index},"delta":{{"content":{_json_string(text)}}}}}]}}'.encode()
 
     def finish(self, index: int, reason: str) -> ChatCompletionChunk:
         return self._chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason)])  # type: ignore[arg-type]
@@ -573,12 +588,14 @@ class _CompletionChunks(_ChatChunks):
     def __init__(self, rid: str, model: str, n: int) -> None:
         super().__init__(rid, model, n)
         self.id = f"cmpl-{rid}"
+        self._head = self._piece_head("text_completion")
 
     async def start(self, resp: web.StreamResponse) -> None:
         return None
 
-    def piece(self, index: int, text: str) -> dict[str, Any]:  # type: ignore[override]
-        return self._completion([CompletionChoice(index=index, text=text, finish_reason=None)])
+    def piece(self, index: int, text: str) -> bytes:
+        text_json = _json_string(text)
+        return f'{self._head}{index},"text":{text_json},"finish_reason":null,"logprobs":null}}]}}'.encode()
 
     def finish(self, index: int, reason: str) -> dict[str, Any]:  # type: ignore[override]
         return self._completion([CompletionChoice(index=index, text="", finish_reason=reason)])  # type: ignore[arg-type]

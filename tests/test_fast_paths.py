@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from backends.base import TextRequest, TextResult
 from proxy.api import (
+    _ChatChunks,
+    _CompletionChunks,
     _energy_fields,
     _json,
     _json_answer,
@@ -35,7 +37,15 @@ from proxy.carbon import CarbonCharge
 from proxy.energy.monitor import Charge
 from proxy.errors import InvalidRequest
 from proxy.ledger import _day, _utc
-from proxy.protocol import ChatChoice, ChatCompletion, ChatMessageOut, Completion, CompletionChoice
+from proxy.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatMessageOut,
+    ChunkChoice,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+)
 from proxy.scheduler import Outcome, RequestTag
 
 REQUEST = TextRequest(prompt="hi", max_tokens=4)
@@ -441,3 +451,24 @@ def test_a_stream_event_that_is_not_json_inspects_as_none() -> None:
 
     assert _inspect_event(b"<html>hello</html>") is None
     assert _inspect_event(b"\xff\xfe") is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(max_size=40),
+    index=st.integers(0, 127),
+    rid=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12),
+    model=st.text(min_size=1, max_size=20),
+)
+@example(text='é"\\\n\x01 ☃ 𝄞 </script>', index=0, rid="x", model='tiny"gpt2')
+def test_a_streamed_pieces_chunk_is_the_json_pydantic_writes(
+    text: str, index: int, rid: str, model: str
+) -> None:
+    """A piece's chunk is put together from a template (the stream's hot path); the other chunks,
+    and the reference here, are pydantic's."""
+    chat = _ChatChunks(rid, model, 1)
+    reference = chat._chunk([ChunkChoice(index=index, delta=ChunkDelta(content=text))])
+    assert json.loads(chat.piece(index, text)) == reference.model_dump(mode="json", exclude_none=True)
+    completion = _CompletionChunks(rid, model, 1)
+    expected = completion._completion([CompletionChoice(index=index, text=text, finish_reason=None)])
+    assert json.loads(completion.piece(index, text)) == expected
