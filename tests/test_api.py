@@ -379,6 +379,46 @@ def test_a_full_batch_waits_on_the_device_behind_the_running_one(make_server, mo
     assert sum(v for _, v in counts) == 4
 
 
+def test_a_client_that_leaves_while_its_batch_waits_on_the_device_is_charged(
+    make_server, model_cache: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A batch handed to the device behind the running one runs even if a client leaves meanwhile:
+    that member is charged and recorded as cancelled, as in a running batch."""
+    held = HeldBackend(load_backend("text", "tiny-gpt2", ensure_model("tiny-gpt2", model_cache / "models")))
+    models = [ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_batch_size=2)]
+    server = make_server(models=models, app_kwargs={"backends": {"tiny-gpt2": held}})
+    queue = server.app[SCHEDULER].queues["tiny-gpt2"]  # type: ignore[index]
+    c = client(server)
+    body = {
+        "model": "tiny-gpt2",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 2,
+        "temperature": 0,
+    }
+    with ThreadPoolExecutor(5) as pool:
+        answers = [pool.submit(_chat, c, 0)]
+        _until(lambda: len(held.holds) == 1, "the first batch runs")
+        answers += [pool.submit(_chat, c, i) for i in (1, 2)]
+        _until(lambda: queue.depth() == 2, "the second batch's requests are queued")
+        answers.append(pool.submit(_chat, c, 3))
+        _until(lambda: queue.depth() == 3, "the third batch's first request is queued")
+        leaving = pool.submit(requests.post, server.base_url + CHAT, json=body, timeout=3.0)
+        _until(lambda: queue.depth() == 4, "the third batch's second request is queued")
+        held.holds[0].set()
+        _until(lambda: queue.running == 2, "the third batch waits on the device")
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            leaving.result(timeout=30)  # its client left while its batch waited on the device
+        held.holds[1].set()
+        _until(lambda: len(held.holds) == 3, "the third batch runs")
+        held.holds[2].set()
+        [a.result(timeout=60) for a in answers]
+    assert held.sizes == [1, 2, 2]
+    _until(lambda: len(server.call(server.app[LEDGER].records())) == 5, "every request is recorded")  # type: ignore[index]
+    records = server.call(server.app[LEDGER].records())  # type: ignore[index]
+    assert sorted(r.status for r in records) == ["cancelled", "ok", "ok", "ok", "ok"]
+    assert all(r.joules > 0 for r in records)
+
+
 class _PauseAfterFirstPieces:
     """Test-only `on_text` wrapper: once the first pieces have been flushed on their way to the client,
     generation waits (in the device's thread) until the test has seen them arrive."""
