@@ -36,7 +36,7 @@ class TextRequest:
     seed: int | None = None
     # Called from the worker thread with each new piece of text as it is generated (streaming). Where
     # it has a `flush` method, the backend calls that after every decoding step and once the batch
-    # ends (`flush_steps`): the consumer may hold a step's pieces and pass them on together.
+    # ends (`flush_all`): the consumer may hold a step's pieces and pass them on together.
     on_text: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
     # The prompt's token ids, where the server already tokenized it with this model's tokenizer to
     # check its length (`prompt_ids` of the backend): `run` then does not tokenize it a second time.
@@ -75,7 +75,7 @@ BackendRequest = TextRequest | ImageRequest
 BackendResult = TextResult | ImageResult
 
 
-def step_flushes(batch: Sequence[BackendRequest]) -> tuple[Callable[[], None], ...]:
+def flushes_of(batch: Sequence[BackendRequest]) -> tuple[Callable[[], None], ...]:
     """The distinct `flush` methods of the batch's streamed members' `on_text` consumers (TextRequest).
     Members streamed to one consumer share its method: it is called once a step, not once a member."""
     flushes: list[Callable[[], None]] = []
@@ -86,7 +86,7 @@ def step_flushes(batch: Sequence[BackendRequest]) -> tuple[Callable[[], None], .
     return tuple(flushes)
 
 
-def flush_steps(flushes: Sequence[Callable[[], None]]) -> None:
+def flush_all(flushes: Sequence[Callable[[], None]]) -> None:
     """Call each of `flushes` (a step ended, or the batch did). One that fails is logged: a broken
     consumer must not fail the batch its members are in."""
     for flush in flushes:

@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from backends.base import BackendRequest, BackendResult, Task, TextRequest, flush_steps, step_flushes
+from backends.base import BackendRequest, BackendResult, Task, TextRequest, flush_all, flushes_of
 
 log = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `backends` is importable from
@@ -209,7 +209,7 @@ class ProcessBackend:
             i: r.on_text for i, r in enumerate(batch) if isinstance(r, TextRequest) and r.on_text is not None
         }
         streamed = set(consumers)
-        flushes = step_flushes(batch)
+        flushes = flushes_of(batch)
         sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(batch)]
         with self._lock:
             if self._process is not None and self._process.poll() is not None:
@@ -228,7 +228,7 @@ class ProcessBackend:
                     for index, piece in answer[1]:
                         consumers[index] = _deliver(consumers[index], piece)
                     if flushes:
-                        flush_steps(flushes)
+                        flush_all(flushes)
             except (EOFError, OSError) as e:  # the pipe: the model process is gone
                 code = self._stop()
                 raise RuntimeError(

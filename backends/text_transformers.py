@@ -35,8 +35,8 @@ from backends.base import (
     Task,
     TextRequest,
     TextResult,
-    flush_steps,
-    step_flushes,
+    flush_all,
+    flushes_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class _BatchStream(BaseStreamer):
         for row in self.rows:
             row.finish_if_running()
         if self._flushes:
-            flush_steps(self._flushes)
+            flush_all(self._flushes)
 
     def observe(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The stopping criterion's side: take the step from `input_ids`; which rows are done."""
@@ -214,7 +214,7 @@ class _BatchStream(BaseStreamer):
         for row, token in zip(self.rows, tokens, strict=True):
             row.push(token)
         if self._flushes:
-            flush_steps(self._flushes)
+            flush_all(self._flushes)
 
 
 class _RowsFinished(StoppingCriteria):
@@ -365,7 +365,7 @@ class TransformersTextBackend:
                 input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
                 attention_mask[i, width - len(prompt) :] = 1
             rows = [_Row(request, tokenizer, self._eos_ids) for request in requests]
-            stream = _BatchStream(rows, prompt_width=width, flushes=step_flushes(requests))
+            stream = _BatchStream(rows, prompt_width=width, flushes=flushes_of(requests))
             first = requests[0]
             sampled = first.temperature >= GREEDY_BELOW
             config = GenerationConfig(

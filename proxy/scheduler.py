@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from backends.base import Backend, BackendRequest, BackendResult, flush_steps, step_flushes
+from backends.base import Backend, BackendRequest, BackendResult, flush_all, flushes_of
 from proxy.carbon import CarbonCharge
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
 
@@ -196,8 +196,8 @@ class DeviceWorker:
         except Exception as e:
             error, results = e, None
         run_s = time.perf_counter() - t0
-        if flushes := step_flushes(requests):
-            flush_steps(flushes)  # pieces still held go to the loop before the job's end does
+        if flushes := flushes_of(requests):
+            flush_all(flushes)  # pieces still held go to the loop before the job's end does
         units = [r.work_units for r in results] if results is not None else [0.0] * len(items)
         self.monitor.end(handle, [(it.tag, w) for it, w in zip(items, units, strict=True)])
         return results, error, handle, run_s
