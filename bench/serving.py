@@ -3,10 +3,11 @@ side with calling the same pipelines directly in-process on the same batches.
 
 One process, one run: a server (`create_app`, synthetic meter) in its own thread on a localhost port,
 and concurrent aiohttp clients on the main thread. For each workload (tiny-gpt2 chat, tiny-sd images
-64x64 x 4 steps; 1, 8 and 24 concurrent clients) a round sends N requests through the server while a
-wrapper records every batch the scheduler formed, then replays exactly those batches with
-`backend.run()` in-process (no HTTP, no queue, no accounting). Rounds interleave the workloads in
-rotated order; tables show the median over rounds, and ratios are taken within a round first.
+64x64 x 4 steps; 1, 8 and 24 concurrent clients, and 4 at batches of one) a round sends N requests
+through the server while a wrapper records every batch the scheduler formed, then replays exactly
+those batches with `backend.run()` in-process (no HTTP, no queue, no accounting). Rounds interleave
+the workloads in rotated order; tables show the median over rounds, and ratios are taken within a
+round first.
 The batch sizes recorded are checked against the server's own `wattproxy_batch_size` histogram.
 The same workloads run again with the models in model processes of their own (`own_process`), their
 batches replayed directly on the in-process copies.
@@ -61,6 +62,11 @@ Kind = Literal["chat", "stream", "image"]  # stream: chats streamed (SSE, usage 
 
 NO_WAIT = "-nowait"  # the same pipeline served a second time, under a model whose max_wait_ms is 0
 OWN = "-own"  # the same model run in a model process of its own (`own_process = true`)
+# A twin of the model whose batches hold one request (max_batch_size 1, max_wait_ms 0), with clients
+# enough to keep it busy: batch 1's throughput, where one client's measures its latency (the device
+# waits for that client's round trip between requests).
+B1 = "-b1"
+B1_CLIENTS = 4
 # Three batches' worth of clients: the next batch is queued while one runs, so the device never waits
 # for the clients' round trip (with 8 clients and batches of 8 it waits for every batch's).
 SATURATED = 24
@@ -74,10 +80,15 @@ class Workload:
     requests: int
     no_wait: bool = False  # served by the max_wait_ms=0 twin of the model
     own_process: bool = False  # served by the twin that runs in a model process of its own
+    batch1: bool = False  # served by the twin whose batches hold one request (B1)
 
     @property
     def suffix(self) -> str:
-        return (NO_WAIT if self.no_wait else "") + (OWN if self.own_process else "")
+        return (
+            (B1 if self.batch1 else "")
+            + (NO_WAIT if self.no_wait else "")
+            + (OWN if self.own_process else "")
+        )
 
     @property
     def key(self) -> str:
@@ -439,11 +450,13 @@ Command: `{command}`
 - *Direct* replays, in the same process right after each served chunk, exactly the batches the server
   formed (`backend.run()` on the same requests: no HTTP, no queue, no energy accounting, no metrics), so
   served/direct is the cost of serving at equal batching.
-- Concurrency: 1 client (batch 1); 8 clients, as many as a batch holds, so that each batch waits for the
-  previous one's answers to reach the clients and their next requests to arrive (the device idles
-  meanwhile); {SATURATED} clients, three batches' worth, so that the next batch is queued while one runs:
-  the cost of serving that remains is the server's work competing with the model's for the GIL and
-  the 2 cores (which the load generator shares).
+- Concurrency: 1 client (batch 1: the device waits for the client's round trip between requests, so
+  this measures latency as much as throughput); {B1_CLIENTS} clients at max_batch_size 1 (batch 1's
+  throughput: a request is always queued); 8 clients, as many as a batch holds, so that each batch
+  waits for the previous one's answers to reach the clients and their next requests to arrive (the
+  device idles meanwhile); {SATURATED} clients, three batches' worth, so that the next batch is
+  queued while one runs: the cost of serving that remains is the server's work competing with the
+  model's for the GIL and the 2 cores (which the load generator shares).
 - Latency: served = client-side, request sent to answer read; direct = the run time of the request's batch.
 
 {served_table}
@@ -478,7 +491,8 @@ def targets_text(summary: dict[str, Any], batching: dict[str, float]) -> str:
 
 
 def clients_label(key: str, concurrency: int) -> str:
-    notes = [note for suffix, note in ((NO_WAIT, "max_wait_ms 0"), (OWN, "own process")) if suffix in key]
+    labels = ((B1, "max_batch_size 1"), (NO_WAIT, "max_wait_ms 0"), (OWN, "own process"))
+    notes = [note for suffix, note in labels if suffix in key]
     return f"{concurrency} ({', '.join(notes)})" if notes else str(concurrency)
 
 
@@ -508,30 +522,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rounds = args.rounds or (1 if args.smoke else 5)
     chunks = 1 if args.smoke else 4
-    # (clients, requests per round, max_wait_ms 0, own process) per kind
-    levels: dict[Kind, list[tuple[int, int, bool, bool]]] = {
+    # (clients, requests per round, max_wait_ms 0, own process, batches of 1) per kind
+    levels: dict[Kind, list[tuple[int, int, bool, bool, bool]]] = {
         kind: [
-            (1, n1, False, False),
-            (1, n1, True, False),
-            (8, n8, False, False),
-            (SATURATED, n24, False, False),
-            (1, n1, True, True),
-            (8, n8, False, True),
-            (SATURATED, n24, False, True),
+            (1, n1, False, False, False),
+            (1, n1, True, False, False),
+            (B1_CLIENTS, 2 * n1, False, False, True),
+            (8, n8, False, False, False),
+            (SATURATED, n24, False, False, False),
+            (1, n1, True, True, False),
+            (B1_CLIENTS, 2 * n1, False, True, True),
+            (8, n8, False, True, False),
+            (SATURATED, n24, False, True, False),
         ]
         for kind, (n1, n8, n24) in (("chat", (100, 400, 1200)), ("image", (40, 160, 480)))
     }
     # streamed chats: what streaming adds to a chat, at 8 clients and with a batch always queued
     levels["stream"] = [
-        (8, 400, False, False),
-        (SATURATED, 1200, False, False),
-        (SATURATED, 1200, False, True),
+        (8, 400, False, False, False),
+        (SATURATED, 1200, False, False, False),
+        (SATURATED, 1200, False, True, False),
     ]
     shrink = 25 if args.smoke else 1  # a smoke run: a few requests (whole rounds of the clients)
     workloads = [
-        Workload(kind, c, max(c, round(n * args.scale / shrink)), no_wait, own)
+        Workload(kind, c, max(c, round(n * args.scale / shrink)), no_wait, own, b1)
         for kind in ("chat", "stream", "image")
-        for c, n, no_wait, own in levels[kind]
+        for c, n, no_wait, own, b1 in levels[kind]
     ]
     shape = Shape()
     cache = (args.cache_dir or default_cache_dir()) / "models"
@@ -559,16 +575,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "name": base + suffix,
                             "task": task,
                             "source": str(path),
-                            "max_batch_size": 8,
+                            "max_batch_size": 1 if suffix.startswith(B1) else 8,
                             "max_queue": 1024,
-                            "max_wait_ms": 0.0 if suffix.startswith(NO_WAIT) else args.max_wait_ms,
+                            "max_wait_ms": 0.0 if suffix.startswith((NO_WAIT, B1)) else args.max_wait_ms,
                         }
                     )
                     for base, task, path in (
                         (CHAT_MODEL, "text", chat_path),
                         (IMAGE_MODEL, "image", image_path),
                     )
-                    for suffix in ("", NO_WAIT, NO_WAIT + OWN, OWN)
+                    for suffix in ("", NO_WAIT, NO_WAIT + OWN, OWN, B1, B1 + OWN)
                 ],
             }
         )
@@ -584,17 +600,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(`gc.freeze()`), which spares both paths the collector's full passes. The *own process* rows "
             "serve the same models with `own_process = true`: each runs in a model process of its own "
             "(`backends/process.py`; its torch threads as above), and the direct path replays their batches "
-            "on the in-process copy."
+            "on the in-process copy. The *max_batch_size 1* rows use a twin whose batches hold one request "
+            "(and max_wait_ms 0)."
         )
         backends = {
             CHAT_MODEL: chat,
             CHAT_MODEL + NO_WAIT: chat,
             CHAT_MODEL + NO_WAIT + OWN: chat_own,
             CHAT_MODEL + OWN: chat_own,
+            CHAT_MODEL + B1: chat,
+            CHAT_MODEL + B1 + OWN: chat_own,
             IMAGE_MODEL: image,
             IMAGE_MODEL + NO_WAIT: image,
             IMAGE_MODEL + NO_WAIT + OWN: image_own,
             IMAGE_MODEL + OWN: image_own,
+            IMAGE_MODEL + B1: image,
+            IMAGE_MODEL + B1 + OWN: image_own,
         }
         previous_threads = torch.get_num_threads()  # process-wide: restored for whoever called main()
         torch.set_num_threads(args.torch_threads)
