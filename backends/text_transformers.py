@@ -183,9 +183,8 @@ class _BatchStream(BaseStreamer):
         self, rows: list[_Row], prompt_width: int, flushes: tuple[Callable[[], None], ...] = ()
     ) -> None:
         self.rows = rows
-        self._flushes = (
-            flushes  # the streamed members' consumers', called after every step (base.TextRequest)
-        )
+        # the streamed members' consumers' flushes, called after every step (base.TextRequest)
+        self._flushes = flushes
         self._prompt_width = prompt_width
         self._puts = 0
         self._steps = 0  # steps consumed

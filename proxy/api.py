@@ -548,7 +548,7 @@ _json_string = json.JSONEncoder(ensure_ascii=False).encode
 
 class _ChatChunks:
     """A stream's chunks. A piece's chunk (one a token: the stream's hot path) is put together from a
-    head made once a stream (0.6 µs, against 3.9 for pydantic's model and its JSON); the rest are
+    head made once a stream (0.2 µs, against 3.9 for pydantic's model and its JSON); the rest are
     pydantic's. A test holds the two to the same JSON."""
 
     def __init__(self, rid: str, model: str, n: int) -> None:
