@@ -7,7 +7,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from hypothesis import settings as hypothesis_settings
 
+from backends.base import Backend, BackendRequest, BackendResult
 from backends.tiny import ensure_model
 from proxy.app import create_app, make_runner
 from proxy.config import ModelSettings, Settings
@@ -139,3 +140,29 @@ def make_server(model_cache: Path, tmp_path: Path) -> Iterator[Callable[..., Liv
     yield make
     for server in servers:
         server.stop()
+
+
+class BackendWrapper:
+    """Test-only: a real backend behind a wrapper that tests subclass to change `run`."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name, self.task, self.device = inner.name, inner.task, inner.device
+
+    def __getattr__(self, name: str) -> object:  # prompt_ids, count_prompt_tokens, max_context_tokens
+        return getattr(self.inner, name)
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def batch_key(self, request: BackendRequest) -> Hashable:
+        return self.inner.batch_key(request)
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        return self.inner.run(batch)
+
+    def synchronize(self) -> None:
+        self.inner.synchronize()
+
+    def close(self) -> None:
+        self.inner.close()

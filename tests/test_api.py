@@ -8,7 +8,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +25,7 @@ from backends.tiny import ensure_model
 from proxy.config import ModelSettings
 from proxy.scheduler import PieceSink
 from proxy.state import LEDGER, SCHEDULER
-from tests.conftest import LiveServer
+from tests.conftest import BackendWrapper, LiveServer
 
 
 @pytest.fixture
@@ -303,23 +303,13 @@ def test_concurrent_requests_are_batched(server: LiveServer) -> None:
     assert batches == 2  # one request was already running when the other seven queued up
 
 
-class HeldBackend:
+class HeldBackend(BackendWrapper):
     """Test-only: the wrapped model's batches each wait in `run` until the test releases them."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.name, self.task, self.device = inner.name, inner.task, inner.device
+        super().__init__(inner)
         self.sizes: list[int] = []  # each batch's size, in the order the device started them
         self.holds: list[threading.Event] = []
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def batch_key(self, request: BackendRequest) -> Hashable:
-        return self.inner.batch_key(request)
 
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
         hold = threading.Event()
@@ -327,12 +317,6 @@ class HeldBackend:
         self.holds.append(hold)
         assert hold.wait(60), "the test did not release the batch"
         return self.inner.run(batch)
-
-    def synchronize(self) -> None:
-        self.inner.synchronize()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _until(condition: Callable[[], bool], what: str) -> None:

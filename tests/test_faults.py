@@ -27,40 +27,25 @@ from proxy.config import ModelSettings
 from proxy.energy.meter import MeterError, Reading, SyntheticMeter
 from proxy.ledger import Ledger, LedgerRecord, LedgerUnavailable
 from proxy.state import LEDGER, MONITORS, SCHEDULER
-from tests.conftest import LiveServer, settings_for_tests
+from tests.conftest import BackendWrapper, LiveServer, settings_for_tests
 from tests.test_lifecycle import ServeProcess
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
 
 
-class FlakyBackend:
+class FlakyBackend(BackendWrapper):
     """Test-only fault switch: the wrapped backend raises in every `every`-th batch."""
 
     def __init__(self, inner: Backend, every: int) -> None:
-        self.inner, self.every, self.batches = inner, every, 0
-        self.name, self.task, self.device = inner.name, inner.task, inner.device
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def batch_key(self, request: BackendRequest) -> object:
-        return self.inner.batch_key(request)
+        super().__init__(inner)
+        self.every, self.batches = every, 0
 
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
         self.batches += 1
         if self.batches % self.every == 0:
             raise RuntimeError("injected fault: CUDA error: an illegal memory access was encountered")
         return self.inner.run(batch)
-
-    def synchronize(self) -> None:
-        self.inner.synchronize()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class FailingMeter(SyntheticMeter):
