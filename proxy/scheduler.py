@@ -247,6 +247,12 @@ class ModelQueue:
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     step_pieces: StepPieces | None = None  # made by `start`, on the serving loop
+    # Jobs handed to the device and not yet finished, oldest first: the one running and at most one
+    # full batch queued behind it, which the device's thread starts as soon as the running one ends (no
+    # round trip through the event loop in between). A batch is queued ahead as soon as it is full
+    # (`submit`, or the batcher when a job ends); a partial one waits, as it would have, for the running
+    # job to end and more requests to arrive.
+    _in_flight: deque[tuple[list[WorkItem], asyncio.Future[JobResult]]] = field(default_factory=deque)
     _finishers: set[asyncio.Task[None]] = field(default_factory=set)
 
     def depth(self) -> int:
@@ -271,6 +277,8 @@ class ModelQueue:
         if self._returning:
             self._returning -= 1
         self._arrived.set()
+        if len(self._in_flight) == 1 and len(self.items) >= self.max_batch_size:
+            self._queue_ahead()
         return item
 
     def drop(self, item: WorkItem) -> bool:
@@ -347,19 +355,19 @@ class ModelQueue:
         self.running += 1
         return self.device.submit(self.backend, batch)
 
+    def _queue_ahead(self) -> None:
+        """With one job on the device, hand it the full batch that is waiting, if one is."""
+        if len(self._in_flight) == 1 and (ahead := self._full_batch()) is not None:
+            self._in_flight.append((ahead, self._dispatch(ahead)))
+
     async def _batcher(self) -> None:
-        # Jobs handed to the device and not yet finished, oldest first: the one running and at most one
-        # full batch queued behind it, which the device's thread starts as soon as the running one ends
-        # (no round trip through the event loop in between). Only a full batch is queued ahead: a
-        # partial one waits, as it would have, for the running job to end and more requests to arrive.
-        in_flight: deque[tuple[list[WorkItem], asyncio.Future[JobResult]]] = deque()
+        in_flight = self._in_flight
         try:
             while True:
                 if not in_flight:
                     batch = await self._next_batch()
                     in_flight.append((batch, self._dispatch(batch)))
-                if len(in_flight) < 2 and (ahead := self._full_batch()) is not None:
-                    in_flight.append((ahead, self._dispatch(ahead)))
+                self._queue_ahead()  # and `submit`, when an arrival completes a batch meanwhile
                 batch, job = in_flight[0]
                 try:
                     results, error, handle, run_s = await job

@@ -327,9 +327,9 @@ def _until(condition: Callable[[], bool], what: str) -> None:
 
 
 def test_a_full_batch_waits_on_the_device_behind_the_running_one(make_server, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
-    """While a batch runs, a full batch that is waiting is handed to the device at once, to start as
-    soon as the running one ends (no round trip through the event loop in between); a partial one
-    stays in the queue, where later arrivals can still join it."""
+    """While a batch runs, a batch is handed to the device as soon as it is full, to start as soon as
+    the running one ends (no round trip through the event loop in between); one at most, and a
+    partial one stays in the queue, where later arrivals can still join it."""
     held = HeldBackend(load_backend("text", "tiny-gpt2", ensure_model("tiny-gpt2", model_cache / "models")))
     models = [ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_batch_size=2)]
     server = make_server(models=models, app_kwargs={"backends": {"tiny-gpt2": held}})
@@ -339,14 +339,14 @@ def test_a_full_batch_waits_on_the_device_behind_the_running_one(make_server, mo
         answers = [pool.submit(_chat, c, 0)]
         _until(lambda: len(held.holds) == 1, "the first batch runs")
         answers += [pool.submit(_chat, c, i) for i in range(1, 6)]
-        _until(lambda: queue.depth() == 5, "five more requests are queued")
-        assert queue.running == 1
+        # the second and third requests made a full batch, handed to the device while the first runs;
+        # the other three wait in the queue (one batch at most waits on the device)
+        _until(lambda: queue.running == 2 and queue.depth() == 3, "a batch waits on the device")
+        assert held.sizes == [1]
         held.holds[0].set()
-        # The batcher takes the next batch of two, and hands the full one after it to the device too;
-        # the fifth request waits in the queue.
+        # the second batch runs, and the batcher hands the next full one to the device behind it
         _until(lambda: len(held.holds) == 2, "the second batch runs")
-        _until(lambda: queue.running == 2, "the third batch waits on the device")
-        assert queue.depth() == 1
+        _until(lambda: queue.running == 2 and queue.depth() == 1, "the third batch waits on the device")
         assert held.sizes == [1, 2]  # the third has not started: the second still runs
         held.holds[1].set()
         _until(lambda: len(held.holds) == 3, "the third batch runs")
@@ -383,13 +383,13 @@ def test_a_client_that_leaves_while_its_batch_waits_on_the_device_is_charged(
         answers = [pool.submit(_chat, c, 0)]
         _until(lambda: len(held.holds) == 1, "the first batch runs")
         answers += [pool.submit(_chat, c, i) for i in (1, 2)]
-        _until(lambda: queue.depth() == 2, "the second batch's requests are queued")
+        _until(lambda: queue.running == 2, "the second batch waits on the device")
         answers.append(pool.submit(_chat, c, 3))
-        _until(lambda: queue.depth() == 3, "the third batch's first request is queued")
+        _until(lambda: queue.depth() == 1, "the third batch's first request is queued")
         leaving = pool.submit(requests.post, server.base_url + CHAT, json=body, timeout=3.0)
-        _until(lambda: queue.depth() == 4, "the third batch's second request is queued")
+        _until(lambda: queue.depth() == 2, "the third batch's second request is queued")
         held.holds[0].set()
-        _until(lambda: queue.running == 2, "the third batch waits on the device")
+        _until(lambda: len(held.holds) == 2 and queue.running == 2, "the third batch waits on the device")
         with pytest.raises(requests.exceptions.ReadTimeout):
             leaving.result(timeout=30)  # its client left while its batch waited on the device
         held.holds[1].set()
@@ -560,16 +560,19 @@ def test_full_queue_answers_429_with_retry_after(make_server) -> None:  # type: 
     gate = _hold_device(server)
     body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     queue = server.app[SCHEDULER].queues["tiny-gpt2"]  # type: ignore[index]
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_post, server, CHAT, body)]
         while queue.running == 0:
             time.sleep(0.01)
+        # the next one is a full batch (of one): handed to the device behind the running one, it has
+        # left the queue; the two after it fill the queue
+        futures.append(pool.submit(_post, server, CHAT, body))
+        _until(lambda: queue.running == 2, "a batch waits on the device")
         futures += [pool.submit(_post, server, CHAT, body) for _ in range(2)]
-        while queue.depth() < 2:
-            time.sleep(0.01)
+        _until(lambda: queue.depth() == 2, "the queue is full")
         rejected = _post(server, CHAT, body)
         err = _error(rejected, 429)
         assert err["type"] == "rate_limit_exceeded"
         assert int(rejected.headers["Retry-After"]) >= 1
         gate.set()
-        assert [f.result(timeout=60).status_code for f in futures] == [200, 200, 200]
+        assert [f.result(timeout=60).status_code for f in futures] == [200, 200, 200, 200]
