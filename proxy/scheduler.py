@@ -153,10 +153,6 @@ class DeviceWorker:
         self.gate = threading.Event()
         self.gate.set()
 
-    async def run(self, backend: Backend, items: Sequence[WorkItem]) -> JobResult:
-        """`run_job` in the device's thread, jobs in the order they are given."""
-        return await self.submit(backend, items)
-
     def submit(self, backend: Backend, items: Sequence[WorkItem]) -> asyncio.Future[JobResult]:
         """Queue `run_job` for the device's thread (after the jobs queued before it); its result comes
         on the returned future."""
@@ -377,9 +373,10 @@ class ModelQueue:
                 in_flight.popleft()
                 self.running -= 1
                 self._ended(batch, results, error, handle, run_s)
-        finally:
+        finally:  # stopped: no job is waited for any more, and `submit` hands the device none
             for _, job in in_flight:
                 job.cancel()
+            in_flight.clear()
 
     def _ended(
         self,
