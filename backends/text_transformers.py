@@ -226,6 +226,43 @@ class _RowsFinished(StoppingCriteria):
         return self._stream.observe(input_ids)
 
 
+_Encode = Callable[[str, bool], list[int]]  # (text, add special tokens) -> ids
+
+
+def _fast_encode(tokenizer: Any) -> _Encode | None:
+    """A fast tokenizer's ids for one text straight from its Rust tokenizer (`encode_batch_fast`,
+    tokenizers 0.21 and later: no offsets kept), without `tokenizer(...)`'s wrapping: 14.6 µs against
+    28.4 for a 43-token chat on the 2-core CPU machine, on the event loop for every text request.
+
+    The Rust tokenizer's own settings are set once to what `tokenizer(text)` sets for one text (no
+    truncation, no padding, its `split_special_tokens`): this tokenizer is the counting one, used
+    only here. None (use `tokenizer(...)`) for a tokenizer without that path, or one whose ids differ
+    from its own `__call__` on a probe text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    batch_fast = getattr(backend, "encode_batch_fast", None)
+    if batch_fast is None:
+        return None
+    try:
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+    def encode(text: str, special: bool) -> list[int]:
+        return batch_fast([text], add_special_tokens=special)[0].ids
+
+    probe = "Hello, world! A probe: 123 ünïcödé\n  spaced   text\t."
+    for special in (True, False):
+        if encode(probe, special) != tokenizer(probe, add_special_tokens=special)["input_ids"]:
+            logger.warning(
+                "%s: the fast token count differs from the tokenizer's; counting the slow way",
+                type(tokenizer).__name__,
+            )
+            return None
+    return encode
+
+
 class TransformersTextBackend:
     """A causal language model served with `transformers` (safetensors, no remote code).
 
@@ -259,6 +296,7 @@ class TransformersTextBackend:
         # A fast tokenizer must not be used from two threads at once ("Already borrowed"), and
         # prompts are counted on the proxy's threads while a batch decodes: they get their own.
         self._counting_tokenizer: Any = None
+        self._counting_encode: _Encode | None = None  # its fast path, where it has one
         self._counting_lock = threading.Lock()
         self._eos_ids: frozenset[int] = frozenset()
         self._pad_id = 0
@@ -311,6 +349,7 @@ class TransformersTextBackend:
         with self._lock:
             self._model, self._tokenizer = model, tokenizer
             self._counting_tokenizer = counting_tokenizer
+            self._counting_encode = _fast_encode(counting_tokenizer)
             self._eos_ids, self._pad_id = frozenset(eos_ids), pad
             self._max_context_tokens = positions
 
@@ -326,7 +365,7 @@ class TransformersTextBackend:
         self._counting()
         self._check_request(request)
         with self._counting_lock:
-            return tuple(self._prompt_ids(request, self._counting_tokenizer))
+            return tuple(self._prompt_ids(request, self._counting_tokenizer, self._counting_encode))
 
     def count_prompt_tokens(self, request: TextRequest) -> int:
         """Tokens the prompt (or the chat, rendered by its template) takes. Thread-safe."""
@@ -403,7 +442,7 @@ class TransformersTextBackend:
     def close(self) -> None:
         """Drop the model and return its device memory."""
         with self._lock:
-            self._model = self._tokenizer = self._counting_tokenizer = None
+            self._model = self._tokenizer = self._counting_tokenizer = self._counting_encode = None
         release_device_memory(self.device)
 
     def _loaded(self) -> tuple[Any, Any]:
@@ -441,7 +480,11 @@ class TransformersTextBackend:
             return list(request.prompt_ids)
         return self._prompt_ids(request, tokenizer)
 
-    def _prompt_ids(self, request: TextRequest, tokenizer: Any) -> list[int]:
+    def _prompt_ids(self, request: TextRequest, tokenizer: Any, encode: _Encode | None = None) -> list[int]:
+        """The prompt's ids through `tokenizer`, or through `encode` (`_fast_encode` of it), which gives
+        the same ids."""
+        if encode is None:
+            encode = lambda text, special: tokenizer(text, add_special_tokens=special)["input_ids"]  # noqa: E731
         if request.messages is not None:
             rendered = tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in request.messages],
@@ -449,9 +492,9 @@ class TransformersTextBackend:
                 add_generation_prompt=True,
                 tokenize=False,
             )
-            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]  # the template has them
+            ids = encode(rendered, False)  # the template has the special tokens
         else:
-            ids = tokenizer(request.prompt or "")["input_ids"]
+            ids = encode(request.prompt or "", True)
         # An empty prompt starts from the beginning-of-text token, as GPT-2-style models expect.
         return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self._pad_id]
 

@@ -18,7 +18,7 @@ from PIL import Image
 from backends import load_backend, tiny
 from backends.base import Backend, ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
 from backends.image_diffusers import DiffusersImageBackend, image_work_units
-from backends.text_transformers import FALLBACK_CHAT_TEMPLATE, TransformersTextBackend, _Row
+from backends.text_transformers import FALLBACK_CHAT_TEMPLATE, TransformersTextBackend, _fast_encode, _Row
 
 BACKENDS_DIR = Path(__file__).resolve().parent.parent / "backends"
 
@@ -267,6 +267,42 @@ def test_batch_key_is_the_sampling_parameters(text: TransformersTextBackend) -> 
         assert text.batch_key(sampled) != text.batch_key(replace(sampled, **other))
     with pytest.raises(ValueError, match="batch key"):
         text.run([greedy, sampled])
+
+
+_SPECIAL_OR_TEXT = st.one_of(
+    st.text(max_size=40), st.sampled_from(["<|endoftext|>", " <|endoftext|> ", "\n\n", "  "])
+)
+
+
+@given(parts=st.lists(_SPECIAL_OR_TEXT, max_size=6), special=st.booleans())
+@hyp_settings(max_examples=150, deadline=None)
+def test_the_fast_count_gives_the_tokenizers_ids(
+    text: TransformersTextBackend, parts: list[str], special: bool
+) -> None:
+    """Prompts are counted on the event loop through the Rust tokenizer's `encode_batch_fast`: the same
+    ids as the tokenizer's own `__call__` (the worker's tokenizer, a separate instance, as reference)."""
+    encode = text._counting_encode
+    assert encode is not None  # the tiny model's tokenizer is a fast one: the fast path is the one in use
+    prompt = "".join(parts)
+    assert encode(prompt, special) == text._tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    messages = (ChatMessage("system", "Be brief."), ChatMessage("user", prompt))
+    for request in (TextRequest(prompt=prompt, max_tokens=1), TextRequest(messages=messages, max_tokens=1)):
+        assert list(text.prompt_ids(request)) == text._prompt_ids(request, text._tokenizer)
+
+
+def test_the_fast_count_ignores_a_tokenizers_own_truncation(text: TransformersTextBackend) -> None:
+    """A tokenizer.json may carry truncation or padding; `tokenizer(text)` clears them for one text,
+    and so does the fast count, once: every token of a long prompt is counted."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text.source)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)
+    tokenizer.backend_tokenizer.enable_padding(length=64)
+    encode = _fast_encode(tokenizer)
+    assert encode is not None
+    prompt = "one two three four five six seven eight nine ten"
+    assert encode(prompt, True) == tokenizer(prompt)["input_ids"] == text._tokenizer(prompt)["input_ids"]
+    assert 4 < len(encode(prompt, True)) < 64  # neither truncated nor padded
 
 
 def test_chat_without_a_template_uses_the_fallback(text: TransformersTextBackend) -> None:
