@@ -41,6 +41,10 @@ class TextRequest:
     # The prompt's token ids, where the server already tokenized it with this model's tokenizer to
     # check its length (`prompt_ids` of the backend): `run` then does not tokenize it a second time.
     prompt_ids: tuple[int, ...] | None = field(default=None, compare=False, hash=False, repr=False)
+    # Which of its prompt's n choices this is (0 for the first; an OpenAI request's `n`). A seeded batch
+    # draws from one stream seeded with `seed + choice` of its first member, so that choices of one
+    # request that land in different batches do not repeat each other.
+    choice: int = 0
 
 
 @dataclass(frozen=True)

@@ -415,7 +415,7 @@ class TransformersTextBackend:
                 eos_token_id=sorted(self._eos_ids),
                 pad_token_id=self._pad_id,
             )
-            with self._seeded(first.seed if sampled else None):
+            with self._seeded(first.seed + first.choice if sampled and first.seed is not None else None):
                 model.generate(
                     input_ids=input_ids.to(model.device),
                     attention_mask=attention_mask.to(model.device),

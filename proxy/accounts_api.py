@@ -3,12 +3,12 @@ administration for admins (`POST/GET /v1/keys`, `DELETE /v1/keys/{key_id}`)."""
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
+from proxy.api import parse_body
 from proxy.auth import Principal, new_key, require_admin
 from proxy.errors import InvalidRequest, NotFound, PermissionDenied
 from proxy.ledger import ApiKeyRecord
@@ -71,15 +71,25 @@ async def usage(request: web.Request) -> web.Response:
             headers={"Content-Disposition": 'attachment; filename="wattproxy-usage.csv"'},
         )
     meta = usage_meta(user, start, end, group_by, settings.phone_charge_kwh)
-    budget = request.app[BUDGETS].budget(user) if user else None
-    if budget is not None:
-        meta["budget"] = {
-            "kwh": budget.kwh,
-            "co2_grams": budget.co2_grams,
-            "period": budget.period,
-            "remaining_kwh": budget.remaining_kwh,
-            "resets": budget.reset.isoformat() if budget.reset else None,
-        }
+    budgets = request.app[BUDGETS].budgets(user) if user else []
+    if budgets:
+        listed = [
+            {
+                "kwh": b.kwh,
+                "co2_grams": b.co2_grams,
+                "period": b.period,
+                "remaining_kwh": b.remaining_kwh,
+                "resets": b.reset.isoformat() if b.reset else None,
+            }
+            for b in budgets
+        ]
+        # `budget`: the one with the least kWh left (the first where none sets kWh); `budgets`: all,
+        # one a period, shortest period first
+        left = [
+            (item["remaining_kwh"], i) for i, item in enumerate(listed) if item["remaining_kwh"] is not None
+        ]
+        meta["budget"] = listed[min(left)[1] if left else 0]
+        meta["budgets"] = listed
     return web.Response(text=as_json(report, total, meta), content_type="application/json")
 
 
@@ -89,10 +99,7 @@ def raise_forbidden() -> None:
 
 async def create_key(request: web.Request) -> web.Response:
     require_admin(_principal(request))
-    try:
-        body = KeyCreate.model_validate(json.loads(await request.read()))
-    except UnicodeError as e:
-        raise InvalidRequest("request body is not valid UTF-8 text", code="invalid_json") from e
+    body = KeyCreate.model_validate(parse_body(await request.read()))
     secret, record = new_key(
         body.user,
         admin=body.admin,
@@ -122,7 +129,9 @@ async def revoke_key(request: web.Request) -> web.Response:
     if not await ledger.revoke_key(key_id):
         raise NotFound(f"no active key {key_id!r}", param="key_id", code="key_not_found")
     request.app[KEYS].forget()
-    request.app[BUDGETS].set_keys(await ledger.keys(include_revoked=False))
+    budgets = request.app[BUDGETS]
+    budgets.set_keys(await ledger.keys(include_revoked=False))
+    await budgets.refresh(ledger)  # a budget the revocation leaves new starts from what was spent
     return web.json_response({"id": key_id, "object": "api_key", "revoked": True})
 
 

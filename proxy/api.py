@@ -124,8 +124,9 @@ async def _body(request: web.Request) -> Any:
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object. Raises InvalidRequest when it is empty, not text or not an
-    object, and json.JSONDecodeError when it is not JSON (the error middleware words both as 400s)."""
+    """A request body as a JSON object. Raises InvalidRequest when it is empty, not text, nested too
+    deeply, has a number too long to convert, or is not an object, and json.JSONDecodeError when it is
+    not JSON (the error middleware words both as 400s)."""
     if not raw:
         raise InvalidRequest("request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -134,6 +135,12 @@ def parse_body(raw: bytes) -> dict[str, Any]:
             json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates (\\ud800) are not text
     except UnicodeError as e:
         raise InvalidRequest("request body is not valid UTF-8 text", code="invalid_json") from e
+    except json.JSONDecodeError:
+        raise
+    except RecursionError as e:  # arrays or objects nested thousands deep
+        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from e
+    except ValueError as e:  # an integer of more digits than Python converts (4,300 by default)
+        raise InvalidRequest("request body has a number too long to read", code="invalid_json") from e
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     return data
@@ -178,6 +185,8 @@ async def _counted(request: web.Request, served: ServedModel, work: Awaitable[_R
     wattproxy_requests_total with status = the error type; answered ones are counted when recorded."""
     try:
         return await work
+    except _FailedAndRecorded:  # counted when its batch was recorded (status "error")
+        raise
     except ApiError as e:
         user = request.get(USER, "anonymous")
         request.app[METRICS].requests.labels(served.settings.name, served.settings.task, user, e.type).inc()
@@ -233,10 +242,15 @@ def _abandon(queue: ModelQueue, items: Sequence[WorkItem]) -> None:
             it.future.cancel()
 
 
+class _FailedAndRecorded(ServerError):
+    """The model failed on a member: already in the ledger and wattproxy_requests_total (status
+    "error") with its batch, so `_counted` does not count the 500 again."""
+
+
 def _raise_failed(outcomes: Sequence[Outcome]) -> None:
     failed = next((o for o in outcomes if o.error is not None), None)
     if failed is not None:
-        raise ServerError(f"the model failed while generating (request id {failed.tag.request_id})")
+        raise _FailedAndRecorded(f"the model failed while generating (request id {failed.tag.request_id})")
 
 
 def _energy_fields(outcomes: Sequence[Outcome]) -> dict[str, Any]:
@@ -291,9 +305,17 @@ def energy_headers(energy: EnergyUsage | Mapping[str, Any], request_id: str) -> 
 
 
 def _tokens(outcomes: Sequence[Outcome]) -> tuple[int, int]:
-    """Prompt and completion tokens, summed over the members."""
-    results = [o.result for o in outcomes if isinstance(o.result, TextResult)]
-    return sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    """Prompt and completion tokens of an answer: each prompt once (as OpenAI counts them, however many
+    choices `n` asks of it: its first choice's count), the completions of every member. The ledger and
+    the metrics count each member's own tokens: every choice runs its prompt."""
+    prompt = completion = 0
+    for o in outcomes:
+        r = o.result
+        if isinstance(r, TextResult):
+            completion += r.completion_tokens
+            if o.request.choice == 0:  # type: ignore[union-attr]
+                prompt += r.prompt_tokens
+    return prompt, completion
 
 
 def _text_usage(outcomes: Sequence[Outcome]) -> Usage:
@@ -408,17 +430,38 @@ def _max_tokens(ms: ModelSettings, **candidates: int | None) -> int:
     return asked
 
 
-def _check_n(ms: ModelSettings, n: int) -> None:
-    if n > ms.max_n:
+def _check_n(ms: ModelSettings, n: int, prompts: int = 1, *, queued: bool = True) -> None:
+    """At most `max_n` choices (n x prompts) a request; where each choice is queued on its own (text),
+    at most what the queue holds, which would otherwise refuse the request as full (429) forever."""
+    choices = n * prompts
+    what = f"n is {n}" if prompts == 1 else f"n ({n}) x {prompts} prompts is {choices} choices"
+    param = "n" if prompts == 1 or n > 1 else "prompt"
+    if choices > ms.max_n:
         raise InvalidRequest(
-            f"n is {n}, above this model's limit of {ms.max_n}", param="n", code="n_exceeded"
+            f"{what}, above this model's limit of {ms.max_n}", param=param, code="n_exceeded"
+        )
+    if queued and choices > ms.max_queue:
+        raise InvalidRequest(
+            f"{what}, more than this model's queue holds (max_queue {ms.max_queue})",
+            param=param,
+            code="n_exceeded",
         )
 
 
-def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> TextRequest:
+# Prompts longer than this (characters) are tokenized on a worker thread rather than on the event loop:
+# a fast tokenizer takes about 0.5 µs a character (a 1 MB prompt 0.5 s), with the interpreter lock
+# released, so a long prompt does not hold up every other request and stream meanwhile.
+TOKENIZE_ON_LOOP_MAX_CHARS = 4096
+
+
+async def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> TextRequest:
     """The request, with its prompt's token ids where the backend gives them, once its length is
     within the model's limits."""
-    req, counted = served.tokenized(req)
+    chars = len(req.prompt) if req.prompt is not None else sum(len(m.content) for m in req.messages or ())
+    if chars > TOKENIZE_ON_LOOP_MAX_CHARS:
+        req, counted = await asyncio.to_thread(served.tokenized, req)
+    else:
+        req, counted = served.tokenized(req)
     if counted > served.settings.max_prompt_tokens:
         raise InvalidRequest(
             f"the prompt has {counted} tokens, above this model's limit "
@@ -655,12 +698,17 @@ async def _chat_completions(
         stop=req.stop_list(),
         seed=req.seed,
     )
-    base = _check_prompt(served, base, "messages")
+    base = await _check_prompt(served, base, "messages")
     _admit(request)
-    bases = [base] * req.n
+    bases = _choices(base, req.n)
     if req.stream:
         return await _stream_members(request, served, bases, _ChatChunks, req.stream_options)
     return await _answer_members(request, served, bases, chat_completion_json)
+
+
+def _choices(base: TextRequest, n: int) -> list[TextRequest]:
+    """A prompt's `n` choices: members of their own, numbered (`TextRequest.choice`)."""
+    return [base] if n == 1 else [replace(base, choice=i) for i in range(n)]
 
 
 def _with_stream(base: TextRequest, streamer: PieceSink) -> TextRequest:
@@ -695,7 +743,7 @@ async def _completions(
 ) -> web.StreamResponse:
     ms = served.settings
     prompts = req.prompts()
-    _check_n(ms, req.n * len(prompts))
+    _check_n(ms, req.n, len(prompts))
     max_tokens = _max_tokens(ms, max_tokens=req.max_tokens)
     bases = []
     for p in prompts:
@@ -707,8 +755,8 @@ async def _completions(
             stop=req.stop_list(),
             seed=req.seed,
         )
-        base = _check_prompt(served, base, "prompt")
-        bases.extend([base] * req.n)
+        base = await _check_prompt(served, base, "prompt")
+        bases.extend(_choices(base, req.n))
     _admit(request)
     if req.stream:
         return await _stream_members(request, served, bases, _CompletionChunks, req.stream_options)
@@ -731,7 +779,7 @@ async def _images_generations(
             param="prompt",
             code="prompt_too_long",
         )
-    _check_n(ms, req.n)
+    _check_n(ms, req.n, queued=False)  # one queued item makes all its images
     size = ms.default_size if req.size in (None, "auto") else req.size
     assert size is not None
     width, height = parse_size(size)

@@ -1,6 +1,10 @@
 """Per-user energy budgets (kWh and/or gCO2e per day, month or in total).
 
-A user's budget comes from their active API keys (the tightest limit when several keys set one).
+A user's budgets come from their active API keys: one budget per period that any of their keys sets
+(a day, a month, all time), each with the tightest kWh and gCO2e limits the keys set for that period,
+each with its own spending. A user is refused (429) while any of their budgets is spent; a daily key
+and a total key are two budgets, never one daily budget with the total's limit.
+
 Spending is kept in memory, loaded from the ledger at start and every `refresh_s` (so replicas
 sharing a PostgreSQL ledger converge), and increased as each request is recorded.
 
@@ -56,76 +60,95 @@ class Budget:
         return None if self.kwh is None else self.kwh - self.spent_j / JOULES_PER_KWH
 
 
+# A total budget never resets: its 429 still says when to look again (an admin may raise it meanwhile).
+TOTAL_RETRY_AFTER_S = 86400.0
+
+
 class Budgets:
     def __init__(self, clock: Callable[[], datetime] = _utcnow) -> None:
         self._clock = clock
-        self._budgets: dict[str, Budget] = {}
+        self._budgets: dict[str, list[Budget]] = {}  # user -> one budget a period, shortest first
 
     def set_keys(self, keys: Iterable[ApiKeyRecord]) -> None:
-        """Derive each user's budget from their active keys (tightest limit wins), keeping spending."""
-        new: dict[str, Budget] = {}
+        """Derive each user's budgets from their active keys: one a period, with the tightest limits
+        the keys set for it; spending kept where a user's period had a budget before."""
+        new: dict[tuple[str, str], Budget] = {}
         for k in keys:
             if k.revoked is not None or (k.budget_kwh is None and k.budget_co2_grams is None):
                 continue
-            b = new.get(k.user)
+            b = new.get((k.user, k.budget_period))
             if b is None:
-                new[k.user] = Budget(k.user, k.budget_kwh, k.budget_co2_grams, k.budget_period)
+                new[(k.user, k.budget_period)] = Budget(
+                    k.user, k.budget_kwh, k.budget_co2_grams, k.budget_period
+                )
                 continue
             b.kwh = _tightest(b.kwh, k.budget_kwh)
             b.co2_grams = _tightest(b.co2_grams, k.budget_co2_grams)
-            if _period_rank(k.budget_period) < _period_rank(b.period):
-                b.period = k.budget_period
-        for user, b in new.items():
-            old = self._budgets.get(user)
-            if old is not None and old.period == b.period:
-                b.start, b.reset = old.start, old.reset
-                b.spent_j, b.spent_co2_grams = old.spent_j, old.spent_co2_grams
-        self._budgets = new
+        old = {(b.user, b.period): b for budgets in self._budgets.values() for b in budgets}
+        by_user: dict[str, list[Budget]] = {}
+        for key, b in sorted(new.items(), key=lambda item: _period_rank(item[0][1])):
+            before = old.get(key)
+            if before is not None:
+                b.start, b.reset = before.start, before.reset
+                b.spent_j, b.spent_co2_grams = before.spent_j, before.spent_co2_grams
+            by_user.setdefault(b.user, []).append(b)
+        self._budgets = by_user
 
     async def refresh(self, ledger: Ledger) -> None:
-        """Reload spending in each user's current period from the ledger (the authority)."""
+        """Reload spending in each budget's current period from the ledger (the authority): one
+        query a period that has budgets."""
         now = self._clock()
-        since = {}
-        for b in self._budgets.values():
-            b.start, b.reset = period_bounds(b.period, now)
-            since[b.user] = b.start
-        if not since:
-            return
-        spent = await ledger.spent_by_user(since)
-        for user, (joules, grams) in spent.items():
-            b = self._budgets.get(user)
-            if b is not None:
-                b.spent_j, b.spent_co2_grams = joules, grams
+        by_period: dict[str, list[Budget]] = {}
+        for budgets in self._budgets.values():
+            for b in budgets:
+                b.start, b.reset = period_bounds(b.period, now)
+                by_period.setdefault(b.period, []).append(b)
+        for budgets in by_period.values():
+            spent = await ledger.spent_by_user({b.user: b.start for b in budgets})
+            for b in budgets:
+                b.spent_j, b.spent_co2_grams = spent.get(b.user, (0.0, 0.0))
 
     def add(self, user: str, joules: float, co2_grams: float) -> None:
-        b = self._budgets.get(user)
-        if b is None:
+        budgets = self._budgets.get(user)
+        if budgets is None:
             return
-        self._roll(b)
-        b.spent_j += joules
-        b.spent_co2_grams += co2_grams
+        for b in budgets:
+            self._roll(b)
+            b.spent_j += joules
+            b.spent_co2_grams += co2_grams
 
     def check(self, user: str) -> None:
-        """Raise BudgetExceeded (429) when the user is at or over a limit."""
-        b = self._budgets.get(user)
-        if b is None:
+        """Raise BudgetExceeded (429) when the user is at or over a limit of any of their budgets
+        (named: the one that stays spent longest, with its reset as Retry-After)."""
+        budgets = self._budgets.get(user)
+        if budgets is None:
             return
-        self._roll(b)
-        if b.kwh is not None and b.spent_j / JOULES_PER_KWH >= b.kwh:
-            raise self._exceeded(b, f"{b.kwh:g} kWh", f"{b.spent_j / JOULES_PER_KWH:.6g} kWh")
-        if b.co2_grams is not None and b.spent_co2_grams >= b.co2_grams:
-            raise self._exceeded(b, f"{b.co2_grams:g} gCO2e", f"{b.spent_co2_grams:.6g} gCO2e")
+        exceeded: BudgetExceeded | None = None
+        for b in budgets:  # shortest period first: a longer one that is spent too is named instead
+            self._roll(b)
+            if b.kwh is not None and b.spent_j / JOULES_PER_KWH >= b.kwh:
+                exceeded = self._exceeded(b, f"{b.kwh:g} kWh", f"{b.spent_j / JOULES_PER_KWH:.6g} kWh")
+            elif b.co2_grams is not None and b.spent_co2_grams >= b.co2_grams:
+                exceeded = self._exceeded(b, f"{b.co2_grams:g} gCO2e", f"{b.spent_co2_grams:.6g} gCO2e")
+        if exceeded is not None:
+            raise exceeded
 
     def remaining_kwh(self) -> dict[str, float]:
-        out = {}
-        for b in self._budgets.values():
-            self._roll(b)
-            if b.remaining_kwh is not None:
-                out[b.user] = b.remaining_kwh
+        """kWh each user with a kWh budget may still spend: the least any of their budgets leaves."""
+        out: dict[str, float] = {}
+        for user, budgets in self._budgets.items():
+            for b in budgets:
+                self._roll(b)
+                left = b.remaining_kwh
+                if left is not None:
+                    out[user] = min(left, out.get(user, math.inf))
         return out
 
-    def budget(self, user: str) -> Budget | None:
-        return self._budgets.get(user)
+    def budgets(self, user: str) -> list[Budget]:
+        """The user's budgets, one a period, shortest period first."""
+        for b in self._budgets.get(user, ()):
+            self._roll(b)
+        return list(self._budgets.get(user, ()))
 
     def _roll(self, b: Budget) -> None:
         if b.reset is not None and self._clock() >= b.reset:
@@ -134,7 +157,8 @@ class Budgets:
 
     def _exceeded(self, b: Budget, limit: str, spent: str) -> BudgetExceeded:
         if b.reset is None:
-            when, retry = "it does not reset (a total budget); ask an admin to raise it", None
+            when = "it does not reset (a total budget); ask an admin to raise it"
+            retry = TOTAL_RETRY_AFTER_S
         else:
             when = f"it resets at {b.reset.isoformat()}"
             retry = max((b.reset - self._clock()).total_seconds(), 1.0)

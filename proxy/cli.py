@@ -201,11 +201,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _no_ledger(ledger: Ledger) -> bool:
+    """True (said on stderr) when the SQLite ledger a reading command would open does not exist: a
+    wrong --data-dir must not read as a ledger with nothing in it."""
+    path = ledger.missing()
+    if path is not None:
+        sys.stderr.write(f"wattproxy: no ledger at {path} (check --data-dir / WATTPROXY_DATA_DIR)\n")
+    return path is not None
+
+
 async def keys_command(settings: Settings, args: argparse.Namespace) -> int:
     from proxy.accounts_api import key_json
     from proxy.auth import new_key
 
     ledger = Ledger(settings.db_url())
+    if args.keys_command != "create" and _no_ledger(ledger):
+        return 1
     await ledger.start()
     try:
         if args.keys_command == "create":
@@ -221,6 +232,7 @@ async def keys_command(settings: Settings, args: argparse.Namespace) -> int:
                 f"created {record.key_id} for user {record.user!r}; the key is shown only once:\n"
             )
             sys.stdout.write(f"{secret}\n")
+            sys.stderr.write(f"stored in {ledger!r}\n")
         elif args.keys_command == "list":
             for k in await ledger.keys():
                 sys.stdout.write(json.dumps(key_json(k)) + "\n")
@@ -239,6 +251,8 @@ async def usage_command(settings: Settings, args: argparse.Namespace) -> int:
 
     start, end = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     ledger = Ledger(settings.db_url())
+    if _no_ledger(ledger):
+        return 1
     await ledger.start()
     try:
         rows = await ledger.usage(user=args.user, start=start, end=end, group_by=args.by)

@@ -506,6 +506,14 @@ class Ledger:
 
     # lifecycle
 
+    def missing(self) -> str | None:
+        """Where an SQLite ledger's file is expected, if it does not exist (nothing was ever recorded
+        there: a command that only reads should say so, not report an empty ledger); else None."""
+        if self.backend != "sqlite" or _is_memory(self.url):
+            return None
+        path = Path(str(self.url.database))
+        return None if path.exists() else str(path)
+
     async def start(self) -> None:
         """Connect, migrate to the latest schema version, start the group-commit writer."""
         if self._engine is not None:

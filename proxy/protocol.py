@@ -8,13 +8,39 @@ the source of /openapi.json.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Fields with a default that OpenAI's API also takes as null (what its clients send for a parameter
+# passed as None): null means the default.
+_NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream", "response_format", "include_usage"})
+
+
+def _drop_null_defaults(data: Any) -> Any:
+    if type(data) is dict and None in data.values():
+        return {k: v for k, v in data.items() if v is not None or k not in _NULL_MEANS_DEFAULT}
+    return data
+
+
+def _nullable_in_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema (/openapi.json) says so: those fields also take null."""
+    for name, prop in schema.get("properties", {}).items():
+        if name in _NULL_MEANS_DEFAULT and "anyOf" not in prop:
+            default = prop.pop("default", None)
+            moved = {k: prop.pop(k) for k in list(prop) if k not in ("title", "description")}
+            prop["anyOf"] = [moved, {"type": "null"}]
+            if default is not None:
+                prop["default"] = default
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_nullable_in_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        return _drop_null_defaults(data)
 
     @field_validator(
         "n", "max_tokens", "max_completion_tokens", "seed", "steps", mode="before", check_fields=False
@@ -45,8 +71,13 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_nullable_in_schema)
     include_usage: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        return _drop_null_defaults(data)
 
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None

@@ -75,7 +75,14 @@ from backends.openai_upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.api import _energy_fields, _send_event, _sse, _start_sse, energy_headers
+from proxy.api import (
+    TOKENIZE_ON_LOOP_MAX_CHARS,
+    _energy_fields,
+    _send_event,
+    _sse,
+    _start_sse,
+    energy_headers,
+)
 from proxy.carbon import CarbonCharge
 from proxy.config import ModelSettings, Settings, UpstreamSettings, parse_size
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
@@ -213,12 +220,24 @@ class TokenCounter:
             source = ensure_model(spec.removeprefix("tiny:"), cache_dir / "models")
         return cls(AutoTokenizer.from_pretrained(source))
 
+    @property
+    def exact(self) -> bool:
+        """Counting with a tokenizer (else by characters, at once)."""
+        return self._tokenizer is not None
+
     def count(self, text: str) -> int:
         if not text:
             return 0
         if self._tokenizer is not None:
             return len(self._tokenizer.encode(text, add_special_tokens=False))
         return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+def _chars(req: ChatCompletionRequest | CompletionRequest) -> int:
+    """The characters of a text request's prompts or messages."""
+    if isinstance(req, ChatCompletionRequest):
+        return sum(len(m.text()) for m in req.messages)
+    return sum(len(p) for p in req.prompts())
 
 
 def _choices_text(choices: Any) -> str:
@@ -424,6 +443,8 @@ class UpstreamServing:
         self._background: set[asyncio.Task[Outcome]] = set()
         self._ticking: set[Activity] = set()  # plain text requests in flight (see `_tick_all`)
         self._ticker: asyncio.Task[None] | None = None
+        # Prompt token counts of long prompts in flight, made on a worker thread (see `forward`)
+        self._prompt_counts: dict[int, int] = {}
 
     async def close(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
         """Wait (bounded) for the records of requests whose clients left."""
@@ -436,6 +457,23 @@ class UpstreamServing:
         self, request: web.Request, tag: RequestTag, req: ForwardedRequest
     ) -> web.StreamResponse:
         """Answer one validated, admitted request through the upstream."""
+        if (
+            not self.counter.exact
+            or isinstance(req, ImageGenerationRequest)
+            or _chars(req) <= TOKENIZE_ON_LOOP_MAX_CHARS
+        ):
+            return await self._forward(request, tag, req)
+        # A long prompt is tokenized once, on a worker thread: not on the event loop, where a 1 MB
+        # prompt would hold every other request for half a second.
+        self._prompt_counts[id(req)] = await asyncio.to_thread(self._count_prompt, req)
+        try:
+            return await self._forward(request, tag, req)
+        finally:
+            del self._prompt_counts[id(req)]
+
+    async def _forward(
+        self, request: web.Request, tag: RequestTag, req: ForwardedRequest
+    ) -> web.StreamResponse:
         raw = await request.read()  # the body as the client sent it (aiohttp keeps it once read)
         headers = {"X-Request-Id": request[REQUEST_ID]}
         if isinstance(req, ImageGenerationRequest):
@@ -456,6 +494,10 @@ class UpstreamServing:
         return Activity(self.monitors, tag, self.clock(), self.inflight)
 
     def _prompt_tokens(self, req: ChatCompletionRequest | CompletionRequest) -> int:
+        counted = self._prompt_counts.get(id(req))
+        return counted if counted is not None else self._count_prompt(req)
+
+    def _count_prompt(self, req: ChatCompletionRequest | CompletionRequest) -> int:
         if isinstance(req, ChatCompletionRequest):
             return sum(self.counter.count(m.text()) for m in req.messages)
         return sum(self.counter.count(p) for p in req.prompts())

@@ -309,3 +309,66 @@ def test_concurrent_requests_with_an_expired_key_share_one_lookup(tmp_path: Path
             await ledger.close()
 
     asyncio.run(main())
+
+
+def test_budgets_of_different_periods_each_hold(tmp_path: Path) -> None:
+    """A daily key and a total key are two budgets: the total one keeps refusing day after day, and the
+    daily one refuses only until its day ends (never one daily budget with the total's limit)."""
+    from datetime import datetime, timedelta, timezone
+
+    from proxy.auth import new_key
+    from proxy.budgets import TOTAL_RETRY_AFTER_S, Budgets
+    from proxy.errors import BudgetExceeded
+    from proxy.ledger import LedgerRecord
+
+    now = [datetime(2026, 11, 26, 12, tzinfo=timezone.utc)]
+    joules_a_kwh = 3.6e6
+
+    def spend(budgets: Budgets, joules: float) -> LedgerRecord:
+        budgets.add("erin", joules, 0.0)
+        return LedgerRecord(
+            f"r{now[0].timestamp()}-{joules}", now[0], "erin", None, "m", "text", "ok", joules=joules
+        )
+
+    async def scenario() -> None:
+        ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/budgets.db")
+        await ledger.start()
+        _, daily = new_key("erin", budget_kwh=100 / joules_a_kwh, budget_period="day")  # 100 J a day
+        _, total = new_key("erin", budget_kwh=250 / joules_a_kwh, budget_period="total")  # 250 J in all
+        _, monthly = new_key("erin", budget_co2_grams=5.0, budget_period="month")
+        budgets = Budgets(clock=lambda: now[0])
+        budgets.set_keys([daily, total, monthly])
+        await budgets.refresh(ledger)
+        assert [b.period for b in budgets.budgets("erin")] == ["day", "month", "total"]
+        await ledger.record([spend(budgets, 120.0)])  # over the daily budget, under the total
+        with pytest.raises(BudgetExceeded) as exc:
+            budgets.check("erin")
+        assert "daily budget" in exc.value.message and exc.value.retry_after_s == 12 * 3600
+        assert budgets.remaining_kwh()["erin"] == pytest.approx(-20 / joules_a_kwh)
+        now[0] += timedelta(days=1)
+        budgets.check("erin")  # a new day: the daily budget is fresh, the total has 130 J left
+        assert budgets.remaining_kwh()["erin"] == pytest.approx(100 / joules_a_kwh)
+        await ledger.record([spend(budgets, 90.0)])
+        now[0] += timedelta(days=1)
+        await budgets.refresh(ledger)  # from the ledger: 210 J in all, none today
+        assert budgets.remaining_kwh()["erin"] == pytest.approx(40 / joules_a_kwh)
+        await ledger.record([spend(budgets, 50.0)])  # 260 J in all: the total is spent
+        for _ in range(2):
+            now[0] += timedelta(days=1)
+            await budgets.refresh(ledger)
+            with pytest.raises(BudgetExceeded) as exc:
+                budgets.check("erin")
+            assert "total budget" in exc.value.message and exc.value.retry_after_s == TOTAL_RETRY_AFTER_S
+        await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_cli_reading_a_ledger_that_is_not_there_says_so(tmp_path: Path) -> None:
+    """A wrong data directory is an error, not a report of no usage (and leaves no empty ledger)."""
+    env = dict(os.environ, WATTPROXY_DATA_DIR=str(tmp_path / "typo"))
+    for args in (("usage", "--by", "user"), ("keys", "list"), ("keys", "revoke", "key_0123456789ab")):
+        done = _cli(*args, env=env)
+        assert done.returncode == 1 and "no ledger at" in done.stderr, (args, done.stderr)
+        assert done.stdout == ""
+    assert not (tmp_path / "typo").exists()

@@ -576,3 +576,122 @@ def test_full_queue_answers_429_with_retry_after(make_server) -> None:  # type: 
         assert int(rejected.headers["Retry-After"]) >= 1
         gate.set()
         assert [f.result(timeout=60).status_code for f in futures] == [200, 200, 200, 200]
+
+
+# -- found by review: long prompts, nulls, JSON limits, choices ------------------------------------------
+
+
+class ThreadNotingBackend(BackendWrapper):
+    """Notes, for each prompt it counts, whether it was counted on the event loop's thread."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.on_loop: list[tuple[int, bool]] = []
+
+    def prompt_ids(self, request: TextRequest) -> tuple[int, ...]:
+        chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        self.on_loop.append((chars, threading.current_thread().name == "live-server"))
+        return self.inner.prompt_ids(request)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_long_prompts_are_counted_off_the_event_loop(make_server, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    """A prompt longer than TOKENIZE_ON_LOOP_MAX_CHARS is tokenized on a worker thread: a megabyte of
+    prompt would otherwise hold every other request and stream for half a second."""
+    from proxy.api import TOKENIZE_ON_LOOP_MAX_CHARS
+
+    noting = ThreadNotingBackend(
+        load_backend("text", "tiny-gpt2", ensure_model("tiny-gpt2", model_cache / "models"))
+    )
+    server = make_server(app_kwargs={"backends": {"tiny-gpt2": noting}})
+    short = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert _post(server, CHAT, short).status_code == 200
+    long = "a fox " * (TOKENIZE_ON_LOOP_MAX_CHARS // 6 + 10)
+    err = _error(
+        _post(server, CHAT, {**short, "messages": [{"role": "user", "content": long}]}), 400, "messages"
+    )
+    assert err["code"] == "context_length_exceeded"
+    _error(
+        _post(server, "/v1/completions", {"model": "tiny-gpt2", "prompt": long, "max_tokens": 2}),
+        400,
+        "prompt",
+    )
+    assert noting.on_loop == [(2, True), (len(long), False), (len(long), False)]
+
+
+def test_null_parameters_mean_their_defaults(server: LiveServer) -> None:
+    """OpenAI's clients send a parameter passed as None as null: it means the default."""
+    c = client(server)
+    chat = c.chat.completions.create(
+        model="tiny-gpt2",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=None,
+        top_p=None,
+        n=None,
+        stream=None,
+        seed=None,
+        stop=None,
+    )
+    assert len(chat.choices) == 1 and chat.usage is not None
+    body = {
+        "model": "tiny-sd",
+        "prompt": "x",
+        "n": None,
+        "response_format": None,
+        "size": "64x64",
+        "steps": 1,
+    }
+    assert len(_post(server, IMAGES, body).json()["data"]) == 1
+    _error(_post(server, CHAT, {"model": None, "messages": [{"role": "user", "content": "x"}]}), 400, "model")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"model": "tiny-gpt2", "seed": ' + b"7" * 5000 + b"}", "number too long"),
+    ],
+)
+def test_json_past_pythons_limits_is_a_400(server: LiveServer, raw: bytes, message: str) -> None:
+    err = _error(_post(server, CHAT, raw), 400)
+    assert err["code"] == "invalid_json" and message in str(err["message"])
+
+
+def test_choices_count_their_prompt_once_and_do_not_repeat_each_other(make_server) -> None:  # type: ignore[no-untyped-def]
+    """n choices: usage counts the prompt once (as OpenAI does); the ledger keeps each member's own
+    tokens. Seeded choices that run in different batches (batches of one here) are different samples,
+    and the same request gives the same choices again."""
+    server = make_server(
+        models=[ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_batch_size=1)]
+    )
+    c = client(server)
+    ask = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "Tell me"}], "max_tokens": 8}
+    one = c.chat.completions.create(**ask, temperature=0)  # type: ignore[call-overload]
+    three = c.chat.completions.with_raw_response.create(**ask, temperature=0, n=3)  # type: ignore[call-overload]
+    parsed = three.parse()
+    assert one.usage is not None and parsed.usage is not None
+    assert parsed.usage.prompt_tokens == one.usage.prompt_tokens
+    assert parsed.usage.completion_tokens == 3 * one.usage.completion_tokens  # greedy: three equal answers
+    rid = three.headers["X-Request-Id"]
+    records = {r.request_id: r for r in server.call(server.app[LEDGER].records())}  # type: ignore[index]
+    members = [records[f"{rid}-{i}"] for i in range(3)]
+    assert [m.prompt_tokens for m in members] == [one.usage.prompt_tokens] * 3
+    seeded = [
+        [ch.message.content for ch in c.chat.completions.create(**ask, temperature=1.0, seed=5, n=2).choices]  # type: ignore[call-overload]
+        for _ in range(2)
+    ]
+    assert seeded[0][0] != seeded[0][1]  # two samples, not one sample twice
+    assert seeded[0] == seeded[1]  # seeded: repeatable
+
+
+def test_more_choices_than_the_queue_holds_is_a_400(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(
+        models=[ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_queue=2, max_n=4)]
+    )
+    ask = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    err = _error(_post(server, CHAT, {**ask, "n": 3}), 400, "n")
+    assert "max_queue 2" in str(err["message"])
+    listed = {"model": "tiny-gpt2", "prompt": ["a", "b", "c", "d", "e"], "max_tokens": 2}
+    err = _error(_post(server, "/v1/completions", listed), 400, "prompt")
+    assert str(err["message"]).startswith("n (1) x 5 prompts is 5 choices, above this model's limit of 4")
+    assert _post(server, CHAT, {**ask, "n": 2}).status_code == 200

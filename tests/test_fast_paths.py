@@ -167,6 +167,12 @@ def _reference_parse(raw: bytes) -> Any:
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeError as e:
         raise InvalidRequest("request body is not valid UTF-8 text", code="invalid_json") from e
+    except json.JSONDecodeError:
+        raise
+    except RecursionError as e:
+        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from e
+    except ValueError as e:
+        raise InvalidRequest("request body has a number too long to read", code="invalid_json") from e
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     return data
@@ -207,6 +213,8 @@ SAMPLES = [
     '{"a": "é"}'.encode("utf-16-be"),
     '{"a": "\ud800"}'.encode("utf-16-le", "surrogatepass"),
     b'{"a": NaN, "b": -Infinity}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"a": ' + b"7" * 5000 + b"}",
     b'{"a": "x\x00"}',
     b'["not", "an", "object"]',
     b"{",

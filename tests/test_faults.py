@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends import load_backend
 from backends.base import Backend, BackendRequest, BackendResult
@@ -93,6 +94,14 @@ def test_a_backend_failing_some_batches(make_server, model_cache: Path) -> None:
     failed = [r for r in records if r.status == "error"]
     assert len(failed) == 3 and all(r.joules > 0 for r in failed)  # the device worked: energy is charged
     assert sum(r.status == "ok" for r in records) == 3
+    # each failed request counted once, as recorded ("error"), not again as the 500 it was answered with
+    statuses_counted: dict[str, float] = {}
+    for family in text_string_to_metric_families(requests.get(server.base_url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "wattproxy_requests_total":
+                status = sample.labels["status"]
+                statuses_counted[status] = statuses_counted.get(status, 0) + sample.value
+    assert statuses_counted == {"ok": 3, "error": 3}
 
 
 def test_a_meter_failing_for_a_while_invents_no_joule(make_server) -> None:  # type: ignore[no-untyped-def]

@@ -68,7 +68,7 @@ def flatmap_path_parameters(
 # the limited parameter (or a 404 for a model or key that does not exist).
 LIMIT_REFUSALS = {
     "max_tokens_exceeded": {"max_tokens", "max_completion_tokens"},
-    "n_exceeded": {"n"},
+    "n_exceeded": {"n", "prompt"},  # "prompt": a list of prompts, each a choice
     "steps_exceeded": {"steps"},
     "invalid_size": {"size"},
     "prompt_too_long": {"prompt"},

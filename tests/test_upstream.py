@@ -576,6 +576,27 @@ def test_estimates_use_the_configured_tokenizer(
         tokenizer.encode("hello there")
     )
     assert usage["energy"]["usage_source"] == "estimate"
+    # a long prompt is counted once, on a worker thread (not on the event loop), with the same count
+    from proxy.upstream import TokenCounter
+
+    threads: list[str] = []
+    real = TokenCounter.count
+
+    def noting(self: TokenCounter, text: str) -> int:
+        threads.append(threading.current_thread().name)
+        return real(self, text)
+
+    long = "hello there " * 500
+    TokenCounter.count = noting  # type: ignore[method-assign]
+    try:
+        body["messages"] = [{"role": "user", "content": long}]
+        usage = requests.post(proxy.base_url + CHAT, json=body, timeout=30).json()["usage"]
+    finally:
+        TokenCounter.count = real  # type: ignore[method-assign]
+    assert usage["prompt_tokens"] == len(tokenizer.encode(long, add_special_tokens=False))
+    loop_thread = proxy.thread.name
+    assert threads[0] != loop_thread  # the prompt, on a worker thread
+    assert threads[1:] == [loop_thread]  # the (short) answer's text, on the loop
 
 
 def _streamed(proxy: ProxyServer, model: str) -> list[Any]:
