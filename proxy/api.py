@@ -270,6 +270,17 @@ def _energy_fields(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         co2 = sum(x.co2_grams for x in carbon)
         embodied = sum(x.embodied_co2_grams for x in carbon)
         c = carbon[0] if carbon else None
+        if c is not None and any(
+            x.intensity_g_per_kwh != c.intensity_g_per_kwh or x.source != c.source for x in carbon
+        ):
+            # members that ran under different intensities (a time series that moved between their
+            # batches): the energy-weighted intensity, so that co2 = kWh x intensity x PUE + embodied
+            # still holds for the answer as a whole
+            operational = sum(x.operational_co2_grams for x in carbon)
+            per_intensity = joules / JOULES_PER_KWH * c.pue  # g of CO2e a g/kWh of intensity
+            intensity = operational / per_intensity if per_intensity > 0 else c.intensity_g_per_kwh
+            sources = sorted({x.source for x in carbon})
+            c = replace(c, intensity_g_per_kwh=intensity, source=" + ".join(sources))
     return {
         "kwh": joules / JOULES_PER_KWH,
         "joules": joules,

@@ -239,6 +239,7 @@ def create_app(
             monitor = DeviceMonitor(
                 meter,
                 idle_policy=settings.idle_policy,
+                amortize_window_s=settings.amortize_window_s,
                 sample_period_s=settings.energy.sample_period_s,
                 finalize_poll_s=settings.energy.finalize_poll_s,
                 max_finalize_delay_s=settings.energy.max_finalize_delay_s,

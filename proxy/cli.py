@@ -9,13 +9,15 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from proxy.config import ConfigError, Settings, load_settings
+from proxy.energy.meter import MeterError
 from proxy.ledger import Ledger, LedgerUnavailable
 
+T = TypeVar("T")
 log = logging.getLogger("wattproxy")
 
 
@@ -57,30 +59,37 @@ def _parser() -> argparse.ArgumentParser:
             "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
         )
 
-    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    # where the ledger is: accepted before or after a `keys` subcommand (`keys list --data-dir D`)
+    ledger_args = argparse.ArgumentParser(add_help=False)
+    ledger_args.add_argument("--config", help="TOML settings file (also WATTPROXY_CONFIG)")
+    ledger_args.add_argument("--data-dir", help="where the ledger is kept")
+    ledger_args.add_argument(
+        "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
+    )
+    below = argparse.ArgumentParser(add_help=False)  # the same, after the subcommand: kept apart
+    for flag, dest in (("--config", "sub_config"), ("--data-dir", "sub_data_dir"), ("--db", "sub_db")):
+        below.add_argument(flag, dest=dest, help=argparse.SUPPRESS)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys", parents=[ledger_args])
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create = keys_sub.add_parser("create", help="create a key and print it once", parents=[below])
     create.add_argument("--user", required=True)
     create.add_argument("--admin", action="store_true", help="may manage keys and read everyone's usage")
     create.add_argument("--budget-kwh", type=float)
     create.add_argument("--budget-co2-grams", type=float)
     create.add_argument("--period", choices=["day", "month", "total"], default="total")
-    keys_sub.add_parser("list", help="list keys (never the secrets)")
-    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    keys_sub.add_parser("list", help="list keys (never the secrets)", parents=[below])
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id", parents=[below])
     revoke.add_argument("key_id")
 
-    usage = sub.add_parser("usage", help="energy and CO2e per user, model, task or day")
+    usage = sub.add_parser(
+        "usage", help="energy and CO2e per user, model, task or day", parents=[ledger_args]
+    )
     usage.add_argument("--user")
     usage.add_argument("--since", help="ISO date or time (inclusive)")
     usage.add_argument("--until", help="ISO date or time (exclusive)")
     usage.add_argument("--by", choices=["model", "task", "day", "user"])
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    for p in (keys, usage):
-        p.add_argument("--config", help="TOML settings file (also WATTPROXY_CONFIG)")
-        p.add_argument("--data-dir", help="where the ledger is kept")
-        p.add_argument(
-            "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
-        )
     return parser
 
 
@@ -122,8 +131,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT; then new requests get 503 while in-flight ones finish (bounded)."""
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; then new requests get 503 while in-flight ones finish (bounded).
+    Returns the exit status: 1 when a configured model failed to load (a bad model setting stops the
+    server, after saying why), else 0."""
     from prometheus_client import disable_created_metrics
 
     from proxy.app import create_app, make_runner
@@ -132,6 +143,7 @@ async def serve(settings: Settings) -> None:
     # `_created` series double the counters' series and ~45% of render time; Prometheus does not need them.
     disable_created_metrics()
 
+    _check_port_free(settings.host, settings.port)  # before anything is set up (an admin key printed)
     app = create_app(settings, freeze=True)
     runner = make_runner(app)
     await runner.setup()
@@ -143,7 +155,10 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    failed: list[str] = []
+    watch = asyncio.create_task(_watch_model_loading(app[SERVICE], stop, failed))
     await stop.wait()
+    watch.cancel()
     service = app[SERVICE]
     service.draining = True
     log.info(
@@ -157,9 +172,43 @@ async def serve(settings: Settings) -> None:
         log.warning("drain timed out with work still in flight")
     await runner.cleanup()
     log.info("stopped")
+    return 1 if failed else 0
 
 
-def run_event_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+def _check_port_free(host: str, port: int) -> None:
+    """OSError (address in use, say) when `host:port` cannot be listened on."""
+    if port == 0:
+        return
+    import socket
+
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's listener
+            probe.bind(address)
+
+
+async def _watch_model_loading(service: Any, stop: asyncio.Event, failed: list[str]) -> None:
+    """Once every configured model has loaded or failed: any failure stops the server (logged with
+    its cause), as a bad setting does, rather than serving on with /readyz at 503 for ever."""
+    while True:
+        local = [m for m in service.models.values() if not m.upstream]
+        if all(m.queue is not None or m.load_error for m in local):
+            break
+        await asyncio.sleep(0.25)
+    failed += [m.settings.name for m in local if m.load_error]
+    if failed:
+        for m in local:
+            if m.load_error:
+                log.error(
+                    "model %s failed to load (%s): %s; stopping",
+                    m.settings.name,
+                    m.settings.source,
+                    m.load_error,
+                )
+        stop.set()
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], choice: str) -> T:
     """Run `main` on uvloop (choice "uvloop", or "auto" where it is installed) or on asyncio's loop."""
     if choice != "asyncio":
         try:
@@ -169,16 +218,21 @@ def run_event_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
                 raise ValueError("event_loop = 'uvloop' but uvloop is not installed") from None
         else:
             log.info("event loop: uvloop %s", uvloop.__version__)
-            uvloop.run(main)
-            return
+            return uvloop.run(main)
     log.info("event loop: asyncio")
-    asyncio.run(main)
+    return asyncio.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for name in ("config", "data_dir", "db"):  # `keys list --data-dir D` as `keys --data-dir D list`
+        given = getattr(args, "sub_" + name, None)
+        if given is not None:
+            setattr(args, name, given)
     try:
-        settings = load_settings(args.config, overrides=_overrides(args))
+        settings = load_settings(
+            args.config, overrides=_overrides(args), ignore=() if args.command == "serve" else ("upstream",)
+        )
     except (ConfigError, ValueError) as e:
         sys.stderr.write(f"wattproxy: {e}\n")
         return 2
@@ -187,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            run_event_loop(serve(settings), settings.event_loop)
+            return run_event_loop(serve(settings), settings.event_loop)
         elif args.command == "keys":
             return asyncio.run(keys_command(settings, args))
         elif args.command == "usage":
@@ -195,9 +249,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LedgerUnavailable as e:
         log.error("the ledger database is unavailable: %s", e)
         return 1
+    except MeterError as e:  # e.g. meter = "nvml" for a model on the CPU
+        log.error("the energy meter cannot be used: %s (see the meter setting, --meter)", e)
+        return 2
     except ValueError as e:  # configuration found bad at start (e.g. the carbon provider), bad arguments
         log.error("%s", e)
         return 2
+    except OSError as e:  # e.g. the port is taken
+        log.error("cannot serve: %s", e)
+        return 1
     return 0
 
 

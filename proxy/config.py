@@ -3,6 +3,8 @@ environment. Defaults serve the embedded random-weight models on a CPU."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import sys
@@ -29,6 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "WATTPROXY_"
+log = logging.getLogger(__name__)
 SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -169,6 +172,9 @@ class Settings(_Strict):
     data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("wattproxy")))
     meter: Literal["auto", "nvml", "estimated", "synthetic"] = "auto"
     idle_policy: Literal["separate", "amortize"] = "separate"
+    # amortize: idle energy is charged to the next job's requests only within this window; older idle
+    # energy (a quiet night) is reported as idle
+    amortize_window_s: float = Field(60.0, gt=0)
     energy: EnergySettings = Field(default_factory=EnergySettings)
     carbon: CarbonSettings = Field(default_factory=CarbonSettings)
     auth: Literal["keys", "none"] = "keys"
@@ -194,6 +200,19 @@ class Settings(_Strict):
     def db_url(self) -> str:
         return self.db or f"sqlite:///{(self.data_dir / 'wattproxy.db').resolve()}"
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_from_text(cls, value: object) -> object:
+        """From the environment: a JSON list, or origins separated by commas."""
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [o.strip() for o in text.split(",") if o.strip()]
+            )
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _no_embedded_models_in_proxy_mode(cls, data: Any) -> Any:
@@ -213,12 +232,17 @@ class Settings(_Strict):
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """WATTPROXY_PORT=9000 -> {"port": "9000"}; WATTPROXY_CARBON__ZONE=FR -> {"carbon": {"zone": "FR"}}."""
+    """WATTPROXY_PORT=9000 -> {"port": "9000"}; WATTPROXY_CARBON__ZONE=FR -> {"carbon": {"zone": "FR"}}.
+    A variable whose first part names no setting (a client's WATTPROXY_KEY, say) is ignored, with a
+    warning; a wrong name inside a section (WATTPROXY_CARBON__ZONEX) is an error, as in the file."""
     out: dict[str, Any] = {}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         path = key[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in Settings.model_fields:
+            log.warning("environment variable %s names no setting: ignored", key)
+            continue
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -241,8 +265,10 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    ignore: tuple[str, ...] = (),
 ) -> Settings:
-    """Build Settings from a TOML file, the environment and flag overrides (later wins).
+    """Build Settings from a TOML file, the environment and flag overrides (later wins), leaving out
+    the top-level settings in `ignore` (those a command does not use: `keys` has no upstream).
 
     Raises ConfigError with every problem found, each naming its setting."""
     env = os.environ if env is None else env
@@ -257,6 +283,8 @@ def load_settings(
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
     data = _merge(data, _env_overrides(env))
     data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    for name in ignore:
+        data.pop(name, None)
     try:
         return Settings.model_validate(data)
     except ValidationError as e:

@@ -37,8 +37,9 @@ from proxy.exposition import Exposition, RowFamily
 JOULES_PER_KWH = 3.6e6
 
 # Per-request energy spans ~1e-9 kWh (a tiny CPU model) to ~1e-2 kWh (a large image batch on a GPU).
-ENERGY_KWH_BUCKETS = tuple(m * 10.0**e for e in range(-9, -1) for m in (1.0, 2.5, 5.0))
-CO2_GRAMS_BUCKETS = tuple(m * 10.0**e for e in range(-7, 2) for m in (1.0, 2.5, 5.0))
+# Each bound parsed from its decimal form (2.5e-06, not 2.5 * 10.0**-6 = 2.4999999999999998e-06).
+ENERGY_KWH_BUCKETS = tuple(float(f"{m}e{e}") for e in range(-9, -1) for m in ("1", "2.5", "5"))
+CO2_GRAMS_BUCKETS = tuple(float(f"{m}e{e}") for e in range(-7, 2) for m in ("1", "2.5", "5"))
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
@@ -260,9 +261,9 @@ class _RequestChildren:
     co2: Any
     queue_wait: Any
     duration: Any
-    prompt_tokens: Any
+    prompt_tokens: Any  # text models only (None for image ones: no series that can never move)
     completion_tokens: Any
-    images: Any
+    images: Any  # image models only
     # set when every value above is a MutexValue on `Metrics._lock` (see `_Shared`), else None
     h_energy: _Histo | None = None
     h_co2: _Histo | None = None
@@ -270,7 +271,7 @@ class _RequestChildren:
     h_duration: _Histo | None = None
 
     def all(self) -> tuple[Any, ...]:
-        return (
+        every = (
             self.requests,
             self.energy,
             self.co2,
@@ -280,6 +281,7 @@ class _RequestChildren:
             self.completion_tokens,
             self.images,
         )
+        return tuple(child for child in every if child is not None)
 
 
 class Metrics:
@@ -358,9 +360,9 @@ class Metrics:
             co2=self.request_co2.labels(r.model, r.task),
             queue_wait=self.queue_wait.labels(r.model, r.task),
             duration=self.request_duration.labels(r.model, r.task),
-            prompt_tokens=self.tokens.labels(r.model, r.user, "prompt"),
-            completion_tokens=self.tokens.labels(r.model, r.user, "completion"),
-            images=self.images.labels(r.model, r.user),
+            prompt_tokens=self.tokens.labels(r.model, r.user, "prompt") if r.task == "text" else None,
+            completion_tokens=self.tokens.labels(r.model, r.user, "completion") if r.task == "text" else None,
+            images=self.images.labels(r.model, r.user) if r.task == "image" else None,
         )
         if _Shared.usable(c.all()):
             with self._lock:  # a value shared with a request being recorded keeps this same lock

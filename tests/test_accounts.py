@@ -226,6 +226,11 @@ def test_cli_keys_and_usage(keyed, tmp_path: Path) -> None:  # type: ignore[no-u
     assert re.fullmatch(r"wp-[A-Za-z0-9_-]{43}", secret)
     energy = _chat(server, secret)
     listed = [json.loads(line) for line in _cli("keys", "list", env=env).stdout.splitlines()]
+    # the ledger's flags after the subcommand too
+    after = _cli(
+        "keys", "list", "--data-dir", str(tmp_path), env=dict(os.environ, WATTPROXY_DATA_DIR="/nonexistent")
+    )
+    assert [json.loads(line) for line in after.stdout.splitlines()] == listed, after.stderr
     dave = next(k for k in listed if k["user"] == "dave")
     assert dave["budget_kwh"] == 2.0 and dave["budget_period"] == "month"
     usage = json.loads(_cli("usage", "--user", "dave", "--format", "json", env=env).stdout)

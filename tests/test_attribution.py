@@ -167,6 +167,32 @@ def test_monitor_amortize_charges_preceding_idle_to_the_next_job() -> None:
     assert m.committed_idle_j == 0.0
 
 
+@pytest.mark.parametrize("ticks", [False, True])
+def test_monitor_amortize_charges_only_a_window_of_idle(ticks: bool) -> None:
+    """Under amortize a job takes the idle energy of at most `amortize_window_s` before its start (by
+    time); older idle is idle, committed by the sampler's ticks as it ages (the device's counter moves
+    while it idles) or at the job's commit."""
+    clock = FakeClock()
+    meter = SyntheticMeter("cpu", idle_watts=10.0, busy_watts=110.0, clock=clock)
+    m = DeviceMonitor(meter, idle_policy="amortize", amortize_window_s=1.0, clock=clock)
+    m._sample()
+    clock.advance(5.0)  # 50 J idle
+    if ticks:
+        with m._lock:
+            m._insert_locked(m._read())
+            finished = m._advance_locked(commit_idle=True)  # what the sampler thread does
+        m._resolve(finished)
+        assert close(m.committed_idle_j, 40.0)  # all but the last second's
+    clock.advance(1.0)  # 10 J more
+    job = m.begin()
+    clock.advance(1.0)  # 110 J busy
+    m.end(job, [("r1", 1.0)])
+    charge = job.result.result(timeout=1)["r1"]
+    assert close(charge.idle_joules, 10.0) and close(charge.joules, 120.0)  # the second before it
+    assert close(m.committed_idle_j, 50.0)
+    assert close(m.committed_idle_j + m.committed_attributed_j, m.processed_j)
+
+
 def test_stepped_counter_short_job_is_not_zero_and_waits_for_the_next_update() -> None:
     clock = FakeClock(0.0)
     m = _monitor(clock, period=0.1)

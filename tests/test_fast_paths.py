@@ -155,6 +155,40 @@ def test_energy_headers_of_the_fields_are_those_of_the_model(members: list[Outco
     assert energy_headers(fields, "rid") == energy_headers(energy_usage(members), "rid")
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(min_value=0.001, max_value=1e4),  # joules
+            st.sampled_from([56.0, 381.0, 475.0]),  # intensity, g/kWh
+            st.floats(min_value=0.0, max_value=1.0),  # embodied g
+        ),
+        min_size=2,
+        max_size=4,
+    )
+)
+def test_an_answers_carbon_figures_agree_when_its_members_ran_under_different_intensities(
+    members: list[tuple[float, float, float]],
+) -> None:
+    """co2 = kWh x intensity x PUE + embodied holds for the answer as a whole: with members charged at
+    different intensities, the answer gives their energy-weighted intensity and names every source."""
+    pue = 1.2
+    outcomes = []
+    for i, (joules, intensity, embodied) in enumerate(members):
+        operational = joules / 3.6e6 * intensity * pue
+        carbon = CarbonCharge(
+            operational + embodied, operational, embodied, intensity, pue, "Z", f"csv:{intensity:g}"
+        )
+        charge = Charge(joules, 0.0, 0.0, "synthetic", "cpu", 0.0, 1.0, 1.0)
+        tag = RequestTag(request_id=f"r{i}", model="m", task="text", user="u", carbon=carbon)
+        result = TextResult("x", 1, 1, "stop", 1.0)
+        outcomes.append(Outcome(tag, REQUEST, result, None, charge, "ok", 0.0, 0.0, 1, 0.0))
+    e = _energy_fields(outcomes)
+    operational = e["co2_grams"] - (e["embodied_co2_grams"] or 0.0)
+    assert math.isclose(operational, e["kwh"] * e["carbon_intensity_g_per_kwh"] * e["pue"], rel_tol=1e-9)
+    assert set(e["carbon_source"].split(" + ")) == {f"csv:{m[1]:g}" for m in members}
+
+
 # -- the body's text check: one json.loads, the full re-encoding only where a surrogate may hide --------
 
 

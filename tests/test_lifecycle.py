@@ -144,3 +144,59 @@ def test_bad_carbon_settings_fail_at_start_before_anything_is_created(
         assert words in proc.stderr
         assert "wp-" not in proc.stdout  # no admin key was made for a server that never started
     assert not data.exists()
+
+
+def _serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_model_that_fails_to_load_stops_the_server(serve_env: dict[str, str], tmp_path: Path) -> None:
+    """A bad model setting found only when loading (a preset that does not exist) stops the server, the
+    cause in the log, instead of serving on with /readyz at 503 for ever."""
+    config = tmp_path / "models.toml"
+    config.write_text(
+        'meter = "synthetic"\nauth = "none"\n[[models]]\nname = "m"\ntask = "text"\nsource = "tiny:nope"\n'
+    )
+    proc = _serve(["--config", str(config), "--port", "0"], serve_env)
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"model m failed to load \(tiny:nope\).*; stopping", proc.stderr)
+
+
+def test_start_problems_are_messages_not_tracebacks(serve_env: dict[str, str], tmp_path: Path) -> None:
+    """A port already taken and a meter the device cannot have: a message naming the problem, before
+    anything is made (no admin key printed), and no traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _serve(["--port", str(port)], dict(serve_env, WATTPROXY_DATA_DIR=str(tmp_path / "a")))
+    assert proc.returncode == 1 and "cannot serve" in proc.stderr and "Traceback" not in proc.stderr
+    assert "wp-" not in proc.stdout
+    proc = _serve(["--port", "0", "--meter", "nvml"], dict(serve_env, WATTPROXY_DATA_DIR=str(tmp_path / "b")))
+    assert proc.returncode == 2 and "meter" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_environment_variables_that_name_no_setting_are_ignored(tmp_path: Path) -> None:
+    from proxy.config import ConfigError, load_settings
+
+    env = {
+        "WATTPROXY_KEY": "wp-a-client-key",
+        "WATTPROXY_CORS_ORIGINS": "https://a.example, https://b.example",
+    }
+    assert load_settings(env=env).cors_origins == ["https://a.example", "https://b.example"]
+    assert load_settings(env={"WATTPROXY_CORS_ORIGINS": '["https://c.example"]'}).cors_origins == [
+        "https://c.example"
+    ]
+    with pytest.raises(ConfigError, match=r"carbon\.zonex"):
+        load_settings(
+            env={"WATTPROXY_CARBON__ZONEX": "FR"}
+        )  # a wrong name inside a section is still an error
+    # `keys` and `usage` have no upstream: a partial one in the environment does not stop them
+    env = {"WATTPROXY_UPSTREAM__API_KEY": "k", "WATTPROXY_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match="upstream"):
+        load_settings(env=env)
+    assert load_settings(env=env, ignore=("upstream",)).upstream is None

@@ -117,6 +117,7 @@ class DeviceMonitor:
         meter: EnergyMeter,
         *,
         idle_policy: IdlePolicy = "separate",
+        amortize_window_s: float = 60.0,
         sample_period_s: float = 0.05,
         finalize_poll_s: float = 0.005,
         max_finalize_delay_s: float = 1.0,
@@ -134,6 +135,12 @@ class DeviceMonitor:
         self.meter = meter
         self.device = meter.device
         self.idle_policy: IdlePolicy = idle_policy
+        if amortize_window_s <= 0:
+            raise ValueError("amortize_window_s must be > 0")
+        # amortize: idle energy older than this when no job has come to take it is committed as idle
+        # (a request after a quiet night does not take the night's idle energy; the device's counter
+        # keeps moving while it is idle)
+        self.amortize_window_s = amortize_window_s
         self.sample_period_s = sample_period_s
         self.finalize_poll_s = min(finalize_poll_s, sample_period_s)
         self.max_finalize_delay_s = max_finalize_delay_s
@@ -159,6 +166,7 @@ class DeviceMonitor:
         self._last_boundary_s = -math.inf
         self._next_key = 0
         self._pending_idle_j = 0.0  # amortize: idle processed but not yet charged
+        self._pending_idle_from_s = -math.inf  # amortize: the timeline up to here was committed
         self.processed_j = 0.0  # meter energy processed (attributed + idle, pending included)
         self.committed_idle_j = 0.0
         self.committed_attributed_j = 0.0
@@ -278,6 +286,7 @@ class DeviceMonitor:
         self._latest = point
         if self._first_energy_j is None:
             self._first_energy_j = point[1]
+            self._pending_idle_from_s = point[0]  # the timeline starts here
         self._recent.append(point)
         if not self._points or self.meter.continuous or point[1] != self._points[-1][1]:
             self._points.append(point)
@@ -531,9 +540,16 @@ class DeviceMonitor:
             job = ended.popleft()
             if job.state == _SWEPT:
                 done.append(job)
-        if not done and (self.idle_policy == "amortize" or not self._pending_idle_j or not commit_idle):
-            return []
-        return self._commit_locked(done)
+        if not done:
+            if self.idle_policy == "amortize":
+                if commit_idle and self._pending_idle_j and not self._open:
+                    return self._flush_stale_idle_locked(processed_until)
+                return []
+            if not self._pending_idle_j or not commit_idle:
+                return []
+        committed = self._commit_locked(done)
+        self._pending_idle_from_s = processed_until
+        return committed
 
     def _blocked_locked(self, a: float, b: float) -> bool:
         """Whether a job still open shares part of [a, b] with another job. Jobs are kept in start
@@ -727,14 +743,34 @@ class DeviceMonitor:
             given += part
         self._pending_idle_j += energy_j - given
 
+    def _flush_stale_idle_locked(self, processed_until: float) -> list[tuple[_Job, dict[Hashable, Charge]]]:
+        """amortize, no job open: the pending idle energy older than `amortize_window_s` (by time, at
+        the pending stretch's average draw) is committed as idle, so that the device's counter moves
+        while it idles and the next job takes at most the window's worth."""
+        span_s = processed_until - self._pending_idle_from_s
+        if span_s <= self.amortize_window_s:
+            return []
+        kept_j = self._pending_idle_j * (self.amortize_window_s / span_s)
+        self._pending_idle_j -= kept_j
+        self._pending_idle_from_s = processed_until - self.amortize_window_s
+        finished = self._commit_locked([], flush_idle=True)
+        self._pending_idle_j = kept_j
+        return finished
+
     def _commit_locked(
         self, done: list[_Job], flush_idle: bool = False, measurement: str | None = None
     ) -> list[tuple[_Job, dict[Hashable, Charge]]]:
         idle_j, self._pending_idle_j = self._pending_idle_j, 0.0
         charged_idle: dict[Hashable, float] = {}
         if self.idle_policy == "amortize" and done and not flush_idle:
-            charged_idle = amortize(idle_j, {j.key: j.energy_j for j in done})
-            idle_j = 0.0
+            # the idle energy since the timeline was last committed, as far back as the window reaches
+            # from the first job's start (by time, at the stretch's average draw); older is idle
+            span_s = min(j.start_s for j in done) - self._pending_idle_from_s
+            charged_j = (
+                idle_j * (self.amortize_window_s / span_s) if span_s > self.amortize_window_s else idle_j
+            )
+            charged_idle = amortize(charged_j, {j.key: j.energy_j for j in done})
+            idle_j -= charged_j
         out: list[tuple[_Job, dict[Hashable, Charge]]] = []
         commits: list[tuple[Hashable, Charge]] = []
         for job in done:
