@@ -326,7 +326,8 @@ class CsvIntensityProvider:
 
     Outside the series nothing fails (a request must not error on a carbon lookup): before the
     first row the first value is used, and more than ``max_gap_s`` after the last row the last
-    value is used; each case is logged once at WARNING. ``at`` is the timestamp of the row used.
+    value is used, with the source labelled ``<source>-stale``; each case is logged once at
+    WARNING. ``at`` is the timestamp of the row used.
     """
 
     def __init__(self, series: IntensitySeries, zone: str, source: str = "csv") -> None:
@@ -345,9 +346,13 @@ class CsvIntensityProvider:
             if not self._warned_before:
                 self._warned_before = True
                 logger.warning("carbon CSV: %s is before the first row; using the first value", when)
-        elif i == len(times) - 1 and t - times[-1] > self._series.max_gap_s and not self._warned_after:
-            self._warned_after = True
-            logger.warning("carbon CSV: %s is past the end of the series; using the last value", when)
+        elif i == len(times) - 1 and t - times[-1] > self._series.max_gap_s:
+            if not self._warned_after:
+                self._warned_after = True
+                logger.warning("carbon CSV: %s is past the end of the series; using the last value", when)
+            # labelled, so that responses, the ledger and the gauge show the series has run out
+            at = datetime.fromtimestamp(times[i], timezone.utc)
+            return Intensity(self._series.values[i], self._zone, self._source + "-stale", at)
         at = datetime.fromtimestamp(times[i], timezone.utc)
         return Intensity(self._series.values[i], self._zone, self._source, at)
 

@@ -244,10 +244,12 @@ def test_csv_outside_the_series_uses_the_nearest_end_and_logs_once(
     with caplog.at_level(logging.WARNING, logger="proxy.carbon"):
         assert model.charge(1.0, T0 - timedelta(days=1)).intensity_g_per_kwh == 100
         assert model.charge(1.0, T0 - timedelta(days=2)).intensity_g_per_kwh == 100
-        assert model.charge(1.0, T0 + timedelta(hours=3)).intensity_g_per_kwh == 300  # within tolerance
+        within = model.charge(1.0, T0 + timedelta(hours=3))  # within tolerance
+        assert within.intensity_g_per_kwh == 300 and not within.source.endswith("-stale")
         assert not [r for r in caplog.records if "past the end" in r.message]
         for days in (1, 2, 3):
-            assert model.charge(1.0, T0 + timedelta(days=days)).intensity_g_per_kwh == 300
+            past = model.charge(1.0, T0 + timedelta(days=days))
+            assert past.intensity_g_per_kwh == 300 and past.source.endswith("-stale")  # says so
     assert len([r for r in caplog.records if "before the first row" in r.message]) == 1
     assert len([r for r in caplog.records if "past the end" in r.message]) == 1
 
