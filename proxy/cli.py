@@ -179,12 +179,17 @@ def _check_port_free(host: str, port: int) -> None:
     """OSError (address in use, say) when `host:port` cannot be listened on."""
     if port == 0:
         return
+    import errno
     import socket
 
     for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's listener
-            probe.bind(address)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno != errno.EADDRNOTAVAIL:  # a family not enabled (IPv6): skipped, as asyncio does
+                    raise
 
 
 async def _watch_model_loading(service: Any, stop: asyncio.Event, failed: list[str]) -> None:
