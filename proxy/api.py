@@ -185,9 +185,9 @@ async def _counted(request: web.Request, served: ServedModel, work: Awaitable[_R
     wattproxy_requests_total with status = the error type; answered ones are counted when recorded."""
     try:
         return await work
-    except _FailedAndRecorded:  # counted when its batch was recorded (status "error")
-        raise
     except ApiError as e:
+        if e.recorded:  # counted when it was recorded (status "error")
+            raise
         user = request.get(USER, "anonymous")
         request.app[METRICS].requests.labels(served.settings.name, served.settings.task, user, e.type).inc()
         raise
@@ -242,15 +242,12 @@ def _abandon(queue: ModelQueue, items: Sequence[WorkItem]) -> None:
             it.future.cancel()
 
 
-class _FailedAndRecorded(ServerError):
-    """The model failed on a member: already in the ledger and wattproxy_requests_total (status
-    "error") with its batch, so `_counted` does not count the 500 again."""
-
-
 def _raise_failed(outcomes: Sequence[Outcome]) -> None:
     failed = next((o for o in outcomes if o.error is not None), None)
     if failed is not None:
-        raise _FailedAndRecorded(f"the model failed while generating (request id {failed.tag.request_id})")
+        error = ServerError(f"the model failed while generating (request id {failed.tag.request_id})")
+        error.recorded = True  # with its batch, status "error"
+        raise error
 
 
 def _energy_fields(outcomes: Sequence[Outcome]) -> dict[str, Any]:

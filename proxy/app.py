@@ -385,6 +385,12 @@ class _NoRequestBytes(logging.Filter):
         return True
 
 
+# After `wattproxy serve`'s drain (bounded by drain_timeout_s), what aiohttp gives handlers still
+# running before cancelling them (its default, 60 s, applied twice, left proxy-mode streams running
+# far past the drain's bound).
+SHUTDOWN_GRACE_S = 1.0
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner every entry point uses: client disconnects cancel handlers (a queued request whose
     client left is dropped), and request lines and header fields are bounded by `max_header_bytes`."""
@@ -395,6 +401,7 @@ def make_runner(app: web.Application) -> web.AppRunner:
     return web.AppRunner(
         app,
         handler_cancellation=True,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
         access_log=None,
         logger=server_log,
         max_line_size=settings.max_header_bytes,

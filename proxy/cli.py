@@ -164,13 +164,14 @@ async def serve(settings: Settings) -> int:
     log.info(
         "draining: new requests get 503; waiting up to %.0f s for in-flight ones", settings.drain_timeout_s
     )
+    deadline = loop.time() + settings.drain_timeout_s
     drained = await app[SCHEDULER].drain(settings.drain_timeout_s)
-    deadline = loop.time() + 5.0
+    # what no queue holds (proxy mode's requests, answers being written) within the same bound
     while service.inflight and loop.time() < deadline:
         await asyncio.sleep(0.02)
-    if not drained:
-        log.warning("drain timed out with work still in flight")
-    await runner.cleanup()
+    if not drained or service.inflight:
+        log.warning("drain timed out with work still in flight: it is cut off (charged and recorded)")
+    await runner.cleanup()  # handlers still running get SHUTDOWN_GRACE_S more, then are cancelled
     log.info("stopped")
     return 1 if failed else 0
 

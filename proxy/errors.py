@@ -22,6 +22,9 @@ class ApiError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    # Set where the request was already recorded, with its own status ("error"), in the ledger and in
+    # wattproxy_requests_total (a model or upstream failure after the work ran): not counted again.
+    recorded = False
 
     def __init__(
         self,

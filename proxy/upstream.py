@@ -158,7 +158,9 @@ def _envelope(status: int, body: bytes) -> dict[str, Any]:
                 "code": obj.get("code") if isinstance(obj.get("code"), str | int) else None,
             }
         }
-    text = body.decode("utf-8", errors="replace").strip()[:1000]
+    # Not JSON: an error page. Its text goes no further than a short 4xx message; a 5xx page (which
+    # can be a stack trace) is not passed on.
+    text = body.decode("utf-8", errors="replace").strip()[:300] if status < 500 else ""
     return {
         "error": {
             "message": text or f"the upstream answered {status}",
@@ -643,8 +645,9 @@ class UpstreamServing:
                 self._abandoned(activity, req)
                 raise
         except UpstreamError as e:
-            self._failed(activity, req, e)
-            raise _api_error(e) from e
+            error = _api_error(e)
+            error.recorded = self._failed(activity, req, e)
+            raise error from e
         finally:
             if ticked:
                 self._ticking.discard(activity)
@@ -707,15 +710,17 @@ class UpstreamServing:
             activity.end(charged=True)
             self._settle_later(activity, request_obj, result, "error", e)
 
-    def _failed(self, activity: Activity, req: ForwardedRequest, e: UpstreamError) -> None:
+    def _failed(self, activity: Activity, req: ForwardedRequest, e: UpstreamError) -> bool:
+        """End a failed request's activity; True when it is recorded (charged, status "error")."""
         if activity.ended:
-            return
+            return False
         if _may_have_run(e):
             request_obj, result = self._unfinished(activity, req)
             activity.end(charged=True)
             self._settle_later(activity, request_obj, result, "error", e)
-        else:
-            activity.end(charged=False)
+            return True
+        activity.end(charged=False)
+        return False
 
     def _text_usage(
         self, req: ChatCompletionRequest | CompletionRequest, body: dict[str, Any]
@@ -797,12 +802,14 @@ class UpstreamServing:
             async with self.client.stream(path, body, headers) as events:
                 resp = await _start_sse(request)
                 try:
+                    done = False
                     async for batch in events.batches():
                         frames: list[bytes] = []  # what the client gets of this batch, in one write
                         bad: UpstreamBadResponse | None = None
                         for data in batch:
-                            if data == b"[DONE]":
-                                continue
+                            if data == b"[DONE]":  # the stream's end, whether or not the body ends
+                                done = True
+                                break
                             chunk = _inspect_event(data)
                             if not isinstance(chunk, dict):
                                 bad = UpstreamBadResponse("the upstream sent a stream event that is not JSON")
@@ -813,6 +820,9 @@ class UpstreamServing:
                                 held_usage = json.loads(data)  # sent on: read exactly (see _inspect_event)
                                 continue
                             else:
+                                if chunk.get("usage"):  # usage on a chunk with choices: the last one wins
+                                    held_usage = {**json.loads(data), "choices": []}
+                                    data = json.dumps({**json.loads(data), "usage": None}).encode()
                                 last_data = data
                                 piece_text.append(_choices_text(chunk.get("choices")))
                             frames.append(sse_frame(data))  # the bytes as they came
@@ -820,6 +830,8 @@ class UpstreamServing:
                             await _send_event(resp, b"".join(frames))
                         if bad is not None:
                             raise bad
+                        if done:
+                            break
                         now = self.clock()
                         if now - activity.last_split_s >= self.split_interval_s:
                             count_piece()
@@ -828,14 +840,16 @@ class UpstreamServing:
                     failure = _api_error(e)
                     log.warning("upstream stream for request %s broke off: %s", tag.request_id, e)
         except UpstreamError as e:  # before the stream started: nothing was sent to the client
+            error = _api_error(e)
             if _may_have_run(e):
                 activity.end(charged=True)  # its open piece holds the prompt's tokens already
                 result = _text_result(prompt_estimate, 0)
                 self._settle_later(activity, TextRequest(), result, "error", e)
+                error.recorded = True
             else:
                 activity.end(charged=False)
             self._sent()
-            raise _api_error(e) from e
+            raise error from e
         except (asyncio.CancelledError, ConnectionResetError) as e:
             self._sent()
             activity.client_left = True

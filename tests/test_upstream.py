@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
 import math
@@ -61,7 +62,8 @@ class Stub:
 
     MODELS = (
         "ok-no-usage", "slow", "long-plain", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503",
-        "fast-stream", "endless-stream", "odd-sse", "huge-line",
+        "fast-stream", "endless-stream", "odd-sse", "huge-line", "done-then-stall", "usage-on-choices",
+        "dated-503", "slow-stream",
     )  # fmt: skip
     FAST_STREAM_CHUNKS = 20_000  # more than the sockets between the proxy and its client can buffer
     ENDLESS_STREAM_CHUNKS = 1_000_000  # about 150 MB: until the proxy stops reading it, in effect
@@ -97,7 +99,14 @@ class Stub:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         model = body["model"]
-        if model in ("fast-stream", "endless-stream", "odd-sse", "huge-line") and body.get("stream"):
+        if model in (
+            "fast-stream",
+            "endless-stream",
+            "odd-sse",
+            "huge-line",
+            "done-then-stall",
+            "usage-on-choices",
+        ):
             return await self._stream(request, model)
         if model == "slow":
             await asyncio.sleep(3.0)
@@ -115,6 +124,9 @@ class Stub:
             return web.Response(text="Internal Server Error", status=500)
         if model == "auth-401":
             return web.json_response({"error": {"message": "no", "type": "auth", "param": None}}, status=401)
+        if model == "dated-503":  # Retry-After as an HTTP date, 30 s ahead
+            when = email.utils.formatdate(time.time() + 30, usegmt=True)
+            return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": when})
         if model == "overloaded-503":
             return web.json_response({"error": "busy", "error_type": "overloaded"}, status=503)
         if model == "not-json":
@@ -133,6 +145,36 @@ class Stub:
             await resp.write(b"data: " + json.dumps({"id": "h", "choices": [choice]}).encode() + b"\n\n")
             with contextlib.suppress(ConnectionResetError):  # the proxy hangs up partway
                 await resp.write(b"data: " + b"x" * (MAX_EVENT_BYTES + 10) + b"\n\n")
+                await resp.write_eof()
+            return resp
+        if model == "slow-stream":  # a token every 0.1 s for a minute
+            choice = {"index": 0, "delta": {"content": "word"}, "finish_reason": None}
+            event = (
+                b"data: "
+                + json.dumps({"id": "s", "object": "chat.completion.chunk", "choices": [choice]}).encode()
+            )
+            with contextlib.suppress(ConnectionResetError):
+                for _ in range(600):
+                    await resp.write(event + b"\n\n")
+                    await asyncio.sleep(0.1)
+                await resp.write(b"data: [DONE]\n\n")
+                await resp.write_eof()
+            return resp
+        if model in ("done-then-stall", "usage-on-choices"):
+            usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+            choice = {"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}
+            chunk = {"id": "d", "object": "chat.completion.chunk", "model": model, "choices": [choice]}
+            if (
+                model == "usage-on-choices"
+            ):  # the usage on the last chunk with choices, not on a chunk of its own
+                chunk["usage"] = usage
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if model == "done-then-stall":
+                await resp.write(b"data: [DONE]\n\n")
+                await asyncio.sleep(30)  # the body never ends: [DONE] must
+            else:
+                await resp.write(b"data: [DONE]\n\n")
+            with contextlib.suppress(ConnectionResetError):
                 await resp.write_eof()
             return resp
         if model == "odd-sse":
@@ -516,8 +558,10 @@ def test_slow_and_erroring_upstreams_give_their_statuses(
     assert flat.json() == {
         "error": {"message": "bad top_k", "type": "BadRequestError", "param": "top_k", "code": 400}
     }
-    text = chat("text-500")
-    assert text.status_code == 500 and text.json()["error"]["message"] == "Internal Server Error"
+    text = chat("text-500")  # a 5xx page's text is not passed on (it can be a stack trace)
+    assert text.status_code == 500 and text.json()["error"]["message"] == "the upstream answered 500"
+    dated = chat("dated-503")
+    assert dated.status_code == 503 and 25 <= int(dated.headers["Retry-After"]) <= 31
     busy = chat("overloaded-503")
     assert busy.status_code == 503 and busy.json()["error"]["message"] == "busy"
     auth = chat("auth-401")  # the upstream refused WattProxy's credentials: not the client's fault
@@ -537,6 +581,13 @@ def test_slow_and_erroring_upstreams_give_their_statuses(
         assert time.monotonic() < deadline, statuses
         time.sleep(0.05)
     assert sorted(statuses) == ["error", "error", "ok"]
+    # each counted once: as recorded ("error"), not again as the error it was answered with
+    counted = [
+        (labels["model"], labels["status"], v)
+        for labels, v in metric_samples(proxy)["wattproxy_requests_total"]
+    ]
+    for model in ("slow", "not-json"):
+        assert [(status, v) for m, status, v in counted if m == model and v] == [("error", 1.0)], counted
 
 
 def test_a_short_request_is_answered_without_waiting_for_a_long_plain_one(
@@ -855,3 +906,69 @@ def test_keys_budgets_ledger_and_metrics_work_through_the_proxy(
     assert energy_users == {"alice", "bob"}
     remaining = {labels["user"]: v for labels, v in samples["wattproxy_budget_remaining_kwh"]}
     assert remaining["alice"] < 0
+
+
+def test_a_stream_ends_at_done_and_usage_on_a_chunk_with_choices_is_the_upstreams(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """[DONE] ends a stream even where the upstream's body goes on (no wait for the read timeout, no
+    error); usage sent on a chunk that has choices is the upstream's, and the client gets it once."""
+    proxy = make_proxy(stub.url, upstream={"read_timeout_s": 20})
+    t0 = time.monotonic()
+    chunks = _streamed(proxy, "done-then-stall")
+    assert time.monotonic() - t0 < 10
+    assert chunks[-1].usage is not None and chunks[-1].usage.model_extra["energy"]["joules"] >= 0  # type: ignore[index]
+    chunks = _streamed(proxy, "usage-on-choices")
+    with_usage = [c for c in chunks if c.usage is not None]
+    assert len(with_usage) == 1 and with_usage[0].usage.prompt_tokens == 3  # type: ignore[union-attr]
+    assert with_usage[0].usage.model_extra["energy"]["usage_source"] == "upstream"  # type: ignore[union-attr,index]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hi"
+    records = proxy.call(proxy.app[LEDGER].records())  # type: ignore[index]
+    assert sorted(r.status for r in records) == ["ok", "ok"]
+
+
+def test_sigterm_in_proxy_mode_cuts_streams_off_at_the_drain_timeout(
+    stub: Stub, model_cache: Path, tmp_path: Path
+) -> None:
+    """`wattproxy serve --upstream` with a stream that would go on for minutes: SIGTERM ends it once
+    drain_timeout_s has passed (not after aiohttp's own 60 s twice), and the stream is recorded."""
+    import os
+    import signal
+    import sqlite3
+
+    from tests.test_lifecycle import ServeProcess
+
+    env = dict(
+        os.environ,
+        WATTPROXY_CACHE_DIR=str(model_cache),
+        WATTPROXY_DATA_DIR=str(tmp_path),
+        WATTPROXY_DRAIN_TIMEOUT_S="1",
+    )
+    server = ServeProcess(["--upstream", stub.url, "--auth", "none", "--meter", "synthetic"], env)
+    try:
+        server.wait_ready(60)
+        got_some = threading.Event()
+
+        def read() -> None:
+            body = {"model": "slow-stream", "messages": [{"role": "user", "content": "x"}], "stream": True}
+            with (
+                contextlib.suppress(requests.RequestException),
+                requests.post(server.url + CHAT, json=body, stream=True, timeout=60) as r,
+            ):
+                for _ in r.iter_content(None):
+                    got_some.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert got_some.wait(30)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0, "".join(server.lines)
+        assert time.monotonic() - t0 < 15  # 1 s of drain, 1 s of grace, then the shutdown
+        reader.join(timeout=10)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    with sqlite3.connect(tmp_path / "wattproxy.db") as db:
+        statuses = [row[0] for row in db.execute("SELECT status FROM requests")]
+    assert len(statuses) == 1 and statuses[0] in ("cancelled", "error")  # cut off, charged and recorded
