@@ -224,6 +224,8 @@ class OpenAIUpstream:
     ) -> None:
         base = base_url.rstrip("/")
         self.base_url = base.removesuffix("/v1")
+        # what messages and logs name: without any user:password in the URL (clients see the messages)
+        self.shown_url = str(URL(self.base_url).with_user(None))
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
@@ -266,7 +268,7 @@ class OpenAIUpstream:
 
     async def models(self) -> list[UpstreamModel]:
         """The upstream's `/v1/models`: each model's id and, where reported, its task."""
-        with _translated(self.base_url):
+        with _translated(self.shown_url):
             async with self.session.get(self.url("/v1/models")) as resp:
                 body = await resp.read()
                 if resp.status >= 300:
@@ -278,12 +280,12 @@ class OpenAIUpstream:
                 for m in data
             ]
         except (ValueError, KeyError, TypeError) as e:
-            raise UpstreamBadResponse(f"the upstream {self.base_url} sent a malformed model list") from e
+            raise UpstreamBadResponse(f"the upstream {self.shown_url} sent a malformed model list") from e
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> Answer:
         """POST a JSON body (bytes, sent as is) and read the whole answer. Raises `UpstreamStatus` for a
         non-2xx answer, the transport errors above otherwise."""
-        with _translated(self.base_url):
+        with _translated(self.shown_url):
             async with self.session.post(
                 self.url(path), data=body, headers={"Content-Type": JSON, **(headers or {})}
             ) as resp:
@@ -301,7 +303,7 @@ class OpenAIUpstream:
         """POST a JSON body that asks for a stream; yields its `EventStream` once the answer's headers
         are in. A non-2xx answer raises `UpstreamStatus` (with its whole body) before any event.
         Leaving the block early (an exception, a cancellation) closes the connection."""
-        with _translated(self.base_url):
+        with _translated(self.shown_url):
             resp = await self.session.post(
                 self.url(path),
                 data=body,
@@ -309,14 +311,14 @@ class OpenAIUpstream:
             )
         try:
             if resp.status >= 300:
-                with _translated(self.base_url):
+                with _translated(self.shown_url):
                     payload = await resp.read()
                 raise UpstreamStatus(resp.status, payload, resp.content_type, _retry_after_s(resp.headers))
             if resp.content_type != "text/event-stream":
                 raise UpstreamBadResponse(
-                    f"the upstream {self.base_url} answered a stream request without one"
+                    f"the upstream {self.shown_url} answered a stream request without one"
                 )
-            yield EventStream(resp, self.base_url)
+            yield EventStream(resp, self.shown_url)
         except BaseException:
             resp.close()
             raise

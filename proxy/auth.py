@@ -41,7 +41,9 @@ class Principal:
 
 
 def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    # surrogatepass: a header's bytes that are not UTF-8 come as lone surrogates; such a key is
+    # simply not one of ours (401), never an encoding error (a 500, a traceback in the log)
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_key(

@@ -126,7 +126,7 @@ def error_response(err: ApiError, request_id: str | None = None) -> web.Response
 
 
 # pydantic puts the union member it tried into `loc` (e.g. stop.str, content.list[TextPart]): not a field
-_UNION_TAG = re.compile(r"str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*|function-.*")
+_UNION_TAG = re.compile(r"str|int|float|bool|none|constrained-\w+|[a-z-]+\[.*\]|[A-Z]\w*|function-.*")
 
 
 def from_validation_error(e: ValidationError) -> InvalidRequest:
@@ -221,7 +221,8 @@ def error_middleware(
             return resp
         except Exception:
             rid = request_id_of(request)
-            log.exception("unhandled error in %s %s (request %s)", request.method, request.path, rid)
+            # the path as a repr: a client's %0A must not start a line of its own in the log
+            log.exception("unhandled error in %s %r (request %s)", request.method, request.path, rid)
             err = ServerError(f"internal server error (request id {rid})")
             stream = request.get(STREAM)
             if stream is not None and stream.prepared:

@@ -521,7 +521,8 @@ class Ledger:
         if self.backend == "sqlite" and not _is_memory(self.url):
             path = Path(str(self.url.database))
             try:
-                await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+                # owner only where it is made: the ledger holds every user's usage and the keys' hashes
+                await asyncio.to_thread(path.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
             except OSError as e:
                 raise LedgerUnavailable(f"cannot create the ledger directory {path.parent}: {e}") from e
         self._engine = self._create_engine()

@@ -466,7 +466,7 @@ def metrics_handler(
 
     async def handle(request: web.Request) -> web.Response:
         if expected is not None:
-            given = request.headers.get("Authorization", "").encode()
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
             if not secrets.compare_digest(given, expected):
                 raise AuthenticationFailed("GET /metrics requires the metrics bearer token")
         accept = request.headers.get("Accept", "")

@@ -80,7 +80,10 @@ class StreamOptions(BaseModel):
         return _drop_null_defaults(data)
 
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+# A stop string is checked against the text's tail at every token: bounded, as their number is (four
+# 20,000-character stops made each token of a 4,000-character answer cost milliseconds).
+StopString = Annotated[str, Field(max_length=512)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 
 
 class _Sampling(_Request):

@@ -639,7 +639,7 @@ class UpstreamServing:
                     raise ValueError("not a JSON object")
             except ValueError:
                 raise UpstreamBadResponse(
-                    f"the upstream {self.client.base_url} sent an answer that is not JSON"
+                    f"the upstream {self.client.shown_url} sent an answer that is not JSON"
                 ) from None
             except asyncio.CancelledError:
                 self._abandoned(activity, req)
@@ -996,7 +996,7 @@ def upstream_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterato
         service = app[SERVICE]
         log.info(
             "proxy mode: upstream %s metered on %s; token estimates by %s",
-            client.base_url,
+            client.shown_url,
             serving.device,
             counter.method,
         )

@@ -229,6 +229,13 @@ IMAGES = "/v1/images/generations"
             "invalid_request_error",
         ),
         (IMAGES, {"model": "tiny-sd"}, 400, "prompt", "invalid_request_error"),
+        (
+            CHAT,
+            {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "stop": ["s" * 513]},
+            400,
+            "stop",
+            "invalid_request_error",
+        ),
         ("/v1/nowhere", {}, 404, None, "not_found_error"),
     ],
 )

@@ -212,6 +212,28 @@ def test_stolen_hashes_and_malformed_headers_do_not_authenticate(
         _assert_envelope(resp, 401, "authentication_error")
 
 
+def test_a_key_that_is_not_utf8_is_a_401_and_cannot_forge_log_lines(
+    keyed: tuple[LiveServer, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header byte that is not UTF-8 (aiohttp gives it as a lone surrogate) on a path that carries
+    an encoded newline: a 401 like any wrong key, and no log line starts where the client wants."""
+    import socket
+
+    server, _ = keyed
+    forged = "2026-11-26 21:48:00,000 CRITICAL proxy.auth: admin key accepted"
+    path = "/v1/x%0A" + forged.replace(" ", "%20")
+    with caplog.at_level(logging.INFO), socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+            + b"Authorization: Bearer wp-\xff\r\n\r\n"
+        )
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert not any(line.startswith(forged) for line in "\n".join(_logged(caplog)).splitlines())
+
+
 # -- keys: never logged, stored only hashed -----------------------------------------------------------
 
 

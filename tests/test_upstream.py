@@ -845,7 +845,7 @@ def test_a_fault_of_the_proxys_own_mid_stream_is_charged_and_blocks_no_one(
     assert all("choices" in json.loads(e) for e in events[:-2])
     assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == b"[DONE]"
     assert [rec.getMessage().split(" (")[0] for rec in caplog.records if rec.levelno >= logging.ERROR] == [
-        "unhandled error in POST /v1/chat/completions"
+        "unhandled error in POST '/v1/chat/completions'"
     ]
     _the_next_request_is_answered_and_both_are_recorded(proxy)
 
@@ -972,3 +972,15 @@ def test_sigterm_in_proxy_mode_cuts_streams_off_at_the_drain_timeout(
     with sqlite3.connect(tmp_path / "wattproxy.db") as db:
         statuses = [row[0] for row in db.execute("SELECT status FROM requests")]
     assert len(statuses) == 1 and statuses[0] in ("cancelled", "error")  # cut off, charged and recorded
+
+
+def test_an_upstream_urls_credentials_are_named_nowhere(make_proxy: Callable[..., ProxyServer]) -> None:
+    """A user:password in the upstream URL reaches neither clients' error messages nor the log."""
+    with socket.socket() as closed:  # a port nobody listens on: every request fails, with a message
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    proxy = make_proxy(f"http://svc:Sup3rS3cret@127.0.0.1:{port}/v1", upstream={"models": [{"name": "m"}]})
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    resp = requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+    assert resp.status_code == 502 and f"127.0.0.1:{port}" in resp.text
+    assert "Sup3rS3cret" not in resp.text and "svc" not in resp.text
