@@ -637,6 +637,11 @@ class UpstreamServing:
                 body = json.loads(answer.body)
                 if not isinstance(body, dict):
                     raise ValueError("not a JSON object")
+                if "error" in body and "choices" not in body and "data" not in body:
+                    raise UpstreamBadResponse(  # a 200 that is an error: not an answer to pass on as one
+                        f"the upstream {self.client.shown_url} answered 200 with an error: "
+                        f"{json.dumps(body['error'])[:300]}"
+                    )
             except ValueError:
                 raise UpstreamBadResponse(
                     f"the upstream {self.client.shown_url} sent an answer that is not JSON"

@@ -63,7 +63,7 @@ class Stub:
     MODELS = (
         "ok-no-usage", "slow", "long-plain", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503",
         "fast-stream", "endless-stream", "odd-sse", "huge-line", "done-then-stall", "usage-on-choices",
-        "dated-503", "slow-stream",
+        "dated-503", "slow-stream", "error-200",
     )  # fmt: skip
     FAST_STREAM_CHUNKS = 20_000  # more than the sockets between the proxy and its client can buffer
     ENDLESS_STREAM_CHUNKS = 1_000_000  # about 150 MB: until the proxy stops reading it, in effect
@@ -124,6 +124,8 @@ class Stub:
             return web.Response(text="Internal Server Error", status=500)
         if model == "auth-401":
             return web.json_response({"error": {"message": "no", "type": "auth", "param": None}}, status=401)
+        if model == "error-200":  # an error object with status 200
+            return web.json_response({"error": {"message": "model crashed", "type": "internal"}})
         if model == "dated-503":  # Retry-After as an HTTP date, 30 s ahead
             when = email.utils.formatdate(time.time() + 30, usegmt=True)
             return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": when})
@@ -560,6 +562,8 @@ def test_slow_and_erroring_upstreams_give_their_statuses(
     }
     text = chat("text-500")  # a 5xx page's text is not passed on (it can be a stack trace)
     assert text.status_code == 500 and text.json()["error"]["message"] == "the upstream answered 500"
+    crashed = chat("error-200")  # not passed on as a success
+    assert crashed.status_code == 502 and crashed.json()["error"]["code"] == "upstream_bad_response"
     dated = chat("dated-503")
     assert dated.status_code == 503 and 25 <= int(dated.headers["Retry-After"]) <= 31
     busy = chat("overloaded-503")
@@ -577,10 +581,10 @@ def test_slow_and_erroring_upstreams_give_their_statuses(
     # the timed-out and the malformed answers may have run upstream: charged and recorded as errors
     assert proxy.app is not None
     deadline = time.monotonic() + 10
-    while (statuses := [r.status for r in proxy.call(proxy.app[LEDGER].records())]).count("error") < 2:
+    while (statuses := [r.status for r in proxy.call(proxy.app[LEDGER].records())]).count("error") < 3:
         assert time.monotonic() < deadline, statuses
         time.sleep(0.05)
-    assert sorted(statuses) == ["error", "error", "ok"]
+    assert sorted(statuses) == ["error", "error", "error", "ok"]
     # each counted once: as recorded ("error"), not again as the error it was answered with
     counted = [
         (labels["model"], labels["status"], v)
