@@ -127,10 +127,11 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
 class SseParser:
     """The data payloads of server-sent events, from an answer's bytes fed in pieces cut anywhere.
 
-    Lines end with LF or CRLF; a blank line ends an event; an event's `data:` lines are joined with LF;
-    comment lines (keep-alive pings) and other fields are skipped. A line longer than `max_line_bytes`
-    (a broken upstream must not fill the memory) raises ValueError: at once, or, where the same piece
-    completed events before it, at the next `feed` or `close`, once those have been returned."""
+    Lines end with LF, CRLF or a bare CR (the SSE rules); a blank line ends an event; an event's
+    `data:` lines are joined with LF; comment lines (keep-alive pings) and other fields are skipped. A
+    line longer than `max_line_bytes` (a broken upstream must not fill the memory) raises ValueError:
+    at once, or, where the same piece completed events before it, at the next `feed` or `close`, once
+    those have been returned."""
 
     def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES) -> None:
         self._pending = b""  # the start of a line whose end has not arrived
@@ -142,14 +143,18 @@ class SseParser:
         """The events that `piece` completes, in order."""
         if self._too_long:
             raise ValueError(f"a stream line longer than {self._max_line_bytes} bytes")
-        lines = (self._pending + piece if self._pending else piece).split(b"\n")
+        text = self._pending + piece if self._pending else piece
+        if b"\r" in text:  # CRLF and bare CR ends as LF; a CR at the very end may be half a CRLF: kept
+            held = text.endswith(b"\r")
+            text = (text[:-1] if held else text).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if held:
+                text += b"\r"
+        lines = text.split(b"\n")
         self._pending = lines.pop()
         self._too_long = len(self._pending) > self._max_line_bytes
         events: list[bytes] = []
         data = self._data
         for line in lines:
-            if line.endswith(b"\r"):
-                line = line.rstrip(b"\r")
             if not line:  # a blank line ends an event
                 if data:
                     events.append(data[0] if len(data) == 1 else b"\n".join(data))

@@ -405,7 +405,7 @@ sse_text = st.binary(max_size=12).filter(lambda b: b"\n" not in b and b"\r" not 
 @st.composite
 def sse_streams(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     """A server-sent-events answer as upstreams write it, and the data of its events."""
-    newline = draw(st.sampled_from([b"\n", b"\r\n"]))
+    newline = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
     out, events = b"", []
     for _ in range(draw(st.integers(0, 6))):
         if draw(st.booleans()):
