@@ -135,6 +135,7 @@ class UpstreamSettings(_Strict):
     api_key: SecretStr | None = None  # sent to the upstream as `Authorization: Bearer <api_key>`
     devices: list[int] = Field(default_factory=lambda: [0], min_length=1)
     models: list[UpstreamModelSettings] = Field(default_factory=list)  # empty: discovered at start
+    models_refresh_s: float = Field(30.0, gt=0)  # discovered models: the upstream's list asked again
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(300.0, gt=0)  # longest wait for the next byte of an answer
     max_connections: int = Field(256, ge=1, le=100_000)

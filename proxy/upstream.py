@@ -65,6 +65,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
+from yarl import URL
 
 from backends.base import BackendRequest, BackendResult, ImageRequest, ImageResult, TextRequest, TextResult
 from backends.openai_upstream import (
@@ -1031,7 +1032,12 @@ def _serve(service: Service, name: str, task: str, up: UpstreamSettings, device:
         return
     try:
         ms = ModelSettings.model_validate(
-            {"name": name, "task": task, "source": f"upstream:{up.url}", "device": device}
+            {
+                "name": name,
+                "task": task,
+                "source": f"upstream:{URL(up.url).with_user(None)}",
+                "device": device,
+            }
         )
     except ValidationError as e:
         log.warning("upstream model %r is not served: %s", name, e.errors()[0]["msg"])
@@ -1040,18 +1046,33 @@ def _serve(service: Service, name: str, task: str, up: UpstreamSettings, device:
 
 
 async def _discover(client: OpenAIUpstream, service: Service, up: UpstreamSettings, device: str) -> None:
-    """Ask the upstream for its models until it answers (readiness flips to ready then)."""
+    """Ask the upstream for its models until it answers (readiness flips to ready then), then again
+    every `models_refresh_s`: models it starts serving are served, those it stops serving are not
+    (an upstream restarted with other models, adapters loaded at run time). While it cannot be asked,
+    the last list stands."""
     delay_s = 0.25
+    listed: set[str] = set()
     while True:
         try:
             models = await client.models()
         except UpstreamError as e:
-            log.warning("upstream %s: listing its models failed (%s); retrying in %.1f s", up.url, e, delay_s)
-            await asyncio.sleep(delay_s)
+            wait_s = delay_s if service.upstream != "ready" else up.models_refresh_s
+            log.warning(
+                "upstream %s: listing its models failed (%s); again in %.1f s", client.shown_url, e, wait_s
+            )
+            await asyncio.sleep(wait_s)
             delay_s = min(delay_s * 2, 10.0)
             continue
+        names = {m.id for m in models}
         for m in models:
-            _serve(service, m.id, m.task if m.task in ("text", "image") else "text", up, device)
+            if m.id not in listed:
+                _serve(service, m.id, m.task if m.task in ("text", "image") else "text", up, device)
+        for gone in listed - names:
+            served = service.models.get(gone)
+            if served is not None and served.upstream:
+                del service.models[gone]
+        if service.upstream != "ready" or names != listed:
+            log.info("upstream %s serves %s", client.shown_url, ", ".join(sorted(names)) or "no models")
+        listed = names
         service.upstream = "ready"
-        log.info("upstream %s serves %s", up.url, ", ".join(m.id for m in models) or "no models")
-        return
+        await asyncio.sleep(up.models_refresh_s)

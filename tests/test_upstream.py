@@ -988,3 +988,26 @@ def test_an_upstream_urls_credentials_are_named_nowhere(make_proxy: Callable[...
     resp = requests.post(proxy.base_url + CHAT, json=body, timeout=30)
     assert resp.status_code == 502 and f"127.0.0.1:{port}" in resp.text
     assert "Sup3rS3cret" not in resp.text and "svc" not in resp.text
+
+
+def test_the_upstreams_model_list_is_asked_again(make_proxy: Callable[..., ProxyServer]) -> None:
+    """Models the upstream starts serving are served through the proxy, and those it stops serving are
+    not, without a restart (every models_refresh_s)."""
+    stub = Stub()
+    stub.MODELS = ("ok-no-usage",)  # type: ignore[misc]
+    stub.start()
+    try:
+        proxy = make_proxy(stub.url, upstream={"models_refresh_s": 0.1})
+        body = {"messages": [{"role": "user", "content": "x"}]}
+
+        def status(model: str) -> int:
+            return requests.post(proxy.base_url + CHAT, json={**body, "model": model}, timeout=30).status_code
+
+        assert status("ok-no-usage") == 200 and status("long-plain") == 404
+        stub.MODELS = ("long-plain",)  # type: ignore[misc]
+        deadline = time.monotonic() + 10
+        while status("ok-no-usage") != 404 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status("ok-no-usage") == 404 and status("long-plain") == 200
+    finally:
+        stub.stop()
