@@ -899,7 +899,12 @@ async def readyz(request: web.Request) -> web.Response:
         and service.upstream in (None, "ready")
         and not service.draining
     )
-    status = "draining" if service.draining else ("ready" if ready else "loading")
+    if service.draining:
+        status = "draining"
+    elif ready:
+        status = "ready"
+    else:
+        status = "unavailable" if service.upstream == "unreachable" else "loading"
     body: dict[str, object] = {"status": status, "models": models}
     if service.upstream is not None:
         body["upstream"] = service.upstream

@@ -207,8 +207,9 @@ def openapi_document() -> dict[str, Any]:
         },
         "/healthz": _public("Liveness"),
         "/readyz": _public(
-            "Readiness: 200 once every model is loaded, 503 while loading or draining",
-            {"503": _json(p.Readiness, "Loading, failed or draining")},
+            "Readiness: 200 once every model is loaded, 503 while loading, draining or (proxy mode) while "
+            "the upstream cannot be reached",
+            {"503": _json(p.Readiness, "Loading, failed, draining or the upstream unreachable")},
         ),
         "/metrics": _public("Prometheus metrics (text format; OpenMetrics with exemplars on request)"),
         "/openapi.json": _public("This document"),

@@ -332,5 +332,8 @@ class UsageReport(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "loading", "draining"]
+    status: Literal[
+        "ready", "loading", "draining", "unavailable"
+    ]  # unavailable: the upstream cannot be reached
     models: dict[str, Literal["ready", "loading", "failed"]]
+    upstream: Literal["discovering", "ready", "unreachable"] | None = None  # proxy mode

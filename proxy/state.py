@@ -51,7 +51,9 @@ class Service:
     models: dict[str, ServedModel] = field(default_factory=dict)
     draining: bool = False
     inflight: int = 0
-    # proxy mode: "discovering" until the upstream's models are known, then "ready"; None without one
+    # proxy mode: "discovering" until the upstream's models are known, then "ready"; "unreachable" while
+    # asking it for its models again fails (readiness 503: nothing routed here could be answered); None
+    # without one
     upstream: str | None = None
 
 

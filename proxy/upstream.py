@@ -1049,20 +1049,22 @@ async def _discover(client: OpenAIUpstream, service: Service, up: UpstreamSettin
     """Ask the upstream for its models until it answers (readiness flips to ready then), then again
     every `models_refresh_s`: models it starts serving are served, those it stops serving are not
     (an upstream restarted with other models, adapters loaded at run time). While it cannot be asked,
-    the last list stands."""
+    the last list stands and readiness says "unreachable" (asked again sooner, with backoff)."""
     delay_s = 0.25
     listed: set[str] = set()
     while True:
         try:
             models = await client.models()
         except UpstreamError as e:
-            wait_s = delay_s if service.upstream != "ready" else up.models_refresh_s
+            if service.upstream == "ready":  # it answered before: unreachable now, until it answers again
+                service.upstream = "unreachable"
             log.warning(
-                "upstream %s: listing its models failed (%s); again in %.1f s", client.shown_url, e, wait_s
+                "upstream %s: listing its models failed (%s); again in %.1f s", client.shown_url, e, delay_s
             )
-            await asyncio.sleep(wait_s)
+            await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 10.0)
             continue
+        delay_s = 0.25
         names = {m.id for m in models}
         for m in models:
             if m.id not in listed:

@@ -1009,5 +1009,13 @@ def test_the_upstreams_model_list_is_asked_again(make_proxy: Callable[..., Proxy
         while status("ok-no-usage") != 404 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert status("ok-no-usage") == 404 and status("long-plain") == 200
+        assert requests.get(proxy.base_url + "/readyz", timeout=10).json()["upstream"] == "ready"
     finally:
         stub.stop()
+    # the upstream gone: readiness says so (503), so that nothing is routed here meanwhile
+    deadline = time.monotonic() + 10
+    while (ready := requests.get(proxy.base_url + "/readyz", timeout=10)).status_code == 200:
+        assert time.monotonic() < deadline, ready.text
+        time.sleep(0.05)
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "unavailable" and ready.json()["upstream"] == "unreachable"
