@@ -363,6 +363,7 @@ async def _load_models(
             max_batch_size=ms.max_batch_size,
             max_wait_s=ms.max_wait_ms / 1000.0,
             max_queue=ms.max_queue,
+            max_queue_per_user=ms.max_queue_per_user,
             record=record,
         )
         scheduler.add_model(queue)

@@ -62,6 +62,9 @@ class ModelSettings(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     max_queue: int = Field(64, ge=1, le=100_000)
+    # At most this many of one user's requests (choices) queued for the model at once: one key cannot
+    # fill the queue that every user shares. None: no cap of its own (max_queue only).
+    max_queue_per_user: int | None = Field(None, ge=1, le=100_000)
     # Run the model in a process of its own, whose Python does not share the server's interpreter
     # lock (backends/process.py): the server's request handling then does not slow the model down.
     own_process: bool = False

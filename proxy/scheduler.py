@@ -128,8 +128,15 @@ class NotRecorded(Exception):
 
 
 class QueueFull(Exception):
-    def __init__(self, model: str, retry_after_s: float) -> None:
-        super().__init__(f"the queue for model {model!r} is full; retry after {retry_after_s:.0f} s")
+    def __init__(self, model: str, retry_after_s: float, user: str | None = None) -> None:
+        if user is None:
+            message = f"the queue for model {model!r} is full; retry after {retry_after_s:.0f} s"
+        else:
+            message = (
+                f"user {user!r} has as many requests queued for model {model!r} as one user may "
+                f"(max_queue_per_user); retry after {retry_after_s:.0f} s"
+            )
+        super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
@@ -233,6 +240,7 @@ class ModelQueue:
     max_queue: int
     record: Recorder
     clock: Callable[[], float] = time.monotonic
+    max_queue_per_user: int | None = None
     items: deque[WorkItem] = field(default_factory=deque)
     running: int = 0
     batch_seconds_ewma: float = 0.0
@@ -260,6 +268,12 @@ class ModelQueue:
         if len(self.items) >= self.max_queue:
             batches_ahead = math.ceil(len(self.items) / self.max_batch_size) + self.running
             raise QueueFull(self.name, max(1.0, batches_ahead * max(self.batch_seconds_ewma, 0.1)))
+        cap = self.max_queue_per_user
+        if cap is not None and len(self.items) >= cap:  # (a scan of the queue only where it may be over)
+            user = tag.user
+            if sum(1 for it in self.items if it.tag.user == user) >= cap:
+                batches_ahead = math.ceil(cap / self.max_batch_size) + self.running
+                raise QueueFull(self.name, max(1.0, batches_ahead * max(self.batch_seconds_ewma, 0.1)), user)
         loop = asyncio.get_running_loop()
         item = WorkItem(
             request=request,

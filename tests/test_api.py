@@ -702,3 +702,49 @@ def test_more_choices_than_the_queue_holds_is_a_400(make_server) -> None:  # typ
     err = _error(_post(server, "/v1/completions", listed), 400, "prompt")
     assert str(err["message"]).startswith("n (1) x 5 prompts is 5 choices, above this model's limit of 4")
     assert _post(server, CHAT, {**ask, "n": 2}).status_code == 200
+
+
+def test_one_user_cannot_fill_a_models_queue(make_server, model_cache: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """max_queue_per_user: a user with that many requests queued gets 429 (naming the cap, with
+    Retry-After) for more, while another user's requests are still queued and answered."""
+    from tests.conftest import add_key, settings_for_tests
+
+    db = settings_for_tests(model_cache, tmp_path).db_url()
+    hog, other = add_key(db, "hog"), add_key(db, "other")
+    server = make_server(
+        auth="keys",
+        models=[
+            ModelSettings(
+                name="tiny-gpt2",
+                task="text",
+                source="tiny:tiny-gpt2",
+                max_batch_size=1,
+                max_queue=8,
+                max_queue_per_user=2,
+            )
+        ],
+    )
+    body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+
+    def post(key: str) -> requests.Response:
+        return requests.post(
+            server.base_url + CHAT, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        )
+
+    gate = _hold_device(server)
+    queue = server.app[SCHEDULER].queues["tiny-gpt2"]  # type: ignore[index]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(post, hog)]
+        _until(lambda: queue.running == 1, "the first batch runs")
+        futures.append(pool.submit(post, hog))
+        _until(lambda: queue.running == 2, "a full batch waits on the device")
+        futures += [pool.submit(post, hog) for _ in range(2)]
+        _until(lambda: queue.depth() == 2, "two of hog's requests are queued")
+        refused = post(hog)
+        err = _error(refused, 429)
+        assert err["type"] == "rate_limit_exceeded" and "max_queue_per_user" in str(err["message"])
+        assert int(refused.headers["Retry-After"]) >= 1
+        futures.append(pool.submit(post, other))  # the queue still has room for others
+        _until(lambda: queue.depth() == 3, "the other user's request is queued")
+        gate.set()
+        assert [f.result(timeout=60).status_code for f in futures] == [200] * 5
