@@ -748,3 +748,20 @@ def test_one_user_cannot_fill_a_models_queue(make_server, model_cache: Path, tmp
         _until(lambda: queue.depth() == 3, "the other user's request is queued")
         gate.set()
         assert [f.result(timeout=60).status_code for f in futures] == [200] * 5
+
+
+def test_metrics_have_no_series_that_cannot_move_and_exact_bucket_bounds(server: LiveServer) -> None:
+    """Token series only for text models, image series only for image models; histogram bounds as
+    the decimals they are (le="2.5e-06", not "2.4999999999999998e-06")."""
+    c = client(server)
+    c.chat.completions.create(model="tiny-gpt2", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    c.images.generate(model="tiny-sd", prompt="x", size="64x64", extra_body={"steps": 1})
+    tokens = {labels["model"] for labels, _ in metric_samples(server, "wattproxy_tokens_total")}
+    images = {labels["model"] for labels, _ in metric_samples(server, "wattproxy_images_total")}
+    assert tokens == {"tiny-gpt2"} and images == {"tiny-sd"}
+    bounds = [
+        labels["le"]
+        for name in ("wattproxy_request_energy_kwh_bucket", "wattproxy_request_co2_grams_bucket")
+        for labels, _ in metric_samples(server, name)
+    ]
+    assert bounds and all(b == "+Inf" or len(b) <= 8 for b in bounds), bounds

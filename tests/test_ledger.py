@@ -669,3 +669,15 @@ async def test_a_ledger_starts_once_another_connection_lets_go_of_a_new_file(tmp
     assert waited_s >= 0.25  # it did wait for the holder
     assert ticks >= 10  # and the loop went on meanwhile
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_data_directory_is_made_owner_only(tmp_path: Path) -> None:
+    """The ledger holds every user's usage and the keys' hashes: a directory it makes is 0700."""
+
+    async def start() -> None:
+        ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/made/here/wattproxy.db")
+        await ledger.start()
+        await ledger.close()
+
+    asyncio.run(start())
+    assert (tmp_path / "made" / "here").stat().st_mode & 0o777 == 0o700
