@@ -66,9 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     ledger_args.add_argument(
         "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
     )
-    below = argparse.ArgumentParser(add_help=False)  # the same, after the subcommand: kept apart
-    for flag, dest in (("--config", "sub_config"), ("--data-dir", "sub_data_dir"), ("--db", "sub_db")):
-        below.add_argument(flag, dest=dest, help=argparse.SUPPRESS)
+    # the same after the subcommand: absent unless given there (SUPPRESS), so a value given before it
+    # stands otherwise
+    below = argparse.ArgumentParser(add_help=False)
+    for flag in ("--config", "--data-dir", "--db"):
+        below.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys", parents=[ledger_args])
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -231,10 +233,6 @@ def run_event_loop(main: Coroutine[Any, Any, T], choice: str) -> T:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("config", "data_dir", "db"):  # `keys list --data-dir D` as `keys --data-dir D list`
-        given = getattr(args, "sub_" + name, None)
-        if given is not None:
-            setattr(args, name, given)
     try:
         settings = load_settings(
             args.config, overrides=_overrides(args), ignore=() if args.command == "serve" else ("upstream",)

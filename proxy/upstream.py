@@ -65,7 +65,6 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
-from yarl import URL
 
 from backends.base import BackendRequest, BackendResult, ImageRequest, ImageResult, TextRequest, TextResult
 from backends.openai_upstream import (
@@ -827,8 +826,9 @@ class UpstreamServing:
                                 continue
                             else:
                                 if chunk.get("usage"):  # usage on a chunk with choices: the last one wins
-                                    held_usage = {**json.loads(data), "choices": []}
-                                    data = json.dumps({**json.loads(data), "usage": None}).encode()
+                                    exact = json.loads(data)  # read exactly (see _inspect_event)
+                                    held_usage = {**exact, "choices": []}
+                                    data = json.dumps({**exact, "usage": None}).encode()
                                 last_data = data
                                 piece_text.append(_choices_text(chunk.get("choices")))
                             frames.append(sse_frame(data))  # the bytes as they came
@@ -1009,7 +1009,7 @@ def upstream_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterato
         discovery: asyncio.Task[None] | None = None
         if up.models:
             for m in up.models:
-                _serve(service, m.name, m.task, up, serving.device)
+                _serve(service, m.name, m.task, client, serving.device)
             service.upstream = "ready"
         else:
             service.upstream = "discovering"
@@ -1025,7 +1025,7 @@ def upstream_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterato
     return ctx
 
 
-def _serve(service: Service, name: str, task: str, up: UpstreamSettings, device: str) -> None:
+def _serve(service: Service, name: str, task: str, client: OpenAIUpstream, device: str) -> None:
     existing = service.models.get(name)
     if existing is not None and not existing.upstream:
         log.warning("upstream model %s is not served: a local model has that name", name)
@@ -1035,7 +1035,7 @@ def _serve(service: Service, name: str, task: str, up: UpstreamSettings, device:
             {
                 "name": name,
                 "task": task,
-                "source": f"upstream:{URL(up.url).with_user(None)}",
+                "source": f"upstream:{client.shown_url}",
                 "device": device,
             }
         )
@@ -1068,7 +1068,7 @@ async def _discover(client: OpenAIUpstream, service: Service, up: UpstreamSettin
         names = {m.id for m in models}
         for m in models:
             if m.id not in listed:
-                _serve(service, m.id, m.task if m.task in ("text", "image") else "text", up, device)
+                _serve(service, m.id, m.task if m.task in ("text", "image") else "text", client, device)
         for gone in listed - names:
             served = service.models.get(gone)
             if served is not None and served.upstream:
