@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, for a GPU machine without network: installs the wheels in .whl/
-# (packages that machine lacks, when present), prints the versions, runs bench/gpu_served.py (images,
-# served against direct calls in interleaved rounds; the model in process, then in a process of its
-# own) and bench/gpu_energy.py without its images (the counter step, the chats in process, in a model
-# process of their own and through proxy mode), and bench/nvml_interference.py where INTERFERENCE=1;
-# results go to $OUT (default bench/results). About 10 minutes on an H200 (the
-# device time a task gets is 15).
+# (packages that machine lacks, when present), prints the versions, and runs bench/gpu_served.py
+# (images, served against direct calls in interleaved rounds, the model in process, with the
+# diagnostic conditions that take the server's batch-1 cost apart): about 5 minutes on an H200, so
+# that a task's 15 minutes of device time leave room for a second run. Where OWN=1, also
+# bench/gpu_served.py --own-process (the model in a process of its own; about 3 minutes); where
+# ENERGY=1, bench/gpu_energy.py without its images (the counter step, the chats in process, in a
+# model process of their own and through proxy mode; about 4 minutes); where INTERFERENCE=1,
+# bench/nvml_interference.py. Results go to $OUT (default bench/results).
 #
 #     make gpu-wheels           # here, with network: the wheels into .whl/
 #     bash bench/gpu_check.sh   # there
@@ -21,9 +23,13 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,power.limit,power.draw,temperature.gpu,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, diffusers, pynvml; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
 rc=0
-python3 bench/gpu_served.py --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served.log" || rc=1
-python3 bench/gpu_served.py --own-process --rounds 3 --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served_own.log" || rc=1
-python3 bench/gpu_energy.py --no-images --out "$OUT" --cache-dir "$CACHE" --text-requests "${TEXT_REQUESTS:-96}" 2>&1 | tee "$OUT/gpu_energy.log" || rc=1
+python3 bench/gpu_served.py --rounds "${ROUNDS:-4}" --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served.log" || rc=1
+if [ "${OWN:-0}" = 1 ]; then
+  python3 bench/gpu_served.py --own-process --rounds 3 --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served_own.log" || rc=1
+fi
+if [ "${ENERGY:-0}" = 1 ]; then
+  python3 bench/gpu_energy.py --no-images --out "$OUT" --cache-dir "$CACHE" --text-requests "${TEXT_REQUESTS:-96}" 2>&1 | tee "$OUT/gpu_energy.log" || rc=1
+fi
 if [ "${INTERFERENCE:-0}" = 1 ]; then
   python3 bench/nvml_interference.py --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/nvml_interference.log" || rc=1
 fi

@@ -1,6 +1,6 @@
 """Served against direct pipeline calls on a GPU, in interleaved rounds (issue #8, target 5).
 
-    python bench/gpu_served.py --out DIR            # an NVIDIA GPU; about 3 minutes
+    python bench/gpu_served.py --out DIR            # an NVIDIA GPU; about 6 minutes
     python bench/gpu_served.py --smoke --out DIR    # any CPU: tiny-sd, a synthetic meter
 
 An earlier run of bench/gpu_energy.py saw the same GPU's speed drift by up to 25% between minutes,
@@ -9,12 +9,17 @@ six conditions back to back, in an order rotated from round to round, and each s
 compared with the direct condition of the same batch size in the same round:
 
   direct, batch 1        `backend.run()` on one image at a time, from this thread (no server at all)
-  served, 1 client       one client, each request sent when the last is answered (max_batch_size 1):
-                         the device waits for every answer, finalization included
+  direct, batch 1, NVML read every 50 ms
+                         the same, with a thread reading the device's energy counter as the server's
+                         sampler does (diagnostic: what the reads alone cost a call)
   served, 2 clients      two clients, batches of 1: one request runs while the other is answered
+  served, 2 clients, batches of 1, synthetic meter
+                         the same server reading no NVML at all (diagnostic: the server without reads)
   direct, batch 8        `backend.run()` on eight images at a time
-  served, 8 clients      eight clients, batches of 8: the device waits for every answer
   served, 16 clients     sixteen clients, batches of 8: a batch is always queued
+
+(Earlier runs also had one client at batch 1 and eight at batch 8, where the device waits for every
+answer: bench/results/profiles.md has them; the counter's wait after each call is a latency cost there.)
 
 Each served condition is a server of its own (`create_app`, meter nvml, its sampler and finalization
 as `wattproxy serve` runs them, max_wait_ms 100), started before and stopped after its requests; the
@@ -38,12 +43,13 @@ if __package__ in (None, ""):  # run as `python bench/gpu_served.py`
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,10 +105,18 @@ class Condition:
     batch: int  # images per pipeline call (the server's max_batch_size)
     clients: int  # 0: direct calls, no server
     calls: int  # pipeline calls per block
+    poll_s: float = 0.0  # direct calls: a thread reads the device's counter this often (0: none)
+    meter: str = "nvml"  # served: the server's meter ("synthetic": no NVML read at all)
 
     @property
     def served(self) -> bool:
         return self.clients > 0
+
+    @property
+    def diagnostic(self) -> bool:
+        """A variant that takes one part of the server's work apart (compared with direct, not counted
+        for the target)."""
+        return self.poll_s > 0 or self.meter != "nvml"
 
     @property
     def images(self) -> int:
@@ -142,11 +156,41 @@ def block_figures(calls: Sequence[Sequence[float]], client_wall_s: float) -> dic
     }
 
 
+POLL_LABEL = ", NVML read every 50 ms"
+SYNTHETIC_LABEL = ", synthetic meter"
+
+
 def condition_of(label: str, images: int) -> Condition:
     """A stored block's condition from its label ("served, 16 clients, ...", "direct, batch 8")."""
     batch = 1 if "batch 1" in label or "batches of 1" in label else 8
     clients = 0 if label.startswith("direct") else int(label.split(", ")[1].split()[0])
-    return Condition(label, batch, clients, images // batch)
+    poll_s = 0.05 if label.endswith(POLL_LABEL) else 0.0
+    meter = "synthetic" if label.endswith(SYNTHETIC_LABEL) else "nvml"
+    return Condition(label, batch, clients, images // batch, poll_s, meter)
+
+
+class Poller:
+    """Reads the device's counter every `period_s` from a thread of this process, as the server's
+    sampler does (wait, then read), while direct calls run."""
+
+    def __init__(self, read: Callable[[], object], period_s: float) -> None:
+        self.reads = 0
+        self._read, self._period_s = read, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-poller", daemon=True)
+
+    def __enter__(self) -> Poller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            self._read()
+            self.reads += 1
 
 
 def reanalyse(path: Path, out: Path) -> int:
@@ -189,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("cpu", "float32", "tiny-sd", 64, 2) if smoke else ("cuda:0", "float16", "sd15", 512, 30)
     )
     rounds = args.rounds or (2 if smoke else 4)
-    b1_calls, b8_calls = (3, 3) if smoke else (5, 4)
+    b1_calls, b8_calls = (3, 3) if smoke else (8, 4)
     own = " (own process)" if args.own_process else ""
     conditions = [
         Condition("direct, batch 1", 1, 0, b1_calls),
@@ -202,10 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.own_process
         else [
             Condition("direct, batch 1", 1, 0, b1_calls),
-            Condition("served, 1 client, batch 1", 1, 1, b1_calls),
+            Condition("direct, batch 1" + POLL_LABEL, 1, 0, b1_calls, poll_s=0.05),
             Condition("served, 2 clients, batches of 1", 1, 2, b1_calls),
+            Condition("served, 2 clients, batches of 1" + SYNTHETIC_LABEL, 1, 2, b1_calls, meter="synthetic"),
             Condition("direct, batch 8", 8, 0, b8_calls),
-            Condition("served, 8 clients, batches of 8", 8, 8, b8_calls),
             Condition("served, 16 clients, batches of 8", 8, 16, b8_calls),
         ]
     )
@@ -255,13 +299,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def direct(c: Condition, first: int) -> dict[str, Any]:
         backend.take_calls()
+        poller = Poller(probe.energy_j, c.poll_s) if c.poll_s else contextlib.nullcontext()
         e0, t0 = probe.energy_j(), time.perf_counter()
-        for k in range(c.calls):
-            backend.run([image(first + k * c.batch + j) for j in range(c.batch)])
+        with poller:
+            for k in range(c.calls):
+                backend.run([image(first + k * c.batch + j) for j in range(c.batch)])
         wall, joules = time.perf_counter() - t0, probe.energy_j() - e0
-        return {"calls": backend.take_calls(), "client_wall_s": wall, "counter_j": joules}
+        reads = poller.reads if isinstance(poller, Poller) else 0
+        return {
+            "calls": backend.take_calls(),
+            "client_wall_s": wall,
+            "counter_j": joules,
+            "poll_reads": reads,
+        }
 
     def served(c: Condition, first: int, data_dir: str) -> dict[str, Any]:
+        block_meters = meters
+        if c.meter == "synthetic" and not smoke:  # the server reads no NVML; the script's probe still does
+            block_meters = {device: SyntheticMeter(device, update_period_s=0.1)}
         model = ModelSettings.model_validate(
             {
                 "name": preset,
@@ -286,12 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cache_dir": str(cache.parent),
                 "data_dir": data_dir,
                 "auth": "none",
-                "meter": "synthetic" if smoke else "nvml",
+                "meter": "synthetic" if block_meters else "nvml",
                 "models": [model],
                 "log_level": "WARNING",
             }
         )
-        server = ServerThread(settings, backends={preset: serving}, **({"meters": meters} if meters else {}))
+        server = ServerThread(
+            settings, backends={preset: serving}, **({"meters": block_meters} if block_meters else {})
+        )
         life: list[float] = []
         serving.take_calls()
         try:
@@ -318,7 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "measurement": str(energies[0]["measurement"]),
             "life_j": life_j,
             "idle_j": monitor.committed_idle_j,
-            "conservation_error": (responses_j + monitor.committed_idle_j - life_j) / life_j,
+            # against the script's counter: meaningless for a synthetic meter on a GPU
+            "conservation_error": (responses_j + monitor.committed_idle_j - life_j) / life_j
+            if block_meters is meters
+            else None,
         }
 
     blocks: list[dict[str, Any]] = []
@@ -381,7 +441,7 @@ def summarize(
 
     rows = []
     for c in conditions:
-        base = next(d for d in conditions if not d.served and d.batch == c.batch)
+        base = next(d for d in conditions if not d.served and d.batch == c.batch and not d.diagnostic)
         row: dict[str, Any] = {
             "condition": c.label,
             "images_per_block": c.images,
@@ -395,7 +455,7 @@ def summarize(
             if c.served
             else median([b["counter_j"] / b["images"] for b in blocks if b["condition"] == c.label]),
         }
-        if c.served:
+        if c.served or c.diagnostic:
             pairs = {
                 key: [by[(c.label, r)][key] / by[(base.label, r)][key] for r in range(rounds)]
                 for key in ("cycle_images_per_s", "client_images_per_s", "call_s_median")
@@ -403,9 +463,15 @@ def summarize(
             row.update(
                 {
                     "vs": base.label,
+                    "diagnostic": c.diagnostic,
                     "cycle_ratio": pairs["cycle_images_per_s"],
                     "client_ratio": pairs["client_images_per_s"],
                     "call_ratio": pairs["call_s_median"],
+                }
+            )
+        if c.served:
+            row.update(
+                {
                     "batches": histogram_text(
                         batch_histogram(n for b in blocks if b["condition"] == c.label for n in b["batches"])
                     ),
@@ -419,7 +485,10 @@ def summarize(
             )
         rows.append(row)
     # batch 8 against batch 1 where the device always has a request queued (2 and 16 clients)
-    b1, b8 = (next(r for r, c in zip(rows, conditions, strict=True) if c.clients == n) for n in (2, 16))
+    b1, b8 = (
+        next(r for r, c in zip(rows, conditions, strict=True) if c.clients == n and not c.diagnostic)
+        for n in (2, 16)
+    )
     return {
         "rounds": rounds,
         "conditions": rows,
@@ -464,6 +533,7 @@ def render(data: dict[str, Any]) -> str:
         ],
     )
     served = [r for r in rows if "vs" in r]
+    label = next(r["measurement"] for r in served if "measurement" in r)
     ratios = md_table(
         [
             "served condition",
@@ -481,14 +551,18 @@ def render(data: dict[str, Any]) -> str:
             [
                 r["condition"],
                 r["vs"],
-                r["batches"],
+                r.get("batches", "-"),
                 _spread(r["cycle_ratio"]),
                 _spread(r["client_ratio"]),
                 _spread(r["call_ratio"]),
-                "yes" if median(r["cycle_ratio"]) >= 0.97 else "no",
-                r["responses_j_per_image"],
-                r["latency_s_median"],
-                ", ".join(f"{e:+.3%}" for e in r["conservation_errors"]),
+                "(diagnostic)"
+                if r.get("diagnostic")
+                else "yes"
+                if median(r["cycle_ratio"]) >= 0.97
+                else "no",
+                r.get("responses_j_per_image", "-"),
+                r.get("latency_s_median", "-"),
+                ", ".join("-" if e is None else f"{e:+.3%}" for e in r.get("conservation_errors", [])) or "-",
             ]
             for r in served
         ],
@@ -520,7 +594,7 @@ Command: `{data["command"]}`
 - `{m["preset"]}` ({m["dtype"]}, {m["size"]}, {m["steps"]} steps, random weights of the real architecture) on
   `{m["device"]}`, loaded once{where}. {data["rounds"]} rounds; each runs the
   {len(rows)} conditions back to back, in an order rotated from round to round; each served condition is
-  a server of its own (meter `{"synthetic" if smoke else "nvml"}`, labelled `{served[0]["measurement"]}`,
+  a server of its own (meter `{"synthetic" if smoke else "nvml"}`, labelled `{label}`,
   max_wait_ms 100), its clients in a process of their own.
 - Each block's first call runs cold (after the idle between blocks; in a server, on a device thread
   that has run no call yet) and is shown apart ("first call s"); the other columns leave it out.
@@ -529,6 +603,10 @@ Command: `{data["command"]}`
   clients' wall time (first request sent to last answer, the cold call included). Ratios are against
   the direct condition of the same batch size in the same round: median (min-max) over the rounds.
 - "Call duration" compares the pipeline calls themselves: above 1, the calls ran slower in the server.
+- Diagnostic conditions (where run) take the server's work apart, and do not count for the target:
+  direct calls with a thread of this process reading the NVML counter every 50 ms (as the server's
+  sampler does), and a server whose meter is synthetic (it reads no NVML at all; conservation is then
+  not comparable with the device counter, "-").
 - J/image (responses): the joules the server attributed to its answers (idle excluded); J/image (device
   counter, direct calls only): the script's own counter delta over the block, over its images.
 

@@ -129,9 +129,22 @@ def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
         expected = rows[block["condition"]]["images_per_block"]
         assert sum(n for _, _, n in block["calls"]) == block["images"] == expected
         assert all(b > a for a, b, _ in block["calls"])
-    assert {n for b in data["blocks"] if b["condition"].endswith("batch 1") for _, _, n in b["calls"]} == {1}
-    served = [r for r in rows.values() if "vs" in r]
-    assert [row[0] for row in ratios[1:]] == [r["condition"] for r in served]
+    assert {n for b in data["blocks"] if "batch 1" in b["condition"] for _, _, n in b["calls"]} == {1}
+    compared = [r for r in rows.values() if "vs" in r]
+    assert [row[0] for row in ratios[1:]] == [r["condition"] for r in compared]
+    # the diagnostic conditions: direct calls with a counter poller, a server reading no NVML
+    poll, synthetic = (
+        "direct, batch 1, NVML read every 50 ms",
+        "served, 2 clients, batches of 1, synthetic meter",
+    )
+    assert rows[poll]["vs"] == rows[synthetic]["vs"] == "direct, batch 1"
+    assert sum(b["poll_reads"] for b in data["blocks"] if b["condition"] == poll) > 0
+    assert {row[0] for row in ratios[1:] if row[6] == "(diagnostic)"} == {poll, synthetic}
+    assert data["batch8_over_batch1"] == [
+        "served, 16 clients, batches of 8",
+        "served, 2 clients, batches of 1",
+    ]
+    served = [r for r in compared if r["condition"].startswith("served")]
     for r in served:
         assert r["measurement"] == "synthetic" and r["responses_j_per_image"] > 0
         assert len(r["cycle_ratio"]) == data["rounds"] and all(x > 0 for x in r["cycle_ratio"])
