@@ -75,25 +75,41 @@ from bench.common import (
 NAME = "gpu_served"
 
 
+def thread_switches() -> tuple[int, int]:
+    """The calling thread's voluntary and involuntary context switches so far (Linux; (0, 0) elsewhere).
+    Waiting for the interpreter lock, or for the device, is a voluntary switch; being preempted by
+    another runnable thread or process is an involuntary one."""
+    try:
+        text = Path("/proc/thread-self/status").read_text(encoding="ascii")
+    except OSError:
+        return 0, 0
+    counts = dict(line.split(":", 1) for line in text.splitlines() if "ctxt_switches" in line)
+    return int(counts.get("voluntary_ctxt_switches", 0)), int(counts.get("nonvoluntary_ctxt_switches", 0))
+
+
 class TimedBackend(RecordingBackend):
-    """Records (start, end, images) of every pipeline call (perf_counter s), the device synchronized
-    before the end is taken."""
+    """Records every pipeline call as (start, end, images, CPU s, voluntary, involuntary switches): its
+    times (perf_counter s, the device synchronized before the end is taken), and the CPU time and
+    context switches of the thread that ran it (with the model in a process of its own: of the thread
+    that waited for that process)."""
 
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
-        self.calls: list[tuple[float, float, int]] = []
+        self.calls: list[tuple[float, float, int, float, int, int]] = []
         self._calls_lock = threading.Lock()
 
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
-        t0 = time.perf_counter()
+        v0, i0 = thread_switches()
+        c0, t0 = time.thread_time(), time.perf_counter()
         results = self.inner.run(batch)
         self.inner.synchronize()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        v1, i1 = thread_switches()
         with self._calls_lock:
-            self.calls.append((t0, t1, len(batch)))
+            self.calls.append((t0, t1, len(batch), c1 - c0, v1 - v0, i1 - i0))
         return results
 
-    def take_calls(self) -> list[tuple[float, float, int]]:
+    def take_calls(self) -> list[tuple[float, float, int, float, int, int]]:
         with self._calls_lock:
             calls, self.calls = self.calls, []
         return calls
@@ -140,9 +156,12 @@ def gaps(calls: Sequence[tuple[float, float, int]]) -> list[float]:
 
 def block_figures(calls: Sequence[Sequence[float]], client_wall_s: float) -> dict[str, Any]:
     """One block's figures from its calls [(start s, end s, images)], the first (cold) call apart."""
-    timed = sorted((float(a), float(b), int(n)) for a, b, n in calls)
+    ordered = sorted(calls)
+    timed = [(float(c[0]), float(c[1]), int(c[2])) for c in ordered]
     images = sum(n for _, _, n in timed)
     warm = timed[1:]
+    # runs before this script kept no CPU time or switches: their figures are None
+    extra = [c[3:] for c in ordered[1:] if len(c) >= 6]
     return {
         "images": images,
         "batches": [n for _, _, n in timed],
@@ -150,9 +169,12 @@ def block_figures(calls: Sequence[Sequence[float]], client_wall_s: float) -> dic
         "client_images_per_s": images / client_wall_s,
         "first_call_s": timed[0][1] - timed[0][0],
         "call_s_median": median([b - a for a, b, _ in warm]),
+        "cpu_s_median": median([float(e[0]) for e in extra]) if extra else None,
+        "voluntary_median": median([float(e[1]) for e in extra]) if extra else None,
+        "involuntary_median": median([float(e[2]) for e in extra]) if extra else None,
         "gap_s_median": median(gaps(warm)),
         "gap_share": sum(gaps(warm)) / (warm[-1][1] - warm[0][0]),
-        "calls": [[a, b, n] for a, b, n in timed],
+        "calls": [list(c) for c in ordered],
     }
 
 
@@ -219,6 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--from-json", type=Path, default=None, help="only re-analyse a stored run's raw calls (its JSON)"
     )
     parser.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="in process: add the diagnostic conditions at batch 1 (direct calls with a counter poller, a "
+        "server with a synthetic meter) in place of the one-client condition",
+    )
+    parser.add_argument(
         "--own-process",
         action="store_true",
         help="serve the model from a process of its own (own_process = true); direct calls stay in this "
@@ -249,6 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             Condition("direct, batch 1" + POLL_LABEL, 1, 0, b1_calls, poll_s=0.05),
             Condition("served, 2 clients, batches of 1", 1, 2, b1_calls),
             Condition("served, 2 clients, batches of 1" + SYNTHETIC_LABEL, 1, 2, b1_calls, meter="synthetic"),
+            Condition("direct, batch 8", 8, 0, b8_calls),
+            Condition("served, 16 clients, batches of 8", 8, 16, b8_calls),
+        ]
+        if args.diagnostics
+        else [
+            Condition("direct, batch 1", 1, 0, b1_calls),
+            Condition("served, 1 client, batch 1", 1, 1, b1_calls),
+            Condition("served, 2 clients, batches of 1", 1, 2, b1_calls),
             Condition("direct, batch 8", 8, 0, b8_calls),
             Condition("served, 16 clients, batches of 8", 8, 16, b8_calls),
         ]
@@ -449,6 +485,7 @@ def summarize(
             "client_images_per_s": median(over(c.label, "client_images_per_s")),
             "first_call_s": median(over(c.label, "first_call_s")),
             "call_s_median": median(over(c.label, "call_s_median")),
+            **{key: _median_or_none(over(c.label, key)) for key in SWITCH_KEYS},
             "gap_s_median": median(over(c.label, "gap_s_median")),
             "gap_share": median(over(c.label, "gap_share")),
             "counter_j_per_image": None
@@ -498,6 +535,14 @@ def summarize(
     }
 
 
+SWITCH_KEYS = ("cpu_s_median", "voluntary_median", "involuntary_median")
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return median(known) if known else None
+
+
 def _spread(values: Sequence[float]) -> str:
     return f"{median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
@@ -513,6 +558,8 @@ def render(data: dict[str, Any]) -> str:
             "images/s, clients' view",
             "first call s",
             "call s (median)",
+            "calling thread's CPU s per call",
+            "its voluntary / involuntary switches per call",
             "gap between calls ms (median)",
             "device idle share",
             "J/image (device counter)",
@@ -525,6 +572,10 @@ def render(data: dict[str, Any]) -> str:
                 r["client_images_per_s"],
                 r["first_call_s"],
                 r["call_s_median"],
+                "-" if r.get("cpu_s_median") is None else r["cpu_s_median"],
+                "-"
+                if r.get("voluntary_median") is None
+                else f"{r['voluntary_median']:.0f} / {r['involuntary_median']:.0f}",
                 r["gap_s_median"] * 1000,
                 f"{r['gap_share']:.1%}",
                 r["counter_j_per_image"] if r["counter_j_per_image"] is not None else "-",
@@ -603,6 +654,10 @@ Command: `{data["command"]}`
   clients' wall time (first request sent to last answer, the cold call included). Ratios are against
   the direct condition of the same batch size in the same round: median (min-max) over the rounds.
 - "Call duration" compares the pipeline calls themselves: above 1, the calls ran slower in the server.
+  The thread that ran each call reports its CPU time and context switches over the call (medians of
+  the block's calls, then over the rounds): voluntary ones are waits (for the device, or for the
+  interpreter lock while another thread of the process holds it), involuntary ones preemptions.
+  With the model in a process of its own, the thread is the server's, waiting for that process.
 - Diagnostic conditions (where run) take the server's work apart, and do not count for the target:
   direct calls with a thread of this process reading the NVML counter every 50 ms (as the server's
   sampler does), and a server whose meter is synthetic (it reads no NVML at all; conservation is then

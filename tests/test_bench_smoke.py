@@ -119,7 +119,8 @@ def test_gpu_energy_smoke(model_cache: Path, tmp_path: Path) -> None:
 
 
 def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
-    assert gpu_served.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
+    argv = ["--smoke", "--diagnostics", "--out", str(tmp_path), "--cache-dir", str(model_cache)]
+    assert gpu_served.main(argv) == 0
     markdown, data = check_result(tmp_path, "gpu_served", "smoke")
     timing, ratios = tables(markdown)
     rows = {r["condition"]: r for r in data["conditions"]}
@@ -127,9 +128,12 @@ def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert len(data["blocks"]) == data["rounds"] * len(rows)
     for block in data["blocks"]:  # every block's pipeline calls carried its images, at its batch size
         expected = rows[block["condition"]]["images_per_block"]
-        assert sum(n for _, _, n in block["calls"]) == block["images"] == expected
-        assert all(b > a for a, b, _ in block["calls"])
-    assert {n for b in data["blocks"] if "batch 1" in b["condition"] for _, _, n in b["calls"]} == {1}
+        assert sum(call[2] for call in block["calls"]) == block["images"] == expected
+        assert all(call[1] > call[0] for call in block["calls"])
+        # each call's thread: its CPU time over the call, its context switches (Linux)
+        assert all(len(call) == 6 and 0 < call[3] <= 2 * (call[1] - call[0]) for call in block["calls"])
+        assert block["cpu_s_median"] > 0 and block["voluntary_median"] >= 0
+    assert {n for b in data["blocks"] if "batch 1" in b["condition"] for _, _, n, *_ in b["calls"]} == {1}
     compared = [r for r in rows.values() if "vs" in r]
     assert [row[0] for row in ratios[1:]] == [r["condition"] for r in compared]
     # the diagnostic conditions: direct calls with a counter poller, a server reading no NVML
@@ -172,6 +176,7 @@ def test_gpu_served_own_process_smoke(model_cache: Path, tmp_path: Path) -> None
     ]
     assert gpu_served.main(argv) == 0
     markdown, data = check_result(tmp_path, "gpu_served_own", "smoke")
+    assert "voluntary" in markdown
     assert "a process of its own" in markdown.splitlines()[0]
     rows = {r["condition"]: r for r in data["conditions"]}
     assert set(rows) == {
@@ -183,7 +188,7 @@ def test_gpu_served_own_process_smoke(model_cache: Path, tmp_path: Path) -> None
     served = [r for r in rows.values() if "vs" in r]
     assert all(r["responses_j_per_image"] > 0 and r["measurement"] == "synthetic" for r in served)
     for block in data["blocks"]:  # the model process ran the served calls, at their batch sizes
-        assert sum(n for _, _, n in block["calls"]) == block["images"]
+        assert sum(call[2] for call in block["calls"]) == block["images"]
 
 
 def test_nvml_interference_smoke(model_cache: Path, tmp_path: Path) -> None:
