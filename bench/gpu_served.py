@@ -621,7 +621,13 @@ def render(data: dict[str, Any]) -> str:
     smoke_note = "\n**Smoke run on a CPU: tiny-sd and a synthetic meter; it proves the code path only.**\n"
     name = data["benchmark"]
     own = name.endswith("_own")
-    title = ", the model in a process of its own" if own else ""
+    title = (
+        ", the model in a process of its own"
+        if own
+        else ", diagnostic conditions"
+        if name.endswith("_diagnostics")
+        else ""
+    )
     where = (
         " in this process for the direct calls, and once in a model process of its own\n"
         "  (`own_process = true`) for the servers"
