@@ -7,10 +7,11 @@ energy around `run()` and splits it by the `work_units` each result reports.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,33 @@ class ImageRequest:
 
 @dataclass(frozen=True)
 class ImageResult:
+    """One request's images. A backend may hand them back decoded (`images`: objects with Pillow's
+    `save`) rather than as PNGs: the server calls `encoded()` on a worker thread after the job, so that
+    the device's thread starts the next batch while the PNGs are made (Pillow's encoder lets go of the
+    interpreter lock). `images_png` is then filled and `images` emptied."""
+
     images_png: tuple[bytes, ...]
     seeds: tuple[int, ...]  # the seed of each image's own torch.Generator (reproducible)
     work_units: float  # steps x pixels x images (x2 with classifier-free guidance)
+    images: tuple[Any, ...] = ()  # decoded images not yet encoded
+
+    @property
+    def count(self) -> int:
+        """How many images (one seed each), encoded or not."""
+        return len(self.seeds)
+
+    def encoded(self) -> ImageResult:
+        """This result with its decoded images made PNGs (itself when there are none)."""
+        if not self.images:
+            return self
+        return replace(self, images_png=tuple(map(png_bytes, self.images)), images=())
+
+
+def png_bytes(image: Any) -> bytes:
+    """A decoded image (Pillow's `Image`) as PNG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 BackendRequest = TextRequest | ImageRequest

@@ -8,7 +8,6 @@ same batch size, and up to floating-point rounding (a pixel level or so) in anot
 
 from __future__ import annotations
 
-import io
 import secrets
 import threading
 from collections.abc import Hashable, Sequence
@@ -110,11 +109,12 @@ class DiffusersImageBackend:
                 output_type="pil",
             )
         images = iter(output.images)
-        return [
+        return [  # decoded: the server makes the PNGs off the device's thread (ImageResult.encoded)
             ImageResult(
-                images_png=tuple(_png(next(images)) for _ in member_seeds),
+                images_png=(),
                 seeds=member_seeds,
                 work_units=image_work_units(request),
+                images=tuple(next(images) for _ in member_seeds),
             )
             for request, member_seeds in zip(requests, seeds, strict=True)
         ]
@@ -151,9 +151,3 @@ class DiffusersImageBackend:
         """`seed + i` for image i; a drawn seed when the request has none (and it is reported)."""
         base = request.seed if request.seed is not None else secrets.randbelow(SEED_RANGE)
         return tuple(base + i for i in range(request.n))
-
-
-def _png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -481,7 +481,7 @@ def replay(backend: Backend, batches: Sequence[Sequence[BackendRequest]]) -> tup
         d = time.perf_counter() - s
         latencies.extend([d] * len(batch))
         for r in results:
-            units += getattr(r, "completion_tokens", 0) or len(getattr(r, "images_png", ()))
+            units += getattr(r, "completion_tokens", 0) or len(getattr(r, "seeds", ()))
     return time.perf_counter() - t0, latencies, units
 
 

@@ -827,6 +827,8 @@ async def _images_generations(
     _raise_failed(outcomes)
     result = outcomes[0].result
     assert isinstance(result, ImageResult)
+    if result.images:  # decoded by the backend: the PNGs are made here, while the device runs on
+        result = await asyncio.to_thread(result.encoded)
     energy = energy_usage(outcomes)
     body = ImagesResponse(
         data=[

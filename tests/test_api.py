@@ -20,7 +20,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends import load_backend
-from backends.base import Backend, BackendRequest, BackendResult, TextRequest
+from backends.base import Backend, BackendRequest, BackendResult, ImageResult, TextRequest
 from backends.tiny import ensure_model
 from proxy.config import ModelSettings
 from proxy.scheduler import PieceSink
@@ -623,6 +623,52 @@ def test_long_prompts_are_counted_off_the_event_loop(make_server, model_cache: P
         "prompt",
     )
     assert noting.on_loop == [(2, True), (len(long), False), (len(long), False)]
+
+
+class NotingImage:
+    """A decoded image that notes the thread its PNG is made on."""
+
+    def __init__(self, image: Image.Image, threads: list[str]) -> None:
+        self.image, self.threads = image, threads
+
+    def save(self, fp: io.BytesIO, format: str) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.image.save(fp, format=format)
+
+
+class PngNotingBackend(BackendWrapper):
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.threads: list[str] = []
+        self.run_threads: list[str] = []
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        self.run_threads.append(threading.current_thread().name)
+        return [
+            replace(r, images=tuple(NotingImage(i, self.threads) for i in r.images))
+            if isinstance(r, ImageResult)
+            else r
+            for r in self.inner.run(batch)
+        ]
+
+
+def test_pngs_are_made_off_the_device_thread_and_the_event_loop(make_server, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    """The device's thread hands the images back decoded and starts its next batch; the PNGs (tens of
+    milliseconds each at 512x512) are made on a worker thread, not on the event loop."""
+    noting = PngNotingBackend(
+        load_backend("image", "tiny-sd", ensure_model("tiny-sd", model_cache / "models"))
+    )
+    server = make_server(app_kwargs={"backends": {"tiny-sd": noting}})
+    images = client(server).images.generate(
+        model="tiny-sd", prompt="a kite", n=2, size="64x64", extra_body={"steps": 1}
+    )
+    assert [Image.open(io.BytesIO(base64.b64decode(d.b64_json or ""))).size for d in images.data] == [
+        (64, 64)
+    ] * 2
+    assert len(noting.threads) == 2 and noting.run_threads
+    assert not {*noting.threads} & {"live-server", *noting.run_threads}
+    usage = requests.get(server.base_url + "/v1/usage", timeout=10).json()
+    assert usage["total"]["images"] == 2  # the ledger counts the images, encoded after the job
 
 
 def test_null_parameters_mean_their_defaults(server: LiveServer) -> None:

@@ -51,9 +51,13 @@ def _text(backend: TransformersTextBackend, *requests: TextRequest) -> list[Text
 
 
 def _images(backend: DiffusersImageBackend, *requests: ImageRequest) -> list[ImageResult]:
+    """The backend's results, encoded as the server encodes them (after the job)."""
     results = backend.run(requests)
     assert all(isinstance(result, ImageResult) for result in results)
-    return [result for result in results if isinstance(result, ImageResult)]
+    images = [result for result in results if isinstance(result, ImageResult)]
+    # the device's thread hands the images back decoded: no PNG is made inside the job
+    assert all(not r.images_png and len(r.images) == r.count == r.encoded().count for r in images)
+    return [r.encoded() for r in images]
 
 
 # --- tiny: the builder ------------------------------------------------------------------------------
@@ -398,6 +402,16 @@ def test_one_call_serves_members_with_their_own_counts_and_seeds(image: Diffuser
     assert len({*a.images_png, *b.images_png}) == 3
     assert a.work_units == 4 * 96 * 64 * 1 * 2 == image_work_units(one)
     assert b.work_units == 4 * 96 * 64 * 2 * 2
+
+
+def test_encoded_makes_the_pngs_once() -> None:
+    picture = Image.new("RGB", (8, 4), (200, 10, 10))
+    decoded = ImageResult(images_png=(), seeds=(3, 4), work_units=1.0, images=(picture, picture))
+    done = decoded.encoded()
+    assert done.images == () and done.count == 2 and done.seeds == (3, 4) and done.work_units == 1.0
+    assert [Image.open(io.BytesIO(png)).size for png in done.images_png] == [(8, 4), (8, 4)]
+    assert done.encoded() is done  # nothing left to encode
+    assert decoded.images == (picture, picture)  # frozen: the decoded result is unchanged
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(image: DiffusersImageBackend) -> None:
