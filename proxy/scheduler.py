@@ -173,20 +173,37 @@ class DeviceWorker:
         return future
 
     def _main(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        job = self._jobs.get()
+        begun: JobHandle | None = None  # the next job's handle, begun at the last one's end
+        while job is not None:
             loop, future, backend, items = job
+            taken: _Job | None = None
             try:
-                done: tuple[JobResult | None, BaseException | None] = (self.run_job(backend, items), None)
-            except BaseException as e:  # run_job never raises but for a bug: its batcher sees it
-                done = (None, e)
+                result, taken, begun = self._run(backend, items, begun)
+                done: tuple[JobResult | None, BaseException | None] = (result, None)
+            except BaseException as e:  # _run never raises but for a bug: its batcher sees it
+                done, begun = (None, e), None
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_settle, future, *done)
+            job = taken if taken is not None else self._jobs.get()
 
     def run_job(self, backend: Backend, items: Sequence[WorkItem]) -> JobResult:
         """Runs in the worker thread. Never raises: a failed batch is still a measured job."""
-        self.gate.wait()
-        backend.synchronize()
-        handle = self.monitor.begin()
+        return self._run(backend, items, None, take_next=False)[0]
+
+    def _run(
+        self, backend: Backend, items: Sequence[WorkItem], begun: JobHandle | None, *, take_next: bool = True
+    ) -> tuple[JobResult, _Job | None, JobHandle | None]:
+        """Run one job (begun already at the last job's end, or now) and return its result. When the
+        job succeeded and another is queued and free to start, that one is taken (second) and begun at
+        this job's end with the same meter read (third): one read instead of two between back-to-back
+        jobs (an NVML read takes milliseconds), and no instant between them that belongs to neither."""
+        if begun is None:
+            self.gate.wait()
+            backend.synchronize()
+            handle = self.monitor.begin()
+        else:  # the device was synchronized at the end of the last job
+            handle = begun
         t0 = time.perf_counter()
         results: list[BackendResult] | None = None
         error: BaseException | None = None
@@ -202,8 +219,16 @@ class DeviceWorker:
         if flushes := flushes_of(requests):
             flush_all(flushes)  # pieces still held go to the loop before the job's end does
         units = [r.work_units for r in results] if results is not None else [0.0] * len(items)
-        self.monitor.end(handle, [(it.tag, w) for it, w in zip(items, units, strict=True)])
-        return results, error, handle, run_s
+        members = [(it.tag, w) for it, w in zip(items, units, strict=True)]
+        taken: _Job | None = None
+        if take_next and error is None and self.gate.is_set():
+            with contextlib.suppress(queue.Empty):
+                if (taken := self._jobs.get_nowait()) is None:
+                    self._jobs.put(None)  # the close: nothing can be queued behind it
+        if taken is None:
+            self.monitor.end(handle, members)
+            return (results, error, handle, run_s), None, None
+        return (results, error, handle, run_s), taken, self.monitor.split(handle, members)
 
     def close(self) -> None:
         """Stop taking jobs; return once the queued ones have run."""
