@@ -7,7 +7,7 @@ Runs `bench.serving`, `bench.accounting`, `bench.overhead`, `bench.upstream` (wi
 installed: see that module), `bench.ledger_bench` and `bench.metrics_render`, and the GPU benchmarks
 (`bench/gpu_energy.py`, `bench/gpu_served.py` with and without `--own-process`,
 `bench/nvml_interference.py`; `bench/gpu_check.sh` runs
-them on a bare GPU machine) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
+`gpu_served` on a bare GPU machine, and the others where asked) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
 results in the results directory are kept as they are; if there is no `gpu_energy` result, a clearly
 marked "not run here: no GPU" section is written instead. Each benchmark runs
 in a process of its own (the accounting benchmark measures process CPU time, so nothing else may run
