@@ -6,8 +6,8 @@
 Runs `bench.serving`, `bench.accounting`, `bench.overhead`, `bench.upstream` (with LiteLLM where it is
 installed: see that module), `bench.ledger_bench` and `bench.metrics_render`, and the GPU benchmarks
 (`bench/gpu_energy.py`, `bench/gpu_served.py` with and without `--own-process`,
-`bench/nvml_interference.py`; `bench/gpu_check.sh` runs
-`gpu_served` on a bare GPU machine, and the others where asked) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
+`bench/nvml_interference.py`; `bench/gpu_check.sh` runs `gpu_served` on a bare GPU machine, and the
+others where asked) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
 results in the results directory are kept as they are; if there is no `gpu_energy` result, a clearly
 marked "not run here: no GPU" section is written instead. Each benchmark runs
 in a process of its own (the accounting benchmark measures process CPU time, so nothing else may run

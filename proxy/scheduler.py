@@ -155,6 +155,7 @@ class DeviceWorker:
         self.monitor = monitor
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None  # started by the first job
+        self._taken: _Job | None = None  # the next job, taken from the queue at the last one's end
         self._closed = False
         # Cleared, it holds jobs before they start (used to pause a device, and by tests).
         self.gate = threading.Event()
@@ -177,15 +178,15 @@ class DeviceWorker:
         begun: JobHandle | None = None  # the next job's handle, begun at the last one's end
         while job is not None:
             loop, future, backend, items = job
-            taken: _Job | None = None
+            self._taken = None
             try:
-                result, taken, begun = self._run(backend, items, begun)
+                result, begun = self._run(backend, items, begun)
                 done: tuple[JobResult | None, BaseException | None] = (result, None)
             except BaseException as e:  # _run never raises but for a bug: its batcher sees it
-                done, begun = (None, e), None
+                done, begun = (None, e), None  # and a job it took runs next, begun on its own
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_settle, future, *done)
-            job = taken if taken is not None else self._jobs.get()
+            job = self._taken if self._taken is not None else self._jobs.get()
 
     def run_job(self, backend: Backend, items: Sequence[WorkItem]) -> JobResult:
         """Runs in the worker thread. Never raises: a failed batch is still a measured job."""
@@ -193,11 +194,12 @@ class DeviceWorker:
 
     def _run(
         self, backend: Backend, items: Sequence[WorkItem], begun: JobHandle | None, *, take_next: bool = True
-    ) -> tuple[JobResult, _Job | None, JobHandle | None]:
+    ) -> tuple[JobResult, JobHandle | None]:
         """Run one job (begun already at the last job's end, or now) and return its result. When the
-        job succeeded and another is queued and free to start, that one is taken (second) and begun at
-        this job's end with the same meter read (third): one read instead of two between back-to-back
-        jobs (an NVML read takes milliseconds), and no instant between them that belongs to neither."""
+        job succeeded and another is queued and free to start, that one is taken (`_taken`) and begun
+        at this job's end with the same meter read (second): one read instead of two between
+        back-to-back jobs (an NVML read takes milliseconds), and no instant between them that belongs
+        to neither."""
         if begun is None:
             self.gate.wait()
             backend.synchronize()
@@ -225,10 +227,11 @@ class DeviceWorker:
             with contextlib.suppress(queue.Empty):
                 if (taken := self._jobs.get_nowait()) is None:
                     self._jobs.put(None)  # the close: nothing can be queued behind it
+                self._taken = taken
         if taken is None:
             self.monitor.end(handle, members)
-            return (results, error, handle, run_s), None, None
-        return (results, error, handle, run_s), taken, self.monitor.split(handle, members)
+            return (results, error, handle, run_s), None
+        return (results, error, handle, run_s), self.monitor.split(handle, members)
 
     def close(self) -> None:
         """Stop taking jobs; return once the queued ones have run."""

@@ -81,3 +81,41 @@ def test_back_to_back_jobs_share_their_boundary_read_and_conserve_energy() -> No
     jobs_j = sum(ch.joules for ch in charges)
     assert abs(jobs_j + monitor.committed_idle_j - monitor.processed_j) < 1e-9
     assert all(ch.joules > 0 and ch.measurement == "synthetic" for ch in charges)
+
+
+def test_a_job_taken_early_still_runs_when_its_predecessor_breaks_at_the_split() -> None:
+    """A bug at the shared read fails the job that ended there (its batcher sees it), never the job
+    taken from the queue: that one runs next, begun with a read of its own."""
+    meter = CountingMeter()
+    monitor = DeviceMonitor(meter)
+    worker = DeviceWorker("cpu", monitor)
+    backend = SleepingBackend()
+    split = monitor.split
+    calls: list[int] = []
+
+    def broken_once(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the monitor")
+        return split(*args, **kwargs)  # type: ignore[arg-type]
+
+    monitor.split = broken_once  # type: ignore[method-assign]
+
+    async def run_all() -> list[object]:
+        loop = asyncio.get_running_loop()
+
+        def item(prompt: str) -> WorkItem:
+            tag = RequestTag(request_id=prompt, model="sleeper", task="image", user="u")
+            return WorkItem(ImageRequest(prompt=prompt), tag, "all", 0.0, loop.create_future())
+
+        worker.gate.clear()
+        futures = [worker.submit(backend, [item(p)]) for p in ("a", "b")]
+        worker.gate.set()
+        return list(await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10))
+
+    first, second = asyncio.run(run_all())
+    worker.close()
+    assert isinstance(first, RuntimeError) and str(first) == "a bug in the monitor"
+    results, error, _, _ = second  # type: ignore[misc]
+    assert error is None and results is not None  # settled: its batcher is not left waiting
+    assert len(calls) == 1  # b, the last job, ended on its own
