@@ -13,10 +13,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
+from http import HTTPStatus
 from pathlib import Path
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client import CollectorRegistry
 
 from backends import load_backend
@@ -29,7 +30,7 @@ from proxy.carbon import CarbonModel, build_carbon
 from proxy.config import Settings
 from proxy.energy.meter import EnergyMeter, open_meter
 from proxy.energy.monitor import Charge, DeviceMonitor
-from proxy.errors import Overloaded, error_middleware, error_response
+from proxy.errors import ApiError, InvalidRequest, Overloaded, ServerError, error_middleware, error_response
 from proxy.ledger import Ledger, LedgerRecord, LedgerUnavailable
 from proxy.metrics import JOULES_PER_KWH, EnergyBook, EnergyEntry, Metrics, RequestStats, metrics_handler
 from proxy.scheduler import DeviceWorker, ModelQueue, Outcome, RequestTag, Scheduler
@@ -392,14 +393,73 @@ class _NoRequestBytes(logging.Filter):
 SHUTDOWN_GRACE_S = 1.0
 
 
+class _EnvelopeRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering what aiohttp refuses before any handler runs (a
+    malformed request; a request line or header field over `max_header_bytes`) in the OpenAI error
+    envelope, where aiohttp answers in plain text that quotes the request's bytes back."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if an answer has begun
+        err: ApiError
+        if isinstance(exc, LineTooLong):
+            limit = exc.args[1] if len(exc.args) > 1 else "max_header_bytes"
+            err = InvalidRequest(
+                f"a request line or header field is longer than {limit} bytes (max_header_bytes)",
+                code="header_too_large",
+            )
+        elif 400 <= status < 500:
+            name = type(exc).__name__ if exc is not None else "bad request"
+            err = InvalidRequest(f"malformed HTTP request ({name})", code="invalid_http_request")
+        else:
+            err = ServerError(_phrase(status))
+        response = error_response(err)
+        response.set_status(status)
+        response.force_close()
+        return response
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+class _EnvelopeServer(web.Server):
+    """aiohttp's server, its connections handled by `_EnvelopeRequestHandler`."""
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _EnvelopeRequestHandler  # the same slots: only the error answers change
+        return handler
+
+
+class _AppRunner(web.AppRunner):
+    __slots__ = ()
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _EnvelopeServer
+        return server
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner every entry point uses: client disconnects cancel handlers (a queued request whose
-    client left is dropped), and request lines and header fields are bounded by `max_header_bytes`."""
+    client left is dropped), request lines and header fields are bounded by `max_header_bytes`, and
+    what aiohttp refuses itself is answered in the error envelope (`_EnvelopeRequestHandler`)."""
     settings = app[SETTINGS]
     server_log = logging.getLogger("proxy.http")
     if not any(isinstance(f, _NoRequestBytes) for f in server_log.filters):
         server_log.addFilter(_NoRequestBytes())
-    return web.AppRunner(
+    return _AppRunner(
         app,
         handler_cancellation=True,
         shutdown_timeout=SHUTDOWN_GRACE_S,

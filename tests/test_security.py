@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -413,17 +414,39 @@ def test_a_body_over_max_body_bytes_is_a_413(limited: LiveServer, chunked: bool)
 
 
 @pytest.mark.parametrize("where", ["header field", "request line"])
-def test_an_oversized_header_is_refused_with_a_4xx(limited: LiveServer, where: str) -> None:
+def test_an_oversized_header_is_refused_in_the_envelope(limited: LiveServer, where: str) -> None:
     big = "a" * (2 * MAX_HEADER)
     if where == "header field":
         resp = requests.get(limited.base_url + "/healthz", headers={"X-Padding": big}, timeout=10)
     else:
         resp = requests.get(limited.base_url + "/healthz?padding=" + big, timeout=10)
-    assert 400 <= resp.status_code < 500, resp.status_code
+    error = _assert_envelope(resp, 400, "invalid_request_error")
+    assert error["code"] == "header_too_large" and str(MAX_HEADER) in error["message"]
+    assert "aaaa" not in resp.text  # aiohttp's own answer quoted the request's bytes back
     fine = requests.get(
         limited.base_url + "/healthz", headers={"X-Padding": "a" * (MAX_HEADER // 2)}, timeout=10
     )
     assert fine.status_code == 200  # the server is still serving
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"BLAH\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n"],
+    ids=["method", "content-length"],
+)
+def test_a_malformed_request_is_refused_in_the_envelope(limited: LiveServer, raw: bytes) -> None:
+    """What aiohttp refuses before any handler runs is answered in the error envelope too."""
+    host, port = limited.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(raw)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split()[1] == b"400" and b"application/json" in head
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_http_request"
+    assert set(error) == {"message", "type", "param", "code"} and "zz" not in error["message"]
 
 
 def test_a_key_in_an_oversized_header_is_not_logged(
