@@ -5,21 +5,25 @@
 
 An earlier run of bench/gpu_energy.py saw the same GPU's speed drift by up to 25% between minutes,
 which a served phase followed by a direct one mistakes for the server's cost. Here every round runs
-six conditions back to back, in an order rotated from round to round, and each served condition is
-compared with the direct condition of the same batch size in the same round:
+its conditions back to back, in an order rotated from round to round, and each served (or diagnostic)
+condition is compared with the direct condition of the same batch size in the same round. By default:
 
   direct, batch 1        `backend.run()` on one image at a time, from this thread (no server at all)
-  direct, batch 1, NVML read every 50 ms
-                         the same, with a thread reading the device's energy counter as the server's
-                         sampler does (diagnostic: what the reads alone cost a call)
+  served, 1 client       one client, each request sent when the last is answered (max_batch_size 1):
+                         the device waits for every answer, finalization included
   served, 2 clients      two clients, batches of 1: one request runs while the other is answered
-  served, 2 clients, batches of 1, synthetic meter
-                         the same server reading no NVML at all (diagnostic: the server without reads)
   direct, batch 8        `backend.run()` on eight images at a time
+  direct, batch 8, PNGs made in the call
+                         the same, each call also making its eight PNGs (diagnostic: what the
+                         server's device thread did until the PNGs moved after the job)
   served, 16 clients     sixteen clients, batches of 8: a batch is always queued
 
-(Earlier runs also had one client at batch 1 and eight at batch 8, where the device waits for every
-answer: bench/results/profiles.md has them; the counter's wait after each call is a latency cost there.)
+With `--diagnostics`, the batch-1 conditions are instead: direct; direct with a thread reading the
+device's energy counter every 50 ms, as the server's sampler does (what the reads alone cost a call);
+two clients; two clients with a server reading no NVML at all (a synthetic meter). With
+`--own-process`, the model is served from a process of its own, two clients at batch 1 and sixteen at
+batch 8. (An earlier run also had eight clients at batch 8, where the device waits for every answer:
+bench/results/profiles.md has it.)
 
 Each served condition is a server of its own (`create_app`, meter nvml, its sampler and finalization
 as `wattproxy serve` runs them, max_wait_ms 100), started before and stopped after its requests; the
@@ -53,7 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import Backend, BackendRequest, BackendResult
+from backends.base import Backend, BackendRequest, BackendResult, ImageResult
 from bench.common import (
     RecordingBackend,
     ServerThread,
@@ -97,12 +101,15 @@ class TimedBackend(RecordingBackend):
         super().__init__(inner)
         self.calls: list[tuple[float, float, int, float, int, int]] = []
         self._calls_lock = threading.Lock()
+        self.png_in_call = False  # make the PNGs inside the timed call, as the server did until c8ba7a0
 
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
         v0, i0 = thread_switches()
         c0, t0 = time.thread_time(), time.perf_counter()
         results = self.inner.run(batch)
         self.inner.synchronize()
+        if self.png_in_call:
+            results = [r.encoded() if isinstance(r, ImageResult) else r for r in results]
         t1, c1 = time.perf_counter(), time.thread_time()
         v1, i1 = thread_switches()
         with self._calls_lock:
@@ -123,6 +130,7 @@ class Condition:
     calls: int  # pipeline calls per block
     poll_s: float = 0.0  # direct calls: a thread reads the device's counter this often (0: none)
     meter: str = "nvml"  # served: the server's meter ("synthetic": no NVML read at all)
+    png: bool = False  # direct calls: the PNGs made inside each call, on its thread
 
     @property
     def served(self) -> bool:
@@ -132,7 +140,7 @@ class Condition:
     def diagnostic(self) -> bool:
         """A variant that takes one part of the server's work apart (compared with direct, not counted
         for the target)."""
-        return self.poll_s > 0 or self.meter != "nvml"
+        return self.poll_s > 0 or self.meter != "nvml" or self.png
 
     @property
     def images(self) -> int:
@@ -180,6 +188,7 @@ def block_figures(calls: Sequence[Sequence[float]], client_wall_s: float) -> dic
 
 POLL_LABEL = ", NVML read every 50 ms"
 SYNTHETIC_LABEL = ", synthetic meter"
+PNG_LABEL = ", PNGs made in the call"
 
 
 def condition_of(label: str, images: int) -> Condition:
@@ -188,7 +197,7 @@ def condition_of(label: str, images: int) -> Condition:
     clients = 0 if label.startswith("direct") else int(label.split(", ")[1].split()[0])
     poll_s = 0.05 if label.endswith(POLL_LABEL) else 0.0
     meter = "synthetic" if label.endswith(SYNTHETIC_LABEL) else "nvml"
-    return Condition(label, batch, clients, images // batch, poll_s, meter)
+    return Condition(label, batch, clients, images // batch, poll_s, meter, label.endswith(PNG_LABEL))
 
 
 class Poller:
@@ -286,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Condition("served, 1 client, batch 1", 1, 1, b1_calls),
             Condition("served, 2 clients, batches of 1", 1, 2, b1_calls),
             Condition("direct, batch 8", 8, 0, b8_calls),
+            Condition("direct, batch 8" + PNG_LABEL, 8, 0, b8_calls, png=True),
             Condition("served, 16 clients, batches of 8", 8, 16, b8_calls),
         ]
     )
@@ -313,7 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     meters: dict[str, Any] | None = None
     probe: Probe
     if smoke:
-        meter = SyntheticMeter(device, update_period_s=0.1)
+        # no idle power: what the device draws between a server's life and the script's reads around
+        # it (one counter step of idle at either end, longer when a loaded machine is slow to stop a
+        # server) would otherwise blur the smoke run's conservation check
+        meter = SyntheticMeter(device, idle_watts=0.0, update_period_s=0.1)
         meters, probe = {device: meter}, MeterProbe(meter)
     else:
         nvml_probe = NvmlProbe(device)
@@ -336,11 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def direct(c: Condition, first: int) -> dict[str, Any]:
         backend.take_calls()
         poller = Poller(probe.energy_j, c.poll_s) if c.poll_s else contextlib.nullcontext()
+        backend.png_in_call = c.png
         e0, t0 = probe.energy_j(), time.perf_counter()
         with poller:
             for k in range(c.calls):
                 backend.run([image(first + k * c.batch + j) for j in range(c.batch)])
         wall, joules = time.perf_counter() - t0, probe.energy_j() - e0
+        backend.png_in_call = False
         reads = poller.reads if isinstance(poller, Poller) else 0
         return {
             "calls": backend.take_calls(),
@@ -666,8 +681,9 @@ Command: `{data["command"]}`
   With the model in a process of its own, the thread is the server's, waiting for that process.
 - Diagnostic conditions (where run) take the server's work apart, and do not count for the target:
   direct calls with a thread of this process reading the NVML counter every 50 ms (as the server's
-  sampler does), and a server whose meter is synthetic (it reads no NVML at all; conservation is then
-  not comparable with the device counter, "-").
+  sampler does), a server whose meter is synthetic (it reads no NVML at all; conservation is then
+  not comparable with the device counter, "-"), and direct calls that make their PNGs inside the
+  call (as the server's device thread did until the PNGs moved to a worker thread after the job).
 - J/image (responses): the joules the server attributed to its answers (idle excluded); J/image (device
   counter, direct calls only): the script's own counter delta over the block, over its images.
 

@@ -163,6 +163,25 @@ def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert tables((again / "gpu_served.md").read_text(encoding="utf-8")) == [timing, ratios]
 
 
+def test_gpu_served_default_conditions_smoke(model_cache: Path, tmp_path: Path) -> None:
+    argv = ["--smoke", "--rounds", "1", "--out", str(tmp_path), "--cache-dir", str(model_cache)]
+    assert gpu_served.main(argv) == 0
+    markdown, data = check_result(tmp_path, "gpu_served", "smoke")
+    rows = {r["condition"]: r for r in data["conditions"]}
+    png = "direct, batch 8, PNGs made in the call"
+    assert list(rows) == [
+        "direct, batch 1",
+        "served, 1 client, batch 1",
+        "served, 2 clients, batches of 1",
+        "direct, batch 8",
+        png,
+        "served, 16 clients, batches of 8",
+    ]
+    assert rows[png]["vs"] == "direct, batch 8" and rows[png]["diagnostic"]
+    _, ratios = tables(markdown)
+    assert [row[6] for row in ratios[1:] if row[0] == png] == ["(diagnostic)"]
+
+
 def test_gpu_served_own_process_smoke(model_cache: Path, tmp_path: Path) -> None:
     argv = [
         "--smoke",
