@@ -2,7 +2,7 @@
 # The whole GPU check in one command, for a GPU machine without network: installs the wheels in .whl/
 # (packages that machine lacks, when present), prints the versions, and runs bench/gpu_served.py
 # (images, served against direct calls in interleaved rounds, the model in process; each call's
-# thread CPU time and context switches recorded): about 5 minutes on an H200, so
+# thread CPU time and context switches recorded): about 6 minutes on an H200, so
 # that a task's 15 minutes of device time leave room for a second run. Where OWN=1, also
 # bench/gpu_served.py --own-process (the model in a process of its own; about 3 minutes); where
 # ENERGY=1, bench/gpu_energy.py without its images (the counter step, the chats in process, in a
