@@ -146,9 +146,10 @@ class Budgets:
 
     def budgets(self, user: str) -> list[Budget]:
         """The user's budgets, one a period, shortest period first."""
-        for b in self._budgets.get(user, ()):
+        budgets = self._budgets.get(user, [])
+        for b in budgets:
             self._roll(b)
-        return list(self._budgets.get(user, ()))
+        return list(budgets)
 
     def _roll(self, b: Budget) -> None:
         if b.reset is not None and self._clock() >= b.reset:

@@ -18,6 +18,7 @@ from proxy.energy.meter import MeterError
 from proxy.ledger import Ledger, LedgerUnavailable
 
 T = TypeVar("T")
+DB_HELP = "ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
 log = logging.getLogger("wattproxy")
 
 
@@ -54,18 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_device_indices,
         help="CUDA indices of the GPUs the upstream runs on (default 0)",
     )
-    for p in (serve,):
-        p.add_argument(
-            "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
-        )
+    serve.add_argument("--db", help=DB_HELP)
 
     # where the ledger is: accepted before or after a `keys` subcommand (`keys list --data-dir D`)
     ledger_args = argparse.ArgumentParser(add_help=False)
     ledger_args.add_argument("--config", help="TOML settings file (also WATTPROXY_CONFIG)")
     ledger_args.add_argument("--data-dir", help="where the ledger is kept")
-    ledger_args.add_argument(
-        "--db", help="ledger URL: sqlite:///path.db (default in the data dir) or postgresql://..."
-    )
+    ledger_args.add_argument("--db", help=DB_HELP)
     # the same after the subcommand: absent unless given there (SUPPRESS), so a value given before it
     # stands otherwise
     below = argparse.ArgumentParser(add_help=False)

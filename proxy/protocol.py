@@ -34,7 +34,9 @@ def _nullable_in_schema(schema: dict[str, Any]) -> None:
                 prop["default"] = default
 
 
-class _Request(BaseModel):
+class _NullMeansDefault(BaseModel):
+    """A request part: strict, unknown fields ignored, null for the default of `_NULL_MEANS_DEFAULT`."""
+
     model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_nullable_in_schema)
 
     @model_validator(mode="before")
@@ -42,6 +44,8 @@ class _Request(BaseModel):
     def _nulls_are_defaults(cls, data: Any) -> Any:
         return _drop_null_defaults(data)
 
+
+class _Request(_NullMeansDefault):
     @field_validator(
         "n", "max_tokens", "max_completion_tokens", "seed", "steps", mode="before", check_fields=False
     )
@@ -70,14 +74,8 @@ class Message(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_nullable_in_schema)
+class StreamOptions(_NullMeansDefault):
     include_usage: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        return _drop_null_defaults(data)
 
 
 # A stop string is checked against the text's tail at every token: bounded, as their number is (four

@@ -162,7 +162,7 @@ class DeviceWorker:
         self.gate.set()
 
     def submit(self, backend: Backend, items: Sequence[WorkItem]) -> asyncio.Future[JobResult]:
-        """Queue `run_job` for the device's thread (after the jobs queued before it); its result comes
+        """Queue the job for the device's thread (after the jobs queued before it); its result comes
         on the returned future."""
         if self._closed:
             raise RuntimeError(f"the worker of device {self.device} is closed")
@@ -188,18 +188,14 @@ class DeviceWorker:
                 loop.call_soon_threadsafe(_settle, future, *done)
             job = self._taken if self._taken is not None else self._jobs.get()
 
-    def run_job(self, backend: Backend, items: Sequence[WorkItem]) -> JobResult:
-        """Runs in the worker thread. Never raises: a failed batch is still a measured job."""
-        return self._run(backend, items, None, take_next=False)[0]
-
     def _run(
-        self, backend: Backend, items: Sequence[WorkItem], begun: JobHandle | None, *, take_next: bool = True
+        self, backend: Backend, items: Sequence[WorkItem], begun: JobHandle | None
     ) -> tuple[JobResult, JobHandle | None]:
-        """Run one job (begun already at the last job's end, or now) and return its result. When the
-        job succeeded and another is queued and free to start, that one is taken (`_taken`) and begun
-        at this job's end with the same meter read (second): one read instead of two between
-        back-to-back jobs (an NVML read takes milliseconds), and no instant between them that belongs
-        to neither."""
+        """Run one job (begun already at the last job's end, or now) and return its result; in the
+        worker thread, never raising: a failed batch is still a measured job. When the job succeeded
+        and another is queued and free to start, that one is taken (`_taken`) and begun at this job's
+        end with the same meter read (second): one read instead of two between back-to-back jobs (an
+        NVML read takes milliseconds), and no instant between them that belongs to neither."""
         if begun is None:
             self.gate.wait()
             backend.synchronize()
@@ -223,7 +219,7 @@ class DeviceWorker:
         units = [r.work_units for r in results] if results is not None else [0.0] * len(items)
         members = [(it.tag, w) for it, w in zip(items, units, strict=True)]
         taken: _Job | None = None
-        if take_next and error is None and self.gate.is_set():
+        if error is None and self.gate.is_set():
             with contextlib.suppress(queue.Empty):
                 if (taken := self._jobs.get_nowait()) is None:
                     self._jobs.put(None)  # the close: nothing can be queued behind it
@@ -294,14 +290,12 @@ class ModelQueue:
         self, request: BackendRequest, tag: RequestTag, *, pieces: asyncio.Queue[str | None] | None = None
     ) -> WorkItem:
         if len(self.items) >= self.max_queue:
-            batches_ahead = math.ceil(len(self.items) / self.max_batch_size) + self.running
-            raise QueueFull(self.name, max(1.0, batches_ahead * max(self.batch_seconds_ewma, 0.1)))
+            raise QueueFull(self.name, self._retry_after_s(len(self.items)))
         cap = self.max_queue_per_user
         if cap is not None and len(self.items) >= cap:  # (a scan of the queue only where it may be over)
             user = tag.user
             if sum(1 for it in self.items if it.tag.user == user) >= cap:
-                batches_ahead = math.ceil(cap / self.max_batch_size) + self.running
-                raise QueueFull(self.name, max(1.0, batches_ahead * max(self.batch_seconds_ewma, 0.1)), user)
+                raise QueueFull(self.name, self._retry_after_s(cap), user)
         loop = asyncio.get_running_loop()
         item = WorkItem(
             request=request,
@@ -318,6 +312,12 @@ class ModelQueue:
         if len(self._in_flight) == 1 and len(self.items) >= self.max_batch_size:
             self._queue_ahead()
         return item
+
+    def _retry_after_s(self, queued: int) -> float:
+        """When `queued` requests ahead will have run: their batches and the running ones, each at the
+        recent batch time (at least 0.1 s), and at least a second."""
+        batches_ahead = math.ceil(queued / self.max_batch_size) + self.running
+        return max(1.0, batches_ahead * max(self.batch_seconds_ewma, 0.1))
 
     def drop(self, item: WorkItem) -> bool:
         """Remove a queued item whose client left. False if its batch already started."""
