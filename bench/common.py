@@ -491,15 +491,19 @@ async def drive_elsewhere(
     make_request: Callable[[int], tuple[str, dict[str, Any]]],
     indices: range,
     concurrency: int,
-) -> tuple[float, list[tuple[float, dict[str, Any]]]]:
+    client: str = "raw",
+) -> tuple[float, list[tuple[float, dict[str, Any]]], float]:
     """`drive`, with the clients in a process of their own (`bench.loadgen`): a benchmark whose server
     runs in this process then measures the server, not the clients' share of its GIL. Payloads come
-    back trimmed to `usage` and the length of `data`."""
+    back trimmed to `usage`, the length of `data` and a stream's `events`. `client`: "raw" (lean
+    keep-alive connections) or "aiohttp" (`drive`'s `aiohttp.ClientSession`), see `bench.loadgen`.
+    Returns (wall s, [(latency s, payload)], the clients' CPU s over the wall time)."""
     job = {
         "base_url": base_url,
         "headers": dict(headers),
         "requests": [make_request(i) for i in indices],
         "concurrency": concurrency,
+        "client": client,
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -515,4 +519,5 @@ async def drive_elsewhere(
         detail = err.decode(errors="replace")[-2000:]
         raise RuntimeError(f"bench.loadgen failed ({proc.returncode}): {detail}")
     result = json.loads(out)
-    return float(result["wall_s"]), [(float(lat), payload) for lat, payload in result["answers"]]
+    answers = [(float(lat), payload) for lat, payload in result["answers"]]
+    return float(result["wall_s"]), answers, float(result["cpu_s"])

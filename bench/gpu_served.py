@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             server.start(before_app=lambda: life.append(probe.energy_j()))
 
-            wall, answers = asyncio.run(
+            wall, answers, _ = asyncio.run(
                 drive_elsewhere(
                     server.base_url, server.headers, body, range(first, first + c.images), c.clients
                 )

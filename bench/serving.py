@@ -101,11 +101,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class Shape:
-    """What every request asks for."""
+    """What every request asks for, and the clients that send them (`bench.loadgen`'s `client`)."""
 
     chat_max_tokens: int = 16
     image_size: int = 64
     image_steps: int = 4
+    client: str = "raw"
 
 
 @dataclass
@@ -121,6 +122,7 @@ class RoundResult:
     batch_sizes: list[int]
     units: int  # completion tokens (chat) or images (image) answered
     direct_units: int
+    clients_cpu_s: float = 0.0  # the load generator's CPU while the served requests ran
 
     @property
     def served_rps(self) -> float:
@@ -165,21 +167,23 @@ def request_for(workload: Workload, i: int, shape: Shape) -> tuple[str, dict[str
 
 async def send(
     session: aiohttp.ClientSession, base_url: str, workload: Workload, shape: Shape, first_index: int
-) -> tuple[float, list[float], int]:
+) -> tuple[float, list[float], int, float]:
     """Run one workload's requests from clients in a process of their own (`bench.loadgen`: they must
-    not take the server's GIL). Returns (wall s, per-request latencies s, units answered)."""
-    wall, answers = await drive_elsewhere(
+    not take the server's GIL). Returns (wall s, per-request latencies s, units answered, the clients'
+    CPU s)."""
+    wall, answers, clients_cpu_s = await drive_elsewhere(
         base_url,
         dict(session.headers),
         lambda i: request_for(workload, i, shape),
         range(first_index, first_index + workload.requests),
         workload.concurrency,
+        shape.client,
     )
     if workload.kind != "image":
         units = sum(int(a["usage"]["completion_tokens"]) for _, a in answers)
     else:
         units = sum(len(a["data"]) for _, a in answers)
-    return wall, [latency for latency, _ in answers], units
+    return wall, [latency for latency, _ in answers], units, clients_cpu_s
 
 
 async def batch_metric(session: aiohttp.ClientSession, base_url: str, model: str) -> tuple[float, float]:
@@ -210,7 +214,7 @@ async def served_then_direct(
     directly. The batch sizes recorded must match the server's own `wattproxy_batch_size`."""
     count0, sum0 = await batch_metric(session, server.base_url, workload.model)
     backend.start_recording()
-    wall, latencies, units = await send(session, server.base_url, workload, shape, first_index)
+    wall, latencies, units, clients_cpu_s = await send(session, server.base_url, workload, shape, first_index)
     batches = backend.stop_recording()
     count1, sum1 = await batch_metric(session, server.base_url, workload.model)
     sizes = [len(b) for b in batches]
@@ -221,7 +225,16 @@ async def served_then_direct(
         )
     d_wall, d_latencies, d_units = replay(backend.direct, batches)
     return RoundResult(
-        workload.key, workload.requests, wall, latencies, d_wall, d_latencies, sizes, units, d_units
+        workload.key,
+        workload.requests,
+        wall,
+        latencies,
+        d_wall,
+        d_latencies,
+        sizes,
+        units,
+        d_units,
+        clients_cpu_s,
     )
 
 
@@ -238,6 +251,7 @@ def merged(parts: Sequence[RoundResult]) -> RoundResult:
         [x for p in parts for x in p.batch_sizes],
         sum(p.units for p in parts),
         sum(p.direct_units for p in parts),
+        sum(p.clients_cpu_s for p in parts),
     )
 
 
@@ -300,6 +314,7 @@ def summarize(run: Run, workloads: Sequence[Workload]) -> dict[str, Any]:
             "direct_p50_ms": median(percentile(r.direct_latencies_s, 50) * 1e3 for r in rs),
             "direct_p95_ms": median(percentile(r.direct_latencies_s, 95) * 1e3 for r in rs),
             "served_units_per_s": median(r.units / r.served_wall_s for r in rs),
+            "clients_cpu_us_per_request": median(r.clients_cpu_s / r.requests * 1e6 for r in rs),
             "direct_units_per_s": median(r.direct_units / r.direct_wall_s for r in rs),
             "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
             "batch_histogram": batch_histogram(sizes),
@@ -310,6 +325,7 @@ def summarize(run: Run, workloads: Sequence[Workload]) -> dict[str, Any]:
                     "served_wall_s": r.served_wall_s,
                     "direct_wall_s": r.direct_wall_s,
                     "units": r.units,
+                    "clients_cpu_s": r.clients_cpu_s,
                     "batch_sizes": r.batch_sizes,
                 }
                 for r in rs
@@ -367,6 +383,7 @@ def render(
                 s["direct_p50_ms"],
                 s["direct_p95_ms"],
                 f"{s['mean_batch']:.2f}",
+                f"{s['clients_cpu_us_per_request']:.0f}",
             ]
         )
     served_table = md_table(
@@ -382,6 +399,7 @@ def render(
             "direct p50 ms",
             "direct p95 ms",
             "mean batch",
+            "clients' CPU µs/req",
         ],
         rows,
     )
@@ -441,8 +459,10 @@ Command: `{command}`
 
 - Workloads: `{CHAT_MODEL}` chat, {shape.chat_max_tokens} completion tokens at most, greedy; `{IMAGE_MODEL}`
   {side}x{side}, {shape.image_steps} steps, guidance 7.5, one image per request. Each client sends its next
-  request when the previous one is answered (aiohttp clients on localhost, in a process of their own,
-  `bench.loadgen`, so that they do not take the server's GIL).
+  request when the previous one is answered: clients on localhost in a process of their own
+  (`bench.loadgen`, so that they do not take the server's GIL), {CLIENT_NOTES[shape.client]}. The
+  last column is their CPU (user + system) per request while they ran: on this 2-core machine that CPU
+  is taken from the server and its model.
 - {settings_note}
 - {rounds} round(s), workloads interleaved in rotated order; every figure is the median over rounds, and
   each ratio is taken within a round first. Within a round each workload runs in chunks, each chunk
@@ -490,6 +510,14 @@ def targets_text(summary: dict[str, Any], batching: dict[str, float]) -> str:
     )
 
 
+CLIENT_NOTES = {
+    "raw": "each a keep-alive HTTP/1.1 connection with its requests encoded beforehand and only the "
+    "parts of an answer read that the benchmark counts (`bench.loadgen`'s `raw` client)",
+    "aiohttp": "each an `aiohttp.ClientSession` client that parses every answer in full "
+    "(`bench.loadgen`'s `aiohttp` client)",
+}
+
+
 def clients_label(key: str, concurrency: int) -> str:
     labels = ((B1, "max_batch_size 1"), (NO_WAIT, "max_wait_ms 0"), (OWN, "own process"))
     notes = [note for suffix, note in labels if suffix in key]
@@ -512,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the requests per round")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (both paths)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="the batcher's max_wait_ms")
+    parser.add_argument(
+        "--client", choices=sorted(CLIENT_NOTES), default="raw", help="the load generator's HTTP client"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -549,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind in ("chat", "stream", "image")
         for c, n, no_wait, own, b1 in levels[kind]
     ]
-    shape = Shape()
+    shape = Shape(client=args.client)
     cache = (args.cache_dir or default_cache_dir()) / "models"
     t0 = time.perf_counter()
     chat_path, image_path = ensure_model(CHAT_MODEL, cache), ensure_model(IMAGE_MODEL, cache)

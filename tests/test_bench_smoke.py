@@ -67,6 +67,7 @@ def test_serving_smoke(model_cache: Path, tmp_path: Path) -> None:
     } | {"stream-c8", "stream-c24", "stream-c24-own"}
     for key, w in workloads.items():
         assert w["served_rps"] > 0 and w["direct_rps"] > 0 and w["served_over_direct"] > 0
+        assert w["clients_cpu_us_per_request"] > 0  # the raw client's CPU, measured in its process
         sizes = w["per_round"][0]["batch_sizes"]
         assert sum(sizes) == w["requests_per_round"]
         assert max(sizes) <= (1 if "-b1" in key else w["concurrency"])
