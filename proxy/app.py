@@ -270,6 +270,7 @@ def create_app(
             queue_depths=scheduler.depths,
             intensity=intensity,
             budgets=budgets.remaining_kwh,
+            phone_charge_kwh=settings.phone_charge_kwh,
         )
         yield
         await scheduler.stop()
@@ -453,8 +454,10 @@ class _AppRunner(web.AppRunner):
 
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner every entry point uses: client disconnects cancel handlers (a queued request whose
-    client left is dropped), request lines and header fields are bounded by `max_header_bytes`, and
-    what aiohttp refuses itself is answered in the error envelope (`_EnvelopeRequestHandler`)."""
+    client left is dropped), request lines and header fields are bounded by `max_header_bytes`, a
+    connection with no request in progress is closed after `idle_timeout_s` (aiohttp's keep-alive
+    timer, which also runs while a request's headers are arriving), and what aiohttp refuses itself is
+    answered in the error envelope (`_EnvelopeRequestHandler`)."""
     settings = app[SETTINGS]
     server_log = logging.getLogger("proxy.http")
     if not any(isinstance(f, _NoRequestBytes) for f in server_log.filters):
@@ -467,6 +470,7 @@ def make_runner(app: web.Application) -> web.AppRunner:
         logger=server_log,
         max_line_size=settings.max_header_bytes,
         max_field_size=settings.max_header_bytes,
+        keepalive_timeout=settings.idle_timeout_s,
     )
 
 

@@ -193,6 +193,10 @@ class Settings(_Strict):
     max_header_bytes: int = Field(8190, ge=1024, le=1 << 20)  # one request line or header field
     # A client must send its body, and read each streamed event, within this time (slow clients).
     client_timeout_s: float = Field(60.0, gt=0)
+    # A connection with no request in progress is closed after this long: an idle keep-alive
+    # connection, and one whose request line and headers have not all arrived (slow headers). Counted
+    # from the connection's start or its previous answer's end; a request being answered is never cut.
+    idle_timeout_s: float = Field(75.0, gt=0)
     # Origins allowed to call the API from a browser; none by default (no CORS headers at all).
     cors_origins: list[str] = Field(default_factory=list)
     drain_timeout_s: float = Field(30.0, ge=0)

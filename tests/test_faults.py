@@ -211,6 +211,34 @@ def test_a_client_sending_its_body_too_slowly_gets_408(make_server) -> None:  # 
     assert requests.get(server.base_url + "/healthz", timeout=5).status_code == 200
 
 
+def test_a_connection_with_no_request_in_progress_is_closed_after_idle_timeout_s(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Slow headers (a request line and some headers, then nothing) and an idle keep-alive connection
+    are both closed; aiohttp's own default would hold them for an hour."""
+    server = make_server(idle_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.2)
+        slow.sendall(b"Content-Type: application/json\r\n")  # still arriving: no request yet
+        assert slow.recv(65536) == b""  # closed, without an answer (none was asked for)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += idle.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        while idle.recv(65536):  # the rest of the answer, then the close
+            pass
+
+
+def test_a_request_that_runs_past_idle_timeout_s_is_answered(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(idle_timeout_s=0.3)
+    gate = server.app[SCHEDULER].devices["cpu"].gate  # type: ignore[index]
+    gate.clear()  # the device holds the batch, so the request is in progress for a second
+    threading.Timer(1.0, gate.set).start()
+    r = requests.post(server.base_url + CHAT, json=BODY, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+
+
 def test_sigterm_under_load_drains_and_every_answer_is_in_the_ledger(
     model_cache: Path, tmp_path: Path
 ) -> None:
