@@ -121,7 +121,9 @@ class _ScrapeCollector(Collector):
         queue_depths: Callable[[], dict[str, int]],
         intensity: Callable[[], tuple[str, str, float] | None],
         budgets: Callable[[], dict[str, float]],
+        phone_charge_kwh: float | None = None,
     ) -> None:
+        self._phone_charge_kwh = phone_charge_kwh
         self._book = book
         self._budgets = budgets
         self._power = power
@@ -196,6 +198,14 @@ class _ScrapeCollector(Collector):
             ("user",),
             [((user,), kwh) for user, kwh in sorted(self._budgets().items())],
         )
+        if self._phone_charge_kwh is not None:
+            yield RowFamily(
+                "wattproxy_phone_charge_kwh",
+                "gauge",
+                "One smartphone charge, the usage reports' and the dashboard's unit (kWh, phone_charge_kwh)",
+                (),
+                [((), self._phone_charge_kwh)],
+            )
 
 
 def _observe(child: Any, amount: float, request_id: str | None = None) -> None:
@@ -450,8 +460,10 @@ class Metrics:
         queue_depths: Callable[[], dict[str, int]],
         intensity: Callable[[], tuple[str, str, float] | None],
         budgets: Callable[[], dict[str, float]] = dict,
+        phone_charge_kwh: float | None = None,
     ) -> None:
-        self.registry.register(_ScrapeCollector(self.book, power, queue_depths, intensity, budgets))
+        collector = _ScrapeCollector(self.book, power, queue_depths, intensity, budgets, phone_charge_kwh)
+        self.registry.register(collector)
 
 
 def metrics_handler(

@@ -109,6 +109,7 @@ def app_registry(users: int = 12, extra_users: Iterable[str] = AWKWARD) -> Colle
         queue_depths=lambda: {"tiny-gpt2": 3, "tiny-sd": 0, 'odd "m"\\1': 12},
         intensity=lambda: ("DE", "static", 381.0),
         budgets=lambda: {"user-001": 0.75, 'quo"te': -0.0, "user-002": 1234567.0},
+        phone_charge_kwh=0.012,  # a family without labels
     )
     return registry
 
@@ -178,6 +179,7 @@ def test_scrape_collector_rows_and_families_agree() -> None:
         "wattproxy_energy_kwh", "wattproxy_co2_grams", "wattproxy_device_energy_kwh",
         "wattproxy_idle_energy_kwh", "wattproxy_device_power_watts", "wattproxy_queue_depth",
         "wattproxy_carbon_intensity_grams_per_kwh", "wattproxy_budget_remaining_kwh",
+        "wattproxy_phone_charge_kwh",
     ]  # fmt: skip
     for family, row in zip(families, rows, strict=True):
         assert family.type == row.type and family.documentation == row.documentation
