@@ -76,7 +76,8 @@ async def test_raw_client_reads_what_the_aiohttp_client_reads(base_url: tuple[st
     _, reference = await drive_aiohttp(url, {"Authorization": "Bearer k"}, requests, 1)
     # one client: answers in request order on both
     assert [p for _, p in raw] == [p for _, p in reference]
-    assert raw[1][1] == {"usage": USAGE, "data": [], "events": 2}  # a role-less stream: 1 token chunk, the usage chunk
+    # a stream of 1 token: its token chunk and the usage chunk
+    assert raw[1][1] == {"usage": USAGE, "data": [], "events": 2}
     assert raw[4][1] == {"usage": USAGE, "data": [None], "events": None}
     assert len(set(peers[: len(requests)])) == 1  # one keep-alive connection carried them all
 
