@@ -452,7 +452,7 @@ class ModelQueue:
         # Most jobs are final when they end (their charges are set): no future to make and await then.
         charges = handle.charges
         if charges is None:
-            charges = await asyncio.wrap_future(handle.result)
+            charges = await handle.final()
         start_s = handle.start_s
         outcomes = []
         for i, it in enumerate(batch):

@@ -367,7 +367,7 @@ class Activity:
         for handle, piece in self.pieces:
             charges = handle.charges
             if charges is None:
-                charges = await asyncio.wrap_future(handle.result)
+                charges = await handle.final()
             charge = charges.get(piece)
             if charge is not None:
                 out.append((charge, piece))

@@ -119,3 +119,44 @@ def test_a_job_taken_early_still_runs_when_its_predecessor_breaks_at_the_split()
     results, error, _, _ = second  # type: ignore[misc]
     assert error is None and results is not None  # settled: its batcher is not left waiting
     assert len(calls) == 1  # b, the last job, ended on its own
+
+
+async def test_final_charges_wake_the_loop_once_for_handles_finalized_together() -> None:
+    """`JobHandle.final()`: jobs finalized on another thread wake their waiters with one loop callback
+    for all of them; a waiter cancelled on the way does not stop a later one; a final job needs no wait."""
+    loop = asyncio.get_running_loop()
+    meter = SyntheticMeter("cuda:0", idle_watts=0.0, busy_watts=100.0)
+    meter.blocking_reads = True  # as NVML's: the loop's boundaries are the clock's, the sampler finalizes
+    monitor = DeviceMonitor(meter, finalize_poll_s=0.001)
+    calls = []
+    original = loop.call_soon_threadsafe
+
+    def counted(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(getattr(callback, "__name__", ""))
+        return original(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    try:
+        monitor.start()
+        handles = [monitor.begin(on_loop=True) for _ in range(5)]  # as proxy mode's requests begin
+        waits = [asyncio.ensure_future(h.final()) for h in handles]
+        cancelled = asyncio.ensure_future(handles[0].final())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        again = asyncio.ensure_future(handles[0].final())  # after a cancelled waiter on the same handle
+        await asyncio.sleep(0.01)
+        for i, h in enumerate(handles):  # ended from the loop: final once the sampler reads past the ends
+            monitor.end(h, [(i, 1.0)], 1.0, on_loop=True)
+        assert all(h.charges is None for h in handles)
+        charges = await asyncio.wait_for(asyncio.gather(*waits, again), 10)
+    finally:
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+        monitor.stop()
+    assert cancelled.cancelled()
+    assert [set(c) for c in charges] == [{0}, {1}, {2}, {3}, {4}, {0}]
+    assert sum(c[i].joules for i, c in enumerate(charges[:5])) > 0
+    # the sampler finalized them together: fewer wake-ups than handles (one, unless the interpreter
+    # switched threads between two of them), and none of asyncio.wrap_future's one a handle
+    assert 1 <= calls.count("_wake_all") < len(handles), calls
+    assert await handles[1].final() is charges[1]  # final already: returned at once

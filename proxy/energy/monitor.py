@@ -16,6 +16,7 @@ metrics snapshot built from commits always satisfies the identity.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import math
@@ -24,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from proxy.energy.attribution import amortize, split_by_work
 from proxy.energy.meter import EnergyMeter, MeterError, Reading
@@ -79,9 +80,10 @@ class _Job:
 class JobHandle:
     """Returned by `DeviceMonitor.begin`. Once the job is finalized, `charges` holds {member: Charge};
     `result` is a future of them, for a caller that must wait (made on first use: most jobs are final
-    by the time their caller looks, and a future costs more than the rest of a job's bookkeeping)."""
+    by the time their caller looks, and a future costs more than the rest of a job's bookkeeping), and
+    `final()` waits for them on an event loop."""
 
-    __slots__ = ("_future", "charges", "key", "start_s")
+    __slots__ = ("_future", "_waiters", "charges", "key", "start_s")
     _lock = threading.Lock()  # one for all handles: held for a few attribute operations at a time
 
     def __init__(self, key: int, start_s: float) -> None:
@@ -89,6 +91,27 @@ class JobHandle:
         self.start_s = start_s
         self.charges: dict[Hashable, Charge] | None = None
         self._future: concurrent.futures.Future[dict[Hashable, Charge]] | None = None
+        self._waiters: list[asyncio.Future[dict[Hashable, Charge]]] | None = None
+
+    async def final(self) -> dict[Hashable, Charge]:
+        """The charges, once final, awaited on the running event loop. Where the job is finalized on
+        another thread (the sampler's, the device worker's), the loop is woken once for every handle
+        finalized together (`_wake`) rather than once a handle, as `asyncio.wrap_future(result)` does
+        (about 14 us of the loop's CPU a handle, against 1; proxy mode waits for every request's)."""
+        charges = self.charges
+        if charges is not None:
+            return charges
+        waiter = asyncio.get_running_loop().create_future()  # each caller's own: one may be cancelled
+        with self._lock:
+            charges = self.charges
+            if charges is None:
+                if self._waiters is None:
+                    self._waiters = [waiter]
+                else:
+                    self._waiters.append(waiter)
+        if charges is not None:
+            return charges
+        return await waiter
 
     @property
     def result(self) -> concurrent.futures.Future[dict[Hashable, Charge]]:
@@ -104,9 +127,46 @@ class JobHandle:
             if self.charges is not None:
                 return
             self.charges = charges
-            future = self._future
+            future, waiters, self._waiters = self._future, self._waiters, None
         if future is not None and not future.done():
             future.set_result(charges)
+        if waiters is not None:
+            for waiter in waiters:
+                _wake(waiter, charges)
+
+
+_woken_lock = threading.Lock()
+_to_wake: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+
+
+def _wake(waiter: asyncio.Future[Any], value: Any) -> None:
+    """Resolve a loop's future from any thread. Off the loop, the futures resolved before the loop gets
+    to them are resolved together, in one callback (one `call_soon_threadsafe` for the lot)."""
+    loop = waiter.get_loop()
+    if asyncio._get_running_loop() is loop:
+        if not waiter.done():
+            waiter.set_result(value)
+        return
+    with _woken_lock:
+        pending = _to_wake.get(loop)
+        first = pending is None
+        if first:
+            pending = _to_wake[loop] = []
+        pending.append((waiter, value))
+    if first:
+        try:
+            loop.call_soon_threadsafe(_wake_all, loop)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            with _woken_lock:
+                _to_wake.pop(loop, None)
+
+
+def _wake_all(loop: asyncio.AbstractEventLoop) -> None:
+    with _woken_lock:
+        pending = _to_wake.pop(loop, [])
+    for waiter, value in pending:
+        if not waiter.done():  # a waiter whose task was cancelled is done already
+            waiter.set_result(value)
 
 
 class DeviceMonitor:
