@@ -565,8 +565,16 @@ async def _stream_text(
     try:
         await make_chunk.start(resp)
         for index, streamer in enumerate(streamers):
-            while (piece := await streamer.pieces.get()) is not None:
-                await _sse(resp, make_chunk.piece(index, piece))
+            pieces = streamer.pieces
+            ended = False
+            while not ended and (piece := await pieces.get()) is not None:
+                frame = sse_frame(make_chunk.piece(index, piece))
+                while not pieces.empty():  # pieces handed over together go out in one write
+                    if (piece := pieces.get_nowait()) is None:
+                        ended = True
+                        break
+                    frame += sse_frame(make_chunk.piece(index, piece))
+                await _send_event(resp, frame)
         try:
             outcomes = await _wait(queue, items)
         except ApiError as e:

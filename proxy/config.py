@@ -71,6 +71,10 @@ class ModelSettings(_Strict):
     # text limits
     max_tokens: int = Field(256, ge=1)  # upper bound on max_tokens a request may ask for
     default_max_tokens: int = Field(16, ge=1)
+    # Streamed pieces go from the model's thread to the event loop after each decoding step, but not
+    # more often than this: faster steps (a small model on a CPU) are handed over a few at a time, and
+    # a stream writes them in one go. 0: every step on its own. Steps slower than this are unaffected.
+    stream_interval_ms: float = Field(2.0, ge=0, le=1000)
     max_prompt_tokens: int = Field(1024, ge=1)
     # image limits
     sizes: list[str] = Field(default_factory=lambda: ["64x64", "128x128", "256x256"])

@@ -79,15 +79,22 @@ class WorkItem:
 class StepPieces:
     """Streamed text pieces on their way from a device's thread to the event loop, a decoding step at a
     time. Each streamed member's `on_text` is a `sink` of its model's StepPieces: it holds the piece,
-    and the backend calls `flush` after every step (backends.base.TextRequest), which hands the step's
+    and the backend calls `flush` after every step (backends.base.TextRequest), which hands the held
     pieces of all the batch's streamed members to their queues in one call on the loop: one wake-up of
-    the loop a step, not one a piece. The device's worker flushes once more when a job ends, before it
-    hands the job back, so every piece reaches its queue before the end of its text (None)."""
+    the loop a step, not one a piece. Where steps come faster than `interval_s` (a small model on a
+    CPU), a flush within `interval_s` of the last hand-over keeps holding them, and the next hands over
+    several steps' pieces at once, which a stream then writes in one go: fewer wake-ups of the loop,
+    each of which takes the interpreter lock from the model's thread in process. A piece then waits at
+    most about `interval_s` (or one more step); steps slower than `interval_s` (a GPU's) are handed over
+    each. The device's worker hands over what is held when a job ends (`flush_now`), before it hands
+    the job back, so every piece reaches its queue before the end of its text (None)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.0) -> None:
         self._loop = loop
         self._lock = threading.Lock()  # the device's thread adds and flushes; a lock in case of two
         self._held: list[tuple[asyncio.Queue[str | None], str]] = []
+        self._interval_s = interval_s
+        self._last_s = 0.0
 
     def sink(self) -> PieceSink:
         return PieceSink(self)
@@ -96,12 +103,37 @@ class StepPieces:
         with self._lock:
             self._held.append((pieces, piece))
 
-    def flush(self) -> None:
+    def flush_now(self) -> None:
+        """Hand over every held piece now (a job ended)."""
         with self._lock:
             held, self._held = self._held, []
         if held:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_hand_over, held)
+
+    def flush(self) -> None:
+        """A step ended: hand over the held pieces, unless the last hand-over is under `interval_s` old."""
+        now_s = time.monotonic()
+        with self._lock:
+            if now_s - self._last_s < self._interval_s:
+                return
+            held, self._held = self._held, []
+            if held:
+                self._last_s = now_s
+        if held:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
                 self._loop.call_soon_threadsafe(_hand_over, held)
+
+
+def _end_flushes(requests: Sequence[BackendRequest]) -> tuple[Callable[[], None], ...]:
+    """What a job's end calls so that no streamed piece stays held: a `PieceSink`'s `flush_now` (its
+    `flush` may hold them for `interval_s`), another consumer's `flush` (backends.base.flushes_of)."""
+    flushes = list(flushes_of(requests))
+    for i, flush in enumerate(flushes):
+        owner = getattr(flush, "__self__", None)
+        if isinstance(owner, StepPieces):
+            flushes[i] = owner.flush_now
+    return tuple(flushes)
 
 
 def _hand_over(held: list[tuple[asyncio.Queue[str | None], str]]) -> None:
@@ -214,7 +246,7 @@ class DeviceWorker:
         except Exception as e:
             error, results = e, None
         run_s = time.perf_counter() - t0
-        if flushes := flushes_of(requests):
+        if flushes := _end_flushes(requests):
             flush_all(flushes)  # pieces still held go to the loop before the job's end does
         units = [r.work_units for r in results] if results is not None else [0.0] * len(items)
         members = [(it.tag, w) for it, w in zip(items, units, strict=True)]
@@ -265,6 +297,7 @@ class ModelQueue:
     record: Recorder
     clock: Callable[[], float] = time.monotonic
     max_queue_per_user: int | None = None
+    stream_interval_s: float = 0.0  # StepPieces' interval_s
     items: deque[WorkItem] = field(default_factory=deque)
     running: int = 0
     batch_seconds_ewma: float = 0.0
@@ -329,7 +362,7 @@ class ModelQueue:
         return True
 
     def start(self) -> None:
-        self.step_pieces = StepPieces(asyncio.get_running_loop())
+        self.step_pieces = StepPieces(asyncio.get_running_loop(), self.stream_interval_s)
         self._task = asyncio.create_task(self._batcher(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:

@@ -477,6 +477,30 @@ def test_a_streamed_piece_reaches_the_client_while_its_batch_still_runs(
     assert text == plain.choices[0].message.content
 
 
+def test_pieces_held_for_stream_interval_ms_all_reach_the_stream(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Steps that come faster than `stream_interval_ms` are handed over several at a time (here, with a
+    second's interval, all at the job's end) and written together: every token still has its chunk,
+    in order, and the stream ends as always."""
+    models = [ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", stream_interval_ms=1000)]
+    c = client(make_server(models=models))
+    messages = [{"role": "user", "content": "Count with me"}]
+    plain = c.chat.completions.create(model="tiny-gpt2", messages=messages, max_tokens=12, temperature=0)
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny-gpt2",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    pieces = [ch.choices[0].delta.content for ch in chunks[1:] if ch.choices and ch.choices[0].delta.content]
+    assert "".join(pieces) == plain.choices[0].message.content and len(pieces) > 1
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
+
+
 def _waiting_model(max_wait_ms: float) -> list[ModelSettings]:
     return [
         ModelSettings(

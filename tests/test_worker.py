@@ -10,7 +10,7 @@ from collections.abc import Hashable, Sequence
 from backends.base import BackendRequest, BackendResult, ImageRequest, ImageResult
 from proxy.energy.meter import Reading, SyntheticMeter
 from proxy.energy.monitor import DeviceMonitor
-from proxy.scheduler import DeviceWorker, RequestTag, WorkItem
+from proxy.scheduler import DeviceWorker, RequestTag, StepPieces, WorkItem
 
 
 class CountingMeter(SyntheticMeter):
@@ -146,9 +146,10 @@ async def test_final_charges_wake_the_loop_once_for_handles_finalized_together()
         await asyncio.sleep(0)
         again = asyncio.ensure_future(handles[0].final())  # after a cancelled waiter on the same handle
         await asyncio.sleep(0.01)
-        for i, h in enumerate(handles):  # ended from the loop: final once the sampler reads past the ends
+        # ended from the loop: final once the sampler reads past the ends (a job whose end the sampler
+        # has read past before the next end is finalized by that next end, on the loop, at once)
+        for i, h in enumerate(handles):
             monitor.end(h, [(i, 1.0)], 1.0, on_loop=True)
-        assert all(h.charges is None for h in handles)
         charges = await asyncio.wait_for(asyncio.gather(*waits, again), 10)
     finally:
         loop.call_soon_threadsafe = original  # type: ignore[method-assign]
@@ -160,3 +161,29 @@ async def test_final_charges_wake_the_loop_once_for_handles_finalized_together()
     # switched threads between two of them), and none of asyncio.wrap_future's one a handle
     assert 1 <= calls.count("_wake_all") < len(handles), calls
     assert await handles[1].final() is charges[1]  # final already: returned at once
+
+
+async def test_step_pieces_are_held_for_interval_s_after_a_hand_over() -> None:
+    """`StepPieces.flush` hands the held pieces over unless the last hand-over is under `interval_s`
+    old; `flush_now` (a job's end) always does; with no interval every flush does."""
+    held = StepPieces(asyncio.get_running_loop(), interval_s=60.0)
+    sink = held.sink()
+    sink("a")
+    sink.flush()  # the first hand-over
+    await asyncio.sleep(0.01)
+    assert sink.pieces.get_nowait() == "a"
+    sink("b")
+    sink("c")
+    sink.flush()  # within the interval: held
+    await asyncio.sleep(0.01)
+    assert sink.pieces.empty()
+    held.flush_now()
+    await asyncio.sleep(0.01)
+    assert [sink.pieces.get_nowait(), sink.pieces.get_nowait()] == ["b", "c"]
+    each = StepPieces(asyncio.get_running_loop())
+    other = each.sink()
+    for piece in "xyz":
+        other(piece)
+        other.flush()
+    await asyncio.sleep(0.01)
+    assert [other.pieces.get_nowait() for _ in range(3)] == ["x", "y", "z"]
