@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -73,9 +74,9 @@ def test_chat_completion_with_usage_and_energy(server: LiveServer) -> None:
     assert float(raw.headers["X-CO2-Grams"]) == energy["co2_grams"]
 
 
-def test_chat_stream_matches_plain_and_ends_with_usage(server: LiveServer) -> None:
-    c = client(server)
-    messages = [{"role": "user", "content": "Count with me"}]
+def _plain_and_streamed(c: openai.OpenAI) -> tuple[Any, list[Any]]:
+    """The same greedy chat, answered plain and streamed (with usage)."""
+    messages: Any = [{"role": "user", "content": "Count with me"}]
     plain = c.chat.completions.create(model="tiny-gpt2", messages=messages, max_tokens=12, temperature=0)
     chunks = list(
         c.chat.completions.create(
@@ -87,6 +88,11 @@ def test_chat_stream_matches_plain_and_ends_with_usage(server: LiveServer) -> No
             stream_options={"include_usage": True},
         )
     )
+    return plain, chunks
+
+
+def test_chat_stream_matches_plain_and_ends_with_usage(server: LiveServer) -> None:
+    plain, chunks = _plain_and_streamed(client(server))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == plain.choices[0].message.content
     finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
@@ -482,19 +488,7 @@ def test_pieces_held_for_stream_interval_ms_all_reach_the_stream(make_server) ->
     second's interval, all at the job's end) and written together: every token still has its chunk,
     in order, and the stream ends as always."""
     models = [ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", stream_interval_ms=1000)]
-    c = client(make_server(models=models))
-    messages = [{"role": "user", "content": "Count with me"}]
-    plain = c.chat.completions.create(model="tiny-gpt2", messages=messages, max_tokens=12, temperature=0)
-    chunks = list(
-        c.chat.completions.create(
-            model="tiny-gpt2",
-            messages=messages,
-            max_tokens=12,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
+    plain, chunks = _plain_and_streamed(client(make_server(models=models)))
     pieces = [ch.choices[0].delta.content for ch in chunks[1:] if ch.choices and ch.choices[0].delta.content]
     assert "".join(pieces) == plain.choices[0].message.content and len(pieces) > 1
     assert chunks[-1].usage is not None
