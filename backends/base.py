@@ -37,7 +37,9 @@ class TextRequest:
     seed: int | None = None
     # Called from the worker thread with each new piece of text as it is generated (streaming). Where
     # it has a `flush` method, the backend calls that after every decoding step and once the batch
-    # ends (`flush_all`): the consumer may hold a step's pieces and pass them on together.
+    # ends (`flush_all`): the consumer may hold a step's pieces and pass them on together. Where it
+    # also has `interval_s` (seconds), it takes pieces no more often than that: a backend that sends
+    # them from another process may hold them that long too (backends/process.py).
     on_text: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
     # The prompt's token ids, where the server already tokenized it with this model's tokenizer to
     # check its length (`prompt_ids` of the backend): `run` then does not tokenize it a second time.

@@ -91,8 +91,8 @@ def _child_main(
     conn.send(("ready", None, time.process_time()))
     try:
         while (message := conn.recv()) is not None:
-            requests, streamed = message
-            sender = _StepSender(conn)
+            requests, streamed, interval_s = message
+            sender = _StepSender(conn, interval_s)
             batch = [
                 replace(r, on_text=sender.member(i)) if i in streamed else r for i, r in enumerate(requests)
             ]
@@ -100,10 +100,10 @@ def _child_main(
                 results = backend.run(batch)
                 backend.synchronize()
             except Exception as e:
-                sender.flush()
+                sender.flush_now()
                 conn.send(("error", _sendable(e), time.process_time()))
             else:
-                sender.flush()
+                sender.flush_now()
                 conn.send(("done", results, time.process_time()))
     except (EOFError, OSError):  # the server is gone (it closed the pipe, or exited)
         pass
@@ -114,16 +114,27 @@ def _child_main(
 class _StepSender:
     """The streamed members' pieces of one batch, sent to the server a decoding step at a time: one
     message a step for all its members (the backend calls `flush` after each step) rather than one a
-    piece."""
+    piece; where steps come faster than the consumers' `interval_s` (they would hold the pieces that
+    long anyway), a message every `interval_s`, with several steps' pieces."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, interval_s: float = 0.0) -> None:
         self._conn = conn
         self._held: list[tuple[int, str]] = []
+        self._interval_s = interval_s
+        self._last_s = 0.0
 
     def member(self, index: int) -> _MemberSink:
         return _MemberSink(self._held, index, self.flush)
 
     def flush(self) -> None:
+        """A step ended: send the held pieces, unless the last message is under `interval_s` old."""
+        now_s = time.monotonic()
+        if self._held and now_s - self._last_s >= self._interval_s:
+            self._last_s = now_s
+            self.flush_now()
+
+    def flush_now(self) -> None:
+        """Send the held pieces (the batch ended)."""
         if self._held:
             self._conn.send(("pieces", self._held, None))
             self._held.clear()
@@ -210,6 +221,8 @@ class ProcessBackend:
         }
         streamed = set(consumers)
         flushes = flushes_of(batch)
+        # the model process may hold pieces as long as every streamed member's consumer would
+        interval_s = min((float(getattr(c, "interval_s", 0.0)) for c in consumers.values()), default=0.0)
         sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(batch)]
         with self._lock:
             if self._process is not None and self._process.poll() is not None:
@@ -223,7 +236,7 @@ class ProcessBackend:
             conn = self._conn
             assert conn is not None
             try:
-                conn.send((sent, streamed))
+                conn.send((sent, streamed, interval_s))
                 while (answer := conn.recv())[0] == "pieces":  # a step's pieces
                     for index, piece in answer[1]:
                         consumers[index] = _deliver(consumers[index], piece)

@@ -93,7 +93,7 @@ class StepPieces:
         self._loop = loop
         self._lock = threading.Lock()  # the device's thread adds and flushes; a lock in case of two
         self._held: list[tuple[asyncio.Queue[str | None], str]] = []
-        self._interval_s = interval_s
+        self.interval_s = interval_s
         self._last_s = 0.0
 
     def sink(self) -> PieceSink:
@@ -115,7 +115,7 @@ class StepPieces:
         """A step ended: hand over the held pieces, unless the last hand-over is under `interval_s` old."""
         now_s = time.monotonic()
         with self._lock:
-            if now_s - self._last_s < self._interval_s:
+            if now_s - self._last_s < self.interval_s:
                 return
             held, self._held = self._held, []
             if held:
@@ -144,12 +144,13 @@ def _hand_over(held: list[tuple[asyncio.Queue[str | None], str]]) -> None:
 class PieceSink:
     """A streamed member's `on_text` (StepPieces): its pieces go to `pieces`, on the event loop."""
 
-    __slots__ = ("_add", "flush", "pieces")
+    __slots__ = ("_add", "flush", "interval_s", "pieces")
 
     def __init__(self, step_pieces: StepPieces) -> None:
         self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
         self._add = step_pieces.add
         self.flush = step_pieces.flush
+        self.interval_s = step_pieces.interval_s  # what the model's StepPieces holds pieces for
 
     def __call__(self, piece: str) -> None:
         self._add(self.pieces, piece)

@@ -97,6 +97,36 @@ def test_streamed_pieces_cross_over_a_step_at_a_time(text_pair: tuple[ProcessBac
     assert [step for step in own_log.steps if step] == [step for step in here_log.steps if step]
 
 
+class _SlowConsumer:
+    """A stream consumer that takes pieces no more often than `interval_s` (as the server's are)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.pieces: list[str] = []
+        self.deliveries: list[int] = []  # pieces received by each flush that followed some
+
+    def __call__(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    def flush(self) -> None:
+        if len(self.pieces) > sum(self.deliveries):
+            self.deliveries.append(len(self.pieces) - sum(self.deliveries))
+
+
+def test_the_model_process_holds_pieces_for_the_consumers_interval(
+    text_pair: tuple[ProcessBackend, object],
+) -> None:
+    """Consumers that take pieces at most every `interval_s`: the model process sends a message at most
+    that often (here the first step's pieces, then the rest at the batch's end), and nothing is lost."""
+    own, _ = text_pair
+    held, each = _SlowConsumer(60.0), _SlowConsumer(0.0)
+    (result,) = own.run([TextRequest(prompt="Once upon", max_tokens=12, temperature=0, on_text=held)])
+    (again,) = own.run([TextRequest(prompt="Once upon", max_tokens=12, temperature=0, on_text=each)])
+    assert isinstance(result, TextResult) and result == again
+    assert "".join(held.pieces) == "".join(each.pieces) == result.text
+    assert len(held.deliveries) == 2 and len(each.deliveries) == len(each.pieces) > 2
+
+
 def test_a_broken_stream_consumer_stops_only_its_own_stream(text_pair: tuple[ProcessBackend, object]) -> None:
     own, _ = text_pair
     good: list[str] = []
