@@ -566,15 +566,14 @@ async def _stream_text(
         await make_chunk.start(resp)
         for index, streamer in enumerate(streamers):
             pieces = streamer.pieces
-            ended = False
-            while not ended and (piece := await pieces.get()) is not None:
+            while (piece := await pieces.get()) is not None:
                 frame = sse_frame(make_chunk.piece(index, piece))
-                while not pieces.empty():  # pieces handed over together go out in one write
-                    if (piece := pieces.get_nowait()) is None:
-                        ended = True
-                        break
+                # pieces handed over together go out in one write (up to the end of the text, None)
+                while not pieces.empty() and (piece := pieces.get_nowait()) is not None:
                     frame += sse_frame(make_chunk.piece(index, piece))
                 await _send_event(resp, frame)
+                if piece is None:
+                    break
         try:
             outcomes = await _wait(queue, items)
         except ApiError as e:

@@ -105,21 +105,21 @@ class StepPieces:
 
     def flush_now(self) -> None:
         """Hand over every held piece now (a job ended)."""
-        with self._lock:
-            held, self._held = self._held, []
-        if held:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(_hand_over, held)
+        self._hand_over_held(None)
 
     def flush(self) -> None:
         """A step ended: hand over the held pieces, unless the last hand-over is under `interval_s` old."""
-        now_s = time.monotonic()
+        self._hand_over_held(time.monotonic())
+
+    def _hand_over_held(self, now_s: float | None) -> None:
+        """Hand the held pieces to the loop; with `now_s`, only `interval_s` after the last hand-over."""
         with self._lock:
-            if now_s - self._last_s < self.interval_s:
-                return
+            if now_s is not None:
+                if now_s - self._last_s < self.interval_s:
+                    return
+                if self._held:
+                    self._last_s = now_s
             held, self._held = self._held, []
-            if held:
-                self._last_s = now_s
         if held:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
                 self._loop.call_soon_threadsafe(_hand_over, held)
