@@ -74,9 +74,10 @@ class ImageRequest:
 @dataclass(frozen=True)
 class ImageResult:
     """One request's images. A backend may hand them back decoded (`images`: objects with Pillow's
-    `save`) rather than as PNGs: the server calls `encoded()` on a worker thread after the job, so that
-    the device's thread starts the next batch while the PNGs are made (Pillow's encoder lets go of the
-    interpreter lock). `images_png` is then filled and `images` emptied."""
+    `save`) rather than as PNGs: the server calls `encoded()` on a worker thread after the job and
+    before recording it, so that the device's thread starts the next batch while the PNGs are made
+    (Pillow's encoder lets go of the interpreter lock), and a request whose PNGs cannot be made is
+    recorded as the error it is answered with. `images_png` is then filled and `images` emptied."""
 
     images_png: tuple[bytes, ...]
     seeds: tuple[int, ...]  # the seed of each image's own torch.Generator (reproducible)

@@ -833,9 +833,7 @@ async def _images_generations(
     outcomes = await _wait(queue, items)
     _raise_failed(outcomes)
     result = outcomes[0].result
-    assert isinstance(result, ImageResult)
-    if result.images:  # decoded by the backend: the PNGs are made here, while the device runs on
-        result = await asyncio.to_thread(result.encoded)
+    assert isinstance(result, ImageResult) and not result.images  # PNGs made before the record
     energy = energy_usage(outcomes)
     body = ImagesResponse(
         data=[

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from backends.base import Backend, BackendRequest, BackendResult, flush_all, flushes_of
+from backends.base import Backend, BackendRequest, BackendResult, ImageResult, flush_all, flushes_of
 from proxy.carbon import CarbonCharge
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
 
@@ -482,21 +482,37 @@ class ModelQueue:
         handle: JobHandle,
         run_s: float,
     ) -> None:
-        """Wait for the job's energy to be final, record every member, then answer them."""
+        """Make the answers' PNGs, wait for the job's energy to be final, record every member, then
+        answer them."""
+        encoding = None
+        if results and error is None and type(results[0]) is ImageResult:
+            # decoded images (the device's thread went on to its next batch): the PNGs are made on a
+            # worker thread, while the energy becomes final, and before the record, so that a member
+            # whose encoding fails is recorded as the error it is answered with
+            wanted = [not it.future.done() for it in batch]
+            encoding = asyncio.ensure_future(asyncio.to_thread(_encode_images, results, wanted))
         # Most jobs are final when they end (their charges are set): no future to make and await then.
         charges = handle.charges
         if charges is None:
             charges = await handle.final()
+        member_errors: Sequence[BaseException | None] | None = None
+        if encoding is not None:
+            results, member_errors = await encoding
+            for failed in filter(None, member_errors):
+                log.error("making the PNGs of a request on model %s failed: %r", self.name, failed)
         start_s = handle.start_s
         outcomes = []
         for i, it in enumerate(batch):
-            status: Status = "error" if error is not None else ("cancelled" if it.future.done() else "ok")
+            member_error = error if member_errors is None else member_errors[i]
+            status: Status = (
+                "error" if member_error is not None else ("cancelled" if it.future.done() else "ok")
+            )
             outcomes.append(
                 Outcome(  # positional, in field order (a member of every batch: keywords cost more)
                     it.tag,  # tag
                     it.request,  # request
-                    results[i] if results is not None else None,  # result
-                    error,  # error
+                    results[i] if results is not None and member_error is None else None,  # result
+                    member_error,  # error
                     charges[it.tag],  # charge
                     status,  # status
                     max(start_s - it.enqueued_s, 0.0),  # queue_wait_s
@@ -521,6 +537,25 @@ class ModelQueue:
             it.state = "done"
             if not it.future.done():
                 it.future.set_result(outcome)
+
+
+def _encode_images(
+    results: Sequence[BackendResult], wanted: Sequence[bool]
+) -> tuple[list[BackendResult], list[BaseException | None]]:
+    """The batch's results with the decoded images of the `wanted` members made PNGs (a worker
+    thread), and each member's encoding error (None where there was none)."""
+    encoded: list[BackendResult] = []
+    errors: list[BaseException | None] = []
+    for result, want in zip(results, wanted, strict=True):
+        failed = None
+        if want and isinstance(result, ImageResult):
+            try:
+                result = result.encoded()
+            except Exception as e:  # the member is answered and recorded as an error
+                failed = e
+        encoded.append(result)
+        errors.append(failed)
+    return encoded, errors
 
 
 class Scheduler:

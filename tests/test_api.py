@@ -689,6 +689,58 @@ def test_pngs_are_made_off_the_device_thread_and_the_event_loop(make_server, mod
     assert usage["total"]["images"] == 2  # the ledger counts the images, encoded after the job
 
 
+class UnencodableBackend(BackendWrapper):
+    """Hands back, for requests whose prompt says so, an image Pillow cannot write as PNG (CMYK)."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.batch_sizes: list[int] = []
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        self.batch_sizes.append(len(batch))
+        results = self.inner.run(batch)
+        return [
+            replace(r, images=tuple(i.convert("CMYK") for i in r.images))
+            if isinstance(r, ImageResult) and getattr(q, "prompt", "") == "unencodable"
+            else r
+            for q, r in zip(batch, results, strict=True)
+        ]
+
+
+def test_an_image_whose_png_cannot_be_made_is_answered_and_recorded_as_an_error(  # type: ignore[no-untyped-def]
+    make_server, model_cache: Path
+) -> None:
+    """The PNGs are made after the job, off the device's thread, but before the record: a request
+    whose PNG fails is answered 500 and recorded `error` with the energy its images took; the other
+    members of its batch are answered and recorded `ok`."""
+    backend = UnencodableBackend(
+        load_backend("image", "tiny-sd", ensure_model("tiny-sd", model_cache / "models"))
+    )
+    server = make_server(app_kwargs={"backends": {"tiny-sd": backend}})
+    queue = server.app[SCHEDULER].queues["tiny-sd"]  # type: ignore[index]
+    queue.max_wait_s = 2.0  # both requests in one batch
+    body = {"model": "tiny-sd", "size": "64x64", "steps": 1}
+    with ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(_post, server, IMAGES, {**body, "prompt": "unencodable"})
+        good = pool.submit(_post, server, IMAGES, {**body, "prompt": "a kite"})
+        bad_resp, good_resp = bad.result(timeout=60), good.result(timeout=60)
+    err = _error(bad_resp, 500)
+    assert err["type"] == "server_error"
+    assert good_resp.status_code == 200 and len(good_resp.json()["data"]) == 1
+    records = {r.request_id: r for r in server.call(server.app[LEDGER].records())}  # type: ignore[index]
+    bad_record = records[bad_resp.headers["X-Request-Id"]]
+    good_record = records[good_resp.headers["X-Request-Id"]]
+    assert (bad_record.status, good_record.status) == ("error", "ok")
+    assert backend.batch_sizes == [2]
+    assert bad_record.joules > 0 and bad_record.images == 0 and good_record.images == 1
+    counted = {
+        labels["status"]: v
+        for labels, v in metric_samples(server, "wattproxy_requests_total")
+        if labels["model"] == "tiny-sd"
+    }
+    assert counted == {"error": 1.0, "ok": 1.0}
+
+
 def test_null_parameters_mean_their_defaults(server: LiveServer) -> None:
     """OpenAI's clients send a parameter passed as None as null: it means the default."""
     c = client(server)
