@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
+from typing import cast
 
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -427,6 +429,21 @@ class _EnvelopeRequestHandler(web_protocol.RequestHandler):
         response.force_close()
         return response
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._manager
+        refusal = server.refusal(transport) if isinstance(server, _EnvelopeServer) else None
+        if refusal is None:
+            super().connection_made(transport)
+            return
+        # answered and half-closed at once; never registered with the server (nothing to undo)
+        self.__class__ = _RefusedConnection
+        self._manager = None
+        self.transport = transport
+        tcp = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
+        tcp.write(refusal)
+        tcp.write_eof()
+        self._loop.call_later(REFUSED_LINGER_S, tcp.close)
+
 
 def _phrase(status: int) -> str:
     try:
@@ -435,13 +452,88 @@ def _phrase(status: int) -> str:
         return f"HTTP {status}"
 
 
+# A refused connection is answered at once and half-closed; what its client sends meanwhile is read
+# and dropped until the client closes its side, for at most this long. Closed outright, a socket with
+# unread bytes (the client's request) is reset, and a reset can discard the answer before it is read.
+REFUSED_LINGER_S = 2.0
+
+
+class _RefusedConnection(web_protocol.RequestHandler):
+    """A connection over `max_connections` or `max_connections_per_client`: answered 503 in the error
+    envelope (`Connection: close`, `Retry-After`) whatever its request, then closed."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        return None  # the client is done too: the transport closes
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+
+
+def _refusal(message: str, code: str) -> bytes:
+    """The whole HTTP answer to a refused connection."""
+    body = json.dumps(Overloaded(message, code=code).body()).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 class _EnvelopeServer(web.Server):
-    """aiohttp's server, its connections handled by `_EnvelopeRequestHandler`."""
+    """aiohttp's server, its connections handled by `_EnvelopeRequestHandler`, at most
+    `max_connections` of them open at once and `max_connections_per_client` from one address."""
+
+    max_connections: int
+    max_per_client: int | None
+    per_client: dict[str, int]
+    on_refused: Callable[[str], None]
+    refusals: dict[str, bytes]
 
     def __call__(self) -> web_protocol.RequestHandler:
         handler = super().__call__()
         handler.__class__ = _EnvelopeRequestHandler  # the same slots: only the error answers change
         return handler
+
+    def refusal(self, transport: asyncio.BaseTransport) -> bytes | None:
+        """The answer for a new connection over a limit; None (and the connection counted) if none."""
+        reason = None
+        if len(self._connections) >= self.max_connections:
+            reason = "max_connections"
+        elif self.max_per_client is not None:
+            client = _client_of(transport)
+            if self.per_client.get(client, 0) >= self.max_per_client:
+                reason = "max_connections_per_client"
+        if reason is None:
+            return None
+        self.on_refused(reason)
+        return self.refusals[reason]
+
+    def connection_made(self, handler: web_protocol.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self.max_per_client is not None:
+            client = _client_of(transport)
+            self.per_client[client] = self.per_client.get(client, 0) + 1
+
+    def connection_lost(self, handler: web_protocol.RequestHandler, exc: BaseException | None = None) -> None:
+        if self.max_per_client is not None and handler.transport is not None:
+            client = _client_of(handler.transport)
+            left = self.per_client.get(client, 0) - 1
+            if left > 0:
+                self.per_client[client] = left
+            else:
+                self.per_client.pop(client, None)
+        super().connection_lost(handler, exc)
+
+
+def _client_of(transport: asyncio.BaseTransport) -> str:
+    """The client's address (its host, without the port); '' where there is none (a Unix socket)."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 class _AppRunner(web.AppRunner):
@@ -450,6 +542,24 @@ class _AppRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _EnvelopeServer
+        assert isinstance(server, _EnvelopeServer)
+        settings, metrics = self.app[SETTINGS], self.app[METRICS]
+        server.max_connections = settings.max_connections
+        server.max_per_client = settings.max_connections_per_client
+        server.per_client = {}
+        server.on_refused = lambda reason: metrics.connections_refused.labels(reason).inc()
+        server.refusals = {
+            "max_connections": _refusal(
+                f"too many connections open at once (max_connections {settings.max_connections})",
+                "too_many_connections",
+            ),
+            "max_connections_per_client": _refusal(
+                "too many connections open at once from this address "
+                f"(max_connections_per_client {settings.max_connections_per_client})",
+                "too_many_connections",
+            ),
+        }
+        metrics.open_connections.set_function(lambda: len(server._connections))
         return server
 
 

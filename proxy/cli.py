@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -142,6 +143,7 @@ async def serve(settings: Settings) -> int:
     disable_created_metrics()
 
     _check_port_free(settings.host, settings.port)  # before anything is set up (an admin key printed)
+    _fit_open_files(settings.max_connections)
     app = create_app(settings, freeze=True)
     runner = make_runner(app)
     await runner.setup()
@@ -172,6 +174,33 @@ async def serve(settings: Settings) -> int:
     await runner.cleanup()  # handlers still running get SHUTDOWN_GRACE_S more, then are cancelled
     log.info("stopped")
     return 1 if failed else 0
+
+
+# Open files kept beside the connections: the database, model files, the meter, the event loop's own.
+RESERVED_FILES = 256
+
+
+def _fit_open_files(max_connections: int) -> None:
+    """Raise this process's soft limit on open files to hold `max_connections` connections (a socket
+    each) and RESERVED_FILES more, up to the hard limit; warn when even that is too low, for then a
+    connection past the limit fails at accept() rather than getting the 503 of `max_connections`."""
+    import resource
+
+    wanted = max_connections + RESERVED_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open files limited to %d (ulimit -n): fewer than max_connections (%d) + %d; raise the limit "
+            "or lower max_connections",
+            soft,
+            max_connections,
+            RESERVED_FILES,
+        )
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -201,6 +201,12 @@ class Settings(_Strict):
     # connection, and one whose request line and headers have not all arrived (slow headers). Counted
     # from the connection's start or its previous answer's end; a request being answered is never cut.
     idle_timeout_s: float = Field(75.0, gt=0)
+    # Connections open at once, in all and from one client address (None: no per-address limit; behind
+    # a load balancer every connection comes from its address). One more is answered 503
+    # `too_many_connections` (Retry-After: 1) and closed. `wattproxy serve` raises the process's open
+    # file limit to fit max_connections where the system allows it.
+    max_connections: int = Field(4096, ge=1)
+    max_connections_per_client: int | None = Field(None, ge=1)
     # Origins allowed to call the API from a browser; none by default (no CORS headers at all).
     cors_origins: list[str] = Field(default_factory=list)
     drain_timeout_s: float = Field(30.0, ge=0)

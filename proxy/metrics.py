@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
@@ -340,6 +340,15 @@ class Metrics:
             ["model"],
             buckets=BATCH_BUCKETS,
             registry=registry,
+        )
+        self.connections_refused = Counter(
+            "wattproxy_connections_refused",
+            "Connections answered 503 and closed at once, over max_connections or max_connections_per_client",
+            ["reason"],
+            registry=registry,
+        )
+        self.open_connections = Gauge(
+            "wattproxy_open_connections", "HTTP connections open (not the refused ones)", registry=registry
         )
         self.tokens = Counter(
             "wattproxy_tokens", "Tokens processed", ["model", "user", "kind"], registry=registry

@@ -239,6 +239,154 @@ def test_a_request_that_runs_past_idle_timeout_s_is_answered(make_server) -> Non
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
 
 
+def _metric_on(sock: socket.socket, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """A metric's samples, read with GET /metrics on a connection kept open (no new connection)."""
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def _kept_open(server: LiveServer) -> socket.socket:
+    """A keep-alive connection that has been answered once (so the server has taken it)."""
+    sock = _open_if_served(server)
+    assert sock is not None, "refused"
+    return sock
+
+
+def _open_if_served(server: LiveServer) -> socket.socket | None:
+    """A new connection answered 200 to GET /healthz and kept open; None where it was refused."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b"}"):
+        answer += sock.recv(65536)
+    if answer.startswith(b"HTTP/1.1 200"):
+        return sock
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    sock.close()
+    return None
+
+
+def _refused_answer(server: LiveServer, body_bytes: int) -> bytes:
+    """Send a chat request with a body of `body_bytes` on a new connection; everything read back."""
+    body = json.dumps({**BODY, "user": "x" * body_bytes}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        answer = b""
+        while chunk := sock.recv(65536):  # to the server's close
+            answer += chunk
+    return answer
+
+
+def test_connections_over_max_connections_are_answered_503_and_closed(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Past `max_connections` open at once, a new connection gets 503 `too_many_connections` in the
+    error envelope, whatever its request, even one with a large body sent before the answer is read
+    (the refused connection is read to its end, not reset); the official client sees the 503; once a
+    connection closes, new ones are served again."""
+    server = make_server(max_connections=2)
+    first, second = _kept_open(server), _kept_open(server)
+    try:
+        answer = _refused_answer(server, 200_000)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"Retry-After: 1" in head and b"Connection: close" in head
+        error = json.loads(body)["error"]
+        assert error["code"] == "too_many_connections" and "max_connections 2" in error["message"]
+        assert error["type"] == "overloaded"
+        c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as refused:
+            c.chat.completions.create(**BODY)  # type: ignore[call-overload]
+        assert refused.value.status_code == 503 and refused.value.code == "too_many_connections"
+        # the two kept open are counted, the refused ones not; the refusals are counted by reason
+        assert _metric_on(first, "wattproxy_open_connections") == {(): 2.0}
+        assert _metric_on(first, "wattproxy_connections_refused_total") == {
+            (("reason", "max_connections"),): 2.0
+        }
+        second.close()
+        deadline = time.monotonic() + 10
+        while True:  # served again once the server has seen the close
+            try:
+                chat = c.chat.completions.create(**BODY)  # type: ignore[call-overload]
+                break
+            except openai.InternalServerError:
+                assert time.monotonic() < deadline, "the closed connection was never uncounted"
+                time.sleep(0.05)
+        assert chat.usage is not None and chat.usage.completion_tokens > 0
+    finally:
+        first.close()
+        second.close()
+
+
+def test_connections_over_max_connections_per_client_are_refused_per_address(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(max_connections_per_client=1)
+    kept = _kept_open(server)
+    try:
+        head = _refused_answer(server, 10).partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 503")
+    finally:
+        kept.close()
+    deadline = time.monotonic() + 10
+    while (again := _open_if_served(server)) is None:  # served once the server has seen the close
+        assert time.monotonic() < deadline, "the closed connection was never uncounted"
+        time.sleep(0.05)
+    with again:
+        refused = _metric_on(again, "wattproxy_connections_refused_total")
+    assert refused[(("reason", "max_connections_per_client"),)] >= 1  # and each retry before the close
+
+
+FIT_OPEN_FILES = """
+import logging, resource, sys
+from proxy.cli import _fit_open_files
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+_fit_open_files(1000)
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "after", "warned"), [(512, 4096, 1256, False), (300, 300, 300, True)]
+)
+def test_serve_raises_the_open_files_limit_to_fit_max_connections(
+    soft: int, hard: int, after: int, warned: bool
+) -> None:
+    """A socket a connection: the soft limit is raised to max_connections + RESERVED_FILES where the
+    hard limit allows; where it does not, the operator is told (a connection past the limit would fail
+    at accept() instead of getting its 503)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FIT_OPEN_FILES, str(soft), str(hard)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == after
+    assert ("fewer than max_connections (1000)" in done.stderr) is warned, done.stderr
+
+
 def test_sigterm_under_load_drains_and_every_answer_is_in_the_ledger(
     model_cache: Path, tmp_path: Path
 ) -> None:
