@@ -347,6 +347,8 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        for reason in ("max_connections", "max_connections_per_client"):
+            self.connections_refused.labels(reason)  # 0 until the first: rate() has a start
         self.open_connections = Gauge(
             "wattproxy_open_connections", "HTTP connections open (not the refused ones)", registry=registry
         )

@@ -320,7 +320,8 @@ def test_connections_over_max_connections_are_answered_503_and_closed(make_serve
         # the two kept open are counted, the refused ones not; the refusals are counted by reason
         assert _metric_on(first, "wattproxy_open_connections") == {(): 2.0}
         assert _metric_on(first, "wattproxy_connections_refused_total") == {
-            (("reason", "max_connections"),): 2.0
+            (("reason", "max_connections"),): 2.0,
+            (("reason", "max_connections_per_client"),): 0.0,
         }
         second.close()
         deadline = time.monotonic() + 10

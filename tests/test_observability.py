@@ -51,7 +51,7 @@ KEY_USERS = {
     "carol": {},
 }
 
-# The catalogue of DESIGN.md, and the one gauge added to it: family -> (type, labels).
+# The catalogue of DESIGN.md, and the families added to it: family -> (type, labels).
 CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "wattproxy_requests": ("counter", {"model", "task", "user", "status"}),
     "wattproxy_energy_kwh": ("counter", {"model", "task", "user"}),
@@ -70,6 +70,8 @@ CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "wattproxy_images": ("counter", {"model", "user"}),
     "wattproxy_budget_remaining_kwh": ("gauge", {"user"}),
     "wattproxy_phone_charge_kwh": ("gauge", set()),  # the dashboard's smartphone-charge unit
+    "wattproxy_open_connections": ("gauge", set()),
+    "wattproxy_connections_refused": ("counter", {"reason"}),
 }
 # What issue 6 asks the dashboard to show, by the titles of the panels that show it.
 REQUIRED_PANELS = {
