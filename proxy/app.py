@@ -500,7 +500,7 @@ class _EnvelopeServer(web.Server):
         return handler
 
     def refusal(self, transport: asyncio.BaseTransport) -> bytes | None:
-        """The answer for a new connection over a limit; None (and the connection counted) if none."""
+        """The whole answer for a new connection over a limit (the refusal counted); None within them."""
         reason = None
         if len(self._connections) >= self.max_connections:
             reason = "max_connections"
