@@ -486,18 +486,23 @@ class ModelQueue:
         answer them."""
         encoding = None
         if results and error is None and type(results[0]) is ImageResult:
-            # decoded images (the device's thread went on to its next batch): the PNGs are made on a
-            # worker thread, while the energy becomes final, and before the record, so that a member
-            # whose encoding fails is recorded as the error it is answered with
-            wanted = [not it.future.done() for it in batch]
-            encoding = asyncio.ensure_future(asyncio.to_thread(_encode_images, results, wanted))
+            # decoded images (the device's thread went on to its next batch): each member's PNGs are
+            # made on a worker thread of their own (Pillow's encoder lets go of the interpreter lock),
+            # while the energy becomes final, and before the record, so that a member whose encoding
+            # fails is recorded as the error it is answered with
+            encoding = asyncio.gather(
+                *(_encoded(r, not it.future.done()) for r, it in zip(results, batch, strict=True)),
+                return_exceptions=True,
+            )
         # Most jobs are final when they end (their charges are set): no future to make and await then.
         charges = handle.charges
         if charges is None:
             charges = await handle.final()
         member_errors: Sequence[BaseException | None] | None = None
         if encoding is not None:
-            results, member_errors = await encoding
+            encoded = await encoding
+            member_errors = [e if isinstance(e, BaseException) else None for e in encoded]
+            results = [r if e is None else None for r, e in zip(encoded, member_errors, strict=True)]
             for failed in filter(None, member_errors):
                 log.error("making the PNGs of a request on model %s failed: %r", self.name, failed)
         start_s = handle.start_s
@@ -539,23 +544,12 @@ class ModelQueue:
                 it.future.set_result(outcome)
 
 
-def _encode_images(
-    results: Sequence[BackendResult], wanted: Sequence[bool]
-) -> tuple[list[BackendResult], list[BaseException | None]]:
-    """The batch's results with the decoded images of the `wanted` members made PNGs (a worker
-    thread), and each member's encoding error (None where there was none)."""
-    encoded: list[BackendResult] = []
-    errors: list[BaseException | None] = []
-    for result, want in zip(results, wanted, strict=True):
-        failed = None
-        if want and isinstance(result, ImageResult):
-            try:
-                result = result.encoded()
-            except Exception as e:  # the member is answered and recorded as an error
-                failed = e
-        encoded.append(result)
-        errors.append(failed)
-    return encoded, errors
+async def _encoded(result: BackendResult, wanted: bool) -> BackendResult:
+    """The result with its decoded images made PNGs on a worker thread, where it is `wanted` (its
+    client is still there) and has any; else as it is."""
+    if wanted and isinstance(result, ImageResult) and result.images:
+        return await asyncio.to_thread(result.encoded)
+    return result
 
 
 class Scheduler:
