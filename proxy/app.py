@@ -368,6 +368,7 @@ async def _load_models(
             max_wait_s=ms.max_wait_ms / 1000.0,
             max_queue=ms.max_queue,
             max_queue_per_user=ms.max_queue_per_user,
+            fair=ms.batch_order == "fair",
             stream_interval_s=ms.stream_interval_ms / 1000.0,
             record=record,
         )

@@ -65,6 +65,11 @@ class ModelSettings(_Strict):
     # At most this many of one user's requests (choices) queued for the model at once: one key cannot
     # fill the queue that every user shares. None: no cap of its own (max_queue only).
     max_queue_per_user: int | None = Field(None, ge=1, le=100_000)
+    # Which queued requests make the next batch when more wait than it holds. "fair": users in turn,
+    # the user served longest ago first (each user's requests in arrival order), so one user's backlog
+    # holds another's request back one batch at most; with one user it is arrival order. "arrival":
+    # first come, first served across users.
+    batch_order: Literal["fair", "arrival"] = "fair"
     # Run the model in a process of its own, whose Python does not share the server's interpreter
     # lock (backends/process.py): the server's request handling then does not slow the model down.
     own_process: bool = False

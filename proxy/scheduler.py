@@ -298,6 +298,7 @@ class ModelQueue:
     record: Recorder
     clock: Callable[[], float] = time.monotonic
     max_queue_per_user: int | None = None
+    fair: bool = False  # batches take users in turn when more wait than a batch holds (`_fair_batch`)
     stream_interval_s: float = 0.0  # StepPieces' interval_s
     items: deque[WorkItem] = field(default_factory=deque)
     running: int = 0
@@ -316,6 +317,9 @@ class ModelQueue:
     # job to end and more requests to arrive.
     _in_flight: deque[tuple[list[WorkItem], asyncio.Future[JobResult]]] = field(default_factory=deque)
     _finishers: set[asyncio.Task[None]] = field(default_factory=set)
+    # fair: the number of the last batch each user had a request in (batches counted from 1)
+    _served: dict[str, int] = field(default_factory=dict)
+    _batches: int = 0
 
     def depth(self) -> int:
         return len(self.items)
@@ -380,6 +384,39 @@ class ModelQueue:
     def _compatible(self, key: Hashable) -> list[WorkItem]:
         return [it for it in self.items if it.key == key][: self.max_batch_size]
 
+    def _choose(self) -> list[WorkItem]:
+        """The next batch from the queue as it is: the oldest item and its compatible items in arrival
+        order, or, when more wait than a batch holds and the order is fair, `_fair_batch`."""
+        if self.fair and len(self.items) > self.max_batch_size:
+            return self._fair_batch()
+        return self._compatible(self.items[0].key)
+
+    def _fair_batch(self) -> list[WorkItem]:
+        """Users in turn: the user whose last batch is oldest (never served first; ties in the order of
+        their oldest queued requests) leads, with their oldest request's key; then one compatible
+        request of each user in that order, round after round, each user's in arrival order."""
+        size, served = self.max_batch_size, self._served
+        oldest: dict[str, WorkItem] = {}
+        for it in self.items:
+            if it.tag.user not in oldest:
+                oldest[it.tag.user] = it
+        if len(oldest) == 1:  # one user: arrival order
+            return self._compatible(self.items[0].key)
+        order = sorted(oldest, key=lambda user: served.get(user, 0))  # stable: ties keep arrival order
+        key = oldest[order[0]].key
+        mine: dict[str, list[WorkItem]] = {user: [] for user in order}
+        for it in self.items:
+            if it.key == key and len(queued := mine[it.tag.user]) < size:
+                queued.append(it)
+        batch: list[WorkItem] = []
+        for turn in range(size):
+            for user in order:
+                if turn < len(queued := mine[user]):
+                    batch.append(queued[turn])
+                    if len(batch) == size:
+                        return batch
+        return batch
+
     def _all_back(self) -> bool:
         """Whether every member answered in the last `max_wait_s` has been matched by an arrival since:
         no batch-mate to wait for. False without recent answers (a quiet model waits as configured)."""
@@ -389,10 +426,10 @@ class ModelQueue:
         return self._returning == 0
 
     def _full_batch(self) -> list[WorkItem] | None:
-        """A full batch of queued items (the oldest item's key), if one is waiting."""
+        """A full batch of queued items (`_choose`'s), if one is waiting."""
         if len(self.items) < self.max_batch_size:
             return None
-        batch = [it for it in self._compatible(self.items[0].key) if it.state == "queued"]
+        batch = [it for it in self._choose() if it.state == "queued"]
         return batch if len(batch) == self.max_batch_size else None
 
     async def _next_batch(self) -> list[WorkItem]:
@@ -416,7 +453,7 @@ class ModelQueue:
                 if first.state != "queued":
                     break
                 batch = self._compatible(first.key)
-            batch = [it for it in self._compatible(first.key) if it.state == "queued"] if self.items else []
+            batch = [it for it in self._choose() if it.state == "queued"] if self.items else []
             if batch:
                 return batch
 
@@ -424,6 +461,10 @@ class ModelQueue:
         for it in batch:
             self.items.remove(it)
             it.state = "running"
+        if self.fair:
+            self._batches += 1
+            for it in batch:
+                self._served[it.tag.user] = self._batches
         self.running += 1
         return self.device.submit(self.backend, batch)
 

@@ -866,6 +866,92 @@ def test_one_user_cannot_fill_a_models_queue(make_server, model_cache: Path, tmp
         assert [f.result(timeout=60).status_code for f in futures] == [200] * 5
 
 
+class BatchNotingBackend(BackendWrapper):
+    """Notes each batch's prompts."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.batches: list[list[str]] = []
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        self.batches.append([getattr(r, "prompt", None) or "" for r in batch])
+        return self.inner.run(batch)
+
+
+def test_a_fair_batch_leads_with_the_user_served_longest_ago_and_keeps_to_one_key() -> None:
+    from proxy.scheduler import ModelQueue, RequestTag, WorkItem
+
+    def item(user: str, key: str, n: int) -> WorkItem:
+        tag = RequestTag(request_id=f"{user}{n}", model="m", task="text", user=user)
+        return WorkItem(TextRequest(prompt=f"{user}{n}"), tag, key, float(n), None)  # type: ignore[arg-type]
+
+    queue = ModelQueue("m", "text", None, None, 3, 0.0, 64, None, fair=True)  # type: ignore[arg-type]
+    arrivals = [("a", "k1"), ("a", "k1"), ("b", "k2"), ("b", "k1"), ("c", "k1"), ("a", "k1")]
+    queue.items.extend(item(user, key, n) for n, (user, key) in enumerate(arrivals, 1))
+
+    def ids(batch: list[WorkItem]) -> list[str]:
+        return [it.tag.request_id for it in batch]
+
+    # nobody served yet: users in the order of their oldest request; the leader's key (k1) only
+    assert ids(queue._choose()) == ["a1", "b4", "c5"]
+    queue._served = {"a": 5, "b": 3}  # c never served, then b, then a
+    assert ids(queue._choose()) == ["c5", "b4", "a1"]
+    queue._served = {"a": 1, "b": 7, "c": 6}  # a leads, with two turns: its second before b's second
+    assert ids(queue._choose()) == ["a1", "c5", "b4"]
+    queue.max_batch_size = 6  # all fit: arrival order, the oldest's key
+    assert ids(queue._choose()) == ["a1", "a2", "b4", "c5", "a6"]
+    queue.fair, queue.max_batch_size = False, 3
+    assert ids(queue._choose()) == ["a1", "a2", "b4"]
+
+
+@pytest.mark.parametrize("order", ["fair", "arrival"])
+def test_batches_take_users_in_turn_when_more_wait_than_a_batch_holds(  # type: ignore[no-untyped-def]
+    make_server, model_cache: Path, tmp_path: Path, order: str
+) -> None:
+    """batch_order "fair" (the default): with a backlog of one user's requests queued, another user's
+    request goes in the next batch formed, not behind the backlog; "arrival" keeps arrival order."""
+    from tests.conftest import add_key, settings_for_tests
+
+    db = settings_for_tests(model_cache, tmp_path).db_url()
+    hog, other = add_key(db, "hog"), add_key(db, "other")
+    noting = BatchNotingBackend(
+        load_backend("text", "tiny-gpt2", ensure_model("tiny-gpt2", model_cache / "models"))
+    )
+    settings = {"max_batch_size": 2, "max_wait_ms": 0, "max_queue": 16, "batch_order": order}
+    server = make_server(
+        auth="keys",
+        models=[ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", **settings)],  # type: ignore[arg-type]
+        app_kwargs={"backends": {"tiny-gpt2": noting}},
+    )
+
+    def post(key: str, prompt: str) -> requests.Response:
+        body = {"model": "tiny-gpt2", "prompt": prompt, "max_tokens": 2}
+        return requests.post(
+            server.base_url + "/v1/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+
+    gate = _hold_device(server)
+    queue = server.app[SCHEDULER].queues["tiny-gpt2"]  # type: ignore[index]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post, hog, "hog-1")]
+        _until(lambda: queue.running == 1, "hog-1 runs (held)")
+        for i in range(2, 7):  # hog-2 and hog-3 are handed to the device as a full batch behind it
+            futures.append(pool.submit(post, hog, f"hog-{i}"))
+            _until(lambda i=i: queue.depth() + 2 * (queue.running - 1) == i - 1, f"hog-{i} is queued")
+        futures.append(pool.submit(post, other, "other"))
+        _until(lambda: queue.depth() == 4, "the other user's request is queued behind hog's backlog")
+        gate.set()
+        assert [f.result(timeout=60).status_code for f in futures] == [200] * 7
+    assert noting.batches[:2] == [["hog-1"], ["hog-2", "hog-3"]]
+    if order == "fair":  # hog had the last two batches: the other user leads the next
+        assert noting.batches[2:] == [["other", "hog-4"], ["hog-5", "hog-6"]]
+    else:
+        assert noting.batches[2:] == [["hog-4", "hog-5"], ["hog-6", "other"]]
+
+
 def test_metrics_have_no_series_that_cannot_move_and_exact_bucket_bounds(server: LiveServer) -> None:
     """Token series only for text models, image series only for image models; histogram bounds as
     the decimals they are (le="2.5e-06", not "2.4999999999999998e-06")."""
