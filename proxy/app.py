@@ -431,8 +431,7 @@ class _EnvelopeRequestHandler(web_protocol.RequestHandler):
         return response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        server = self._manager
-        refusal = server.refusal(transport) if isinstance(server, _EnvelopeServer) else None
+        refusal = cast(_EnvelopeServer, self._manager).refusal(transport)  # its server made it
         if refusal is None:
             super().connection_made(transport)
             return
@@ -560,7 +559,7 @@ class _AppRunner(web.AppRunner):
                 "too_many_connections",
             ),
         }
-        metrics.open_connections.set_function(lambda: len(server._connections))
+        metrics.open_connections.set_function(lambda: len(server.connections))
         return server
 
 

@@ -557,7 +557,7 @@ class ModelQueue:
                 Outcome(  # positional, in field order (a member of every batch: keywords cost more)
                     it.tag,  # tag
                     it.request,  # request
-                    results[i] if results is not None and member_error is None else None,  # result
+                    results[i] if results is not None else None,  # result (None where it failed)
                     member_error,  # error
                     charges[it.tag],  # charge
                     status,  # status
