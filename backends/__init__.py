@@ -5,6 +5,7 @@ Importing this package is cheap: torch and the model libraries load only when a 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
     from backends.base import Backend, Task
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+# One model loads in this process at a time (the model libraries' imports, and their lazy modules, are
+# not for two threads at once); a model process loads its model while the next one is set up.
+LOADING = threading.Lock()
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -76,34 +81,36 @@ def load_backend(
 
     `own_process`: the model runs in a child process (`backends.process`), which sets its torch
     threads to `torch_threads` (None: torch's default); this process keeps only the tokenizer."""
-    quiet_progress_bars()
-    backend: Backend
-    if task == "text":
-        from backends.text_transformers import TransformersTextBackend
+    with LOADING:
+        quiet_progress_bars()
+        backend: Backend
+        if task == "text":
+            from backends.text_transformers import TransformersTextBackend
 
-        backend = TransformersTextBackend(name, source, device=device, dtype=dtype)
-    elif task == "image":
-        from backends.image_diffusers import DiffusersImageBackend
+            backend = TransformersTextBackend(name, source, device=device, dtype=dtype)
+        elif task == "image":
+            from backends.image_diffusers import DiffusersImageBackend
 
-        backend = DiffusersImageBackend(name, source, device=device, dtype=dtype)
-    else:
-        raise ValueError(f"unknown task {task!r}; expected 'text' or 'image'")
-    if not own_process:
-        backend.load()
-        return backend
-    from backends.process import ProcessBackend
+            backend = DiffusersImageBackend(name, source, device=device, dtype=dtype)
+        else:
+            raise ValueError(f"unknown task {task!r}; expected 'text' or 'image'")
+        if not own_process:
+            backend.load()
+            return backend
+        from backends.process import ProcessBackend
 
-    load_tokenizer = getattr(backend, "load_tokenizer", None)  # the text front counts prompts
-    if load_tokenizer is not None:
-        load_tokenizer()
-    process = ProcessBackend(
-        backend,
-        task=task,
-        name=name,
-        source=str(source),
-        device=device,
-        dtype=dtype,
-        torch_threads=torch_threads,
-    )
-    process.load()
+        load_tokenizer = getattr(backend, "load_tokenizer", None)  # the text front counts prompts
+        if load_tokenizer is not None:
+            load_tokenizer()
+        process = ProcessBackend(
+            backend,
+            task=task,
+            name=name,
+            source=str(source),
+            device=device,
+            dtype=dtype,
+            torch_threads=torch_threads,
+        )
+        process.start()
+    process.wait_loaded()  # without the lock: models called for at once load side by side
     return process

@@ -19,6 +19,11 @@ the job that spent it.
 
 A child that dies fails the batch it was running (RuntimeError, recorded as a failed job) and is
 started again, its model loaded again, at the next batch.
+
+A child's life is its server's: it runs in a session of its own and ignores SIGINT and SIGTERM, so that
+a terminal's Ctrl-C or a service manager's SIGTERM to every process of the service reaches the server
+alone, which drains (its in-flight batches finish in their model processes) and then stops its
+children. A child whose server is gone reads the end of its pipe and exits.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import gc
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -210,8 +216,18 @@ class ProcessBackend:
 
     def load(self) -> None:
         """Start the model process and wait until its model is loaded (blocking)."""
+        self.start()
+        self.wait_loaded()
+
+    def start(self) -> None:
+        """Start the model process; it loads its model meanwhile (`wait_loaded`)."""
         with self._lock:
-            self._start()
+            self._spawn()
+
+    def wait_loaded(self) -> None:
+        """Wait until the model process started by `start` has loaded its model (blocking)."""
+        with self._lock:
+            self._wait_loaded()
 
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
         """Run one batch in the model process; a streamed member's pieces reach its `on_text` here,
@@ -232,7 +248,8 @@ class ProcessBackend:
                     self._stop(),
                 )
             if self._conn is None:
-                self._start()
+                self._spawn()
+                self._wait_loaded()
             conn = self._conn
             assert conn is not None
             try:
@@ -269,7 +286,7 @@ class ProcessBackend:
         # The front holds a tokenizer, no device memory: its `close` would only open the device here.
         self.front = None
 
-    def _start(self) -> None:
+    def _spawn(self) -> None:
         if self._closed:
             raise RuntimeError(f"backend {self.name!r} is closed")
         # A fresh interpreter (never a fork of a process with threads and torch), started as a module
@@ -282,11 +299,21 @@ class ProcessBackend:
         argv += [dtype, str(torch_threads or 0)]
         self._serial = next(_serials)
         try:
-            process = subprocess.Popen(argv, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                argv,
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # out of the terminal's process group: Ctrl-C is the server's
+            )
         finally:
             child.close()
-        conn = Connection(parent.detach())
-        self._process, self._conn = process, conn
+        self._process, self._conn = process, Connection(parent.detach())
+
+    def _wait_loaded(self) -> None:
+        conn, process = self._conn, self._process
+        if conn is None or process is None:
+            raise RuntimeError(f"the model process of {self.name} was not started")
         try:
             if not conn.poll(self._start_timeout_s):
                 raise RuntimeError(
@@ -308,21 +335,19 @@ class ProcessBackend:
         log.info("model %s runs in process %d", self.name, process.pid)
 
     def _stop(self, grace_s: float = 5.0) -> int | None:
-        """Close the pipe and end the process (terminated if it does not exit within grace_s)."""
+        """Close the pipe and end the process (killed if it does not exit within grace_s: it ignores
+        SIGTERM)."""
         conn, process = self._conn, self._process
         self._conn = self._process = None
         if conn is not None:
             conn.close()
         if process is None:
             return None
-        for stop in (None, process.terminate, process.kill):
-            if stop is not None:
-                stop()
-            try:
-                return process.wait(grace_s if stop is None else 5.0)
-            except subprocess.TimeoutExpired:
-                continue
-        return process.wait()
+        try:
+            return process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
 
 
 def _deliver(consumer: Callable[[str], None] | None, piece: str) -> Callable[[str], None] | None:
@@ -340,6 +365,8 @@ def _deliver(consumer: Callable[[str], None] | None, piece: str) -> Callable[[st
 
 def main(argv: Sequence[str]) -> None:
     """`python -m backends.process FD TASK NAME SOURCE DEVICE DTYPE TORCH_THREADS` (ProcessBackend)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the server's to act on (module docstring)
+        signal.signal(sig, signal.SIG_IGN)
     fd, task, name, source, device, dtype, threads = argv
     if task not in ("text", "image"):
         raise SystemExit(f"unknown task {task!r}")

@@ -134,9 +134,11 @@ def _meter_for(settings: Settings, device: str, clock: Callable[[], float]) -> E
 
 def _resolve_source(source: str, cache_dir: Path) -> str | Path:
     if source.startswith("tiny:"):
+        from backends import LOADING
         from backends.tiny import ensure_model
 
-        return ensure_model(source.removeprefix("tiny:"), cache_dir / "models")
+        with LOADING:  # builds the model (torch) on first use: one at a time, as loads are
+            return ensure_model(source.removeprefix("tiny:"), cache_dir / "models")
     return source
 
 
@@ -330,53 +332,67 @@ async def _load_models(
     given: Mapping[str, Backend],
     freeze: bool = False,
 ) -> None:
-    """Load every model off the event loop (readiness flips per model as each one is ready)."""
-    loop = asyncio.get_running_loop()
+    """Load every model off the event loop, all at once: one at a time in this process (`LOADING`),
+    while the model processes load theirs side by side. Readiness flips per model as each is ready."""
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    for name, served in list(service.models.items()):  # upstream models may be added meanwhile
-        ms = served.settings
-        try:
-            backend = given.get(name)
-            if backend is None:
-                source = await loop.run_in_executor(None, _resolve_source, ms.source, settings.cache_dir)
-                backend = await loop.run_in_executor(
-                    None,
-                    lambda ms=ms, source=source: load_backend(
-                        ms.task,
-                        ms.name,
-                        source,
-                        device=ms.device,
-                        dtype=ms.dtype,
-                        own_process=ms.own_process,
-                        torch_threads=settings.torch_threads,
-                    ),
-                )
-        except Exception as e:
-            served.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading model %s from %s failed", name, ms.source)
-            continue
-        served.backend = backend
-        queue = ModelQueue(
-            name=name,
-            task=ms.task,
-            backend=backend,
-            device=scheduler.devices[ms.device],
-            max_batch_size=ms.max_batch_size,
-            max_wait_s=ms.max_wait_ms / 1000.0,
-            max_queue=ms.max_queue,
-            max_queue_per_user=ms.max_queue_per_user,
-            fair=ms.batch_order == "fair",
-            stream_interval_s=ms.stream_interval_ms / 1000.0,
-            record=record,
-        )
-        scheduler.add_model(queue)
-        served.queue = queue
-        log.info("model %s (%s) ready on %s", name, ms.task, ms.device)
+    loads = [  # upstream models may be added meanwhile: these are the configured ones
+        _load_model(settings, name, served, scheduler, record, given.get(name))
+        for name, served in list(service.models.items())
+    ]
+    await asyncio.gather(*loads)
     if freeze:
         freeze_heap()
+
+
+async def _load_model(
+    settings: Settings,
+    name: str,
+    served: ServedModel,
+    scheduler: Scheduler,
+    record: Callable[[Sequence[Outcome]], Awaitable[None]],
+    backend: Backend | None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    ms = served.settings
+    try:
+        if backend is None:
+            source = await loop.run_in_executor(None, _resolve_source, ms.source, settings.cache_dir)
+            backend = await loop.run_in_executor(
+                None,
+                lambda: load_backend(
+                    ms.task,
+                    ms.name,
+                    source,
+                    device=ms.device,
+                    dtype=ms.dtype,
+                    own_process=ms.own_process,
+                    torch_threads=settings.torch_threads,
+                ),
+            )
+    except Exception as e:
+        served.load_error = f"{type(e).__name__}: {e}"
+        log.exception("loading model %s from %s failed", name, ms.source)
+        return
+    served.backend = backend
+    queue = ModelQueue(
+        name=name,
+        task=ms.task,
+        backend=backend,
+        device=scheduler.devices[ms.device],
+        max_batch_size=ms.max_batch_size,
+        max_wait_s=ms.max_wait_ms / 1000.0,
+        max_queue=ms.max_queue,
+        max_queue_per_user=ms.max_queue_per_user,
+        fair=ms.batch_order == "fair",
+        stream_interval_s=ms.stream_interval_ms / 1000.0,
+        record=record,
+    )
+    scheduler.add_model(queue)
+    served.queue = queue
+    log.info("model %s (%s) ready on %s", name, ms.task, ms.device)
 
 
 class _NoRequestBytes(logging.Filter):

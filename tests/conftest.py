@@ -125,6 +125,16 @@ def settings_for_tests(cache: Path, tmp: Path, **overrides: Any) -> Settings:
         "torch_threads": 1,
     }
     base.update(overrides)
+    # The tests start dozens of servers, and a model process takes about 6 s to start here: a model
+    # whose test does not ask for `own_process` runs in the server's process. The default (own process)
+    # is what `wattproxy serve` runs in tests/test_lifecycle.py, and what test_api's basic endpoint
+    # tests and tests/test_process_backend.py serve.
+    base["models"] = [
+        m
+        if not isinstance(m, ModelSettings) or "own_process" in m.model_fields_set
+        else m.model_copy(update={"own_process": False})
+        for m in base["models"]
+    ]
     return Settings.model_validate(base)
 
 

@@ -8,7 +8,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -25,13 +25,41 @@ from backends.base import Backend, BackendRequest, BackendResult, ImageResult, T
 from backends.tiny import ensure_model
 from proxy.config import ModelSettings
 from proxy.scheduler import PieceSink
-from proxy.state import LEDGER, SCHEDULER
-from tests.conftest import BackendWrapper, LiveServer
+from proxy.state import LEDGER, SCHEDULER, SERVICE
+from tests.conftest import BackendWrapper, LiveServer, settings_for_tests
 
 
 @pytest.fixture
 def server(make_server) -> LiveServer:  # type: ignore[no-untyped-def]
     return make_server()
+
+
+@pytest.fixture(scope="module")
+def own_process_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Both models in model processes of their own (the default), shared by this module's tests."""
+    assert ModelSettings.model_fields["own_process"].default is True
+    own = {"own_process": True}  # settings_for_tests runs models that do not say so in process
+    models = [
+        ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_tokens=64, max_n=4, **own),
+        ModelSettings(
+            name="tiny-sd", task="image", source="tiny:tiny-sd", max_batch_size=4, max_steps=20, **own
+        ),
+    ]
+    server = LiveServer(settings_for_tests(model_cache, tmp_path_factory.mktemp("own"), models=models))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["in_process", "own_process"])
+def either_server(request: pytest.FixtureRequest, make_server) -> LiveServer:  # type: ignore[no-untyped-def]
+    """The basic endpoint tests run against a server with the models in its own process and one with
+    them in model processes of their own."""
+    if request.param == "in_process":
+        return make_server()  # type: ignore[no-any-return]
+    server: LiveServer = request.getfixturevalue("own_process_server")
+    assert all(m.backend.pid is not None for m in server.app[SERVICE].models.values())  # type: ignore[index,union-attr]
+    return server
 
 
 def client(server: LiveServer, **kw: object) -> openai.OpenAI:
@@ -48,13 +76,15 @@ def metric_samples(server: LiveServer, name: str) -> list[tuple[dict[str, str], 
     return out
 
 
-def test_models_list_each_with_its_task(server: LiveServer) -> None:
+def test_models_list_each_with_its_task(either_server: LiveServer) -> None:
+    server = either_server
     models = client(server).models.list()
     tasks = {m.id: m.model_extra["task"] for m in models.data}  # type: ignore[index]
     assert tasks == {"tiny-gpt2": "text", "tiny-sd": "image"}
 
 
-def test_chat_completion_with_usage_and_energy(server: LiveServer) -> None:
+def test_chat_completion_with_usage_and_energy(either_server: LiveServer) -> None:
+    server = either_server
     raw = client(server).chat.completions.with_raw_response.create(
         model="tiny-gpt2", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0
     )
@@ -91,7 +121,8 @@ def _plain_and_streamed(c: openai.OpenAI) -> tuple[Any, list[Any]]:
     return plain, chunks
 
 
-def test_chat_stream_matches_plain_and_ends_with_usage(server: LiveServer) -> None:
+def test_chat_stream_matches_plain_and_ends_with_usage(either_server: LiveServer) -> None:
+    server = either_server
     plain, chunks = _plain_and_streamed(client(server))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == plain.choices[0].message.content
@@ -103,7 +134,8 @@ def test_chat_stream_matches_plain_and_ends_with_usage(server: LiveServer) -> No
     assert last.usage.model_extra["energy"]["joules"] > 0  # type: ignore[index]
 
 
-def test_completions_plain_and_streamed(server: LiveServer) -> None:
+def test_completions_plain_and_streamed(either_server: LiveServer) -> None:
+    server = either_server
     c = client(server)
     done = c.completions.create(
         model="tiny-gpt2", prompt=["Once upon", "a time"], max_tokens=5, temperature=0
@@ -123,7 +155,8 @@ def test_completions_plain_and_streamed(server: LiveServer) -> None:
     assert pieces[-1].usage is not None
 
 
-def test_images_b64_png_of_requested_size_and_count(server: LiveServer) -> None:
+def test_images_b64_png_of_requested_size_and_count(either_server: LiveServer) -> None:
+    server = either_server
     c = client(server)
     result = c.images.generate(
         model="tiny-sd",

@@ -19,13 +19,14 @@ import requests
 
 
 class ServeProcess:
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], new_session: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--port", "0", *args],
             stderr=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            start_new_session=new_session,  # a process group of its own, as under a terminal
         )
         self.lines: list[str] = []
         self.stdout: list[str] = []
@@ -107,6 +108,50 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_env: dict[str, s
             int(m.group(1)) for line in server.lines if (m := re.search(r"(\d+) objects set aside", line))
         ]
         assert len(frozen) == 2 and 0 < frozen[0] < frozen[1], frozen
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def _model_processes(server_pid: int) -> list[int]:
+    """The model processes (`python -m backends.process`) the server started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == server_pid and b"backends.process" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_ctrl_c_to_the_whole_process_group_drains_then_stops_the_model_processes(
+    serve_env: dict[str, str],
+) -> None:
+    """A terminal's Ctrl-C sends SIGINT to every process of its foreground group. The embedded models
+    run in model processes of their own (the default): they must leave the signal to the server, whose
+    drain lets the running batch finish in them, and stop once the server does."""
+    server = ServeProcess(["--meter", "synthetic", "--auth", "none"], serve_env, new_session=True)
+    try:
+        server.wait_ready()
+        children = _model_processes(server.proc.pid)
+        assert len(children) == 2, children  # tiny-gpt2 and tiny-sd, each in a process of its own
+        body = {"model": "tiny-sd", "prompt": "slow", "size": "256x256", "steps": 20, "n": 4}
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(
+                requests.post, server.url + "/v1/images/generations", json=body, timeout=120
+            )
+            time.sleep(0.5)  # running (seconds on a CPU)
+            os.killpg(server.proc.pid, signal.SIGINT)  # the group's id is the server's pid
+            answer = in_flight.result()
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["data"]) == 4
+        assert server.proc.wait(timeout=60) == 0
+        assert not any("Traceback" in line for line in server.lines), "".join(server.lines)
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]  # the server reaped them
     finally:
         if server.proc.poll() is None:
             server.proc.kill()

@@ -175,6 +175,27 @@ def test_errors_come_back_and_a_dead_model_process_is_started_again(
     assert own.pid not in (None, first, second)
 
 
+def test_the_model_process_leaves_ctrl_c_and_sigterm_to_its_server(
+    text_pair: tuple[ProcessBackend, object],
+) -> None:
+    """A terminal's Ctrl-C reaches its foreground process group, and a service manager's SIGTERM every
+    process of the service: a model process must not die of either mid-batch (its server drains)."""
+    own, here = text_pair
+    quiet = TextRequest(prompt="Signals", max_tokens=40, temperature=0)
+    assert own.run([quiet]) == here.run([quiet])  # type: ignore[attr-defined]
+    pid = own.pid
+    assert pid is not None
+    assert os.getsid(pid) == pid != os.getsid(0)  # a session (and process group) of its own
+
+    def signal_it(piece: str) -> None:
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+
+    loud = TextRequest(prompt="Signals", max_tokens=40, temperature=0, on_text=signal_it)
+    assert own.run([loud])[0].text == here.run([quiet])[0].text  # type: ignore[attr-defined]
+    assert own.pid == pid  # the same process, still running
+
+
 def test_a_model_that_cannot_load_fails_its_load(model_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(OSError):
         load_backend("text", "missing", tmp_path / "nothing-here", own_process=True)
