@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,9 @@ class ProcessBackend:
         self._process: Any = None
         self._serial = 0
         self._closed = False
+        # the batch sent ahead, and the serial number of the model process it was sent to
+        self._ahead: tuple[int, list[BackendRequest]] | None = None
+        self.sent_ahead = 0  # batches sent before the one running ended
 
     # what the server asks before a batch: the front's
 
@@ -232,15 +235,26 @@ class ProcessBackend:
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
         """Run one batch in the model process; a streamed member's pieces reach its `on_text` here,
         on the calling thread, as they come."""
+        return self.run_ahead(batch)
+
+    def run_ahead(
+        self,
+        batch: Sequence[BackendRequest],
+        ahead: Callable[[], Sequence[BackendRequest] | None] | None = None,
+        wake: socket.socket | None = None,
+    ) -> list[BackendResult]:
+        """`run`, sending the next batch to the model process while this one runs: when `wake` (a
+        non-blocking socket) becomes readable, `ahead()` may give the batch that runs next on this
+        model, which is sent at once; the model process starts it as soon as this one ends, without
+        waiting for this process to read the answer and send it (DeviceWorker, `_take_ahead`). The
+        call that then runs that batch only reads its answer (or sends it again to a model process
+        started since, where the one it was sent to died)."""
         consumers: dict[int, Callable[[str], None] | None] = {
             i: r.on_text for i, r in enumerate(batch) if isinstance(r, TextRequest) and r.on_text is not None
         }
-        streamed = set(consumers)
         flushes = flushes_of(batch)
-        # the model process may hold pieces as long as every streamed member's consumer would
-        interval_s = min((float(getattr(c, "interval_s", 0.0)) for c in consumers.values()), default=0.0)
-        sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(batch)]
         with self._lock:
+            sent_ahead, self._ahead = self._ahead, None
             if self._process is not None and self._process.poll() is not None:
                 log.warning(
                     "the model process of %s exited (exit code %s) between batches; starting it again",
@@ -253,9 +267,28 @@ class ProcessBackend:
             conn = self._conn
             assert conn is not None
             try:
-                conn.send((sent, streamed, interval_s))
-                while (answer := conn.recv())[0] == "pieces":  # a step's pieces
-                    for index, piece in answer[1]:
+                if not _same_batch(sent_ahead, self._serial, batch):
+                    if sent_ahead is not None and sent_ahead[0] == self._serial:  # never run: drop it
+                        log.error("a batch sent ahead to the model process of %s was not run", self.name)
+                        while conn.recv()[0] == "pieces":
+                            pass
+                    _send(conn, batch)
+                while True:
+                    if wake is not None and self._ahead is None:
+                        ready = wait((conn, wake))
+                        if wake in ready:
+                            with contextlib.suppress(BlockingIOError):
+                                wake.recv(4096)
+                            if ahead is not None and (following := ahead()) is not None:
+                                _send(conn, following)
+                                self._ahead = (self._serial, list(following))
+                                self.sent_ahead += 1
+                            if conn not in ready:
+                                continue
+                    answer = conn.recv()
+                    if answer[0] != "pieces":
+                        break
+                    for index, piece in answer[1]:  # a step's pieces
                         consumers[index] = _deliver(consumers[index], piece)
                     if flushes:
                         flush_all(flushes)
@@ -348,6 +381,25 @@ class ProcessBackend:
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait()
+
+
+def _send(conn: Connection, batch: Sequence[BackendRequest]) -> None:
+    """Send a batch to the model process: its streamed members' consumers stay here, and the model
+    process may hold their pieces as long as every one of those consumers would."""
+    consumers = [r.on_text for r in batch if isinstance(r, TextRequest) and r.on_text is not None]
+    interval_s = min((float(getattr(c, "interval_s", 0.0)) for c in consumers), default=0.0)
+    streamed = {i for i, r in enumerate(batch) if isinstance(r, TextRequest) and r.on_text is not None}
+    sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(batch)]
+    conn.send((sent, streamed, interval_s))
+
+
+def _same_batch(
+    sent: tuple[int, list[BackendRequest]] | None, serial: int, batch: Sequence[BackendRequest]
+) -> bool:
+    """Whether `batch` was sent ahead to the model process that runs now (`serial`)."""
+    if sent is None or sent[0] != serial or len(sent[1]) != len(batch):
+        return False
+    return all(a is b for a, b in zip(sent[1], batch, strict=True))
 
 
 def _deliver(consumer: Callable[[str], None] | None, piece: str) -> Callable[[str], None] | None:

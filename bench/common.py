@@ -411,16 +411,33 @@ class RecordingBackend:
         return self.inner.batch_key(request)
 
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        self._record(batch)
+        return self.inner.run(batch)
+
+    def _record(self, batch: Sequence[BackendRequest]) -> None:
         with self._lock:
             if self._batches is not None:
                 self._batches.append(list(batch))
-        return self.inner.run(batch)
 
     def synchronize(self) -> None:
         self.inner.synchronize()
 
     def close(self) -> None:
         """Kept open: the benchmark closes the wrapped backend itself (`inner.close()`)."""
+
+
+class RecordingProcessBackend(RecordingBackend):
+    """A `RecordingBackend` around a model in a process of its own (`ProcessBackend`), which the server
+    runs as it runs one unwrapped: sending the next batch ahead (`run_ahead`)."""
+
+    def run_ahead(
+        self,
+        batch: Sequence[BackendRequest],
+        ahead: Callable[[], Sequence[BackendRequest] | None] | None = None,
+        wake: Any = None,
+    ) -> list[BackendResult]:
+        self._record(batch)
+        return self.inner.run_ahead(batch, ahead, wake)  # type: ignore[attr-defined, no-any-return]
 
 
 def batch_histogram(sizes: Iterable[int]) -> dict[int, int]:

@@ -49,6 +49,7 @@ from typing import Any, Literal, Protocol
 
 from bench.common import (
     RecordingBackend,
+    RecordingProcessBackend,
     ServerThread,
     batch_histogram,
     common_args,
@@ -957,7 +958,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(run_phase(phase, settings, text, probe, meters, plan))
             # (h) the same chats with the model in a process of its own; replayed on the in-process copy
             print_flush(f"(h) loading {plan.text_preset} in a model process of its own ...")
-            own = RecordingBackend(
+            own = RecordingProcessBackend(  # the next batch sent ahead, as the server does
                 load_backend(
                     "text", plan.text_preset, path, device=plan.device, dtype=plan.dtype, own_process=True
                 ),

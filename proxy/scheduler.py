@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import queue
+import socket
 import threading
 import time
 from collections import deque
@@ -190,6 +191,13 @@ class DeviceWorker:
         self._thread: threading.Thread | None = None  # started by the first job
         self._taken: _Job | None = None  # the next job, taken from the queue at the last one's end
         self._closed = False
+        # A backend whose `run_ahead` can send the next batch to its model process while one runs
+        # (backends/process.py): while such a run is on, `submit` wakes it through this socket pair.
+        self._wake, self._waker = socket.socketpair()
+        self._wake.setblocking(False)
+        self._waker.setblocking(False)
+        self._running_ahead = False
+        self._sent_ahead = False  # the taken job is already running in the backend's model process
         # Cleared, it holds jobs before they start (used to pause a device, and by tests).
         self.gate = threading.Event()
         self.gate.set()
@@ -204,6 +212,9 @@ class DeviceWorker:
             self._thread.start()
         future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         self._jobs.put((future.get_loop(), future, backend, items))
+        if self._running_ahead:
+            with contextlib.suppress(OSError):  # full: a wake-up is pending already
+                self._waker.send(b"\0")
         return future
 
     def _main(self) -> None:
@@ -211,7 +222,7 @@ class DeviceWorker:
         begun: JobHandle | None = None  # the next job's handle, begun at the last one's end
         while job is not None:
             loop, future, backend, items = job
-            self._taken = None
+            self._taken, self._sent_ahead = None, False
             try:
                 result, begun = self._run(backend, items, begun)
                 done: tuple[JobResult | None, BaseException | None] = (result, None)
@@ -240,7 +251,14 @@ class DeviceWorker:
         error: BaseException | None = None
         requests = [it.request for it in items]
         try:
-            results = backend.run(requests)
+            if getattr(type(backend), "run_ahead", None) is not None:  # the class's: not a wrapper's
+                self._running_ahead = True
+                try:
+                    results = backend.run_ahead(requests, self._ahead_of(backend), self._wake)  # type: ignore[attr-defined]
+                finally:
+                    self._running_ahead = False
+            else:
+                results = backend.run(requests)
             backend.synchronize()
             if len(results) != len(items):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(items)} requests")
@@ -251,16 +269,45 @@ class DeviceWorker:
             flush_all(flushes)  # pieces still held go to the loop before the job's end does
         units = [r.work_units for r in results] if results is not None else [0.0] * len(items)
         members = [(it.tag, w) for it, w in zip(items, units, strict=True)]
-        taken: _Job | None = None
-        if error is None and self.gate.is_set():
+        if self._sent_ahead:  # the model process runs the next job already, whatever this one did
+            self._sent_ahead = False
+            return (results, error, handle, run_s), self.monitor.split(handle, members)
+        taken = self._taken  # taken while this job ran, not sent ahead (another backend's)
+        if taken is None and error is None and self.gate.is_set():
             with contextlib.suppress(queue.Empty):
                 if (taken := self._jobs.get_nowait()) is None:
                     self._jobs.put(None)  # the close: nothing can be queued behind it
                 self._taken = taken
-        if taken is None:
+        if taken is None or error is not None or not self.gate.is_set():
             self.monitor.end(handle, members)
             return (results, error, handle, run_s), None
         return (results, error, handle, run_s), self.monitor.split(handle, members)
+
+    def _ahead_of(self, backend: Backend) -> Callable[[], list[BackendRequest] | None]:
+        """For `run_ahead`: take the next job from the queue, while the device is not paused; its
+        requests, where it is for the same backend (it is sent ahead, and begins at this job's end
+        with the same meter read), else None (it runs next as usual). The model process starts a
+        job sent ahead as soon as the running one ends, so the meter read that ends the running job
+        (here, once its answer is read) falls a little after the next one began: that sliver of the
+        next job's energy is charged to the running one."""
+
+        def ahead() -> list[BackendRequest] | None:
+            if self._taken is not None or not self.gate.is_set():
+                return None
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return None
+            if job is None:
+                self._jobs.put(None)  # the close: nothing can be queued behind it
+                return None
+            self._taken = job
+            if job[2] is not backend:
+                return None
+            self._sent_ahead = True
+            return [it.request for it in job[3]]
+
+        return ahead
 
     def close(self) -> None:
         """Stop taking jobs; return once the queued ones have run."""
@@ -269,6 +316,8 @@ class DeviceWorker:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join()
+        self._wake.close()
+        self._waker.close()
 
 
 def _settle(future: asyncio.Future[JobResult], result: JobResult | None, error: BaseException | None) -> None:

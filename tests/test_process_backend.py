@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -194,6 +196,103 @@ def test_the_model_process_leaves_ctrl_c_and_sigterm_to_its_server(
     loud = TextRequest(prompt="Signals", max_tokens=40, temperature=0, on_text=signal_it)
     assert own.run([loud])[0].text == here.run([quiet])[0].text  # type: ignore[attr-defined]
     assert own.pid == pid  # the same process, still running
+
+
+def _woken() -> tuple[socket.socket, socket.socket]:
+    """A wake-up socket pair (DeviceWorker's), signalled already."""
+    wake, waker = socket.socketpair()
+    wake.setblocking(False)
+    waker.send(b"\0")
+    return wake, waker
+
+
+def test_the_next_batch_is_sent_ahead_and_answers_stay_with_their_batch(
+    text_pair: tuple[ProcessBackend, object],
+) -> None:
+    own, here = text_pair
+    first = [TextRequest(prompt="First batch", max_tokens=12, temperature=0)]
+    second = [TextRequest(prompt="Second", max_tokens=6, temperature=0)] * 2
+    given: list[int] = []
+
+    def ahead() -> list[TextRequest]:
+        given.append(1)
+        return second
+
+    wake, waker = _woken()
+    with wake, waker:
+        sent_before = own.sent_ahead
+        assert own.run_ahead(first, ahead, wake) == here.run(first)  # type: ignore[attr-defined]
+    assert given == [1] and own.sent_ahead == sent_before + 1
+    assert own.run(second) == here.run(second)  # type: ignore[attr-defined]  # its answer only read
+    third = [TextRequest(prompt="Third", max_tokens=4, temperature=0)]
+    assert own.run(third) == here.run(third)  # type: ignore[attr-defined]  # and in step after it
+
+
+def test_a_batch_sent_ahead_to_a_model_process_that_died_runs_on_the_next_one(
+    text_pair: tuple[ProcessBackend, object],
+) -> None:
+    own, here = text_pair
+    quiet = [TextRequest(prompt="Before", max_tokens=2, temperature=0)]
+    own.run(quiet)  # a model process is running
+    pid = own.pid
+    assert pid is not None
+
+    def kill(piece: str) -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    dying = [TextRequest(prompt="Dies", max_tokens=400, temperature=0, on_text=kill)]
+    following = [TextRequest(prompt="Goes on", max_tokens=8, temperature=0)]
+    wake, waker = _woken()
+    with wake, waker, pytest.raises(RuntimeError, match=r"exited .* while running a batch"):
+        own.run_ahead(dying, lambda: following, wake)
+    assert own.run(following) == here.run(following)  # type: ignore[attr-defined]  # sent again
+    assert own.pid not in (None, pid)
+
+
+def test_served_batches_queued_behind_the_running_one_are_sent_ahead(make_server) -> None:  # type: ignore[no-untyped-def]
+    """16 clients at once on a model whose batches hold one request: every batch after the first waits
+    on the device, and is sent to the model process while the one before it runs. Each answer is the
+    one the model gives that prompt alone (no answer crosses to another batch), and every joule is in
+    an answer or idle."""
+    server: LiveServer = make_server(
+        models=[
+            ModelSettings(
+                name="tiny-gpt2",
+                task="text",
+                source="tiny:tiny-gpt2",
+                max_tokens=64,
+                max_batch_size=1,
+                max_wait_ms=0,
+                own_process=True,
+            )
+        ]
+    )
+    backend = server.app[SERVICE].models["tiny-gpt2"].backend  # type: ignore[index]
+    assert isinstance(backend, ProcessBackend)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    prompts = [f"Prompt {'word ' * i}number {i}" for i in range(16)]
+
+    def chat(prompt: str) -> object:  # sampled from a seed of its own: each prompt's answer differs
+        return client.chat.completions.create(
+            model="tiny-gpt2",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=10,
+            temperature=1.0,
+            seed=len(prompt),
+        )
+
+    alone = [chat(p) for p in prompts]  # one at a time: nothing waits, nothing is sent ahead
+    assert backend.sent_ahead == 0
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(chat, prompts))
+    assert backend.sent_ahead >= 4  # most of the 15 batches that waited
+    texts = [a.choices[0].message.content for a in answers]  # type: ignore[attr-defined]
+    assert texts == [a.choices[0].message.content for a in alone]  # type: ignore[attr-defined]
+    assert len(set(texts)) > 8  # the prompts' answers differ: one in the wrong place would show
+    answered_j = sum(a.usage.model_extra["energy"]["joules"] for a in alone + answers)  # type: ignore[attr-defined]
+    monitor = server.app[MONITORS]["cpu"]  # type: ignore[index]
+    server.stop()
+    assert math.isclose(answered_j + monitor.committed_idle_j, monitor.meter_delta_j, rel_tol=1e-9)
 
 
 def test_a_model_that_cannot_load_fails_its_load(model_cache: Path, tmp_path: Path) -> None:
