@@ -246,7 +246,7 @@ class ProcessBackend:
         """`run`, sending the next batch to the model process while this one runs: when `wake` (a
         non-blocking socket) becomes readable, `ahead()` may give the batch that runs next on this
         model, which is sent at once; the model process starts it as soon as this one ends, without
-        waiting for this process to read the answer and send it (DeviceWorker, `_take_ahead`). The
+        waiting for this process to read the answer and send it (`DeviceWorker._ahead_of`). The
         call that then runs that batch only reads its answer (or sends it again to a model process
         started since, where the one it was sent to died)."""
         consumers: dict[int, Callable[[str], None] | None] = {

@@ -648,10 +648,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "so one client's requests after its first do not wait either. As `wattproxy serve` "
             "does, the server sets the process's heap aside from the cyclic garbage collector once set up "
             "(`gc.freeze()`), which spares both paths the collector's full passes. The *own process* rows "
-            "serve the same models with `own_process = true`: each runs in a model process of its own "
-            "(`backends/process.py`; its torch threads as above), and the direct path replays their batches "
-            "on the in-process copy. The *max_batch_size 1* rows use a twin whose batches hold one request "
-            "(and max_wait_ms 0)."
+            "serve the same models with `own_process = true` (`wattproxy serve`'s default since 72356b5): "
+            "each runs in a model process of its own (`backends/process.py`; its torch threads as above), "
+            "which is sent the next batch while one runs (since 5184dbe), and the direct path replays their "
+            "batches on the in-process copy. The *max_batch_size 1* rows use a twin whose batches hold one "
+            "request (and max_wait_ms 0)."
         )
         backends = {
             CHAT_MODEL: chat,
