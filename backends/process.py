@@ -249,9 +249,7 @@ class ProcessBackend:
         waiting for this process to read the answer and send it (`DeviceWorker._ahead_of`). The
         call that then runs that batch only reads its answer (or sends it again to a model process
         started since, where the one it was sent to died)."""
-        consumers: dict[int, Callable[[str], None] | None] = {
-            i: r.on_text for i, r in enumerate(batch) if isinstance(r, TextRequest) and r.on_text is not None
-        }
+        consumers: dict[int, Callable[[str], None] | None] = dict(_streamed(batch))
         flushes = flushes_of(batch)
         with self._lock:
             sent_ahead, self._ahead = self._ahead, None
@@ -386,11 +384,15 @@ class ProcessBackend:
 def _send(conn: Connection, batch: Sequence[BackendRequest]) -> None:
     """Send a batch to the model process: its streamed members' consumers stay here, and the model
     process may hold their pieces as long as every one of those consumers would."""
-    consumers = [r.on_text for r in batch if isinstance(r, TextRequest) and r.on_text is not None]
-    interval_s = min((float(getattr(c, "interval_s", 0.0)) for c in consumers), default=0.0)
-    streamed = {i for i, r in enumerate(batch) if isinstance(r, TextRequest) and r.on_text is not None}
+    streamed = _streamed(batch)
+    interval_s = min((float(getattr(c, "interval_s", 0.0)) for c in streamed.values()), default=0.0)
     sent = [replace(r, on_text=None) if i in streamed else r for i, r in enumerate(batch)]
-    conn.send((sent, streamed, interval_s))
+    conn.send((sent, set(streamed), interval_s))
+
+
+def _streamed(batch: Sequence[BackendRequest]) -> dict[int, Callable[[str], None]]:
+    """The batch's streamed members: index -> the consumer of its pieces (`on_text`)."""
+    return {i: r.on_text for i, r in enumerate(batch) if isinstance(r, TextRequest) and r.on_text is not None}
 
 
 def _same_batch(
