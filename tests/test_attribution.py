@@ -224,6 +224,40 @@ def test_forced_finalization_when_the_counter_does_not_move() -> None:
         m.stop()
 
 
+class TickingClock(FakeClock):
+    """Moves `tick` s at every read once `ticking` (the monitor's polls at stop read it)."""
+
+    def __init__(self, t: float, tick: float) -> None:
+        super().__init__(t)
+        self.tick, self.ticking = tick, False
+
+    def __call__(self) -> float:
+        if self.ticking:
+            self.t += self.tick
+        return self.t
+
+
+@pytest.mark.parametrize("idle_watts", [0.0, 10.0])
+def test_stop_reads_the_step_that_shows_the_last_jobs_tail(idle_watts: float) -> None:
+    """The job ends just after an update of a 0.1 s counter: its end read is a change point (final at
+    once, with the energy up to that update) and its last 50 ms of busy power show at the next update.
+    A server stopping then must still read that update: without it the ledger lacks 5 J here."""
+    clock = TickingClock(0.0, tick=0.01)
+    meter = SyntheticMeter("cpu", idle_watts=idle_watts, busy_watts=100.0, update_period_s=0.1, clock=clock)
+    m = DeviceMonitor(meter, clock=clock, sample_period_s=60.0)
+    m.start()
+    clock.advance(0.15)
+    job = m.begin()
+    clock.advance(0.1)  # t = 0.25; the counter shows t = 0.2
+    m.end(job, [("r", 1.0)])
+    assert job.result.done()  # final at once: its end read is a change point
+    clock.ticking = True
+    m.stop()
+    assert clock.t < 0.25 + 0.16  # polled until the update at 0.3 was read, not longer
+    assert m.meter_delta_j == pytest.approx(100.0 * 0.1 + idle_watts * 0.2)  # the whole busy 0.1 s
+    assert close(m.committed_attributed_j + m.committed_idle_j, m.meter_delta_j)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.tuples(st.floats(0.0, 0.3), st.floats(0.0, 0.3), st.integers(1, 4)), min_size=1, max_size=8),
