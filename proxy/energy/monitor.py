@@ -261,9 +261,9 @@ class DeviceMonitor:
                 finished += self._commit_locked([], flush_idle=True)
         self._resolve(finished)
 
-    # A stepped counter shows the work of a step's last stretch only at its next update: the draw between
-    # the update before a job's end and the end (up to a step of busy power) is read after the job. At
-    # stop, that read must come before the last one, or the ledger lacks it (one step of busy power).
+    # A stepped counter shows a step's last stretch only at its next update: what a job drew between the
+    # counter's last update before its end and its end is read after the job. The last read at stop must
+    # come after that update, or the ledger lacks up to a step of busy power.
     SETTLE_STEPS = 1.5  # NVML's updates came 95-103 ms apart on an H200 (step_hint_s 0.1)
 
     def _settle_last_step(self) -> None:
