@@ -440,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "measurement": str(energies[0]["measurement"]),
             "life_j": life_j,
             "idle_j": monitor.committed_idle_j,
+            # what the script's counter showed before the server's first read or after its last (a step of
+            # a stepped counter landing between the two reads at either end): not the server's to see
+            "outside_j": life_j - monitor.meter_delta_j if block_meters is meters else None,
             # against the script's counter: meaningless for a synthetic meter on a GPU
             "conservation_error": (responses_j + monitor.committed_idle_j - life_j) / life_j
             if block_meters is meters
@@ -546,6 +549,8 @@ def summarize(
                     ),
                     "latency_s_median": median(over(c.label, "latency_s_median")),
                     "conservation_errors": over(c.label, "conservation_error"),
+                    # runs recorded before this figure was kept have none
+                    "outside_j": [by[(c.label, r)].get("outside_j") for r in range(rounds)],
                     "measurement": by[(c.label, 0)]["measurement"],
                 }
             )
@@ -626,6 +631,7 @@ def render(data: dict[str, Any]) -> str:
             "J/image (responses)",
             "client latency s (median)",
             "conservation error, each server's life",
+            "of which outside the server's first and last reads, J",
         ],
         [
             [
@@ -643,6 +649,7 @@ def render(data: dict[str, Any]) -> str:
                 r.get("responses_j_per_image", "-"),
                 r.get("latency_s_median", "-"),
                 ", ".join("-" if e is None else f"{e:+.3%}" for e in r.get("conservation_errors", [])) or "-",
+                ", ".join("-" if j is None else f"{j:.1f}" for j in r.get("outside_j", [])) or "-",
             ]
             for r in served
         ],
@@ -700,6 +707,10 @@ Command: `{data["command"]}`
   call (as the server's device thread did until the PNGs moved to a worker thread after the job).
 - J/image (responses): the joules the server attributed to its answers (idle excluded); J/image (device
   counter, direct calls only): the script's own counter delta over the block, over its images.
+- Conservation error: the server's response and idle joules against the script's counter delta over
+  the server's life (read before the app is made and after it has stopped). The part of that delta
+  the counter showed before the server's first read or after its last is listed apart: an update of
+  the counter landing between two reads at either end brings a whole step's energy with it.
 
 {timing}
 

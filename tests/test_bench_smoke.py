@@ -156,6 +156,8 @@ def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
         # each server's responses and idle joules close against the script's reads of the same meter, exactly
         # for a meter drawing nothing while idle (a server reads the step after its last job before stopping)
         assert all(abs(e) < 1e-9 for e in r["conservation_errors"]), r["conservation_errors"]
+        assert len(r["outside_j"]) == data["rounds"] and all(abs(j) < 1e-9 for j in r["outside_j"])
+    assert ratios[0][-1] == "of which outside the server's first and last reads, J"
     assert data["batch8_over_batch1_responses_j_per_image"] > 0
     # the stored raw calls alone give the same analysis again (what --from-json does with a GPU run's JSON)
     again = tmp_path / "again"
@@ -163,6 +165,11 @@ def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
     redone = json.loads((again / "gpu_served.json").read_text(encoding="utf-8"))
     assert redone["conditions"] == data["conditions"] and "reanalysed" in redone
     assert tables((again / "gpu_served.md").read_text(encoding="utf-8")) == [timing, ratios]
+    # a GPU run recorded before the outside joules were kept is analysed again with "-" for them
+    old_run, recorded = tmp_path / "old", Path(gpu_served.__file__).parent / "results" / "gpu_served.json"
+    assert gpu_served.main(["--from-json", str(recorded), "--out", str(old_run)]) == 0
+    _, old_ratios = tables((old_run / "gpu_served.md").read_text(encoding="utf-8"))
+    assert {row[-1] for row in old_ratios[1:]} == {"-, -, -, -"}
 
 
 def test_gpu_served_default_conditions_smoke(model_cache: Path, tmp_path: Path) -> None:
