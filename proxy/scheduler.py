@@ -274,10 +274,7 @@ class DeviceWorker:
             return (results, error, handle, run_s), self.monitor.split(handle, members)
         taken = self._taken  # taken while this job ran, not sent ahead (another backend's)
         if taken is None and error is None and self.gate.is_set():
-            with contextlib.suppress(queue.Empty):
-                if (taken := self._jobs.get_nowait()) is None:
-                    self._jobs.put(None)  # the close: nothing can be queued behind it
-                self._taken = taken
+            taken = self._take_queued()
         if taken is None or error is not None or not self.gate.is_set():
             self.monitor.end(handle, members)
             return (results, error, handle, run_s), None
@@ -294,20 +291,26 @@ class DeviceWorker:
         def ahead() -> list[BackendRequest] | None:
             if self._taken is not None or not self.gate.is_set():
                 return None
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return None
-            if job is None:
-                self._jobs.put(None)  # the close: nothing can be queued behind it
-                return None
-            self._taken = job
-            if job[2] is not backend:
+            job = self._take_queued()
+            if job is None or job[2] is not backend:
                 return None
             self._sent_ahead = True
             return [it.request for it in job[3]]
 
         return ahead
+
+    def _take_queued(self) -> _Job | None:
+        """Take the next queued job as `_taken`; None when none is queued, or only the close is (which
+        stays queued: nothing can be queued behind it)."""
+        try:
+            job = self._jobs.get_nowait()
+        except queue.Empty:
+            return None
+        if job is None:
+            self._jobs.put(None)
+            return None
+        self._taken = job
+        return job
 
     def close(self) -> None:
         """Stop taking jobs; return once the queued ones have run."""
