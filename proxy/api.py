@@ -425,6 +425,14 @@ def _json_answer(body: dict[str, Any], headers: dict[str, str]) -> web.Response:
     return web.Response(body=to_json(body, inf_nan_mode="null"), headers=headers)
 
 
+def _check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """400 `unsupported_value` for a parameter asking what a model served in process does not do (tools,
+    JSON mode, log probabilities, penalties, ...; an upstream in proxy mode gets them as sent)."""
+    refused = req.unsupported()
+    if refused is not None:
+        raise InvalidRequest(refused[1], param=refused[0], code="unsupported_value")
+
+
 def _max_tokens(ms: ModelSettings, **candidates: int | None) -> int:
     param, asked = next(((k, c) for k, c in candidates.items() if c is not None), ("max_tokens", None))
     if asked is None:
@@ -702,6 +710,7 @@ async def _chat_completions(
     request: web.Request, served: ServedModel, req: ChatCompletionRequest
 ) -> web.StreamResponse:
     ms = served.settings
+    _check_supported(req)
     _check_n(ms, req.n)
     max_tokens = _max_tokens(ms, max_completion_tokens=req.max_completion_tokens, max_tokens=req.max_tokens)
     messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
@@ -757,6 +766,7 @@ async def _completions(
     request: web.Request, served: ServedModel, req: CompletionRequest
 ) -> web.StreamResponse:
     ms = served.settings
+    _check_supported(req)
     prompts = req.prompts()
     _check_n(ms, req.n, len(prompts))
     max_tokens = _max_tokens(ms, max_tokens=req.max_tokens)

@@ -1,14 +1,19 @@
 """Pydantic request and response models: the OpenAI shapes plus WattProxy's energy extension.
 
 Requests are strict about types (a string where a number belongs is a 400 naming the field) and
-ignore fields WattProxy does not use, as OpenAI-compatible servers commonly do. These models are also
-the source of /openapi.json.
+ignore fields WattProxy does not use, as OpenAI-compatible servers commonly do. Fields that ask the
+model for something (tools, JSON mode, log probabilities, penalties, content parts other than text)
+are parsed: in proxy mode the upstream gets them as they were sent, and a model served in process
+refuses a value it cannot honour (`unsupported`) instead of answering as if it had not been asked.
+These models are also the source of /openapi.json.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -47,7 +52,16 @@ class _NullMeansDefault(BaseModel):
 
 class _Request(_NullMeansDefault):
     @field_validator(
-        "n", "max_tokens", "max_completion_tokens", "seed", "steps", mode="before", check_fields=False
+        "n",
+        "max_tokens",
+        "max_completion_tokens",
+        "seed",
+        "steps",
+        "best_of",
+        "top_logprobs",
+        "logprobs",
+        mode="before",
+        check_fields=False,
     )
     @classmethod
     def _integral(cls, v: object) -> object:
@@ -61,17 +75,37 @@ class TextPart(BaseModel):
     text: str
 
 
+class OtherPart(BaseModel):
+    """A content part that is not text (`image_url`, `input_audio`, `file`, `refusal`, ...): sent on as it
+    came in proxy mode, where the upstream's model may take it; a model served in process takes text
+    only and refuses it (`ChatCompletionRequest.unsupported`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str = Field(
+        description="Proxy mode: sent to the upstream as it is. A model served in process takes text parts "
+        "only; another part is a 400 `unsupported_value`."
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _not_text(cls, v: str) -> str:
+        if v == "text":
+            raise ValueError("a text part needs its 'text'")
+        return v
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | OtherPart] | None = None
 
     def text(self) -> str:
+        """The message's text: its text parts (other parts have none)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if type(p) is TextPart)
 
 
 class StreamOptions(_NullMeansDefault):
@@ -82,6 +116,13 @@ class StreamOptions(_NullMeansDefault):
 # 20,000-character stops made each token of a 4,000-character answer cost milliseconds).
 StopString = Annotated[str, Field(max_length=512)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+
+
+# The OpenAPI description of the fields that ask the model for something.
+_ASKED = (
+    "Proxy mode: sent to the upstream as it is. A model served in process takes only the default "
+    "(absent, null, 0, false or empty); another value is a 400 `unsupported_value`."
+)
 
 
 class _Sampling(_Request):
@@ -95,6 +136,12 @@ class _Sampling(_Request):
     stop: Stop = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = Field(None, max_length=256)  # accepted, never used as a metric label
+    # Asked of the model. An upstream in proxy mode gets them as they were sent; a model served in
+    # process refuses a value that asks for what it does not do (`unsupported`), rather than answer
+    # without it. Their defaults (absent, null, 0, an empty list) are always fine.
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED)
+    logit_bias: dict[str, float] | None = Field(None, description=_ASKED)
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -102,14 +149,118 @@ class _Sampling(_Request):
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         return tuple(s for s in stops if s)
 
+    _NEUTRAL: ClassVar[tuple[tuple[str, Callable[[Any], bool], str], ...]] = ()
+    _ASKED: ClassVar[frozenset[str]] = frozenset()
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for the first parameter whose value asks what a model served in process does
+        not do, or None. OpenAI's own answer to a parameter a model does not take is the model:
+        400 `unsupported_value`, "Only the default ... is supported"."""
+        asked = self.model_fields_set.intersection(self._ASKED)
+        if not asked:  # the usual request: none of them sent
+            return None
+        for name, neutral, what in self._NEUTRAL:
+            if name in asked and not neutral(getattr(self, name)):
+                return name, (
+                    f"Unsupported value: '{name}' does not support {_shown(getattr(self, name))} with model "
+                    f"'{self.model}', which WattProxy serves itself. Only {what} is supported."
+                )
+        return None
+
+
+def _shown(value: object) -> str:
+    """`value` as JSON (as it was sent), cut to 80 characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _none_or_zero(v: object) -> bool:
+    return v is None or v == 0
+
+
+def _empty(v: object) -> bool:
+    return not v
+
+
+def _no_bias(v: dict[str, float] | None) -> bool:
+    return not v or not any(v.values())
+
+
+_SAMPLING_NEUTRAL: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("presence_penalty", _none_or_zero, "the default (0)"),
+    ("frequency_penalty", _none_or_zero, "the default (0)"),
+    ("logit_bias", _no_bias, "the default (no bias)"),
+)
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # Asked of the model (see _Sampling): tools, structured output, log probabilities, audio.
+    tools: list[dict[str, Any]] | None = Field(None, description=_ASKED)
+    tool_choice: str | dict[str, Any] | None = Field(None, description=_ASKED)
+    functions: list[dict[str, Any]] | None = Field(None, description=_ASKED)
+    function_call: str | dict[str, Any] | None = Field(None, description=_ASKED)
+    response_format: dict[str, Any] | None = Field(None, description=_ASKED)
+    logprobs: bool | None = Field(None, description=_ASKED)
+    top_logprobs: int | None = Field(None, ge=0, le=20, description=_ASKED)
+    modalities: list[str] | None = Field(None, description=_ASKED)
+    audio: dict[str, Any] | None = Field(None, description=_ASKED)
+
+    _NEUTRAL: ClassVar[tuple[tuple[str, Callable[[Any], bool], str], ...]] = (
+        ("tools", _empty, "the default (no tools)"),
+        ("tool_choice", lambda v: v in (None, "none", "auto"), "the default ('none' without tools)"),
+        ("functions", _empty, "the default (no functions)"),
+        ("function_call", lambda v: v in (None, "none", "auto"), "the default ('none' without functions)"),
+        ("response_format", lambda v: v is None or v == {"type": "text"}, "the default ({'type': 'text'})"),
+        ("logprobs", _empty, "the default (false)"),
+        ("top_logprobs", _none_or_zero, "the default (0)"),
+        ("modalities", lambda v: v is None or v == ["text"], "the default (['text'])"),
+        ("audio", lambda v: v is None, "the default (no audio)"),
+        *_SAMPLING_NEUTRAL,
+    )
+    _ASKED: ClassVar[frozenset[str]] = frozenset(n for n, _, _ in _NEUTRAL)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """As `_Sampling.unsupported`, and content parts other than text: a model served in process takes
+        text."""
+        for i, m in enumerate(self.messages):
+            if type(m.content) is list:
+                for j, part in enumerate(m.content):
+                    if type(part) is OtherPart:
+                        return f"messages.{i}.content.{j}.type", (
+                            f"Unsupported value: content part type {_shown(part.type)} with model "
+                            f"'{self.model}', a text model that WattProxy serves itself. Only 'text' "
+                            "parts are supported."
+                        )
+        return super().unsupported()
 
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1)]
+    # Asked of the model (see _Sampling).
+    logprobs: int | None = Field(None, ge=0, description=_ASKED)
+    echo: bool | None = Field(None, description=_ASKED)
+    best_of: int | None = Field(None, ge=1, description=_ASKED)
+    suffix: str | None = Field(None, description=_ASKED)
+
+    _NEUTRAL: ClassVar[tuple[tuple[str, Callable[[Any], bool], str], ...]] = (
+        ("logprobs", lambda v: v is None, "the default (null)"),
+        ("echo", _empty, "the default (false)"),
+        ("suffix", _empty, "the default (none)"),
+        *_SAMPLING_NEUTRAL,
+    )
+    _ASKED: ClassVar[frozenset[str]] = frozenset([*(n for n, _, _ in _NEUTRAL), "best_of"])
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """As `_Sampling.unsupported`, and `best_of` other than 1 or `n` (choosing the best of more
+        candidates than are returned)."""
+        if self.best_of is not None and self.best_of not in (1, self.n):
+            return "best_of", (
+                f"Unsupported value: 'best_of' does not support {self.best_of} with model '{self.model}', "
+                f"which WattProxy serves itself. Only 1 or n ({self.n}) is supported."
+            )
+        return super().unsupported()
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

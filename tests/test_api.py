@@ -1000,3 +1000,78 @@ def test_metrics_have_no_series_that_cannot_move_and_exact_bucket_bounds(server:
         for labels, _ in metric_samples(server, name)
     ]
     assert bounds and all(b == "+Inf" or len(b) <= 8 for b in bounds), bounds
+
+
+# What a model served in process does not do, asked through the official client: (call, kwargs, param).
+_UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("chat", {"frequency_penalty": -1}, "frequency_penalty"),
+    ("chat", {"logit_bias": {"50256": -100}}, "logit_bias"),
+    ("chat", {"modalities": ["text", "audio"]}, "modalities"),
+    (
+        "chat",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:,"}},
+                    ],
+                }
+            ]
+        },
+        "messages.0.content.1.type",
+    ),
+    ("completion", {"echo": True}, "echo"),
+    ("completion", {"logprobs": 2}, "logprobs"),
+    ("completion", {"best_of": 3}, "best_of"),
+    ("completion", {"suffix": "end"}, "suffix"),
+    ("completion", {"presence_penalty": 1.5}, "presence_penalty"),
+]
+
+
+def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server: LiveServer) -> None:
+    """Tools, JSON mode, log probabilities, penalties, logit bias, audio, image parts: a clear 400
+    `unsupported_value` naming the parameter, never an answer made as if it had not been asked; their
+    defaults, as clients send them, are answered; nothing refused is run or recorded."""
+    c = client(server)
+    chat = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    completion = {"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 2}
+    for call, kwargs, param in _UNSUPPORTED:
+        with pytest.raises(openai.BadRequestError) as refused:
+            if call == "chat":
+                c.chat.completions.create(**{**chat, **kwargs})  # type: ignore[call-overload]
+            else:
+                c.completions.create(**{**completion, **kwargs})  # type: ignore[call-overload]
+        body = refused.value.body
+        assert isinstance(body, dict), body
+        assert (body["param"], body["code"], body["type"]) == (
+            param,
+            "unsupported_value",
+            "invalid_request_error",
+        )
+        assert str(body["message"]).startswith("Unsupported value: ") and "tiny-gpt2" in str(body["message"])
+    neutral_chat = c.chat.completions.create(
+        model="tiny-gpt2",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        max_tokens=2,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logit_bias={},
+        logprobs=False,
+        top_logprobs=0,
+        tool_choice="none",
+        response_format={"type": "text"},
+        modalities=["text"],
+    )
+    assert neutral_chat.choices[0].message.content is not None
+    neutral_completion = c.completions.create(
+        **completion, echo=False, best_of=1, suffix=None, presence_penalty=0
+    )
+    assert neutral_completion.choices[0].text is not None
+    assert len(server.call(server.app[LEDGER].records())) == 2  # type: ignore[index]

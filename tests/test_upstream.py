@@ -85,6 +85,7 @@ class Stub:
         self.thread = threading.Thread(target=self.loop.run_forever, name="stub-upstream", daemon=True)
         self.runner: web.AppRunner | None = None
         self.port = 0
+        self.chat_bodies: list[dict[str, Any]] = []  # every chat request's body, as the stub got it
 
     @property
     def url(self) -> str:
@@ -98,6 +99,7 @@ class Stub:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        self.chat_bodies.append(body)
         model = body["model"]
         if model in (
             "fast-stream",
@@ -677,6 +679,41 @@ def test_a_stream_without_usage_is_estimated_from_all_its_text(
     usage = chunks[-1].usage
     assert usage is not None and _energy(usage)["usage_source"] == "estimate"
     assert usage.completion_tokens == len(text) // 4  # "word": 4 characters, whatever the pieces
+
+
+def test_what_only_the_upstreams_model_does_is_sent_on_as_asked(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """Tools, JSON mode, log probabilities, penalties and image parts, which a model served in process
+    refuses, reach the upstream as the client sent them; the prompt estimate counts the text parts."""
+    proxy = make_proxy(stub.url + "/v1")
+    asked: dict[str, Any] = {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+        "logprobs": True,
+        "top_logprobs": 2,
+        "presence_penalty": 0.5,
+        "logit_bias": {"50256": -100},
+    }
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"},
+                },
+            ],
+        }
+    ]
+    answer = client(proxy).chat.completions.create(model="ok-no-usage", messages=messages, **asked)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content == "twelve characters of text"
+    sent = stub.chat_bodies[-1]
+    assert sent["messages"] == messages and {k: sent[k] for k in asked} == asked
+    assert answer.usage is not None and _energy(answer.usage)["usage_source"] == "estimate"
+    assert answer.usage.prompt_tokens == -(-len("What is in this picture?") // 4)  # 4 characters a token
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
