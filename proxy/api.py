@@ -425,10 +425,12 @@ def _json_answer(body: dict[str, Any], headers: dict[str, str]) -> web.Response:
     return web.Response(body=to_json(body, inf_nan_mode="null"), headers=headers)
 
 
-def _check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
+def _check_supported(
+    served: ServedModel, req: ChatCompletionRequest | CompletionRequest | ImageGenerationRequest
+) -> None:
     """400 `unsupported_value` for a parameter asking what a model served in process does not do (tools,
     JSON mode, log probabilities, penalties, ...; an upstream in proxy mode gets them as sent)."""
-    refused = req.unsupported()
+    refused = req.unsupported(served.settings.name)
     if refused is not None:
         raise InvalidRequest(refused[1], param=refused[0], code="unsupported_value")
 
@@ -710,7 +712,7 @@ async def _chat_completions(
     request: web.Request, served: ServedModel, req: ChatCompletionRequest
 ) -> web.StreamResponse:
     ms = served.settings
-    _check_supported(req)
+    _check_supported(served, req)
     _check_n(ms, req.n)
     max_tokens = _max_tokens(ms, max_completion_tokens=req.max_completion_tokens, max_tokens=req.max_tokens)
     messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
@@ -766,7 +768,7 @@ async def _completions(
     request: web.Request, served: ServedModel, req: CompletionRequest
 ) -> web.StreamResponse:
     ms = served.settings
-    _check_supported(req)
+    _check_supported(served, req)
     prompts = req.prompts()
     _check_n(ms, req.n, len(prompts))
     max_tokens = _max_tokens(ms, max_tokens=req.max_tokens)
@@ -798,6 +800,7 @@ async def _images_generations(
             param="response_format",
             code="unsupported_value",
         )
+    _check_supported(served, req)
     if len(req.prompt) > ms.max_prompt_chars:
         raise InvalidRequest(
             f"the prompt has {len(req.prompt)} characters, above this model's limit of {ms.max_prompt_chars}",

@@ -39,6 +39,10 @@ def _nullable_in_schema(schema: dict[str, Any]) -> None:
                 prop["default"] = default
 
 
+# (field, whether its value is one a model served in process honours, what those values are)
+Neutral = tuple[tuple[str, Callable[[Any], bool], str], ...]
+
+
 class _NullMeansDefault(BaseModel):
     """A request part: strict, unknown fields ignored, null for the default of `_NULL_MEANS_DEFAULT`."""
 
@@ -67,6 +71,22 @@ class _Request(_NullMeansDefault):
     def _integral(cls, v: object) -> object:
         """JSON Schema's integer includes 2.0; a string or 2.5 is still refused (strict)."""
         return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    # The fields that ask the model for something (see _ASKED_DOC), with their honoured values.
+    NEUTRAL: ClassVar[Neutral] = ()
+    ASKED: ClassVar[frozenset[str]] = frozenset()
+
+    def unsupported(self, model: str) -> tuple[str, str] | None:
+        """(param, message) for the first field whose value asks what `model`, served in process, does
+        not do, or None. Answered as OpenAI answers a parameter a model does not take: 400
+        `unsupported_value`, "Only the default ... is supported"."""
+        asked = self.model_fields_set.intersection(self.ASKED)
+        if not asked:  # the usual request: none of them sent
+            return None
+        for name, neutral, supported in self.NEUTRAL:
+            if name in asked and not neutral(value := getattr(self, name)):
+                return _unsupported(name, value, model, supported)
+        return None
 
 
 class TextPart(BaseModel):
@@ -118,54 +138,14 @@ StopString = Annotated[str, Field(max_length=512)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 
 
-# The OpenAPI description of the fields that ask the model for something.
-_ASKED = (
+# Fields that ask the model for something (tools, JSON mode, log probabilities, penalties, ...). An
+# upstream in proxy mode gets them as they were sent; a model served in process refuses a value that
+# asks for what it does not do (`_Request.unsupported`), rather than answer as if it had not been asked.
+# Their defaults (absent, null, 0, false, empty) are always fine. The OpenAPI document says so:
+_ASKED_DOC = (
     "Proxy mode: sent to the upstream as it is. A model served in process takes only the default "
     "(absent, null, 0, false or empty); another value is a 400 `unsupported_value`."
 )
-
-
-class _Sampling(_Request):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: Stop = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    user: str | None = Field(None, max_length=256)  # accepted, never used as a metric label
-    # Asked of the model. An upstream in proxy mode gets them as they were sent; a model served in
-    # process refuses a value that asks for what it does not do (`unsupported`), rather than answer
-    # without it. Their defaults (absent, null, 0, an empty list) are always fine.
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED)
-    logit_bias: dict[str, float] | None = Field(None, description=_ASKED)
-
-    def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        return tuple(s for s in stops if s)
-
-    _NEUTRAL: ClassVar[tuple[tuple[str, Callable[[Any], bool], str], ...]] = ()
-    _ASKED: ClassVar[frozenset[str]] = frozenset()
-
-    def unsupported(self) -> tuple[str, str] | None:
-        """(param, message) for the first parameter whose value asks what a model served in process does
-        not do, or None. OpenAI's own answer to a parameter a model does not take is the model:
-        400 `unsupported_value`, "Only the default ... is supported"."""
-        asked = self.model_fields_set.intersection(self._ASKED)
-        if not asked:  # the usual request: none of them sent
-            return None
-        for name, neutral, what in self._NEUTRAL:
-            if name in asked and not neutral(getattr(self, name)):
-                return name, (
-                    f"Unsupported value: '{name}' does not support {_shown(getattr(self, name))} with model "
-                    f"'{self.model}', which WattProxy serves itself. Only {what} is supported."
-                )
-        return None
 
 
 def _shown(value: object) -> str:
@@ -186,7 +166,38 @@ def _no_bias(v: dict[str, float] | None) -> bool:
     return not v or not any(v.values())
 
 
-_SAMPLING_NEUTRAL: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+def _unsupported(name: str, value: object, model: str, supported: str) -> tuple[str, str]:
+    """(param, message) as OpenAI words a value a model does not take (400 `unsupported_value`)."""
+    return name, (
+        f"Unsupported value: '{name}' does not support {_shown(value)} with model '{model}', which "
+        f"WattProxy serves itself. Only {supported} is supported."
+    )
+
+
+class _Sampling(_Request):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    user: str | None = Field(None, max_length=256)  # accepted, never used as a metric label
+    # asked of the model (see _ASKED_DOC)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED_DOC)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED_DOC)
+    logit_bias: dict[str, float] | None = Field(None, description=_ASKED_DOC)
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(s for s in stops if s)
+
+
+_SAMPLING_NEUTRAL: Neutral = (
     ("presence_penalty", _none_or_zero, "the default (0)"),
     ("frequency_penalty", _none_or_zero, "the default (0)"),
     ("logit_bias", _no_bias, "the default (no bias)"),
@@ -196,71 +207,68 @@ _SAMPLING_NEUTRAL: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    # Asked of the model (see _Sampling): tools, structured output, log probabilities, audio.
-    tools: list[dict[str, Any]] | None = Field(None, description=_ASKED)
-    tool_choice: str | dict[str, Any] | None = Field(None, description=_ASKED)
-    functions: list[dict[str, Any]] | None = Field(None, description=_ASKED)
-    function_call: str | dict[str, Any] | None = Field(None, description=_ASKED)
-    response_format: dict[str, Any] | None = Field(None, description=_ASKED)
-    logprobs: bool | None = Field(None, description=_ASKED)
-    top_logprobs: int | None = Field(None, ge=0, le=20, description=_ASKED)
-    modalities: list[str] | None = Field(None, description=_ASKED)
-    audio: dict[str, Any] | None = Field(None, description=_ASKED)
+    # asked of the model (see _ASKED_DOC): tools, structured output, log probabilities, audio
+    tools: list[dict[str, Any]] | None = Field(None, description=_ASKED_DOC)
+    tool_choice: str | dict[str, Any] | None = Field(None, description=_ASKED_DOC)
+    functions: list[dict[str, Any]] | None = Field(None, description=_ASKED_DOC)
+    function_call: str | dict[str, Any] | None = Field(None, description=_ASKED_DOC)
+    response_format: dict[str, Any] | None = Field(None, description=_ASKED_DOC)
+    logprobs: bool | None = Field(None, description=_ASKED_DOC)
+    top_logprobs: int | None = Field(None, ge=0, le=20, description=_ASKED_DOC)
+    modalities: list[str] | None = Field(None, description=_ASKED_DOC)
+    audio: dict[str, Any] | None = Field(None, description=_ASKED_DOC)
 
-    _NEUTRAL: ClassVar[tuple[tuple[str, Callable[[Any], bool], str], ...]] = (
+    NEUTRAL: ClassVar[Neutral] = (
         ("tools", _empty, "the default (no tools)"),
-        ("tool_choice", lambda v: v in (None, "none", "auto"), "the default ('none' without tools)"),
+        ("tool_choice", lambda v: v in (None, "none", "auto"), 'the default ("none" without tools)'),
         ("functions", _empty, "the default (no functions)"),
-        ("function_call", lambda v: v in (None, "none", "auto"), "the default ('none' without functions)"),
-        ("response_format", lambda v: v is None or v == {"type": "text"}, "the default ({'type': 'text'})"),
+        ("function_call", lambda v: v in (None, "none", "auto"), 'the default ("none" without functions)'),
+        ("response_format", lambda v: v is None or v == {"type": "text"}, 'the default ({"type": "text"})'),
         ("logprobs", _empty, "the default (false)"),
         ("top_logprobs", _none_or_zero, "the default (0)"),
-        ("modalities", lambda v: v is None or v == ["text"], "the default (['text'])"),
+        ("modalities", lambda v: v is None or v == ["text"], 'the default (["text"])'),
         ("audio", lambda v: v is None, "the default (no audio)"),
         *_SAMPLING_NEUTRAL,
     )
-    _ASKED: ClassVar[frozenset[str]] = frozenset(n for n, _, _ in _NEUTRAL)
+    ASKED: ClassVar[frozenset[str]] = frozenset(n for n, _, _ in NEUTRAL)
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """As `_Sampling.unsupported`, and content parts other than text: a model served in process takes
-        text."""
+    def unsupported(self, model: str) -> tuple[str, str] | None:
+        """As `_Request.unsupported`, and content parts other than text: a model served in process
+        takes text."""
         for i, m in enumerate(self.messages):
             if type(m.content) is list:
                 for j, part in enumerate(m.content):
                     if type(part) is OtherPart:
                         return f"messages.{i}.content.{j}.type", (
                             f"Unsupported value: content part type {_shown(part.type)} with model "
-                            f"'{self.model}', a text model that WattProxy serves itself. Only 'text' "
-                            "parts are supported."
+                            f"'{model}', a text model that WattProxy serves itself. Only 'text' parts "
+                            "are supported."
                         )
-        return super().unsupported()
+        return super().unsupported(model)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1)]
-    # Asked of the model (see _Sampling).
-    logprobs: int | None = Field(None, ge=0, description=_ASKED)
-    echo: bool | None = Field(None, description=_ASKED)
-    best_of: int | None = Field(None, ge=1, description=_ASKED)
-    suffix: str | None = Field(None, description=_ASKED)
+    # asked of the model (see _ASKED_DOC)
+    logprobs: int | None = Field(None, ge=0, description=_ASKED_DOC)
+    echo: bool | None = Field(None, description=_ASKED_DOC)
+    best_of: int | None = Field(None, ge=1, description=_ASKED_DOC)
+    suffix: str | None = Field(None, description=_ASKED_DOC)
 
-    _NEUTRAL: ClassVar[tuple[tuple[str, Callable[[Any], bool], str], ...]] = (
+    NEUTRAL: ClassVar[Neutral] = (
         ("logprobs", lambda v: v is None, "the default (null)"),
         ("echo", _empty, "the default (false)"),
         ("suffix", _empty, "the default (none)"),
         *_SAMPLING_NEUTRAL,
     )
-    _ASKED: ClassVar[frozenset[str]] = frozenset([*(n for n, _, _ in _NEUTRAL), "best_of"])
+    ASKED: ClassVar[frozenset[str]] = frozenset([*(n for n, _, _ in NEUTRAL), "best_of"])
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """As `_Sampling.unsupported`, and `best_of` other than 1 or `n` (choosing the best of more
-        candidates than are returned)."""
+    def unsupported(self, model: str) -> tuple[str, str] | None:
+        """As `_Request.unsupported`, and `best_of` other than 1 or `n` (the best of more candidates
+        than are returned)."""
         if self.best_of is not None and self.best_of not in (1, self.n):
-            return "best_of", (
-                f"Unsupported value: 'best_of' does not support {self.best_of} with model '{self.model}', "
-                f"which WattProxy serves itself. Only 1 or n ({self.n}) is supported."
-            )
-        return super().unsupported()
+            return _unsupported("best_of", self.best_of, model, f"1 or n ({self.n})")
+        return super().unsupported(model)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -273,9 +281,12 @@ class ImageGenerationRequest(_Request):
     size: str | None = Field(None, pattern=r"^(auto|[0-9]+x[0-9]+)$")
     # "url" is parsed so that it gets a clear 400; the document offers only what is served
     response_format: Literal["b64_json", "url"] = Field("b64_json", json_schema_extra={"enum": ["b64_json"]})
-    quality: str | None = None
-    style: str | None = None
     user: str | None = Field(None, max_length=256)
+    # asked of the model (see _ASKED_DOC): the served pipeline makes PNGs at the steps and guidance asked
+    quality: str | None = Field(None, description=_ASKED_DOC)
+    style: str | None = Field(None, description=_ASKED_DOC)
+    output_format: str | None = Field(None, description=_ASKED_DOC)
+    background: str | None = Field(None, description=_ASKED_DOC)
     # WattProxy extensions
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
@@ -291,6 +302,14 @@ class ImageGenerationRequest(_Request):
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             raise ValueError("size must look like 'WIDTHxHEIGHT', e.g. '512x512'")
         return size
+
+    NEUTRAL: ClassVar[Neutral] = (
+        ("quality", lambda v: v in (None, "auto", "standard"), 'the default ("auto"; use steps)'),
+        ("style", lambda v: v is None, "the default (none)"),
+        ("output_format", lambda v: v in (None, "png"), '"png"'),
+        ("background", lambda v: v in (None, "auto", "opaque"), 'the default ("auto")'),
+    )
+    ASKED: ClassVar[frozenset[str]] = frozenset(n for n, _, _ in NEUTRAL)
 
 
 # -- responses ----------------------------------------------------------------------------------

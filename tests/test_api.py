@@ -1032,22 +1032,30 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
     ("completion", {"best_of": 3}, "best_of"),
     ("completion", {"suffix": "end"}, "suffix"),
     ("completion", {"presence_penalty": 1.5}, "presence_penalty"),
+    ("image", {"quality": "hd"}, "quality"),
+    ("image", {"style": "natural"}, "style"),
+    ("image", {"output_format": "jpeg"}, "output_format"),
+    ("image", {"background": "transparent"}, "background"),
 ]
 
 
 def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server: LiveServer) -> None:
-    """Tools, JSON mode, log probabilities, penalties, logit bias, audio, image parts: a clear 400
+    """Tools, JSON mode, log probabilities, penalties, logit bias, audio, image parts, an image's quality,
+    style, format or background: a clear 400
     `unsupported_value` naming the parameter, never an answer made as if it had not been asked; their
     defaults, as clients send them, are answered; nothing refused is run or recorded."""
     c = client(server)
     chat = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     completion = {"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 2}
+    image = {"model": "tiny-sd", "prompt": "a fox", "size": "64x64", "extra_body": {"steps": 1}}
     for call, kwargs, param in _UNSUPPORTED:
         with pytest.raises(openai.BadRequestError) as refused:
             if call == "chat":
                 c.chat.completions.create(**{**chat, **kwargs})  # type: ignore[call-overload]
-            else:
+            elif call == "completion":
                 c.completions.create(**{**completion, **kwargs})  # type: ignore[call-overload]
+            else:
+                c.images.generate(**{**image, **kwargs})  # type: ignore[call-overload]
         body = refused.value.body
         assert isinstance(body, dict), body
         assert (body["param"], body["code"], body["type"]) == (
@@ -1055,7 +1063,7 @@ def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server:
             "unsupported_value",
             "invalid_request_error",
         )
-        assert str(body["message"]).startswith("Unsupported value: ") and "tiny-gpt2" in str(body["message"])
+        assert str(body["message"]).startswith("Unsupported value: ") and "tiny-" in str(body["message"])
     neutral_chat = c.chat.completions.create(
         model="tiny-gpt2",
         messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
@@ -1074,4 +1082,6 @@ def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server:
         **completion, echo=False, best_of=1, suffix=None, presence_penalty=0
     )
     assert neutral_completion.choices[0].text is not None
-    assert len(server.call(server.app[LEDGER].records())) == 2  # type: ignore[index]
+    neutral_image = c.images.generate(**image, quality="standard", output_format="png", background="auto")  # type: ignore[arg-type]
+    assert neutral_image.data and neutral_image.data[0].b64_json
+    assert len(server.call(server.app[LEDGER].records())) == 3  # type: ignore[index]

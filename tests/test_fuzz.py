@@ -22,7 +22,7 @@ from schemathesis.core.failures import Failure
 from proxy.app import create_app
 from proxy.config import ModelSettings, Settings, embedded_models
 from proxy.openapi import openapi_document
-from proxy.protocol import ChatCompletionRequest, CompletionRequest
+from proxy.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
 from tests.conftest import LiveServer, add_key, settings_for_tests
 
 EXAMPLES_PER_OPERATION = 100
@@ -79,10 +79,7 @@ LIMIT_REFUSALS = {
 }
 # What a model served in process refuses though the document (which proxy mode shares) takes it: a
 # parameter asking for what the model does not do, or a content part other than text.
-UNSUPPORTED_IN_PROCESS = {
-    *ChatCompletionRequest._ASKED,
-    *CompletionRequest._ASKED,
-}
+UNSUPPORTED_IN_PROCESS = ChatCompletionRequest.ASKED | CompletionRequest.ASKED | ImageGenerationRequest.ASKED
 CONTENT_PART_TYPE = re.compile(r"messages\.\d+\.content\.\d+\.type")
 
 
