@@ -5,6 +5,7 @@ Importing this package is cheap: torch and the model libraries load only when a 
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,18 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # One model loads in this process at a time (the model libraries' imports, and their lazy modules, are
 # not for two threads at once); a model process loads its model while the next one is set up.
 LOADING = threading.Lock()
+
+
+class _PilFallbackNotice(logging.Filter):
+    """Drops transformers' notice, on every start of an image model where torchvision is not installed
+    (it is not a dependency), that an image processor falls back to its PIL implementation: what the
+    processors did before transformers moved them to torchvision, with the same results."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_PilFallbackNotice())
 
 
 def torch_dtype(name: str) -> torch.dtype:
