@@ -247,8 +247,26 @@ class ChatCompletionRequest(_Sampling):
         return super().unsupported(model)
 
 
+def _integral_one(v: object) -> object:
+    return int(v) if type(v) is float and v.is_integer() else v
+
+
+def _integral_list(v: list[object]) -> list[object]:
+    return [_integral_one(x) for x in v]
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    # text, texts, or token ids (one prompt's or several's): an upstream in proxy mode takes ids, a model
+    # served in process text (`unsupported`)
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     # asked of the model (see _ASKED_DOC)
     logprobs: int | None = Field(None, ge=0, description=_ASKED_DOC)
     echo: bool | None = Field(None, description=_ASKED_DOC)
@@ -263,15 +281,37 @@ class CompletionRequest(_Sampling):
     )
     ASKED: ClassVar[frozenset[str]] = frozenset([*(n for n, _, _ in NEUTRAL), "best_of"])
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _integral_ids(cls, v: object) -> object:
+        """Token ids as JSON Schema's integers, which include 2.0 (as `_integral`)."""
+        if type(v) is not list or not v or type(v[0]) is str:
+            return v
+        return [_integral_list(p) if type(p) is list else _integral_one(p) for p in v]
+
     def unsupported(self, model: str) -> tuple[str, str] | None:
-        """As `_Request.unsupported`, and `best_of` other than 1 or `n` (the best of more candidates
-        than are returned)."""
+        """As `_Request.unsupported`, a prompt of token ids, and `best_of` other than 1 or `n` (the best of
+        more candidates than are returned)."""
+        if self.token_prompts():
+            return "prompt", (
+                f"Unsupported value: 'prompt' as token ids with model '{model}', which WattProxy serves "
+                "itself. Only text prompts are supported."
+            )
         if self.best_of is not None and self.best_of not in (1, self.n):
             return _unsupported("best_of", self.best_of, model, f"1 or n ({self.n})")
         return super().unsupported(model)
 
     def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        """The prompts given as text (none where they are token ids)."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        return self.prompt if type(self.prompt[0]) is str else []  # type: ignore[return-value]
+
+    def token_prompts(self) -> list[list[int]]:
+        """The prompts given as token ids (none where they are text)."""
+        if isinstance(self.prompt, str) or type(self.prompt[0]) is str:
+            return []
+        return self.prompt if type(self.prompt[0]) is list else [self.prompt]  # type: ignore[list-item,return-value]
 
 
 class ImageGenerationRequest(_Request):

@@ -502,7 +502,7 @@ class UpstreamServing:
     def _count_prompt(self, req: ChatCompletionRequest | CompletionRequest) -> int:
         if isinstance(req, ChatCompletionRequest):
             return sum(self.counter.count(m.text()) for m in req.messages)
-        return sum(self.counter.count(p) for p in req.prompts())
+        return sum(self.counter.count(p) for p in req.prompts()) + sum(map(len, req.token_prompts()))
 
     def _unfinished(self, activity: Activity, req: ForwardedRequest) -> tuple[BackendRequest, BackendResult]:
         """What a request that got no answer is recorded with: the work it asked for as far as it is

@@ -1032,6 +1032,7 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
     ("completion", {"best_of": 3}, "best_of"),
     ("completion", {"suffix": "end"}, "suffix"),
     ("completion", {"presence_penalty": 1.5}, "presence_penalty"),
+    ("completion", {"prompt": [15496, 995]}, "prompt"),
     ("image", {"quality": "hd"}, "quality"),
     ("image", {"style": "natural"}, "style"),
     ("image", {"output_format": "jpeg"}, "output_format"),

@@ -79,7 +79,9 @@ LIMIT_REFUSALS = {
 }
 # What a model served in process refuses though the document (which proxy mode shares) takes it: a
 # parameter asking for what the model does not do, or a content part other than text.
-UNSUPPORTED_IN_PROCESS = ChatCompletionRequest.ASKED | CompletionRequest.ASKED | ImageGenerationRequest.ASKED
+UNSUPPORTED_IN_PROCESS = (
+    ChatCompletionRequest.ASKED | CompletionRequest.ASKED | ImageGenerationRequest.ASKED | {"prompt"}
+)  # "prompt": as token ids
 CONTENT_PART_TYPE = re.compile(r"messages\.\d+\.content\.\d+\.type")
 
 

@@ -86,6 +86,7 @@ class Stub:
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.chat_bodies: list[dict[str, Any]] = []  # every chat request's body, as the stub got it
+        self.completion_bodies: list[dict[str, Any]] = []  # and every completion request's
 
     @property
     def url(self) -> str:
@@ -139,6 +140,17 @@ class Stub:
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         return web.json_response(
             {"id": "x", "object": "chat.completion", "model": model, "choices": [choice]}
+        )
+
+    async def _completion(self, request: web.Request) -> web.Response:
+        """A completion of 12 characters for each prompt, without usage."""
+        body = await request.json()
+        self.completion_bodies.append(body)
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        count = len(prompts) if prompts and isinstance(prompts[0], list) else 1
+        choices = [{"index": i, "text": "twelve chars", "finish_reason": "stop"} for i in range(count)]
+        return web.json_response(
+            {"id": "c", "object": "text_completion", "model": body["model"], "choices": choices}
         )
 
     async def _stream(self, request: web.Request, model: str) -> web.StreamResponse:
@@ -207,6 +219,7 @@ class Stub:
             app = web.Application()
             app.router.add_get("/v1/models", self._models)
             app.router.add_post(CHAT, self._chat)
+            app.router.add_post("/v1/completions", self._completion)
             self.runner = web.AppRunner(app, handler_cancellation=True)
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -714,6 +727,23 @@ def test_what_only_the_upstreams_model_does_is_sent_on_as_asked(
     assert sent["messages"] == messages and {k: sent[k] for k in asked} == asked
     assert answer.usage is not None and _energy(answer.usage)["usage_source"] == "estimate"
     assert answer.usage.prompt_tokens == -(-len("What is in this picture?") // 4)  # 4 characters a token
+
+
+def test_prompts_of_token_ids_are_sent_on_and_counted_exactly(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """A completion's prompt as token ids (one prompt's, or several's), which a model served in process
+    refuses, reaches the upstream as it was sent; its tokens are the ids, counted, not estimated."""
+    proxy = make_proxy(stub.url + "/v1")
+    c = client(proxy)
+    one = c.completions.create(model="ok-no-usage", prompt=[15496, 995, 0, 7], max_tokens=3)
+    assert stub.completion_bodies[-1]["prompt"] == [15496, 995, 0, 7]
+    assert one.usage is not None and one.usage.prompt_tokens == 4
+    assert one.usage.completion_tokens == 3  # "twelve chars": 12 characters, 4 a token
+    two = c.completions.create(model="ok-no-usage", prompt=[[1, 2], [3, 4, 5]], max_tokens=3)
+    assert stub.completion_bodies[-1]["prompt"] == [[1, 2], [3, 4, 5]]
+    assert two.usage is not None and two.usage.prompt_tokens == 5 and len(two.choices) == 2
+    assert _energy(two.usage)["usage_source"] == "estimate"  # the completions' tokens are estimated
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
