@@ -14,7 +14,7 @@ from proxy.errors import InvalidRequest, NotFound, PermissionDenied
 from proxy.ledger import ApiKeyRecord
 from proxy.protocol import KeyCreate
 from proxy.state import BUDGETS, KEYS, LEDGER, PRINCIPAL, SETTINGS
-from proxy.usage import as_csv, as_json, parse_time, report_row, total_row, usage_meta
+from proxy.usage import as_csv, as_json, check_range, parse_time, report_row, total_row, usage_meta
 
 GROUPS = ("model", "task", "day", "user")
 
@@ -41,11 +41,16 @@ def key_json(k: ApiKeyRecord) -> dict[str, Any]:
 async def usage(request: web.Request) -> web.Response:
     principal = _principal(request)
     q = request.query
+    start: datetime | None = None
+    end: datetime | None = None
+    param = "start"
     try:
-        start: datetime | None = parse_time(q.get("start"), "start")
-        end: datetime | None = parse_time(q.get("end"), "end")
+        start = parse_time(q.get("start"), "start")
+        param = "end"
+        end = parse_time(q.get("end"), "end")
+        check_range(start, end, ("start", "end"))
     except ValueError as e:
-        raise InvalidRequest(str(e), param="start" if "start" in str(e) else "end") from e
+        raise InvalidRequest(str(e), param=param, code="invalid_value") from e
     group_by = q.get("group_by") or None
     if group_by is not None and group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}", param="group_by")

@@ -336,9 +336,19 @@ async def keys_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def usage_command(settings: Settings, args: argparse.Namespace) -> int:
-    from proxy.usage import as_csv, as_json, as_table, parse_time, report_row, total_row, usage_meta
+    from proxy.usage import (
+        as_csv,
+        as_json,
+        as_table,
+        check_range,
+        parse_time,
+        report_row,
+        total_row,
+        usage_meta,
+    )
 
     start, end = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    check_range(start, end, ("--since", "--until"))
     ledger = Ledger(settings.db_url())
     if _no_ledger(ledger):
         return 1

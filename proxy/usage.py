@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -79,15 +80,32 @@ def total_row(rows: Sequence[UsageRow]) -> UsageRow:
     )
 
 
+_UNIX_SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]+)?")
+
+
 def parse_time(value: str | None, name: str) -> datetime | None:
-    """ISO 8601 date or datetime (UTC when no zone is given); ValueError naming the parameter."""
+    """ISO 8601 date or datetime (UTC when no zone is given), or Unix seconds (as OpenAI's own usage API
+    takes its times); ValueError naming the parameter."""
     if value is None or value == "":
         return None
     try:
+        if _UNIX_SECONDS.fullmatch(value):
+            return datetime.fromtimestamp(float(value), timezone.utc)
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as e:
-        raise ValueError(f"{name} must be an ISO 8601 date or time, e.g. 2026-11-01T12:00:00Z") from e
+    except (ValueError, OverflowError, OSError) as e:
+        raise ValueError(
+            f"{name} must be an ISO 8601 date or time, e.g. 2026-11-01T12:00:00Z, or Unix seconds"
+        ) from e
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def check_range(start: datetime | None, end: datetime | None, names: tuple[str, str]) -> None:
+    """ValueError when `end` is not after `start`: a report covers [start, end), which would be empty."""
+    if start is not None and end is not None and end <= start:
+        raise ValueError(
+            f"{names[1]} ({end.isoformat()}) must be after {names[0]} ({start.isoformat()}): a report covers "
+            f"[{names[0]}, {names[1]}) ({names[1]}=2026-11-02 takes in all of 2026-11-01, none of 2026-11-02)"
+        )
 
 
 def usage_meta(

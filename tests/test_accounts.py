@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime, timezone
 from pathlib import Path
 
 import openai
@@ -131,6 +132,22 @@ def test_usage_matches_responses_and_metrics_and_exports_csv(keyed) -> None:  # 
     csv_text = _get(server, "/v1/usage?format=csv&group_by=day", keys["bob"]).text
     assert csv_text.splitlines()[0].startswith("group,requests,kwh")
     assert len(csv_text.splitlines()) == 2
+    # times as Unix seconds (as OpenAI's usage API takes them) or ISO 8601; [start, end)
+    now_s = int(time.time()) + 1
+    iso = datetime.fromtimestamp(now_s, timezone.utc).isoformat()
+    by_seconds = _get(server, f"/v1/usage?start=0&end={now_s}", keys["bob"]).json()
+    assert by_seconds["total"] == report["total"] and by_seconds["end"] == iso
+    assert _get(server, f"/v1/usage?start={now_s}", keys["bob"]).json()["total"]["requests"] == 0
+    for query, param in [
+        ("start=yesterday", "start"),
+        ("end=1e9", "end"),
+        (f"start={now_s}&end={now_s}", "end"),
+    ]:
+        refused = _get(server, f"/v1/usage?{query}", keys["bob"])
+        assert refused.status_code == 400, query
+        assert (
+            refused.json()["error"]["param"] == param and refused.json()["error"]["code"] == "invalid_value"
+        )
 
 
 def test_budget_exceeded_gets_429_naming_the_budget_and_its_reset(keyed) -> None:  # type: ignore[no-untyped-def]
@@ -238,6 +255,14 @@ def test_cli_keys_and_usage(keyed, tmp_path: Path) -> None:  # type: ignore[no-u
     assert math.isclose(usage["total"]["joules"], energy["joules"], rel_tol=1e-9)
     table = _cli("usage", "--by", "user", env=env).stdout
     assert "dave" in table and "kWh" in table
+    since_epoch = json.loads(
+        _cli("usage", "--user", "dave", "--since", "0", "--format", "json", env=env).stdout
+    )
+    assert since_epoch["total"] == usage["total"]
+    backwards = _cli("usage", "--since", "2026-11-28", "--until", "2026-11-27", env=env)
+    assert (
+        backwards.returncode == 2 and "--until (2026-11-27T00:00:00+00:00) must be after" in backwards.stderr
+    )
     assert _cli("keys", "revoke", dave["id"], env=env).returncode == 0
     time.sleep(1.1)  # another process revoked it: the server's key cache trusts a verdict for 1 s
     with pytest.raises(openai.AuthenticationError):
