@@ -33,6 +33,9 @@ else:  # pragma: no cover
 ENV_PREFIX = "WATTPROXY_"
 log = logging.getLogger(__name__)
 SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+# The request body limit in proxy mode where none is set: a vision model's chat carries its images in
+# base64 (OpenAI takes images up to 20 MB); in process, 1 MiB holds any prompt a model there takes.
+PROXY_MAX_BODY_BYTES = 20 << 20
 
 
 class ConfigError(ValueError):
@@ -199,7 +202,7 @@ class Settings(_Strict):
     phone_charge_kwh: float = Field(0.012, gt=0)
     # When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (WATTPROXY_METRICS_TOKEN).
     metrics_token: str | None = Field(None, min_length=16)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # in proxy mode PROXY_MAX_BODY_BYTES unless set
     max_header_bytes: int = Field(8190, ge=1024, le=1 << 20)  # one request line or header field
     # A client must send its body, and read each streamed event, within this time (slow clients).
     client_timeout_s: float = Field(60.0, gt=0)
@@ -239,9 +242,12 @@ class Settings(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_embedded_models_in_proxy_mode(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("upstream") is not None and "models" not in data:
-            return {**data, "models": []}
+    def _proxy_mode_defaults(cls, data: Any) -> Any:
+        """Proxy mode: no embedded models, and room in a body for the images a vision model's chats
+        carry (base64 in `image_url` parts), unless set."""
+        if isinstance(data, dict) and data.get("upstream") is not None:
+            defaults = {"models": [], "max_body_bytes": PROXY_MAX_BODY_BYTES}
+            return {**{k: v for k, v in defaults.items() if k not in data}, **data}
         return data
 
     @model_validator(mode="after")

@@ -216,7 +216,7 @@ class Stub:
         self.thread.start()
 
         async def up() -> None:
-            app = web.Application()
+            app = web.Application(client_max_size=64 << 20)  # as vLLM: no 1 MiB limit
             app.router.add_get("/v1/models", self._models)
             app.router.add_post(CHAT, self._chat)
             app.router.add_post("/v1/completions", self._completion)
@@ -698,8 +698,10 @@ def test_what_only_the_upstreams_model_does_is_sent_on_as_asked(
     stub: Stub, make_proxy: Callable[..., ProxyServer]
 ) -> None:
     """Tools, JSON mode, log probabilities, penalties and image parts, which a model served in process
-    refuses, reach the upstream as the client sent them; the prompt estimate counts the text parts."""
+    refuses, reach the upstream as the client sent them, an image of 2 MiB in base64 included (proxy
+    mode's body limit is 20 MiB, not 1); the prompt estimate counts the text parts."""
     proxy = make_proxy(stub.url + "/v1")
+    picture = "data:image/png;base64," + "iVBORw0K" * (1 << 18)  # 2 MiB of base64
     asked: dict[str, Any] = {
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         "tool_choice": "auto",
@@ -716,7 +718,7 @@ def test_what_only_the_upstreams_model_does_is_sent_on_as_asked(
                 {"type": "text", "text": "What is in this picture?"},
                 {
                     "type": "image_url",
-                    "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"},
+                    "image_url": {"url": picture, "detail": "low"},
                 },
             ],
         }
