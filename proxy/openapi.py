@@ -22,7 +22,12 @@ ERROR_STATUSES = {
 }
 BEARER = [{"bearer": []}]
 TIME = {
-    "anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}, {"const": ""}]
+    "anyOf": [
+        {"type": "string", "format": "date-time"},
+        {"type": "string", "format": "date"},
+        {"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]+)?$", "description": "Unix seconds"},
+        {"const": ""},
+    ]
 }
 
 
@@ -95,8 +100,9 @@ def _public(summary: str, extra: dict[str, Any] | None = None) -> dict[str, Any]
     }
 
 
-def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema}
+def _query(name: str, schema: dict[str, Any], description: str | None = None) -> dict[str, Any]:
+    query = {"name": name, "in": "query", "required": False, "schema": schema}
+    return query if description is None else {**query, "description": description}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -162,8 +168,10 @@ def openapi_document() -> dict[str, Any]:
                 "security": BEARER,
                 "parameters": [
                     _query("user", {"type": "string"}),
-                    _query("start", TIME),
-                    _query("end", TIME),
+                    _query(
+                        "start", TIME, "The report covers [start, end): from start on (UTC where no zone)."
+                    ),
+                    _query("end", TIME, "Up to, not including, end; it must be after start (else 400)."),
                     _query("group_by", {"type": "string", "enum": ["", "model", "task", "day", "user"]}),
                     _query("format", {"type": "string", "enum": ["json", "csv"]}),
                 ],
