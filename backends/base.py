@@ -48,6 +48,12 @@ class TextRequest:
     # draws from one stream seeded with `seed + choice` of its first member, so that choices of one
     # request that land in different batches do not repeat each other.
     choice: int = 0
+    # OpenAI's presence and frequency penalties and its logit bias ((token id, bias) pairs), applied to
+    # this row's logits before each token is chosen, greedy included (a backend that honours them says
+    # so in its `honours`; the server refuses them for one that does not).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,11 @@ def _sendable(e: BaseException) -> BaseException:
     return e
 
 
+# What the server asks of a model before its batch runs, which the front (the tokenizer and config, in
+# this process) answers for the model process.
+_FRONTS = frozenset({"prompt_ids", "count_prompt_tokens", "max_context_tokens", "honours", "vocab_size"})
+
+
 class ProcessBackend:
     """`front`'s model, run in a child process (see the module docstring). `front` is the same
     backend class, constructed for the same model and loaded without its weights (its `run` is
@@ -204,8 +209,8 @@ class ProcessBackend:
     def batch_key(self, request: BackendRequest) -> Hashable:
         return self.front.batch_key(request)
 
-    def __getattr__(self, name: str) -> Any:  # prompt_ids, count_prompt_tokens, max_context_tokens
-        if name in ("prompt_ids", "count_prompt_tokens", "max_context_tokens") and self.front is not None:
+    def __getattr__(self, name: str) -> Any:  # prompt_ids, count_prompt_tokens, max_context_tokens, ...
+        if name in _FRONTS and self.front is not None:
             return getattr(self.front, name)
         raise AttributeError(name)
 

@@ -23,6 +23,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -226,6 +228,42 @@ class _RowsFinished(StoppingCriteria):
         return self._stream.observe(input_ids)
 
 
+class _RowPenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties and logit bias, each row its own: from a row's logits,
+    subtract presence x (the token was generated yet) + frequency x (times it was generated), and add
+    its bias. Counted over the generated tokens only (the columns past the left-padded prompts), as
+    vLLM does; applied before sampling or the greedy choice."""
+
+    def __init__(self, requests: Sequence[TextRequest], prompt_width: int) -> None:
+        self._width = prompt_width
+        self._presence = torch.tensor([[r.presence_penalty] for r in requests], dtype=torch.float32)
+        self._frequency = torch.tensor([[r.frequency_penalty] for r in requests], dtype=torch.float32)
+        self._penalised = any(r.presence_penalty or r.frequency_penalty for r in requests)
+        self._bias_rows = [(i, r.logit_bias) for i, r in enumerate(requests) if r.logit_bias]
+        self._bias: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._bias is None and self._bias_rows:
+            self._bias = torch.zeros_like(scores)
+            for i, pairs in self._bias_rows:
+                ids = torch.tensor([t for t, _ in pairs], dtype=torch.long, device=scores.device)
+                values = torch.tensor([b for _, b in pairs], dtype=scores.dtype, device=scores.device)
+                self._bias[i].index_put_((ids,), values)
+        generated = input_ids[:, self._width :]
+        if self._penalised and generated.shape[1]:
+            counts = torch.zeros_like(scores).scatter_add_(
+                1, generated, torch.ones_like(generated, dtype=scores.dtype)
+            )
+            presence = self._presence.to(scores.device, scores.dtype)
+            frequency = self._frequency.to(scores.device, scores.dtype)
+            scores = scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+        return scores + self._bias if self._bias is not None else scores
+
+
+def _asks_penalties(requests: Sequence[TextRequest]) -> bool:
+    return any(r.presence_penalty or r.frequency_penalty or r.logit_bias for r in requests)
+
+
 _Encode = Callable[[str, bool], list[int]]  # (text, add special tokens) -> ids
 
 
@@ -274,6 +312,8 @@ class TransformersTextBackend:
     """
 
     task: Task = "text"
+    # the request fields that ask the model for something (`proxy.protocol._ASKED_DOC`) it does
+    honours: frozenset[str] = frozenset({"presence_penalty", "frequency_penalty", "logit_bias"})
 
     def __init__(
         self,
@@ -354,6 +394,12 @@ class TransformersTextBackend:
             self._max_context_tokens = positions
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids the tokenizer knows: 0 to vocab_size - 1 (what a logit bias may name)."""
+        self._counting()
+        return len(self._counting_tokenizer)
+
+    @property
     def max_context_tokens(self) -> int | None:
         """Prompt + completion tokens the model can attend to; None where the config does not say."""
         self._counting()
@@ -420,6 +466,9 @@ class TransformersTextBackend:
                     input_ids=input_ids.to(model.device),
                     attention_mask=attention_mask.to(model.device),
                     generation_config=config,
+                    logits_processor=LogitsProcessorList(
+                        [_RowPenalties(requests, width)] if _asks_penalties(requests) else []
+                    ),
                     stopping_criteria=StoppingCriteriaList([_RowsFinished(stream)]),
                     streamer=stream,
                 )

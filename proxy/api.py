@@ -430,9 +430,30 @@ def _check_supported(
 ) -> None:
     """400 `unsupported_value` for a parameter asking what a model served in process does not do (tools,
     JSON mode, log probabilities, penalties, ...; an upstream in proxy mode gets them as sent)."""
-    refused = req.unsupported(served.settings.name)
+    refused = req.unsupported(served.settings.name, served.honours())
     if refused is not None:
         raise InvalidRequest(refused[1], param=refused[0], code="unsupported_value")
+
+
+def _sampling(served: ServedModel, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """A text request's penalties and logit bias as TextRequest takes them (what `_check_supported`
+    let through); 400 for a logit bias naming no token of the model."""
+    if req.presence_penalty is None and req.frequency_penalty is None and req.logit_bias is None:
+        return {}  # the usual request
+    bias = req.logit_bias_pairs()
+    vocab = served.vocab_size()
+    if bias and vocab is not None and bias[-1][0] >= vocab:
+        raise InvalidRequest(
+            f"logit_bias names token {bias[-1][0]}; model '{served.settings.name}' has tokens 0 to "
+            f"{vocab - 1}",
+            param="logit_bias",
+            code="invalid_token_id",
+        )
+    return {
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "logit_bias": bias,
+    }
 
 
 def _max_tokens(ms: ModelSettings, **candidates: int | None) -> int:
@@ -723,6 +744,7 @@ async def _chat_completions(
         top_p=req.top_p,
         stop=req.stop_list(),
         seed=req.seed,
+        **_sampling(served, req),
     )
     base = await _check_prompt(served, base, "messages")
     _admit(request)
@@ -773,6 +795,7 @@ async def _completions(
     _check_n(ms, req.n, len(prompts))
     max_tokens = _max_tokens(ms, max_tokens=req.max_tokens)
     bases = []
+    sampling = _sampling(served, req)
     for p in prompts:
         base = TextRequest(
             prompt=p,
@@ -781,6 +804,7 @@ async def _completions(
             top_p=req.top_p,
             stop=req.stop_list(),
             seed=req.seed,
+            **sampling,
         )
         base = await _check_prompt(served, base, "prompt")
         bases.extend(_choices(base, req.n))

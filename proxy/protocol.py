@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 # Fields with a default that OpenAI's API also takes as null (what its clients send for a parameter
 # passed as None): null means the default.
@@ -76,15 +84,15 @@ class _Request(_NullMeansDefault):
     NEUTRAL: ClassVar[Neutral] = ()
     ASKED: ClassVar[frozenset[str]] = frozenset()
 
-    def unsupported(self, model: str) -> tuple[str, str] | None:
+    def unsupported(self, model: str, honoured: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """(param, message) for the first field whose value asks what `model`, served in process, does
-        not do, or None. Answered as OpenAI answers a parameter a model does not take: 400
-        `unsupported_value`, "Only the default ... is supported"."""
+        not do (it does the fields in `honoured`), or None. Answered as OpenAI answers a parameter a
+        model does not take: 400 `unsupported_value`, "Only the default ... is supported"."""
         asked = self.model_fields_set.intersection(self.ASKED)
         if not asked:  # the usual request: none of them sent
             return None
         for name, neutral, supported in self.NEUTRAL:
-            if name in asked and not neutral(value := getattr(self, name)):
+            if name in asked and name not in honoured and not neutral(value := getattr(self, name)):
                 return _unsupported(name, value, model, supported)
         return None
 
@@ -140,11 +148,13 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 
 # Fields that ask the model for something (tools, JSON mode, log probabilities, penalties, ...). An
 # upstream in proxy mode gets them as they were sent; a model served in process refuses a value that
-# asks for what it does not do (`_Request.unsupported`), rather than answer as if it had not been asked.
+# asks for what its backend does not do (`_Request.unsupported`, the backend's `honours`), rather than
+# answer as if it had not been asked.
 # Their defaults (absent, null, 0, false, empty) are always fine. The OpenAPI document says so:
 _ASKED_DOC = (
-    "Proxy mode: sent to the upstream as it is. A model served in process takes only the default "
-    "(absent, null, 0, false or empty); another value is a 400 `unsupported_value`."
+    "Proxy mode: sent to the upstream as it is. A model served in process takes the default (absent, "
+    "null, 0, false or empty), and another value where it honours it (a transformers text model: the "
+    "penalties and logit_bias); else a 400 `unsupported_value`."
 )
 
 
@@ -174,6 +184,22 @@ def _unsupported(name: str, value: object, model: str, supported: str) -> tuple[
     )
 
 
+# OpenAI's logit bias: token ids (as JSON keys) to a bias from -100 to 100
+LogitBias = Annotated[
+    dict[
+        Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")],
+        Annotated[float, Field(ge=-100.0, le=100.0)],
+    ],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        }
+    ),
+]
+
+
 class _Sampling(_Request):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -188,7 +214,11 @@ class _Sampling(_Request):
     # asked of the model (see _ASKED_DOC)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED_DOC)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED_DOC)
-    logit_bias: dict[str, float] | None = Field(None, description=_ASKED_DOC)
+    logit_bias: LogitBias | None = Field(None, description=_ASKED_DOC)
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs in token order, zero biases left out."""
+        return tuple(sorted((int(key), float(bias)) for key, bias in (self.logit_bias or {}).items() if bias))
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -232,7 +262,7 @@ class ChatCompletionRequest(_Sampling):
     )
     ASKED: ClassVar[frozenset[str]] = frozenset(n for n, _, _ in NEUTRAL)
 
-    def unsupported(self, model: str) -> tuple[str, str] | None:
+    def unsupported(self, model: str, honoured: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """As `_Request.unsupported`, and content parts other than text: a model served in process
         takes text."""
         for i, m in enumerate(self.messages):
@@ -244,7 +274,7 @@ class ChatCompletionRequest(_Sampling):
                             f"'{model}', a text model that WattProxy serves itself. Only 'text' parts "
                             "are supported."
                         )
-        return super().unsupported(model)
+        return super().unsupported(model, honoured)
 
 
 def _integral_one(v: object) -> object:
@@ -289,7 +319,7 @@ class CompletionRequest(_Sampling):
             return v
         return [_integral_list(p) if type(p) is list else _integral_one(p) for p in v]
 
-    def unsupported(self, model: str) -> tuple[str, str] | None:
+    def unsupported(self, model: str, honoured: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """As `_Request.unsupported`, a prompt of token ids, and `best_of` other than 1 or `n` (the best of
         more candidates than are returned)."""
         if self.token_prompts():
@@ -299,7 +329,7 @@ class CompletionRequest(_Sampling):
             )
         if self.best_of is not None and self.best_of not in (1, self.n):
             return _unsupported("best_of", self.best_of, model, f"1 or n ({self.n})")
-        return super().unsupported(model)
+        return super().unsupported(model, honoured)
 
     def prompts(self) -> list[str]:
         """The prompts given as text (none where they are token ids)."""

@@ -45,6 +45,14 @@ class ServedModel:
         value = getattr(self.backend, "max_context_tokens", None)
         return int(value) if value else None
 
+    def honours(self) -> frozenset[str]:
+        """The request fields that ask the model for something (`protocol._ASKED_DOC`) its backend does."""
+        return getattr(self.backend, "honours", frozenset())  # type: ignore[no-any-return]
+
+    def vocab_size(self) -> int | None:
+        value = getattr(self.backend, "vocab_size", None)
+        return int(value) if value else None
+
 
 @dataclass(eq=False)
 class Service:

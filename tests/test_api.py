@@ -1008,9 +1008,6 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
     ("chat", {"tool_choice": "required"}, "tool_choice"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
-    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("chat", {"frequency_penalty": -1}, "frequency_penalty"),
-    ("chat", {"logit_bias": {"50256": -100}}, "logit_bias"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities"),
     (
         "chat",
@@ -1031,7 +1028,6 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
     ("completion", {"logprobs": 2}, "logprobs"),
     ("completion", {"best_of": 3}, "best_of"),
     ("completion", {"suffix": "end"}, "suffix"),
-    ("completion", {"presence_penalty": 1.5}, "presence_penalty"),
     ("completion", {"prompt": [15496, 995]}, "prompt"),
     ("image", {"quality": "hd"}, "quality"),
     ("image", {"style": "natural"}, "style"),
@@ -1041,8 +1037,8 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
 
 
 def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server: LiveServer) -> None:
-    """Tools, JSON mode, log probabilities, penalties, logit bias, audio, image parts, an image's quality,
-    style, format or background: a clear 400
+    """Tools, JSON mode, log probabilities, audio, image parts, an image's quality, style, format or
+    background: a clear 400
     `unsupported_value` naming the parameter, never an answer made as if it had not been asked; their
     defaults, as clients send them, are answered; nothing refused is run or recorded."""
     c = client(server)
@@ -1086,3 +1082,29 @@ def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server:
     neutral_image = c.images.generate(**image, quality="standard", output_format="png", background="auto")  # type: ignore[arg-type]
     assert neutral_image.data and neutral_image.data[0].b64_json
     assert len(server.call(server.app[LEDGER].records())) == 3  # type: ignore[index]
+
+
+def test_penalties_and_logit_bias_shape_each_choice_of_a_batch(either_server: LiveServer) -> None:
+    """OpenAI's presence and frequency penalties and logit bias, on a transformers model (in this process
+    or one of its own): each member of a batch gets its own (the same answer alone as batched with
+    others), greedy included; a token past the vocabulary is a 400 naming logit_bias."""
+    server = either_server
+    c = client(server)
+    ask = {"model": "tiny-gpt2", "prompt": "hello there", "max_tokens": 8, "temperature": 0}
+    token = server.app[SERVICE].models["tiny-gpt2"].backend.prompt_ids(TextRequest(prompt=" cat"))[-1]  # type: ignore[index,union-attr]
+    plain = c.completions.create(**ask).choices[0].text  # type: ignore[call-overload]
+    biased = c.completions.create(**ask, logit_bias={str(token): 100}).choices[0].text  # type: ignore[call-overload]
+    assert biased == " cat" * 8  # +100 on one token: greedy picks it every time
+    penalised = c.completions.create(**ask, frequency_penalty=2.0).choices[0].text  # type: ignore[call-overload]
+    assert penalised != plain
+    with ThreadPoolExecutor(3) as pool:  # together, in one batch or not: each its own answer
+        together = list(
+            pool.map(
+                lambda extra: c.completions.create(**ask, **extra).choices[0].text,  # type: ignore[call-overload]
+                [{}, {"logit_bias": {str(token): 100}}, {"frequency_penalty": 2.0}],
+            )
+        )
+    assert together == [plain, biased, penalised]
+    with pytest.raises(openai.BadRequestError) as refused:
+        c.completions.create(**ask, logit_bias={"999999": 5})  # type: ignore[call-overload]
+    assert refused.value.body["param"] == "logit_bias" and refused.value.body["code"] == "invalid_token_id"  # type: ignore[index]

@@ -18,7 +18,13 @@ from PIL import Image
 from backends import load_backend, tiny
 from backends.base import Backend, ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
 from backends.image_diffusers import DiffusersImageBackend, image_work_units
-from backends.text_transformers import FALLBACK_CHAT_TEMPLATE, TransformersTextBackend, _fast_encode, _Row
+from backends.text_transformers import (
+    FALLBACK_CHAT_TEMPLATE,
+    TransformersTextBackend,
+    _fast_encode,
+    _Row,
+    _RowPenalties,
+)
 
 BACKENDS_DIR = Path(__file__).resolve().parent.parent / "backends"
 
@@ -451,3 +457,25 @@ def test_backends_never_import_the_proxy() -> None:
     for source in BACKENDS_DIR.glob("*.py"):
         lines = source.read_text().splitlines()
         assert not [line for line in lines if line.startswith(("import proxy", "from proxy"))], source
+
+
+def test_row_penalties_are_openais_arithmetic_row_by_row() -> None:
+    """logits - frequency x count - presence x (count > 0) + bias, over the generated columns only."""
+    rows = [
+        TextRequest(prompt="a", presence_penalty=0.5, frequency_penalty=0.25),
+        TextRequest(prompt="b", logit_bias=((1, 100.0), (4, -3.0))),
+        TextRequest(prompt="c"),
+    ]
+    # prompts padded to 2 columns (token 3 there is not counted), then 3 generated tokens each
+    input_ids = torch.tensor([[3, 3, 2, 2, 0], [3, 0, 1, 1, 1], [3, 3, 2, 4, 4]])
+    scores = torch.arange(15, dtype=torch.float32).reshape(3, 5)
+    out = _RowPenalties(rows, prompt_width=2)(input_ids, scores.clone())
+    expected = scores.clone()
+    expected[0, 2] -= 0.25 * 2 + 0.5  # generated twice
+    expected[0, 0] -= 0.25 * 1 + 0.5  # once; token 3 only in the prompt: untouched
+    expected[1, 1] += 100.0  # row 1: its bias only (no penalties asked)
+    expected[1, 4] -= 3.0
+    assert torch.equal(out, expected)
+    # before any token is generated: the bias alone
+    first = _RowPenalties(rows, prompt_width=2)(input_ids[:, :2], scores.clone())
+    assert torch.equal(first - scores, torch.tensor([[0, 0, 0, 0, 0], [0, 100, 0, 0, -3], [0, 0, 0, 0, 0]]))
