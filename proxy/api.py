@@ -441,8 +441,8 @@ def _sampling(served: ServedModel, req: ChatCompletionRequest | CompletionReques
     if req.presence_penalty is None and req.frequency_penalty is None and req.logit_bias is None:
         return {}  # the usual request
     bias = req.logit_bias_pairs()
-    vocab = served.vocab_size()
-    if bias and vocab is not None and bias[-1][0] >= vocab:
+    vocab = served.vocab_size() if bias else None
+    if vocab is not None and bias[-1][0] >= vocab:
         raise InvalidRequest(
             f"logit_bias names token {bias[-1][0]}; model '{served.settings.name}' has tokens 0 to "
             f"{vocab - 1}",

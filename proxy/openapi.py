@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from proxy import protocol as p
+from proxy.usage import UNIX_SECONDS
 
 ERROR_STATUSES = {
     "400": "Invalid request (the `param` names the field)",
@@ -25,7 +26,7 @@ TIME = {
     "anyOf": [
         {"type": "string", "format": "date-time"},
         {"type": "string", "format": "date"},
-        {"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]+)?$", "description": "Unix seconds"},
+        {"type": "string", "pattern": f"^{UNIX_SECONDS}$", "description": "Unix seconds"},
         {"const": ""},
     ]
 }

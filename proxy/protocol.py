@@ -51,6 +51,11 @@ def _nullable_in_schema(schema: dict[str, Any]) -> None:
 Neutral = tuple[tuple[str, Callable[[Any], bool], str], ...]
 
 
+def _integral(v: object) -> object:
+    """2.0 as 2 (an integer as JSON Schema has it); anything else as it is."""
+    return int(v) if type(v) is float and v.is_integer() else v
+
+
 class _NullMeansDefault(BaseModel):
     """A request part: strict, unknown fields ignored, null for the default of `_NULL_MEANS_DEFAULT`."""
 
@@ -78,7 +83,7 @@ class _Request(_NullMeansDefault):
     @classmethod
     def _integral(cls, v: object) -> object:
         """JSON Schema's integer includes 2.0; a string or 2.5 is still refused (strict)."""
-        return int(v) if isinstance(v, float) and v.is_integer() else v
+        return _integral(v)
 
     # The fields that ask the model for something (see _ASKED_DOC), with their honoured values.
     NEUTRAL: ClassVar[Neutral] = ()
@@ -277,14 +282,6 @@ class ChatCompletionRequest(_Sampling):
         return super().unsupported(model, honoured)
 
 
-def _integral_one(v: object) -> object:
-    return int(v) if type(v) is float and v.is_integer() else v
-
-
-def _integral_list(v: list[object]) -> list[object]:
-    return [_integral_one(x) for x in v]
-
-
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
@@ -317,7 +314,7 @@ class CompletionRequest(_Sampling):
         """Token ids as JSON Schema's integers, which include 2.0 (as `_integral`)."""
         if type(v) is not list or not v or type(v[0]) is str:
             return v
-        return [_integral_list(p) if type(p) is list else _integral_one(p) for p in v]
+        return [[_integral(x) for x in p] if type(p) is list else _integral(p) for p in v]
 
     def unsupported(self, model: str, honoured: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """As `_Request.unsupported`, a prompt of token ids, and `best_of` other than 1 or `n` (the best of

@@ -80,7 +80,9 @@ def total_row(rows: Sequence[UsageRow]) -> UsageRow:
     )
 
 
-_UNIX_SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]+)?")
+# Unix seconds, as a time may be given (the OpenAPI document's pattern too)
+UNIX_SECONDS = r"[0-9]{1,12}(\.[0-9]+)?"
+_UNIX_SECONDS = re.compile(UNIX_SECONDS)
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:
