@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import email.utils
 import json
+import math
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +35,7 @@ from yarl import URL
 
 JSON = "application/json"
 MAX_EVENT_BYTES = 1 << 20  # one SSE line (SseParser refuses longer ones)
+MAX_RETRY_AFTER_S = 86_400.0  # an upstream's Retry-After passed on is at most a day
 
 
 class UpstreamError(Exception):
@@ -107,21 +109,26 @@ def _translated(base_url: str) -> Iterator[None]:
 
 
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds: its delay, or the time until its HTTP date (RFC 9110)."""
+    """Retry-After in seconds: its delay, or the time until its HTTP date (RFC 9110), at most a day;
+    None where it is neither (or not a finite, non-negative delay: `inf` and `nan` parse as floats)."""
     value = headers.get("Retry-After")
     if value is None:
         return None
     try:
-        return float(value)
+        delay_s = float(value)
     except ValueError:
         pass
+    else:
+        return min(delay_s, MAX_RETRY_AFTER_S) if math.isfinite(delay_s) and delay_s >= 0 else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
+    return min(
+        max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0), MAX_RETRY_AFTER_S
+    )
 
 
 class SseParser:

@@ -23,7 +23,10 @@ conservation identity holds per device: sum(requests) + idle == meter delta.
   (a moving average of the tokens per second per request seen in earlier answers: a continuous-
   batching server advances every running sequence at about the same pace); the last piece takes the
   rest of its real work. Requests that overlap it therefore need not wait for it to end.
-- Images: one piece, weighing steps x pixels x images (x2 with guidance > 1), like in-process images.
+- Images: weighing steps x pixels x images (x2 with guidance > 1), like in-process images; cut into
+  pieces like a plain text request, at an estimated rate of image work units a second.
+- Every request in flight, streams waiting for their next token included, is cut by one ticker
+  (`_tick_all`), so that no request's energy waits on another's for more than about one piece.
 
 Usage source. The token counts (image figures) in the answer and the ledger are the upstream's own
 usage where it reports it (a stream is asked for it with `stream_options.include_usage`), else
@@ -39,8 +42,9 @@ place (`_api_error`): unreachable -> 502 `upstream_unreachable`, a broken or mal
 answer passes through with its status, in the OpenAI envelope (built from vLLM's flat or TGI's shape
 when it is not one already), except 401/403, which mean the upstream refused WattProxy's own
 credentials: those are a 502 `upstream_auth_failed`, not the client's fault. An answered error charges
-no one (its energy is idle); a request the upstream may have worked on (read timeout, broken answer,
-client gone) is charged and recorded with status `error` or `cancelled`. Generation requests are never
+no one (its energy is idle) unless pieces of it were cut before it came (then what they were given is
+final: it is charged); a request the upstream may have worked on (read timeout, broken answer, client
+gone) is charged and recorded with status `error` or `cancelled`. Generation requests are never
 retried.
 
 Cancellation. A client that disconnects cancels its handler (`handler_cancellation`); the upstream
@@ -103,6 +107,9 @@ CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text, where no tokeniz
 DEFAULT_IMAGE_SIZE = (1024, 1024)
 DEFAULT_IMAGE_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 7.5
+# Until image answers teach better, the work units a second an image request is estimated to get:
+# a 512x512 image with guidance (x2) at 20 denoising steps a second, about SD-1.5's on a current GPU.
+IMAGE_UNITS_PER_S = 512 * 512 * 2 * 20.0
 SETTLE_TIMEOUT_S = 30.0  # at shutdown: how long to wait for the records of requests whose clients left
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ERROR_TYPES = {
@@ -135,29 +142,15 @@ class UpstreamAnswered(ApiError):
 
 
 def _envelope(status: int, body: bytes) -> dict[str, Any]:
-    """The OpenAI envelope of an upstream's error body: kept as it is when it is one; built from
-    vLLM's flat `{"object": "error", "message", ...}`, TGI's `{"error": "...", "error_type"}`,
-    FastAPI's `{"detail": ...}` or plain text otherwise."""
+    """The OpenAI envelope of an upstream's error body (`_envelope_of` its JSON object), or of a
+    plain-text one."""
     default_type = _ERROR_TYPES.get(status, "upstream_error" if status >= 500 else "invalid_request_error")
     try:
         obj = json.loads(body)
     except ValueError:
         obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("error"), dict) and "message" in obj["error"]:
-        return obj
     if isinstance(obj, dict):
-        message = (
-            obj.get("message") or obj.get("error") or obj.get("detail") or f"the upstream answered {status}"
-        )
-        kind = obj.get("type") or obj.get("error_type")
-        return {
-            "error": {
-                "message": message if isinstance(message, str) else json.dumps(message),
-                "type": kind if isinstance(kind, str) else default_type,
-                "param": obj.get("param") if isinstance(obj.get("param"), str) else None,
-                "code": obj.get("code") if isinstance(obj.get("code"), str | int) else None,
-            }
-        }
+        return _envelope_of(status, obj)
     # Not JSON: an error page. Its text goes no further than a short 4xx message; a 5xx page (which
     # can be a stack trace) is not passed on.
     text = body.decode("utf-8", errors="replace").strip()[:300] if status < 500 else ""
@@ -167,6 +160,33 @@ def _envelope(status: int, body: bytes) -> dict[str, Any]:
             "type": default_type,
             "param": None,
             "code": None,
+        }
+    }
+
+
+def _envelope_of(status: int, obj: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI envelope `{"error": {"message", "type", "param", "code"}}` of an upstream's error
+    object, every field there and of its type (a string message, a string type, ...), whether it is
+    one already or vLLM's flat `{"object": "error", "message", ...}`, TGI's `{"error": "...",
+    "error_type"}` or FastAPI's `{"detail": ...}`."""
+    inner = obj.get("error")
+    if isinstance(inner, dict):
+        source, message, kind = inner, inner.get("message"), inner.get("type")
+    else:
+        source = obj
+        message = obj.get("message") or inner or obj.get("detail")
+        kind = obj.get("type") or obj.get("error_type")
+    if message is None or message == "":
+        message = f"the upstream answered {status}"
+    param, code = source.get("param"), source.get("code")
+    return {
+        "error": {
+            "message": message if isinstance(message, str) else json.dumps(message),
+            "type": kind
+            if isinstance(kind, str) and kind
+            else _ERROR_TYPES.get(status, "upstream_error" if status >= 500 else "invalid_request_error"),
+            "param": param if isinstance(param, str) else None,
+            "code": code if isinstance(code, str | int) and not isinstance(code, bool) else None,
         }
     }
 
@@ -192,6 +212,13 @@ def _may_have_run(e: UpstreamError) -> bool:
     if isinstance(e, UpstreamTimeout):
         return e.phase == "read"
     return isinstance(e, UpstreamBadResponse)
+
+
+def _charged(activity: Activity, e: UpstreamError) -> bool:
+    """Whether a failed request is charged (and recorded, status "error"): where the upstream may have
+    worked on it, and where pieces of it have been given energy already (it was in flight longer than
+    a piece: what they were given is final, so it is charged, not taken back)."""
+    return _may_have_run(e) or bool(activity.pieces)
 
 
 # -- token estimates --------------------------------------------------------------------------------
@@ -303,34 +330,55 @@ class Activity:
 
     __slots__ = (
         "client_left",
+        "collect",
         "concurrency",
+        "credit",
         "ended",
         "handles",
+        "image",
         "last_split_s",
         "monitors",
         "pending",
         "pieces",
-        "provisional",
         "started_s",
         "tag",
     )
 
     def __init__(
-        self, monitors: Sequence[DeviceMonitor], tag: RequestTag, now_s: float, concurrency: int
+        self,
+        monitors: Sequence[DeviceMonitor],
+        tag: RequestTag,
+        now_s: float,
+        concurrency: int,
+        *,
+        image: bool = False,
     ) -> None:
         self.tag = tag
         self.monitors = monitors
         self.handles: list[JobHandle] = [m.begin(on_loop=True) for m in monitors]
         self.pieces: list[tuple[JobHandle, RequestTag]] = []
         self.pending = 0.0  # work units of the open piece
-        self.provisional = 0.0  # work units already given to closed pieces on an estimated rate
+        self.credit = 0.0  # estimated work units given to pieces and not yet matched by real work
+        self.image = image  # its estimates are at the image rate (work units a second), not tokens
+        self.collect: Callable[[], None] | None = None  # adds the real work that came in (a stream's)
         self.started_s = self.last_split_s = now_s
         self.concurrency = concurrency  # requests in flight to the upstream when this one was sent
         self.client_left = False
         self.ended = False
 
     def add(self, units: float) -> None:
+        """Real work: first it pays back what estimates gave pieces ahead of it, the rest is the open
+        piece's (so a request weighs its real work or its estimates, whichever is more)."""
+        if self.credit:
+            paid = min(units, self.credit)
+            self.credit -= paid
+            units -= paid
         self.pending += units
+
+    def estimate(self, units: float) -> None:
+        """Work the open piece is given at an estimated rate, before the real work is known."""
+        self.pending += units
+        self.credit += units
 
     def _piece_tag(self) -> RequestTag:
         """The member of the next piece: the request's own tag for its first piece (the one a plain
@@ -442,11 +490,14 @@ class UpstreamServing:
         self.clock = clock
         self.inflight = 0
         self.tokens_per_s = 50.0  # per request, until answers teach better (see `_tick_all`)
+        self.image_units_per_s = IMAGE_UNITS_PER_S  # per image request, likewise
         self._background: set[asyncio.Task[Outcome]] = set()
-        self._ticking: set[Activity] = set()  # plain text requests in flight (see `_tick_all`)
+        self._ticking: set[Activity] = set()  # requests in flight (see `_tick_all`)
         self._ticker: asyncio.Task[None] | None = None
         # Prompt token counts of long prompts in flight, made on a worker thread (see `forward`)
         self._prompt_counts: dict[int, int] = {}
+        # Set when a request finds the upstream unreachable: readiness is asked again at once
+        self.unreachable = asyncio.Event()
 
     async def close(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
         """Wait (bounded) for the records of requests whose clients left."""
@@ -491,9 +542,15 @@ class UpstreamServing:
 
     # -- accounting -------------------------------------------------------------------------------
 
-    def _begin(self, tag: RequestTag) -> Activity:
+    def _begin(self, tag: RequestTag, *, image: bool = False) -> Activity:
+        """The request's activity, from now (it is sent) to its end; cut into pieces by `_tick_all`
+        while it is in flight."""
         self.inflight += 1
-        return Activity(self.monitors, tag, self.clock(), self.inflight)
+        activity = Activity(self.monitors, tag, self.clock(), self.inflight, image=image)
+        self._ticking.add(activity)
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_all())
+        return activity
 
     def _prompt_tokens(self, req: ChatCompletionRequest | CompletionRequest) -> int:
         counted = self._prompt_counts.get(id(req))
@@ -570,9 +627,10 @@ class UpstreamServing:
         if not task.cancelled() and (e := task.exception()) is not None:
             log.error("recording an upstream request failed: %s", e)
 
-    def _sent(self) -> None:
+    def _sent(self, activity: Activity) -> None:
         """The request is no longer in flight to the upstream (answered, failed or abandoned)."""
         self.inflight -= 1
+        self._ticking.discard(activity)
 
     async def _settled_for_answer(self, task: asyncio.Task[Outcome], activity: Activity) -> Outcome:
         """The outcome an answer is built from; a client that leaves meanwhile leaves the record to the
@@ -609,7 +667,7 @@ class UpstreamServing:
         headers: dict[str, str],
         req: ForwardedRequest,
     ) -> web.Response:
-        activity = self._begin(tag)
+        activity = self._begin(tag, image=isinstance(req, ImageGenerationRequest))
         try:
             return await self._plain_activity(request, activity, path, raw, headers, req)
         except Exception as e:
@@ -626,21 +684,20 @@ class UpstreamServing:
         headers: dict[str, str],
         req: ForwardedRequest,
     ) -> web.Response:
-        ticked = not isinstance(req, ImageGenerationRequest)
-        if ticked:
-            self._ticking.add(activity)
-            if self._ticker is None:
-                self._ticker = asyncio.create_task(self._tick_all())
+        image = isinstance(req, ImageGenerationRequest)
         try:
             try:
                 answer = await self.client.post(path, raw, headers)
                 body = json.loads(answer.body)
                 if not isinstance(body, dict):
                     raise ValueError("not a JSON object")
-                if "error" in body and "choices" not in body and "data" not in body:
-                    raise UpstreamBadResponse(  # a 200 that is an error: not an answer to pass on as one
-                        f"the upstream {self.client.shown_url} answered 200 with an error: "
-                        f"{json.dumps(body['error'])[:300]}"
+                if not isinstance(body.get("data" if image else "choices"), list):
+                    # a 200 that is no answer (an error object, vLLM's flat one, `{}`): not passed on
+                    error = body.get("error") if "error" in body else body.get("message")
+                    raise UpstreamBadResponse(
+                        f"the upstream {self.client.shown_url} answered 200 without "
+                        + ("images" if image else "choices")
+                        + (f": {json.dumps(error)[:300]}" if error is not None else "")
                     )
             except ValueError:
                 raise UpstreamBadResponse(
@@ -654,16 +711,14 @@ class UpstreamServing:
             error.recorded = self._failed(activity, req, e)
             raise error from e
         finally:
-            if ticked:
-                self._ticking.discard(activity)
-            self._sent()
+            self._sent(activity)
         result: BackendResult
         if isinstance(req, ImageGenerationRequest):
             usage, source, request_obj, result = self._image_usage(req, body)
         else:
             usage, source, request_obj, result = self._text_usage(req, body)
-            self._learn_rate(result, self.clock() - activity.started_s)
-        activity.add(max(result.work_units - activity.provisional, 0.0))
+        self._learn_rate(result, self.clock() - activity.started_s)
+        activity.add(result.work_units)
         activity.end(charged=True)
         outcome = await self._settled_for_answer(
             self._settle_later(activity, request_obj, result, "ok"), activity
@@ -678,30 +733,41 @@ class UpstreamServing:
         )
 
     async def _tick_all(self) -> None:
-        """A plain text request's work is known only at its end; until then it is cut into pieces of
-        `split_interval_s` (up to 1.5 times that) weighted at the current estimate of an upstream
-        sequence's token rate (a continuous-batching server advances every running sequence by about
-        one token a step), so the requests that overlap it need not wait for its end to have their
-        energy final. The last piece takes the rest of its real work (nothing when the estimate ran
-        ahead). One task does this for every request in flight (a task each cost more than the rest
-        of a request's accounting), and stops when none is left."""
+        """Every request in flight is cut into pieces of `split_interval_s` (up to 1.5 times that), so
+        that the requests that overlap it need not wait for its end to have their energy final (an
+        open piece holds back the attribution of the time it shares). A piece weighs the real work
+        that came in during it (a stream's tokens) or, where none did (a plain answer's work is known
+        only at its end; a stream's first token can take long), the current estimate of the rate one
+        request gets from the upstream (tokens a second for text: a continuous-batching server
+        advances every running sequence by about one token a step; image work units a second for
+        images). Real work pays the estimates back first (`Activity.add`): the last piece takes the
+        rest of it (nothing when the estimate ran ahead). A stream also cuts its own pieces as its
+        chunks come. One task does this for every request in flight (a task each cost more than the
+        rest of a request's accounting), and stops when none is left."""
         try:
             while self._ticking:
                 await asyncio.sleep(self.split_interval_s / 2)
                 now = self.clock()
                 for activity in list(self._ticking):
-                    if now - activity.last_split_s >= self.split_interval_s:
-                        units = self.tokens_per_s * (now - activity.last_split_s)
-                        activity.add(units)
-                        activity.provisional += units
+                    elapsed_s = now - activity.last_split_s
+                    if elapsed_s >= self.split_interval_s and not activity.ended:
+                        if activity.collect is not None:
+                            activity.collect()
+                        if not activity.pending:
+                            rate = self.image_units_per_s if activity.image else self.tokens_per_s
+                            activity.estimate(rate * elapsed_s)
                         activity.split(now)
         finally:
             self._ticker = None
 
-    def _learn_rate(self, result: TextResult, duration_s: float) -> None:
-        """Moving estimate of the tokens per second one request gets from the upstream."""
-        if duration_s > 0 and result.completion_tokens > 0:
-            observed = (result.prompt_tokens + result.completion_tokens) / duration_s
+    def _learn_rate(self, result: BackendResult, duration_s: float) -> None:
+        """Moving estimates of the work a second one request gets from the upstream."""
+        if duration_s <= 0 or result.work_units <= 0:
+            return
+        observed = result.work_units / duration_s
+        if isinstance(result, ImageResult):
+            self.image_units_per_s = 0.9 * self.image_units_per_s + 0.1 * observed
+        elif isinstance(result, TextResult) and result.completion_tokens > 0:
             self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * observed
 
     def _failed_unexpectedly(
@@ -717,9 +783,11 @@ class UpstreamServing:
 
     def _failed(self, activity: Activity, req: ForwardedRequest, e: UpstreamError) -> bool:
         """End a failed request's activity; True when it is recorded (charged, status "error")."""
+        if isinstance(e, UpstreamUnreachable):
+            self.unreachable.set()
         if activity.ended:
             return False
-        if _may_have_run(e):
+        if _charged(activity, e):
             request_obj, result = self._unfinished(activity, req)
             activity.end(charged=True)
             self._settle_later(activity, request_obj, result, "error", e)
@@ -803,6 +871,8 @@ class UpstreamServing:
                 completion_estimate += tokens
                 activity.add(tokens)
 
+        activity.collect = count_piece  # for the pieces `_tick_all` cuts
+
         try:
             async with self.client.stream(path, body, headers) as events:
                 resp = await _start_sse(request)
@@ -820,7 +890,10 @@ class UpstreamServing:
                                 bad = UpstreamBadResponse("the upstream sent a stream event that is not JSON")
                                 break
                             if "error" in chunk or chunk.get("object") == "error":
-                                upstream_failed = True  # passed on as it is; the upstream ends the stream
+                                # passed on in the OpenAI envelope (the client's library reads that
+                                # one); the upstream ends the stream
+                                upstream_failed = True
+                                data = json.dumps(_envelope_of(500, chunk)).encode()
                             elif chunk.get("usage") and not chunk.get("choices"):
                                 held_usage = json.loads(data)  # sent on: read exactly (see _inspect_event)
                                 continue
@@ -847,17 +920,19 @@ class UpstreamServing:
                     log.warning("upstream stream for request %s broke off: %s", tag.request_id, e)
         except UpstreamError as e:  # before the stream started: nothing was sent to the client
             error = _api_error(e)
-            if _may_have_run(e):
+            if isinstance(e, UpstreamUnreachable):
+                self.unreachable.set()
+            if _charged(activity, e):
                 activity.end(charged=True)  # its open piece holds the prompt's tokens already
                 result = _text_result(prompt_estimate, 0)
                 self._settle_later(activity, TextRequest(), result, "error", e)
                 error.recorded = True
             else:
                 activity.end(charged=False)
-            self._sent()
+            self._sent(activity)
             raise error from e
         except (asyncio.CancelledError, ConnectionResetError) as e:
-            self._sent()
+            self._sent(activity)
             activity.client_left = True
             if not activity.ended:
                 count_piece()
@@ -868,14 +943,14 @@ class UpstreamServing:
                 return resp  # the client left mid-stream (a write failed): aiohttp closes quietly
             raise
         except Exception as e:  # a fault of WattProxy's own: what ran is charged, and recorded
-            self._sent()
+            self._sent(activity)
             if not activity.ended:
                 count_piece()
             self._failed_unexpectedly(
                 activity, TextRequest(), _text_result(prompt_estimate, completion_estimate), e
             )
             raise
-        self._sent()
+        self._sent(activity)
         assert resp is not None
         count_piece()
         activity.end(charged=True)
@@ -883,6 +958,8 @@ class UpstreamServing:
         source: UsageSource = "upstream" if reported is not None else "estimate"
         prompt, completion = reported if reported is not None else (prompt_estimate, completion_estimate)
         failed = failure is not None or upstream_failed
+        if not failed:
+            self._learn_rate(_text_result(prompt, completion), self.clock() - activity.started_s)
         settle = self._settle_later(
             activity, TextRequest(), _text_result(prompt, completion), "error" if failed else "ok", failure
         )
@@ -1006,19 +1083,17 @@ def upstream_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterato
             serving.device,
             counter.method,
         )
-        discovery: asyncio.Task[None] | None = None
         if up.models:
             for m in up.models:
                 _serve(service, m.name, m.task, client, serving.device)
             service.upstream = "ready"
         else:
             service.upstream = "discovering"
-            discovery = asyncio.create_task(_discover(client, service, up, serving.device))
+        discovery = asyncio.create_task(_discover(client, service, up, serving))
         yield
-        if discovery is not None:
-            discovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await discovery
+        discovery.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await discovery
         await serving.close()
         await client.close()
 
@@ -1045,26 +1120,44 @@ def _serve(service: Service, name: str, task: str, client: OpenAIUpstream, devic
     service.models[name] = ServedModel(settings=ms, upstream=True)
 
 
-async def _discover(client: OpenAIUpstream, service: Service, up: UpstreamSettings, device: str) -> None:
+async def _discover(
+    client: OpenAIUpstream, service: Service, up: UpstreamSettings, serving: UpstreamServing
+) -> None:
     """Ask the upstream for its models until it answers (readiness flips to ready then), then again
-    every `models_refresh_s`: models it starts serving are served, those it stops serving are not
-    (an upstream restarted with other models, adapters loaded at run time). While it cannot be asked,
-    the last list stands and readiness says "unreachable" (asked again sooner, with backoff)."""
+    every `models_refresh_s`, and at once when a request found it unreachable: models it starts
+    serving are served, those it stops serving are not (an upstream restarted with other models,
+    adapters loaded at run time). While it cannot be asked, the last list stands and readiness says
+    "unreachable" (asked again sooner, with backoff). Models listed in the configuration stay as
+    listed: the upstream is only asked whether it can be reached (any answer says it can)."""
     delay_s = 0.25
     listed: set[str] = set()
+    device = serving.device
     while True:
         try:
             models = await client.models()
         except UpstreamError as e:
-            if service.upstream == "ready":  # it answered before: unreachable now, until it answers again
-                service.upstream = "unreachable"
-            log.warning(
-                "upstream %s: listing its models failed (%s); again in %.1f s", client.shown_url, e, delay_s
-            )
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 10.0)
-            continue
+            if up.models and not isinstance(e, UpstreamUnreachable | UpstreamTimeout):
+                models = None  # it answered (an upstream without /v1/models, say): reachable
+            else:
+                if service.upstream == "ready":  # it answered before: unreachable now, until it answers
+                    service.upstream = "unreachable"
+                log.warning(
+                    "upstream %s: listing its models failed (%s); again in %.1f s",
+                    client.shown_url,
+                    e,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 10.0)
+                continue
         delay_s = 0.25
+        if up.models:
+            if service.upstream != "ready":
+                log.info("upstream %s can be reached again", client.shown_url)
+            service.upstream = "ready"
+            await _until_next_ask(serving, up.models_refresh_s)
+            continue
+        assert models is not None
         names = {m.id for m in models}
         for m in models:
             if m.id not in listed:
@@ -1077,4 +1170,11 @@ async def _discover(client: OpenAIUpstream, service: Service, up: UpstreamSettin
             log.info("upstream %s serves %s", client.shown_url, ", ".join(sorted(names)) or "no models")
         listed = names
         service.upstream = "ready"
-        await asyncio.sleep(up.models_refresh_s)
+        await _until_next_ask(serving, up.models_refresh_s)
+
+
+async def _until_next_ask(serving: UpstreamServing, refresh_s: float) -> None:
+    """Wait `refresh_s`, or until a request finds the upstream unreachable."""
+    serving.unreachable.clear()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(serving.unreachable.wait(), refresh_s)

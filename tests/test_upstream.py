@@ -47,9 +47,13 @@ STREAMED_CHAT = {
 class ProxyServer(LiveServer):
     """A proxy-mode server: ready once its upstream's models are known (it has no local model)."""
 
+    expect_ready = True  # False: one whose upstream cannot be reached, started all the same
+
     def wait_ready(self, timeout_s: float) -> None:
         assert self.app is not None
         service = self.app[SERVICE]
+        if not self.expect_ready:
+            return
         deadline = time.monotonic() + timeout_s
         while service.upstream != "ready":
             if time.monotonic() > deadline:
@@ -63,8 +67,11 @@ class Stub:
     MODELS = (
         "ok-no-usage", "slow", "long-plain", "flat-400", "text-500", "auth-401", "not-json", "overloaded-503",
         "fast-stream", "endless-stream", "odd-sse", "huge-line", "done-then-stall", "usage-on-choices",
-        "dated-503", "slow-stream", "error-200",
+        "dated-503", "slow-stream", "error-200", "slow-429", "slow-start-stream", "tgi-error-stream",
+        "flat-error-stream", "flat-error-200", "empty-200", "partial-422", "list-message-400", "inf-503",
     )  # fmt: skip
+    IMAGE_MODELS = ("slow-image",)
+    SLOW_S = 2.0  # how long "slow-start-stream" takes to its first token, "slow-image" to its answer
     FAST_STREAM_CHUNKS = 20_000  # more than the sockets between the proxy and its client can buffer
     ENDLESS_STREAM_CHUNKS = 1_000_000  # about 150 MB: until the proxy stops reading it, in effect
     # Server-sent events as upstreams may write them: CRLF and LF line ends, a comment (keep-alive),
@@ -87,6 +94,7 @@ class Stub:
         self.port = 0
         self.chat_bodies: list[dict[str, Any]] = []  # every chat request's body, as the stub got it
         self.completion_bodies: list[dict[str, Any]] = []  # and every completion request's
+        self.slow_done = False  # "slow-start-stream" or "slow-image" has come to its answer
 
     @property
     def url(self) -> str:
@@ -96,7 +104,15 @@ class Stub:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": m} for m in self.MODELS]})
+        models = [{"id": m} for m in self.MODELS] + [{"id": m, "task": "image"} for m in self.IMAGE_MODELS]
+        return web.json_response({"object": "list", "data": models})
+
+    async def _image(self, request: web.Request) -> web.Response:
+        """An image generation that takes `SLOW_S` (the image itself is not looked at)."""
+        body = await request.json()
+        await asyncio.sleep(self.SLOW_S)
+        self.slow_done = True
+        return web.json_response({"created": 0, "data": [{"b64_json": ""} for _ in range(body.get("n", 1))]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -109,6 +125,9 @@ class Stub:
             "huge-line",
             "done-then-stall",
             "usage-on-choices",
+            "slow-start-stream",
+            "tgi-error-stream",
+            "flat-error-stream",
         ):
             return await self._stream(request, model)
         if model == "slow":
@@ -129,6 +148,20 @@ class Stub:
             return web.json_response({"error": {"message": "no", "type": "auth", "param": None}}, status=401)
         if model == "error-200":  # an error object with status 200
             return web.json_response({"error": {"message": "model crashed", "type": "internal"}})
+        if model == "flat-error-200":  # vLLM's flat error object with status 200
+            return web.json_response({"object": "error", "message": "engine dead", "type": "internal"})
+        if model == "empty-200":
+            return web.json_response({})
+        if model == "slow-429":  # refused, but only after a while (the proxy has cut pieces of it)
+            await asyncio.sleep(0.6)
+            return web.json_response({"error": {"message": "queue full", "type": "busy"}}, status=429)
+        if model == "partial-422":  # an envelope without type, param or code
+            return web.json_response({"error": {"message": "bad"}}, status=422)
+        if model == "list-message-400":  # FastAPI-like detail in the message, and a type that is no string
+            detail = [{"loc": ["body", "n"], "msg": "too big"}]
+            return web.json_response({"error": {"message": detail, "type": 7, "code": True}}, status=400)
+        if model == "inf-503":
+            return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": "inf"})
         if model == "dated-503":  # Retry-After as an HTTP date, 30 s ahead
             when = email.utils.formatdate(time.time() + 30, usegmt=True)
             return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": when})
@@ -193,6 +226,28 @@ class Stub:
             with contextlib.suppress(ConnectionResetError):
                 await resp.write_eof()
             return resp
+        if model == "slow-start-stream":  # the answer's headers at once, its first token late
+            await asyncio.sleep(self.SLOW_S)
+            self.slow_done = True
+            choice = {"index": 0, "delta": {"content": "late"}, "finish_reason": "stop"}
+            chunk = {"id": "l", "object": "chat.completion.chunk", "model": model, "choices": [choice]}
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+                await resp.write_eof()
+            return resp
+        if model in ("tgi-error-stream", "flat-error-stream"):  # a chunk, then an error event not in
+            choice = {"index": 0, "delta": {"content": "hi"}, "finish_reason": None}  # OpenAI's shape
+            chunk = {"id": "e", "object": "chat.completion.chunk", "model": model, "choices": [choice]}
+            error = (
+                {"error": "CUDA out of memory", "error_type": "generation"}
+                if model == "tgi-error-stream"
+                else {"object": "error", "message": "engine dead", "type": "InternalServerError", "code": 500}
+            )
+            for event in (chunk, error):
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         if model == "odd-sse":
             for piece in self.ODD_SSE:
                 await resp.write(piece)
@@ -220,6 +275,7 @@ class Stub:
             app.router.add_get("/v1/models", self._models)
             app.router.add_post(CHAT, self._chat)
             app.router.add_post("/v1/completions", self._completion)
+            app.router.add_post("/v1/images/generations", self._image)
             self.runner = web.AppRunner(app, handler_cancellation=True)
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -247,7 +303,9 @@ def upstream(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def make_proxy(model_cache: Path, tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
     proxies: list[ProxyServer] = []
 
-    def make(url: str, *, upstream: dict[str, Any] | None = None, **overrides: Any) -> ProxyServer:
+    def make(
+        url: str, *, upstream: dict[str, Any] | None = None, ready: bool = True, **overrides: Any
+    ) -> ProxyServer:
         settings = Settings.model_validate(
             {
                 "port": 0,
@@ -261,6 +319,7 @@ def make_proxy(model_cache: Path, tmp_path: Path) -> Iterator[Callable[..., Prox
             }
         )
         proxy = ProxyServer(settings)
+        proxy.expect_ready = ready
         proxies.append(proxy)
         return proxy.start(ready_timeout_s=30)  # type: ignore[return-value]
 
@@ -533,16 +592,27 @@ def test_upstream_4xx_passes_through_with_its_status_and_envelope(proxy: ProxySe
     assert proxy.app is not None and proxy.call(proxy.app[LEDGER].count()) == 0
 
 
-def test_an_unreachable_upstream_gives_502(make_proxy: Callable[..., ProxyServer]) -> None:
+def test_an_unreachable_upstream_gives_502_and_readiness_says_so(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
     with socket_closed_port() as port:
-        proxy = make_proxy(f"http://127.0.0.1:{port}", upstream={"models": [{"name": "m"}]})
+        # models listed in the configuration: readiness still asks the upstream whether it is there
+        proxy = make_proxy(f"http://127.0.0.1:{port}", upstream={"models": [{"name": "m"}]}, ready=False)
         r = requests.post(
             proxy.base_url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
         )
-    assert r.status_code == 502
-    assert (
-        r.json()["error"]["code"] == "upstream_unreachable" and "unreachable" in r.json()["error"]["message"]
-    )
+        assert r.status_code == 502
+        error = r.json()["error"]
+        assert error["code"] == "upstream_unreachable" and "unreachable" in error["message"]
+        deadline = time.monotonic() + 10
+        while (ready := requests.get(proxy.base_url + "/readyz", timeout=10)).status_code != 503:
+            assert time.monotonic() < deadline, ready.json()
+            time.sleep(0.05)
+        assert ready.json()["upstream"] == "unreachable"
+    # one that can be reached is ready, even where it lists no models (asked only whether it answers)
+    listed = make_proxy(stub.url, upstream={"models": [{"name": "not-in-its-list"}]})
+    ready = requests.get(listed.base_url + "/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["upstream"] == "ready"
 
 
 class socket_closed_port:
@@ -607,6 +677,111 @@ def test_slow_and_erroring_upstreams_give_their_statuses(
     ]
     for model in ("slow", "not-json"):
         assert [(status, v) for m, status, v in counted if m == model and v] == [("error", 1.0)], counted
+
+
+def test_error_answers_reach_the_client_in_the_openai_envelope(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    proxy = make_proxy(stub.url)
+
+    def chat(model: str) -> requests.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+        return requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+
+    for model in ("flat-error-200", "empty-200"):  # a 200 that is no answer is not passed on as one
+        r = chat(model)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_bad_response", r.text
+    assert "engine dead" in chat("flat-error-200").json()["error"]["message"]
+    partial = chat("partial-422")  # every field of the envelope there
+    assert partial.status_code == 422
+    assert partial.json() == {
+        "error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}
+    }
+    odd = chat("list-message-400")  # and of its type: the message a string, no type or code of others
+    assert odd.status_code == 400
+    error = odd.json()["error"]
+    assert json.loads(error["message"]) == [{"loc": ["body", "n"], "msg": "too big"}]
+    assert error["type"] == "invalid_request_error" and error["param"] is None and error["code"] is None
+    busy = chat("inf-503")  # a Retry-After that is no delay is not passed on (nor a 500 made of it)
+    assert busy.status_code == 503 and "Retry-After" not in busy.headers
+    with pytest.raises(openai.BadRequestError, match="too big"):
+        client(proxy).chat.completions.create(
+            model="list-message-400", messages=[{"role": "user", "content": "x"}]
+        )
+
+
+@pytest.mark.parametrize("model", ["tgi-error-stream", "flat-error-stream"])
+def test_error_events_mid_stream_reach_the_client_in_the_openai_envelope(
+    stub: Stub, make_proxy: Callable[..., ProxyServer], model: str
+) -> None:
+    proxy = make_proxy(stub.url)
+    message = "CUDA out of memory" if model == "tgi-error-stream" else "engine dead"
+    body = {**STREAMED_CHAT, "model": model}
+    raw = requests.post(proxy.base_url + CHAT, json=body, timeout=30).text
+    events = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["message"] == message and set(error) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.APIError, match=message):  # the official client reads it as an error
+        list(client(proxy).chat.completions.create(**body))  # type: ignore[call-overload]
+    assert proxy.app is not None
+    deadline = time.monotonic() + 10
+    while len(records := proxy.call(proxy.app[LEDGER].records())) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert [r.status for r in records] == ["error", "error"] and all(r.joules > 0 for r in records)
+
+
+def test_a_request_refused_after_a_while_is_charged_what_it_was_given(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """Pieces cut while it waited were given energy, final once cut: it is charged and recorded (status
+    error), so that every joule stays accounted (conservation), not in the metrics alone."""
+    proxy = make_proxy(stub.url, upstream={"split_interval_s": 0.05})
+    body = {"model": "slow-429", "messages": [{"role": "user", "content": "hello"}]}
+    r = requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+    assert r.status_code == 429 and r.json()["error"]["message"] == "queue full"
+    assert proxy.app is not None
+    deadline = time.monotonic() + 10
+    while not (records := proxy.call(proxy.app[LEDGER].records())):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert [r.status for r in records] == ["error"] and records[0].joules > 0
+    sums = {name: sum(v for _, v in samples) for name, samples in metric_samples(proxy).items()}
+    assert math.isclose(sums["wattproxy_energy_kwh_total"] * 3.6e6, records[0].joules, rel_tol=1e-9)
+    counted = [(lb["status"], v) for lb, v in metric_samples(proxy)["wattproxy_requests_total"] if v]
+    assert counted == [("error", 1.0)]  # counted once, as recorded
+    monitor = proxy.app[MONITORS]["cuda:0"]
+    proxy.stop()
+    assert math.isclose(records[0].joules + monitor.committed_idle_j, monitor.meter_delta_j, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("slow", ["stream", "image"])
+def test_a_slow_first_token_or_a_slow_image_holds_no_one_back(
+    stub: Stub, make_proxy: Callable[..., ProxyServer], slow: str
+) -> None:
+    """A stream whose first token is late, and an image, are cut into pieces while they wait like a plain
+    answer: a short request that overlaps them has its energy final without waiting for their end."""
+    proxy = make_proxy(stub.url)
+    c = client(proxy)
+    stub.slow_done = False
+
+    def long_one() -> float:
+        if slow == "image":
+            img = c.images.generate(model="slow-image", prompt="a fox", size="64x64", n=2)
+            return float(img.usage.model_extra["energy"]["joules"])  # type: ignore[union-attr]
+        body = {**STREAMED_CHAT, "model": "slow-start-stream", "stream_options": {"include_usage": True}}
+        chunks = list(c.chat.completions.create(**body))  # type: ignore[call-overload]
+        return float(_energy(chunks[-1].usage)["joules"])
+
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(long_one)
+        time.sleep(0.4)  # the long one is in flight upstream
+        short = c.chat.completions.create(model="ok-no-usage", messages=[{"role": "user", "content": "x"}])
+        # answered while the upstream was still on the long one: its energy did not wait for it
+        assert not stub.slow_done
+        assert _energy(short.usage)["joules"] > 0
+        assert long.result() > 0
 
 
 def test_a_short_request_is_answered_without_waiting_for_a_long_plain_one(
@@ -1052,7 +1227,9 @@ def test_an_upstream_urls_credentials_are_named_nowhere(make_proxy: Callable[...
     with socket.socket() as closed:  # a port nobody listens on: every request fails, with a message
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    proxy = make_proxy(f"http://svc:Sup3rS3cret@127.0.0.1:{port}/v1", upstream={"models": [{"name": "m"}]})
+    proxy = make_proxy(
+        f"http://svc:Sup3rS3cret@127.0.0.1:{port}/v1", upstream={"models": [{"name": "m"}]}, ready=False
+    )
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     resp = requests.post(proxy.base_url + CHAT, json=body, timeout=30)
     assert resp.status_code == 502 and f"127.0.0.1:{port}" in resp.text
