@@ -773,9 +773,14 @@ def _submit_all(
     """Queue every member of one HTTP request, or none of them (all-or-nothing on 429)."""
     items: list[WorkItem] = []
     many = len(reqs) > 1
+    tags = [_tag(request, served, i if many else None) for i in range(len(reqs))]
+    if many:
+        try:
+            queue.check_room(len(reqs), tags[0].user)
+        except QueueFull as e:
+            raise RateLimited(str(e), retry_after_s=e.retry_after_s) from e
     try:
-        for i, r in enumerate(reqs):
-            tag = _tag(request, served, i if many else None)
+        for i, (r, tag) in enumerate(zip(reqs, tags, strict=True)):
             if streamers is None:
                 items.append(_submit(queue, r, tag))
             else:

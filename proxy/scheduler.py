@@ -403,6 +403,20 @@ class ModelQueue:
             self._queue_ahead()
         return item
 
+    def check_room(self, count: int, user: str) -> None:
+        """QueueFull unless `count` more requests of `user` fit in the queue: the members of one HTTP
+        request are admitted together or not at all, before any is queued (a member queued first
+        could complete a batch that is handed to the device at once, and run though refused)."""
+        if len(self.items) + count > self.max_queue:
+            raise QueueFull(self.name, self._retry_after_s(len(self.items)))
+        cap = self.max_queue_per_user
+        if (
+            cap is not None
+            and len(self.items) + count > cap  # (a scan of the queue only where it may be over)
+            and sum(1 for it in self.items if it.tag.user == user) + count > cap
+        ):
+            raise QueueFull(self.name, self._retry_after_s(cap), user)
+
     def _retry_after_s(self, queued: int) -> float:
         """When `queued` requests ahead will have run: their batches and the running ones, each at the
         recent batch time (at least 0.1 s), and at least a second."""
