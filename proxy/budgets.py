@@ -54,6 +54,9 @@ class Budget:
     reset: datetime | None = None
     spent_j: float = 0.0
     spent_co2_grams: float = 0.0
+    # What `Budgets.add` added since the last refresh's query began (which may not have seen it)
+    added_j: float = 0.0
+    added_co2_grams: float = 0.0
 
     @property
     def remaining_kwh(self) -> float | None:
@@ -96,7 +99,10 @@ class Budgets:
 
     async def refresh(self, ledger: Ledger) -> None:
         """Reload spending in each budget's current period from the ledger (the authority): one
-        query a period that has budgets."""
+        query a period that has budgets. Requests recorded while a query runs are added to what it
+        found (it may have read the ledger before their records were committed), so that none is
+        lost; one committed just before the query and added just after it counts twice until the
+        next refresh (a window of one event-loop turn; the error is on the side of refusing)."""
         now = self._clock()
         by_period: dict[str, list[Budget]] = {}
         for budgets in self._budgets.values():
@@ -104,9 +110,15 @@ class Budgets:
                 b.start, b.reset = period_bounds(b.period, now)
                 by_period.setdefault(b.period, []).append(b)
         for budgets in by_period.values():
-            spent = await ledger.spent_by_user({b.user: b.start for b in budgets})
+            starts = {b.user: b.start for b in budgets}
             for b in budgets:
-                b.spent_j, b.spent_co2_grams = spent.get(b.user, (0.0, 0.0))
+                b.added_j = b.added_co2_grams = 0.0
+            spent = await ledger.spent_by_user(starts)
+            for b in budgets:
+                if b.start != starts[b.user]:  # its period rolled over meanwhile: the query was of the last
+                    continue
+                spent_j, spent_co2_grams = spent.get(b.user, (0.0, 0.0))
+                b.spent_j, b.spent_co2_grams = spent_j + b.added_j, spent_co2_grams + b.added_co2_grams
 
     def add(self, user: str, joules: float, co2_grams: float) -> None:
         budgets = self._budgets.get(user)
@@ -116,6 +128,8 @@ class Budgets:
             self._roll(b)
             b.spent_j += joules
             b.spent_co2_grams += co2_grams
+            b.added_j += joules
+            b.added_co2_grams += co2_grams
 
     def check(self, user: str) -> None:
         """Raise BudgetExceeded (429) when the user is at or over a limit of any of their budgets
@@ -134,14 +148,18 @@ class Budgets:
             raise exceeded
 
     def remaining_kwh(self) -> dict[str, float]:
-        """kWh each user with a kWh budget may still spend: the least any of their budgets leaves."""
+        """kWh each user with a kWh budget may still spend: the least any of their budgets leaves.
+        Read-only (the metrics render it on a thread of their own): a period that has ended counts as
+        rolled over without being rolled here."""
         out: dict[str, float] = {}
+        now = self._clock()
         for user, budgets in self._budgets.items():
             for b in budgets:
-                self._roll(b)
-                left = b.remaining_kwh
-                if left is not None:
-                    out[user] = min(left, out.get(user, math.inf))
+                if b.kwh is None:
+                    continue
+                spent_j = 0.0 if b.reset is not None and now >= b.reset else b.spent_j
+                left = b.kwh - spent_j / JOULES_PER_KWH
+                out[user] = min(left, out.get(user, math.inf))
         return out
 
     def budgets(self, user: str) -> list[Budget]:

@@ -394,6 +394,52 @@ def test_budgets_of_different_periods_each_hold(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_budget_refresh_loses_no_request_recorded_while_it_reads(tmp_path: Path) -> None:
+    """A request recorded while a refresh's query runs (after it read the ledger) still counts: the
+    refresh must not put back the spending it read before that record."""
+    from proxy.auth import new_key
+    from proxy.budgets import Budgets
+    from proxy.errors import BudgetExceeded
+    from proxy.ledger import LedgerRecord
+
+    joules_a_kwh = 3.6e6
+
+    class SlowReads(Ledger):
+        """Its spending query returns only once `go` is set, with what it read before that."""
+
+        go: asyncio.Event
+
+        async def spent_by_user(self, starts):  # type: ignore[no-untyped-def]
+            spent = await super().spent_by_user(starts)
+            await self.go.wait()
+            return spent
+
+    async def scenario() -> None:
+        ledger = SlowReads(f"sqlite+aiosqlite:///{tmp_path}/refresh.db")
+        ledger.go = asyncio.Event()
+        await ledger.start()
+        _, key = new_key("erin", budget_kwh=1.0, budget_period="day")
+        budgets = Budgets()
+        budgets.set_keys([key])
+        refresh = asyncio.create_task(budgets.refresh(ledger))
+        await asyncio.sleep(0.05)  # the query has read the ledger, and waits
+        joules = 2 * joules_a_kwh  # twice the budget, recorded as the recorder does: commit, then add
+        await ledger.record(
+            [LedgerRecord("r1", datetime.now(timezone.utc), "erin", None, "m", "text", "ok", joules=joules)]
+        )
+        budgets.add("erin", joules, 0.0)
+        ledger.go.set()
+        await refresh
+        with pytest.raises(BudgetExceeded):
+            budgets.check("erin")
+        assert budgets.remaining_kwh()["erin"] == pytest.approx(-1.0)
+        await budgets.refresh(ledger)  # the next refresh reads the same from the ledger
+        assert budgets.remaining_kwh()["erin"] == pytest.approx(-1.0)
+        await ledger.close()
+
+    asyncio.run(scenario())
+
+
 def test_cli_reading_a_ledger_that_is_not_there_says_so(tmp_path: Path) -> None:
     """A wrong data directory is an error, not a report of no usage (and leaves no empty ledger)."""
     env = dict(os.environ, WATTPROXY_DATA_DIR=str(tmp_path / "typo"))
