@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import secrets
 import time
@@ -60,8 +61,8 @@ def new_key(
             "user must be 1-128 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit"
         )
     for name, value in (("budget_kwh", budget_kwh), ("budget_co2_grams", budget_co2_grams)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be > 0")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0")
     if budget_period not in ("day", "month", "total"):
         raise ValueError("budget period must be day, month or total")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)

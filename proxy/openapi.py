@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from proxy import protocol as p
-from proxy.usage import UNIX_SECONDS
+from proxy.usage import BASIC_DATE, UNIX_SECONDS
 
 ERROR_STATUSES = {
     "400": "Invalid request (the `param` names the field)",
@@ -26,7 +26,8 @@ TIME = {
     "anyOf": [
         {"type": "string", "format": "date-time"},
         {"type": "string", "format": "date"},
-        {"type": "string", "pattern": f"^{UNIX_SECONDS}$", "description": "Unix seconds"},
+        {"type": "string", "pattern": f"^{BASIC_DATE}$", "description": "ISO 8601 basic date (20261128)"},
+        {"type": "string", "pattern": f"^{UNIX_SECONDS}$", "description": "Unix seconds (not 8 digits)"},
         {"const": ""},
     ]
 }

@@ -80,20 +80,26 @@ def total_row(rows: Sequence[UsageRow]) -> UsageRow:
     )
 
 
-# Unix seconds, as a time may be given (the OpenAPI document's pattern too)
+# Unix seconds, as a time may be given (the OpenAPI document's pattern too), and ISO 8601's basic date
+# (20261128), which eight digits are read as: as Unix seconds they would be a time in 1970-1973
 UNIX_SECONDS = r"[0-9]{1,12}(\.[0-9]+)?"
+BASIC_DATE = r"[0-9]{8}"
 _UNIX_SECONDS = re.compile(UNIX_SECONDS)
+_BASIC_DATE = re.compile(BASIC_DATE)
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:
-    """ISO 8601 date or datetime (UTC when no zone is given), or Unix seconds (as OpenAI's own usage API
-    takes its times); ValueError naming the parameter."""
+    """ISO 8601 date or datetime (UTC when no zone is given; the basic date 20261128 too), or Unix
+    seconds (as OpenAI's own usage API takes its times); ValueError naming the parameter."""
     if value is None or value == "":
         return None
     try:
-        if _UNIX_SECONDS.fullmatch(value):
+        if _BASIC_DATE.fullmatch(value):
+            when = datetime.strptime(value, "%Y%m%d")
+        elif _UNIX_SECONDS.fullmatch(value):
             return datetime.fromtimestamp(float(value), timezone.utc)
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        else:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except (ValueError, OverflowError, OSError) as e:
         raise ValueError(
             f"{name} must be an ISO 8601 date or time, e.g. 2026-11-01T12:00:00Z, or Unix seconds"

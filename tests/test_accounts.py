@@ -138,6 +138,10 @@ def test_usage_matches_responses_and_metrics_and_exports_csv(keyed) -> None:  # 
     by_seconds = _get(server, f"/v1/usage?start=0&end={now_s}", keys["bob"]).json()
     assert by_seconds["total"] == report["total"] and by_seconds["end"] == iso
     assert _get(server, f"/v1/usage?start={now_s}", keys["bob"]).json()["total"]["requests"] == 0
+    # eight digits are ISO 8601's basic date, not Unix seconds in 1970
+    yesterday = datetime.fromtimestamp(now_s - 86400, timezone.utc)
+    basic = _get(server, f"/v1/usage?start={yesterday:%Y%m%d}", keys["bob"]).json()
+    assert basic["start"] == f"{yesterday:%Y-%m-%d}T00:00:00+00:00" and basic["total"] == report["total"]
     for query, param in [
         ("start=yesterday", "start"),
         ("end=1e9", "end"),
@@ -392,6 +396,18 @@ def test_budgets_of_different_periods_each_hold(tmp_path: Path) -> None:
         await ledger.close()
 
     asyncio.run(scenario())
+
+
+def test_a_budget_must_be_a_finite_number() -> None:
+    """An infinite budget (which `float()` makes of "inf" or "1e999" on the command line) is refused:
+    it would limit nothing and make the usage and key listings invalid JSON (`Infinity`)."""
+    from proxy.auth import new_key
+
+    for value in (math.inf, float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            new_key("erin", budget_kwh=value)
+        with pytest.raises(ValueError, match="finite number > 0"):
+            new_key("erin", budget_co2_grams=value)
 
 
 def test_a_budget_refresh_loses_no_request_recorded_while_it_reads(tmp_path: Path) -> None:
