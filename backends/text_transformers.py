@@ -357,7 +357,28 @@ class TransformersTextBackend:
             **{_DTYPE_KWARG: dtype},
         )
         model.eval()
-        self._set_up(model, tokenizer, counting_tokenizer, model.config, model.generation_config)
+        generation = model.generation_config
+        model.generation_config = self._neutral(generation)
+        self._set_up(model, tokenizer, counting_tokenizer, model.config, generation)
+
+    def _neutral(self, generation: GenerationConfig) -> GenerationConfig:
+        """The checkpoint's generation config with its token ids only. A request's own parameters
+        define its sampling, as in OpenAI's API: `generate` would otherwise take the checkpoint's
+        defaults (an instruct model's `do_sample`, `temperature` 0.6, `top_p` 0.9, `repetition_penalty`,
+        ...) for whatever equals transformers' global default in the config passed to it: so in
+        4.50-4.57 a temperature-0 request sampled, and in 5.x a checkpoint's repetition penalty changed
+        every answer."""
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+        dropped = {
+            k: v
+            for k, v in generation.to_diff_dict().items()
+            if k not in ids
+            and k not in ("transformers_version", "use_cache", "return_dict_in_generate")
+            and not k.startswith(("_", "output_"))
+        }
+        if dropped:
+            logger.info("%s: the checkpoint's generation defaults are not applied: %s", self.name, dropped)
+        return GenerationConfig(**{k: getattr(generation, k, None) for k in ids})
 
     def load_tokenizer(self) -> None:
         """Load what counting prompts needs (the tokenizer and the model's config), not the weights:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -265,6 +266,33 @@ def test_seeded_sampling_is_reproducible(text: TransformersTextBackend) -> None:
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
+
+
+def test_a_checkpoints_generation_defaults_do_not_change_what_a_request_asked_for(
+    text: TransformersTextBackend, tmp_path: Path
+) -> None:
+    """An instruct checkpoint's generation_config.json (sampling on, temperature 0.6, top_p 0.9, a
+    repetition penalty...) is not applied over a request's own parameters: transformers 4.50-4.57 took
+    it for whatever equalled its global default (so temperature 0 sampled), 5.x for what was unset."""
+    import shutil
+
+    copy = tmp_path / "instruct-like"
+    shutil.copytree(text.source, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    config.update(
+        do_sample=True, temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.5, no_repeat_ngram_size=2
+    )
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    instruct = TransformersTextBackend("instruct-like", copy)
+    instruct.load()
+    try:
+        for asked in (
+            TextRequest(prompt="Once upon a time", max_tokens=24, temperature=0.0),
+            TextRequest(prompt="Once upon a time", max_tokens=24, temperature=1.0, top_p=1.0, seed=3),
+        ):
+            assert _text(instruct, asked)[0].text == _text(text, asked)[0].text
+    finally:
+        instruct.close()
 
 
 def test_batch_key_is_the_sampling_parameters(text: TransformersTextBackend) -> None:
