@@ -456,17 +456,25 @@ def _sampling(served: ServedModel, req: ChatCompletionRequest | CompletionReques
     }
 
 
-def _max_tokens(ms: ModelSettings, **candidates: int | None) -> int:
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # a completion's max_tokens where it sends none (OpenAI's, vLLM's)
+
+
+def _max_tokens(ms: ModelSettings, *, chat: bool, **candidates: int | None) -> tuple[int, str | None]:
+    """The completion-token limit, and the parameter that asked for it (None: the model's default,
+    which `_check_prompt` caps at what the context leaves rather than refusing)."""
     param, asked = next(((k, c) for k, c in candidates.items() if c is not None), ("max_tokens", None))
     if asked is None:
-        return ms.default_max_tokens
+        default = ms.default_max_tokens
+        if default is None:
+            default = ms.max_tokens if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, ms.max_tokens)
+        return default, None
     if asked > ms.max_tokens:
         raise InvalidRequest(
             f"{param} is {asked}, above this model's limit of {ms.max_tokens}",
             param=param,
             code="max_tokens_exceeded",
         )
-    return asked
+    return asked, param
 
 
 def _check_n(ms: ModelSettings, n: int, prompts: int = 1, *, queued: bool = True) -> None:
@@ -493,9 +501,12 @@ def _check_n(ms: ModelSettings, n: int, prompts: int = 1, *, queued: bool = True
 TOKENIZE_ON_LOOP_MAX_CHARS = 4096
 
 
-async def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> TextRequest:
+async def _check_prompt(
+    served: ServedModel, req: TextRequest, param: str, limit_param: str | None
+) -> TextRequest:
     """The request, with its prompt's token ids where the backend gives them, once its length is
-    within the model's limits."""
+    within the model's limits; a default max_tokens (`limit_param` None) capped at what the context
+    leaves."""
     chars = len(req.prompt) if req.prompt is not None else sum(len(m.content) for m in req.messages or ())
     if chars > TOKENIZE_ON_LOOP_MAX_CHARS:
         req, counted = await asyncio.to_thread(served.tokenized, req)
@@ -510,10 +521,19 @@ async def _check_prompt(served: ServedModel, req: TextRequest, param: str) -> Te
         )
     context = served.max_context_tokens()
     if context is not None and counted + req.max_tokens > context:
+        if limit_param is None and counted < context:  # nobody asked for that many: as many as fit
+            return replace(req, max_tokens=context - counted)
+        if limit_param is None:
+            raise InvalidRequest(
+                f"the prompt has {counted} tokens, which leaves no room in the model's context of "
+                f"{context} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         raise InvalidRequest(
-            f"prompt ({counted} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's context of "
-            f"{context} tokens",
-            param="max_tokens",
+            f"prompt ({counted} tokens) plus {limit_param} ({req.max_tokens}) exceeds the model's context "
+            f"of {context} tokens",
+            param=limit_param,
             code="context_length_exceeded",
         )
     return req
@@ -735,7 +755,9 @@ async def _chat_completions(
     ms = served.settings
     _check_supported(served, req)
     _check_n(ms, req.n)
-    max_tokens = _max_tokens(ms, max_completion_tokens=req.max_completion_tokens, max_tokens=req.max_tokens)
+    max_tokens, limit_param = _max_tokens(
+        ms, chat=True, max_completion_tokens=req.max_completion_tokens, max_tokens=req.max_tokens
+    )
     messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
     base = TextRequest(
         messages=messages,
@@ -746,7 +768,7 @@ async def _chat_completions(
         seed=req.seed,
         **_sampling(served, req),
     )
-    base = await _check_prompt(served, base, "messages")
+    base = await _check_prompt(served, base, "messages", limit_param)
     _admit(request)
     bases = _choices(base, req.n)
     if req.stream:
@@ -798,7 +820,7 @@ async def _completions(
     _check_supported(served, req)
     prompts = req.prompts()
     _check_n(ms, req.n, len(prompts))
-    max_tokens = _max_tokens(ms, max_tokens=req.max_tokens)
+    max_tokens, limit_param = _max_tokens(ms, chat=False, max_tokens=req.max_tokens)
     bases = []
     sampling = _sampling(served, req)
     for p in prompts:
@@ -811,7 +833,7 @@ async def _completions(
             seed=req.seed,
             **sampling,
         )
-        base = await _check_prompt(served, base, "prompt")
+        base = await _check_prompt(served, base, "prompt", limit_param)
         bases.extend(_choices(base, req.n))
     _admit(request)
     if req.stream:

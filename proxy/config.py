@@ -79,7 +79,10 @@ class ModelSettings(_Strict):
     own_process: bool = True
     # text limits
     max_tokens: int = Field(256, ge=1)  # upper bound on max_tokens a request may ask for
-    default_max_tokens: int = Field(16, ge=1)
+    # max_tokens of a request that sends none. None, as OpenAI's API: a chat goes on to its end of
+    # sequence, `max_tokens` or the context, whichever comes first; a completion gets 16 (OpenAI's and
+    # vLLM's default for the legacy endpoint). A default is capped at what the context leaves.
+    default_max_tokens: int | None = Field(None, ge=1)
     # Streamed pieces go from the model's thread to the event loop after each decoding step, but not
     # more often than this: faster steps (a small model on a CPU) are handed over a few at a time, and
     # a stream writes them in one go. 0: every step on its own. Steps slower than this are unaffected.
@@ -107,7 +110,7 @@ class ModelSettings(_Strict):
     def _defaults_within_limits(self) -> ModelSettings:
         if self.task == "image" and self.default_size not in self.sizes:
             raise ValueError(f"default_size {self.default_size!r} is not in sizes {self.sizes}")
-        if self.default_max_tokens > self.max_tokens:
+        if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens:
             raise ValueError("default_max_tokens exceeds max_tokens")
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps exceeds max_steps")

@@ -683,6 +683,32 @@ class ThreadNotingBackend(BackendWrapper):
         return self.inner.prompt_ids(request)  # type: ignore[attr-defined,no-any-return]
 
 
+def test_a_request_without_max_tokens_gets_the_models_default_capped_by_the_context(
+    server: LiveServer,
+) -> None:
+    """As OpenAI's API: a chat that sends no limit goes on to its end of sequence, the model's
+    max_tokens (64 here) or the context, whichever comes first, never refused for a limit it did not
+    send; a completion gets 16. A limit the client sent and the context cannot hold is a 400 naming
+    the parameter it sent."""
+    c = client(server)
+    chat = c.chat.completions.create(model="tiny-gpt2", messages=[{"role": "user", "content": "Tell me"}])
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens == 64 or chat.choices[0].finish_reason == "stop"
+    assert chat.usage.completion_tokens > 16
+    completion = c.completions.create(model="tiny-gpt2", prompt="Tell me")
+    assert completion.usage is not None and completion.usage.completion_tokens <= 16
+    context = 512  # tiny-gpt2's
+    long = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "a fox " * 240}]}
+    capped = _post(server, CHAT, long)
+    assert capped.status_code == 200, capped.text
+    usage = capped.json()["usage"]
+    assert context - 64 < usage["prompt_tokens"] < context
+    assert usage["completion_tokens"] <= context - usage["prompt_tokens"]
+    for param in ("max_tokens", "max_completion_tokens"):
+        err = _error(_post(server, CHAT, {**long, param: 64}), 400, param)
+        assert err["code"] == "context_length_exceeded"
+
+
 def test_long_prompts_are_counted_off_the_event_loop(make_server, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
     """A prompt longer than TOKENIZE_ON_LOOP_MAX_CHARS is tokenized on a worker thread: a megabyte of
     prompt would otherwise hold every other request and stream for half a second."""
