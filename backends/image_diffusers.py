@@ -95,7 +95,10 @@ class DiffusersImageBackend:
             # (diffusers issues #1606, #7851).
             pipe.scheduler = type(pipe.scheduler).from_config(self._scheduler_config)
             generators = [
-                torch.Generator(device=self.device).manual_seed(seed) for member in seeds for seed in member
+                # an unsigned 64-bit number (a request's seed is int64, then + i)
+                torch.Generator(device=self.device).manual_seed(seed % 2**64)
+                for member in seeds
+                for seed in member
             ]
             output = pipe(
                 prompt=prompts,

@@ -574,6 +574,7 @@ class TransformersTextBackend:
         if seed is None:
             yield
             return
+        seed %= 2**64  # a generator's seed is an unsigned 64-bit number (a request's is int64, plus choice)
         device = torch.device(self.device)
         if device.type != "cuda":
             with torch.random.fork_rng(devices=[]):

@@ -214,7 +214,7 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI and vLLM take it
     user: str | None = Field(None, max_length=256)  # accepted, never used as a metric label
     # asked of the model (see _ASKED_DOC)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED_DOC)
@@ -357,7 +357,7 @@ class ImageGenerationRequest(_Request):
     # WattProxy extensions
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI and vLLM take it
     negative_prompt: str | None = None
 
     @field_validator("size")
