@@ -1,6 +1,7 @@
 """Text generation with transformers: one `generate` call per batch, streamed per row.
 
-A batch shares its sampling parameters (the batch key) but not its lengths: the prompts are padded
+Any text requests batch together: each row samples with its own temperature, top_p and generator
+(its seed's: `_RowSampler`), its own penalties and bias (`_RowPenalties`); the prompts are padded
 on the left, generation runs to the largest `max_tokens`, and each row stops on its own (EOS, a stop
 string, its own `max_tokens`) through a per-row stopping criterion. Rows that stop early cost the
 padding of the later steps, which is why `work_units` counts only each row's own tokens.
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -260,6 +260,54 @@ class _RowPenalties(LogitsProcessor):
         return scores + self._bias if self._bias is not None else scores
 
 
+class _RowSampler(LogitsProcessor):
+    """Draws each sampled row's next token with a generator of its own, at its own temperature and
+    top_p, as OpenAI and vLLM sample: a generator seeded with `seed + choice` where the request has a
+    seed (so that a seeded row's tokens depend on its own request, not on its batch-mates or its place
+    in the batch), from fresh entropy where it has none. The drawn token is left the row's only finite
+    score, so that `generate`'s greedy step takes it; greedy rows (temperature 0) are left as they are.
+
+    Inverse-CDF sampling over the row's probabilities (sorted, for top_p: the smallest set of most
+    likely tokens whose mass reaches top_p, as transformers' TopPLogitsWarper keeps), with one uniform
+    number a row and step from its generator. The generators are the CPU's (one draw a row costs no
+    device kernel), so a seed draws the same numbers on any device."""
+
+    def __init__(self, requests: Sequence[TextRequest]) -> None:
+        sampled = [(i, r) for i, r in enumerate(requests) if r.temperature >= GREEDY_BELOW]
+        self._rows = torch.tensor([i for i, _ in sampled], dtype=torch.long)
+        self._temperature = torch.tensor([[r.temperature] for _, r in sampled], dtype=torch.float32)
+        self._top_p = torch.tensor([[r.top_p] for _, r in sampled], dtype=torch.float32)
+        self._nucleus = any(r.top_p < 1.0 for _, r in sampled)
+        self._generators = []
+        for _, r in sampled:
+            generator = torch.Generator()
+            if r.seed is None:
+                generator.seed()  # fresh entropy
+            else:
+                generator.manual_seed((r.seed + r.choice) % 2**64)  # an unsigned 64-bit number
+            self._generators.append(generator)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        device = scores.device
+        rows = self._rows.to(device)
+        logits = scores.index_select(0, rows).float() / self._temperature.to(device)
+        probs = torch.softmax(logits, dim=-1)
+        order: torch.Tensor | None = None
+        if self._nucleus:
+            probs, order = probs.sort(dim=-1, descending=True)
+            cut = (probs.cumsum(dim=-1) - probs) >= self._top_p.to(device)  # mass before it reaches top_p
+            probs = probs.masked_fill(cut, 0.0)
+        cumulative = probs.cumsum(dim=-1)
+        draws = torch.cat([torch.rand(1, generator=g) for g in self._generators]).to(device)
+        picked = torch.searchsorted(cumulative, (draws * cumulative[:, -1]).unsqueeze(-1), right=True)
+        picked = picked.clamp_(max=probs.shape[-1] - 1)
+        tokens = order.gather(-1, picked) if order is not None else picked
+        out = scores.clone()
+        out[rows] = -torch.inf
+        out[rows.unsqueeze(-1), tokens] = 0.0
+        return out
+
+
 def _asks_penalties(requests: Sequence[TextRequest]) -> bool:
     return any(r.presence_penalty or r.frequency_penalty or r.logit_bias for r in requests)
 
@@ -439,16 +487,11 @@ class TransformersTextBackend:
         return len(request.prompt_ids if request.prompt_ids is not None else self.prompt_ids(request))
 
     def batch_key(self, request: BackendRequest) -> Hashable:
-        """Greedy requests (temperature 0) batch together; sampled ones by (temperature, top_p, seed).
-
-        `max_tokens` and `stop` are per row, so they do not split batches. A seeded batch draws from
-        one seeded stream: a seeded result repeats when its batch does (alone, it always does).
-        """
+        """Every text request batches with every other: sampling parameters, seeds, penalties,
+        `max_tokens` and `stop` are each row's own (`_RowSampler`, `_RowPenalties`, `_Row`)."""
         if not isinstance(request, TextRequest):
             raise TypeError(f"{self.name} serves text requests, not {type(request).__name__}")
-        if request.temperature < GREEDY_BELOW:
-            return ("greedy",)
-        return ("sample", request.temperature, request.top_p, request.seed)
+        return ("text",)
 
     def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
         """Generate for every member; results in batch order. Blocks: call from the device's worker."""
@@ -471,28 +514,26 @@ class TransformersTextBackend:
                 attention_mask[i, width - len(prompt) :] = 1
             rows = [_Row(request, tokenizer, self._eos_ids) for request in requests]
             stream = _BatchStream(rows, prompt_width=width, flushes=flushes_of(requests))
-            first = requests[0]
-            sampled = first.temperature >= GREEDY_BELOW
+            # Greedy steps: every row's sampling is done by the processors, each row its own
             config = GenerationConfig(
                 max_new_tokens=max(request.max_tokens for request in requests),
-                do_sample=sampled,
-                temperature=first.temperature if sampled else 1.0,
-                top_p=first.top_p if sampled else 1.0,
-                top_k=0 if sampled else None,  # OpenAI sampling has no top-k; transformers defaults to 50
+                do_sample=False,
                 eos_token_id=sorted(self._eos_ids),
                 pad_token_id=self._pad_id,
             )
-            with self._seeded(first.seed + first.choice if sampled and first.seed is not None else None):
-                model.generate(
-                    input_ids=input_ids.to(model.device),
-                    attention_mask=attention_mask.to(model.device),
-                    generation_config=config,
-                    logits_processor=LogitsProcessorList(
-                        [_RowPenalties(requests, width)] if _asks_penalties(requests) else []
-                    ),
-                    stopping_criteria=StoppingCriteriaList([_RowsFinished(stream)]),
-                    streamer=stream,
-                )
+            processors: list[LogitsProcessor] = []
+            if _asks_penalties(requests):
+                processors.append(_RowPenalties(requests, width))  # before temperature, as OpenAI's
+            if any(request.temperature >= GREEDY_BELOW for request in requests):
+                processors.append(_RowSampler(requests))
+            model.generate(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList(processors),
+                stopping_criteria=StoppingCriteriaList([_RowsFinished(stream)]),
+                streamer=stream,
+            )
             stream.end()  # idempotent: rows already finished keep their reason
         return [
             TextResult(
@@ -567,22 +608,3 @@ class TransformersTextBackend:
             ids = encode(request.prompt or "", True)
         # An empty prompt starts from the beginning-of-text token, as GPT-2-style models expect.
         return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self._pad_id]
-
-    @contextmanager
-    def _seeded(self, seed: int | None) -> Iterator[None]:
-        """Sample from `seed` (this device's and the CPU's generators), restoring them afterwards."""
-        if seed is None:
-            yield
-            return
-        seed %= 2**64  # a generator's seed is an unsigned 64-bit number (a request's is int64, plus choice)
-        device = torch.device(self.device)
-        if device.type != "cuda":
-            with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed(seed)
-                yield
-            return
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[index]), torch.cuda.device(index):
-            torch.random.default_generator.manual_seed(seed)
-            torch.cuda.manual_seed(seed)  # the current device's generator only
-            yield

@@ -638,32 +638,38 @@ def test_full_queue_answers_429_with_retry_after(make_server) -> None:  # type: 
 
 def test_a_request_whose_choices_do_not_all_fit_is_refused_before_any_runs(make_server) -> None:  # type: ignore[no-untyped-def]
     """All or nothing on 429: its first choice completing a batch with a queued request must not send that
-    batch to the device (where it would run, and be charged, for a request answered 429)."""
+    batch to the device (where it would run, and be charged, for a request answered 429 when a later
+    choice finds the user's share of the queue full)."""
     from proxy.config import ModelSettings
 
     server = make_server(
         models=[
             ModelSettings(
-                name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", max_batch_size=2, max_queue=4, max_n=4
+                name="tiny-gpt2",
+                task="text",
+                source="tiny:tiny-gpt2",
+                max_batch_size=2,
+                max_queue=8,
+                max_queue_per_user=2,
+                max_n=4,
             )
         ]
     )
     gate = _hold_device(server)
     queue = server.app[SCHEDULER].queues["tiny-gpt2"]  # type: ignore[index]
     ask = {"model": "tiny-gpt2", "prompt": "x", "max_tokens": 2}
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(_post, server, "/v1/completions", {**ask, "temperature": 0.9})]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(_post, server, "/v1/completions", ask)]
         _until(lambda: queue.running == 1, "a batch holds the device")
-        for t in (0.5, 0.6, 0.7):  # three batch keys: none of them a full batch
-            futures.append(pool.submit(_post, server, "/v1/completions", {**ask, "temperature": t}))
-        _until(lambda: queue.depth() == 3, "three requests are queued")
-        refused = _post(server, "/v1/completions", {**ask, "temperature": 0.5, "n": 4})
+        futures.append(pool.submit(_post, server, "/v1/completions", ask))
+        _until(lambda: queue.depth() == 1, "a request is queued")
+        refused = _post(server, "/v1/completions", {**ask, "n": 4})
         assert _error(refused, 429)["type"] == "rate_limit_exceeded"
-        assert queue.running == 1 and queue.depth() == 3  # nothing of it queued, nothing sent ahead
+        assert queue.running == 1 and queue.depth() == 1  # nothing of it queued, nothing sent ahead
         gate.set()
-        assert [f.result(timeout=60).status_code for f in futures] == [200] * 4
+        assert [f.result(timeout=60).status_code for f in futures] == [200] * 2
     records = server.call(server.app[LEDGER].records())  # type: ignore[index]
-    assert len(records) == 4
+    assert len(records) == 2
     assert not any(r.request_id.startswith(refused.headers["X-Request-Id"]) for r in records)
 
 

@@ -295,16 +295,57 @@ def test_a_checkpoints_generation_defaults_do_not_change_what_a_request_asked_fo
         instruct.close()
 
 
-def test_batch_key_is_the_sampling_parameters(text: TransformersTextBackend) -> None:
+def test_every_text_request_shares_one_batch_key(text: TransformersTextBackend) -> None:
+    """Sampling parameters, seeds, limits and stops are each row's own: any text requests batch."""
     greedy = TextRequest(prompt="a", temperature=0, top_p=0.5, seed=1, max_tokens=3)
-    assert text.batch_key(greedy) == text.batch_key(TextRequest(prompt="b", temperature=0, max_tokens=99))
     sampled = TextRequest(prompt="a", temperature=0.7, top_p=0.9, seed=1)
-    chat = TextRequest(messages=(ChatMessage("user", "b"),), temperature=0.7, top_p=0.9, seed=1, max_tokens=5)
-    assert text.batch_key(sampled) == text.batch_key(chat)
-    for other in ({"seed": 2}, {"top_p": 0.8}, {"temperature": 0.6}):
-        assert text.batch_key(sampled) != text.batch_key(replace(sampled, **other))
-    with pytest.raises(ValueError, match="batch key"):
-        text.run([greedy, sampled])
+    chat = TextRequest(messages=(ChatMessage("user", "b"),), temperature=1.3, top_p=1.0, seed=2, max_tokens=5)
+    assert text.batch_key(greedy) == text.batch_key(sampled) == text.batch_key(chat)
+    assert len(text.run([greedy, sampled, chat])) == 3
+
+
+def test_a_seeded_request_samples_the_same_alone_or_in_any_batch(text: TransformersTextBackend) -> None:
+    """As OpenAI's seed (and vLLM's generator a request): the same seeded request gives the same text
+    whatever its batch-mates and its place among them; its choices are different samples."""
+    mine = TextRequest(prompt="Once upon a time", max_tokens=16, temperature=0.8, top_p=0.9, seed=42)
+    alone = _text(text, mine)[0].text
+    others = [
+        TextRequest(prompt="other", max_tokens=16, temperature=1.0, seed=1),
+        TextRequest(prompt="Once upon a time", max_tokens=16, temperature=0.0),
+        TextRequest(prompt="x y z", max_tokens=4, temperature=0.5),
+    ]
+    assert _text(text, *others, mine)[3].text == alone
+    assert _text(text, mine, *others)[0].text == alone
+    assert _text(text, others[0], mine, mine)[1:] == _text(text, mine, mine)  # two of it: the same twice
+    choices = {_text(text, replace(mine, choice=c))[0].text for c in range(3)}
+    assert len(choices) == 3
+
+
+def test_rows_are_sampled_from_their_own_distribution() -> None:
+    """The sampler draws a row's token with the probabilities its temperature and top_p give (over a
+    four-token vocabulary, 4,000 seeded draws: deterministic)."""
+    from backends.text_transformers import _RowSampler
+
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    cases = [
+        ((1.0, 1.0), probs),
+        ((0.5, 1.0), probs**2 / (probs**2).sum()),  # temperature 0.5: p^2, renormalized
+        ((1.0, 0.65), torch.tensor([0.0, 0.0, 3 / 7, 4 / 7])),  # the most likely tokens reaching 0.65
+    ]
+    draws = 4000
+    for (temperature, top_p), expected in cases:
+        requests = [
+            TextRequest(prompt="x", temperature=temperature, top_p=top_p, seed=seed) for seed in range(draws)
+        ]
+        scores = probs.log().expand(draws, 4).clone()
+        out = _RowSampler(requests)(torch.zeros((draws, 1), dtype=torch.long), scores)
+        assert torch.isfinite(out).sum(dim=1).eq(1).all()  # one token left a row
+        counts = torch.bincount(out.argmax(dim=1), minlength=4).float() / draws
+        assert torch.allclose(counts, expected, atol=0.03), (temperature, top_p, counts)
+    greedy = TextRequest(prompt="x", temperature=0.0)
+    scores = probs.log().expand(2, 4).clone()
+    out = _RowSampler([greedy, TextRequest(prompt="x", temperature=1.0, seed=0)])(torch.zeros((2, 1)), scores)
+    assert torch.equal(out[0], scores[0])  # a greedy row is left as it was
 
 
 _SPECIAL_OR_TEXT = st.one_of(
