@@ -29,7 +29,15 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from backends.base import Backend, BackendRequest, BackendResult, ImageResult, flush_all, flushes_of
+from backends.base import (
+    Backend,
+    BackendRequest,
+    BackendResult,
+    ImageRequest,
+    ImageResult,
+    flush_all,
+    flushes_of,
+)
 from proxy.carbon import CarbonCharge
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
 
@@ -75,6 +83,7 @@ class WorkItem:
     # streaming: text pieces arrive here from the worker thread; None marks the end of the text
     pieces: asyncio.Queue[str | None] | None = None
     state: Literal["queued", "dropped", "running", "done"] = "queued"
+    units: int = 1  # what it takes of a batch's `max_batch_size`: an image request's images, else 1
 
 
 class StepPieces:
@@ -353,6 +362,7 @@ class ModelQueue:
     fair: bool = False  # batches take users in turn when more wait than a batch holds (`_fair_batch`)
     stream_interval_s: float = 0.0  # StepPieces' interval_s
     items: deque[WorkItem] = field(default_factory=deque)
+    queued_units: int = 0  # the queued items' units (WorkItem.units)
     running: int = 0
     batch_seconds_ewma: float = 0.0
     # Members answered in the model's last answers and not yet matched by an arrival, and when those
@@ -394,12 +404,14 @@ class ModelQueue:
             enqueued_s=self.clock(),
             future=loop.create_future(),
             pieces=pieces,
+            units=request.n if isinstance(request, ImageRequest) else 1,
         )
         self.items.append(item)
+        self.queued_units += item.units
         if self._returning:
             self._returning -= 1
         self._arrived.set()
-        if len(self._in_flight) == 1 and len(self.items) >= self.max_batch_size:
+        if len(self._in_flight) == 1 and self.queued_units >= self.max_batch_size:
             self._queue_ahead()
         return item
 
@@ -430,6 +442,7 @@ class ModelQueue:
         item.state = "dropped"
         with contextlib.suppress(ValueError):
             self.items.remove(item)
+            self.queued_units -= item.units
         return True
 
     def start(self) -> None:
@@ -448,14 +461,34 @@ class ModelQueue:
         return not self.items and self.running == 0 and not self._finishers
 
     def _compatible(self, key: Hashable) -> list[WorkItem]:
-        return [it for it in self.items if it.key == key][: self.max_batch_size]
+        """The queued items of `key` in arrival order, as many as `max_batch_size` holds (in units: an
+        image request's images; the first always, however many it has)."""
+        batch: list[WorkItem] = []
+        units, size = 0, self.max_batch_size
+        for it in self.items:
+            if it.key == key:
+                if batch and units + it.units > size:
+                    break
+                batch.append(it)
+                units += it.units
+                if units >= size:
+                    break
+        return batch
 
     def _choose(self) -> list[WorkItem]:
         """The next batch from the queue as it is: the oldest item and its compatible items in arrival
         order, or, when more wait than a batch holds and the order is fair, `_fair_batch`."""
-        if self.fair and len(self.items) > self.max_batch_size:
+        if self.fair and self.queued_units > self.max_batch_size:
             return self._fair_batch()
         return self._compatible(self.items[0].key)
+
+    def _has_room(self, batch: list[WorkItem], key: Hashable) -> bool:
+        """Whether `batch` could still take a batch-mate: under `max_batch_size` in units, and nothing
+        compatible queued left out of it (FIFO: what did not fit is not passed over for a later one)."""
+        units = sum(it.units for it in batch)
+        if units >= self.max_batch_size:
+            return False
+        return sum(1 for it in self.items if it.key == key and it.state == "queued") <= len(batch)
 
     def _fair_batch(self) -> list[WorkItem]:
         """Users in turn: the user whose last batch is oldest (never served first; ties in the order of
@@ -475,11 +508,16 @@ class ModelQueue:
             if it.key == key and len(queued := mine[it.tag.user]) < size:
                 queued.append(it)
         batch: list[WorkItem] = []
+        units = 0
         for turn in range(size):
             for user in order:
                 if turn < len(queued := mine[user]):
-                    batch.append(queued[turn])
-                    if len(batch) == size:
+                    it = queued[turn]
+                    if batch and units + it.units > size:
+                        return batch
+                    batch.append(it)
+                    units += it.units
+                    if units >= size:
                         return batch
         return batch
 
@@ -492,11 +530,12 @@ class ModelQueue:
         return self._returning == 0
 
     def _full_batch(self) -> list[WorkItem] | None:
-        """A full batch of queued items (`_choose`'s), if one is waiting."""
-        if len(self.items) < self.max_batch_size:
+        """A full batch of queued items (`_choose`'s), if one is waiting: `max_batch_size` in units, or
+        as many as fit before the next compatible one, which does not."""
+        if self.queued_units < self.max_batch_size or not self.items:
             return None
         batch = [it for it in self._choose() if it.state == "queued"]
-        return batch if len(batch) == self.max_batch_size else None
+        return batch if batch and not self._has_room(batch, batch[0].key) else None
 
     async def _next_batch(self) -> list[WorkItem]:
         """Wait for the next batch: the oldest item and its compatible items, waiting for batch-mates
@@ -509,7 +548,7 @@ class ModelQueue:
             deadline = first.enqueued_s + self.max_wait_s
             batch = self._compatible(first.key)
             while (
-                len(batch) < self.max_batch_size
+                self._has_room(batch, first.key)
                 and (remaining := deadline - self.clock()) > 0
                 and not self._all_back()
             ):
@@ -526,6 +565,7 @@ class ModelQueue:
     def _dispatch(self, batch: list[WorkItem]) -> asyncio.Future[JobResult]:
         for it in batch:
             self.items.remove(it)
+            self.queued_units -= it.units
             it.state = "running"
         if self.fair:
             self._batches += 1

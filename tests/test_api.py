@@ -984,6 +984,7 @@ def test_a_fair_batch_leads_with_the_user_served_longest_ago_and_keeps_to_one_ke
     queue = ModelQueue("m", "text", None, None, 3, 0.0, 64, None, fair=True)  # type: ignore[arg-type]
     arrivals = [("a", "k1"), ("a", "k1"), ("b", "k2"), ("b", "k1"), ("c", "k1"), ("a", "k1")]
     queue.items.extend(item(user, key, n) for n, (user, key) in enumerate(arrivals, 1))
+    queue.queued_units = len(queue.items)  # as `submit` counts them
 
     def ids(batch: list[WorkItem]) -> list[str]:
         return [it.tag.request_id for it in batch]
@@ -998,6 +999,33 @@ def test_a_fair_batch_leads_with_the_user_served_longest_ago_and_keeps_to_one_ke
     assert ids(queue._choose()) == ["a1", "a2", "b4", "c5", "a6"]
     queue.fair, queue.max_batch_size = False, 3
     assert ids(queue._choose()) == ["a1", "a2", "b4"]
+
+
+def test_an_image_batch_holds_max_batch_size_images_not_requests() -> None:
+    """An image request takes its `n` images of a batch: four requests of n=4 at max_batch_size 8 are two
+    pipeline calls of 8 images, not one of 16 (which a GPU sized for 8 may not hold); one request with
+    more images than a batch holds runs alone; what does not fit is not passed over (FIFO)."""
+    from backends.base import ImageRequest
+    from proxy.scheduler import ModelQueue, RequestTag, WorkItem
+
+    def item(name: str, n: int, user: str = "u") -> WorkItem:
+        tag = RequestTag(request_id=name, model="m", task="image", user=user)
+        return WorkItem(ImageRequest(prompt=name, n=n), tag, "k", 0.0, None, units=n)  # type: ignore[arg-type]
+
+    for fair in (False, True):
+        queue = ModelQueue("m", "image", None, None, 8, 0.0, 64, None, fair=fair)  # type: ignore[arg-type]
+
+        def queued(*items: WorkItem, q: ModelQueue = queue) -> list[str]:
+            q.items.clear()
+            q.items.extend(items)
+            q.queued_units = sum(it.units for it in items)
+            full = q._full_batch()
+            return [it.tag.request_id for it in q._choose()] + (["(full)"] if full else [])
+
+        assert queued(*(item(f"r{i}", 4, f"u{i}") for i in range(4))) == ["r0", "r1", "(full)"]
+        assert queued(item("big", 12), item("r1", 1)) == ["big", "(full)"]
+        assert queued(item("r0", 3), item("r1", 6), item("r2", 1)) == ["r0", "(full)"]  # r1 does not fit
+        assert queued(item("r0", 3), item("r1", 2)) == ["r0", "r1"]  # room for more: not full
 
 
 @pytest.mark.parametrize("order", ["fair", "arrival"])
