@@ -81,10 +81,12 @@ def total_row(rows: Sequence[UsageRow]) -> UsageRow:
 
 
 # Unix seconds, as a time may be given (the OpenAPI document's pattern too), and ISO 8601's basic date
-# (20261128), which eight digits are read as: as Unix seconds they would be a time in 1970-1973
+# (20261128), which eight digits that are a calendar date are read as (as Unix seconds they would be a
+# time in 1970-1973); other eight digits are Unix seconds
 UNIX_SECONDS = r"[0-9]{1,12}(\.[0-9]+)?"
 BASIC_DATE = r"[0-9]{8}"
 _UNIX_SECONDS = re.compile(UNIX_SECONDS)
+MAX_UNIX_S = 253_402_300_799.0  # 9999-12-31T23:59:59Z
 _BASIC_DATE = re.compile(BASIC_DATE)
 
 
@@ -94,10 +96,10 @@ def parse_time(value: str | None, name: str) -> datetime | None:
     if value is None or value == "":
         return None
     try:
-        if _BASIC_DATE.fullmatch(value):
-            when = datetime.strptime(value, "%Y%m%d")
-        elif _UNIX_SECONDS.fullmatch(value):
-            return datetime.fromtimestamp(float(value), timezone.utc)
+        if _BASIC_DATE.fullmatch(value) and (date := _basic_date(value)) is not None:
+            when = date
+        elif _UNIX_SECONDS.fullmatch(value):  # twelve digits reach past 9999, as far as a datetime goes
+            return datetime.fromtimestamp(min(float(value), MAX_UNIX_S), timezone.utc)
         else:
             when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except (ValueError, OverflowError, OSError) as e:
@@ -105,6 +107,14 @@ def parse_time(value: str | None, name: str) -> datetime | None:
             f"{name} must be an ISO 8601 date or time, e.g. 2026-11-01T12:00:00Z, or Unix seconds"
         ) from e
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _basic_date(value: str) -> datetime | None:
+    """Eight digits as a calendar date (20261128), or None where they are none (00000000: Unix seconds)."""
+    try:
+        return datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        return None
 
 
 def check_range(start: datetime | None, end: datetime | None, names: tuple[str, str]) -> None:
