@@ -389,6 +389,7 @@ class TransformersTextBackend:
         self._eos_ids: frozenset[int] = frozenset()
         self._pad_id = 0
         self._max_context_tokens: int | None = None
+        self._logits_size: int | None = None  # the model's output vocabulary (config.vocab_size)
 
     def load(self) -> None:
         """Load tokenizer and weights onto `device` (blocking)."""
@@ -461,12 +462,17 @@ class TransformersTextBackend:
             self._counting_encode = _fast_encode(counting_tokenizer)
             self._eos_ids, self._pad_id = frozenset(eos_ids), pad
             self._max_context_tokens = positions
+            logits = getattr(config, "vocab_size", None)
+            self._logits_size = logits if isinstance(logits, int) and logits > 0 else None
 
     @property
     def vocab_size(self) -> int:
-        """Token ids the tokenizer knows: 0 to vocab_size - 1 (what a logit bias may name)."""
+        """Token ids a logit bias may name, 0 to vocab_size - 1: those the tokenizer knows and the model
+        has a logit for (a checkpoint whose tokenizer gained tokens its embeddings were not resized
+        for has fewer logits than tokens)."""
         self._counting()
-        return len(self._counting_tokenizer)
+        known = len(self._counting_tokenizer)
+        return min(known, self._logits_size) if self._logits_size is not None else known
 
     @property
     def max_context_tokens(self) -> int | None:

@@ -295,6 +295,26 @@ def test_a_checkpoints_generation_defaults_do_not_change_what_a_request_asked_fo
         instruct.close()
 
 
+def test_a_logit_bias_may_name_only_tokens_the_model_has_a_logit_for(
+    text: TransformersTextBackend, tmp_path: Path
+) -> None:
+    """A tokenizer that gained tokens its checkpoint's embeddings were not resized for knows ids past the
+    logits: a bias naming one must be refused (400), not index past the scores and fail the batch."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    copy = tmp_path / "grown-tokenizer"
+    shutil.copytree(text.source, copy)
+    tokenizer = AutoTokenizer.from_pretrained(copy)
+    logits = len(tokenizer)
+    tokenizer.add_tokens(["<tool>", "</tool>"])
+    tokenizer.save_pretrained(copy)
+    grown = TransformersTextBackend("grown", copy)
+    grown.load_tokenizer()
+    assert grown.vocab_size == logits == text.vocab_size
+
+
 def test_every_text_request_shares_one_batch_key(text: TransformersTextBackend) -> None:
     """Sampling parameters, seeds, limits and stops are each row's own: any text requests batch."""
     greedy = TextRequest(prompt="a", temperature=0, top_p=0.5, seed=1, max_tokens=3)
