@@ -353,6 +353,12 @@ def metric_samples(server: LiveServer) -> dict[str, list[tuple[dict[str, str], f
     return out
 
 
+def _chat(proxy: ProxyServer, model: str) -> requests.Response:
+    """A plain chat of `model` through the proxy, as raw HTTP."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+    return requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+
+
 def _energy(usage: Any) -> dict[str, Any]:
     return usage.model_extra["energy"]  # type: ignore[no-any-return]
 
@@ -633,8 +639,7 @@ def test_slow_and_erroring_upstreams_give_their_statuses(
     proxy = make_proxy(stub.url, upstream={"read_timeout_s": 0.3})
 
     def chat(model: str) -> requests.Response:
-        body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
-        return requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+        return _chat(proxy, model)
 
     t0 = time.monotonic()
     slow = chat("slow")
@@ -685,8 +690,7 @@ def test_error_answers_reach_the_client_in_the_openai_envelope(
     proxy = make_proxy(stub.url)
 
     def chat(model: str) -> requests.Response:
-        body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
-        return requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+        return _chat(proxy, model)
 
     for model in ("flat-error-200", "empty-200"):  # a 200 that is no answer is not passed on as one
         r = chat(model)
@@ -790,8 +794,7 @@ def test_a_short_request_is_answered_without_waiting_for_a_long_plain_one(
     proxy = make_proxy(stub.url)
 
     def chat(model: str) -> requests.Response:
-        body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
-        return requests.post(proxy.base_url + CHAT, json=body, timeout=30)
+        return _chat(proxy, model)
 
     with ThreadPoolExecutor(1) as pool:
         long = pool.submit(chat, "long-plain")
