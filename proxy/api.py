@@ -690,6 +690,7 @@ class _ChatChunks:
     def usage(self, usage: Usage) -> dict[str, Any]:
         chunk = self._chunk([], usage).model_dump(exclude_none=True)
         chunk["choices"] = []
+        chunk["usage"] = usage.model_dump()  # whole, as a plain answer's: `energy` with its null fields
         return chunk
 
 

@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-policy", choices=["separate", "amortize"], help="what to do with idle energy")
     serve.add_argument("--carbon-zone", help="carbon-intensity zone (ISO country code or WORLD)")
     serve.add_argument("--pue", type=float, help="data-centre power usage effectiveness (>= 1.0)")
-    serve.add_argument("--cache-dir", help="where built and downloaded models are cached")
+    serve.add_argument(
+        "--cache-dir", help="where built (tiny:) models are cached; hub downloads go to HF_HOME's cache"
+    )
     serve.add_argument("--data-dir", help="where the ledger and other data are kept")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
@@ -85,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
         "usage", help="energy and CO2e per user, model, task or day", parents=[ledger_args]
     )
     usage.add_argument("--user")
-    usage.add_argument("--since", help="ISO date or time (inclusive)")
-    usage.add_argument("--until", help="ISO date or time (exclusive)")
+    usage.add_argument("--since", help="ISO 8601 date or time, or Unix seconds (inclusive)")
+    usage.add_argument("--until", help="ISO 8601 date or time, or Unix seconds (exclusive)")
     usage.add_argument("--by", choices=["model", "task", "day", "user"])
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
     return parser

@@ -279,8 +279,21 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = value
+        node[path[-1]] = _json_or_text(value)
     return out
+
+
+def _json_or_text(value: str) -> Any:
+    """A list or table given as JSON (WATTPROXY_MODELS='[{"name": ...}]', WATTPROXY_UPSTREAM__DEVICES=[0,1]),
+    parsed; anything else as written (each setting reads its own text: "0,1", "9000")."""
+    if value.lstrip().startswith(("[", "{")):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        if isinstance(parsed, list | dict):
+            return parsed
+    return value
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

@@ -132,6 +132,8 @@ def test_chat_stream_matches_plain_and_ends_with_usage(either_server: LiveServer
     assert last.choices == [] and last.usage is not None
     assert last.usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
     assert last.usage.model_extra["energy"]["joules"] > 0  # type: ignore[index]
+    # the same fields as the plain answer's, its null ones included
+    assert set(last.usage.model_extra["energy"]) == set(plain.usage.model_extra["energy"])  # type: ignore[index, union-attr]
 
 
 def test_completions_plain_and_streamed(either_server: LiveServer) -> None:

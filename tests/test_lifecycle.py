@@ -245,6 +245,20 @@ def test_environment_variables_that_name_no_setting_are_ignored(tmp_path: Path) 
     assert load_settings(env={"WATTPROXY_CORS_ORIGINS": '["https://c.example"]'}).cors_origins == [
         "https://c.example"
     ]
+    # lists and tables as JSON, as the README says: models, an upstream's devices and models
+    listed = load_settings(
+        env={
+            "WATTPROXY_MODELS": '[{"name": "m", "task": "text", "source": "tiny:tiny-gpt2"}]',
+            "WATTPROXY_UPSTREAM__URL": "http://127.0.0.1:8000",
+            "WATTPROXY_UPSTREAM__DEVICES": "[0, 1]",
+            "WATTPROXY_UPSTREAM__MODELS": '[{"name": "llama"}]',
+        }
+    )
+    assert [m.name for m in listed.models] == ["m"]
+    assert listed.upstream is not None and listed.upstream.devices == [0, 1]
+    assert [m.name for m in listed.upstream.models] == ["llama"]
+    commas = {"WATTPROXY_UPSTREAM__URL": "http://127.0.0.1:8000", "WATTPROXY_UPSTREAM__DEVICES": "0,1"}
+    assert load_settings(env=commas).upstream.devices == [0, 1]  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match=r"carbon\.zonex"):
         load_settings(
             env={"WATTPROXY_CARBON__ZONEX": "FR"}
