@@ -731,7 +731,7 @@ def test_a_timeline_compacted_under_many_open_jobs_still_conserves(
 @given(
     st.lists(
         st.tuples(
-            st.floats(0.0, 0.2),  # idle before it
+            st.floats(0.0, 0.6),  # idle before it
             st.floats(0.0, 0.3),  # length
             st.lists(st.sampled_from([0.0, 1.0, 2.5]), min_size=1, max_size=3),  # members' work units
             st.booleans(),  # a sampler reading while it runs
@@ -741,9 +741,10 @@ def test_a_timeline_compacted_under_many_open_jobs_still_conserves(
         max_size=8,
     ),
     st.sampled_from(["separate", "amortize"]),
+    st.sampled_from([60.0, 0.25]),  # amortize_window_s: idle before a job longer than it, or not
 )
 def test_the_lone_job_shortcuts_agree_with_the_sweep(
-    jobs: list[tuple[float, float, list[float], bool, bool]], policy: str
+    jobs: list[tuple[float, float, list[float], bool, bool]], policy: str, window: float
 ) -> None:
     """`begin` on an idle device and `end` of the only job (a continuous meter) skip the sweep: a
     monitor with those shortcuts turned off, fed the same readings, commits the same charges, idle
@@ -751,7 +752,12 @@ def test_the_lone_job_shortcuts_agree_with_the_sweep(
 
     def run(shortcuts: bool) -> tuple[list[dict[Any, Any]], DeviceMonitor]:
         clock = FakeClock(0.0)
-        m = DeviceMonitor(SyntheticMeter("cuda:0", clock=clock), clock=clock, idle_policy=policy)  # type: ignore[arg-type]
+        m = DeviceMonitor(
+            SyntheticMeter("cuda:0", clock=clock),  # type: ignore[arg-type]
+            clock=clock,
+            idle_policy=policy,
+            amortize_window_s=window,
+        )
         if not shortcuts:
             m._idle_start_locked = lambda reading: False  # type: ignore[method-assign]
             m._end_alone_locked = lambda *args: None  # type: ignore[method-assign]
