@@ -827,3 +827,72 @@ def test_the_lone_job_shortcuts_are_taken() -> None:
         assert h.charges is not None and close(h.charges["r"].joules, 300.0)  # busy_watts x 1 s
     assert seen == {"begin": 3, "end": 3}
     assert close(m.committed_idle_j, 3 * 0.5 * 50.0)  # idle_watts x the gaps
+
+
+class _FailingMeter(SyntheticMeter):
+    """A synthetic meter whose reads fail while `fail` is set (NVML's "GPU is lost")."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("cuda:0", idle_watts=10.0, busy_watts=110.0, **kwargs)
+        self.fail = False
+
+    def read(self) -> Any:
+        from proxy.energy.meter import MeterError
+
+        if self.fail:
+            raise MeterError("GPU is lost")
+        return super().read()
+
+
+@pytest.mark.parametrize("update_period_s", [0.0, 0.1])  # continuous, stepped
+def test_jobs_are_answered_when_the_meter_was_never_read(update_period_s: float) -> None:
+    """A meter that fails from its first read: an ended job is answered after max_finalize_delay_s
+    with nothing measured, `unavailable` (its waiter hung for ever)."""
+    meter = _FailingMeter(update_period_s=update_period_s)
+    meter.fail = True
+    m = DeviceMonitor(meter, sample_period_s=0.01, finalize_poll_s=0.005, max_finalize_delay_s=0.2)
+    m.start()
+    try:
+        h = m.begin()
+        m.end(h, [("r", 1.0)])
+        charge = h.result.result(timeout=10)["r"]
+        assert (charge.joules, charge.measurement) == (0.0, "unavailable")
+    finally:
+        m.stop()
+
+
+@pytest.mark.parametrize("policy", ["separate", "amortize"])
+def test_stop_finalizes_every_job_open_or_unreadable_and_keeps_the_books(policy: str) -> None:
+    """At stop, a job nobody ended is closed at the last reading with its energy idle, and one the
+    meter could not be read past is answered `unavailable`: every handle is final, and the committed
+    books (charges + idle, what the metrics count) equal what the meter showed."""
+    clock = FakeClock(0.0)
+    meter = _FailingMeter(clock=clock)
+    books = {"charged": 0.0, "idle": 0.0}
+
+    def on_commit(device: str, idle_j: float, commits: list[tuple[Any, Any]]) -> None:
+        books["idle"] += idle_j
+        books["charged"] += sum(c.joules for _, c in commits)
+
+    m = DeviceMonitor(meter, idle_policy=policy, clock=clock, on_commit=on_commit)  # type: ignore[arg-type]
+    m.sample()
+    clock.advance(2.0)
+    left_open = m.begin()
+    clock.advance(1.0)
+    m.sample()
+    m.stop()
+    assert left_open.charges == {}
+    assert math.isclose(books["charged"] + books["idle"], m.meter_delta_j, rel_tol=1e-9)
+    assert m.meter_delta_j == pytest.approx(130.0)  # 2 s idle at 10 W, 1 s busy at 110 W
+
+    clock = FakeClock(0.0)
+    meter = _FailingMeter(clock=clock)
+    m = DeviceMonitor(meter, idle_policy=policy, clock=clock, max_finalize_delay_s=0.2)  # type: ignore[arg-type]
+    m.sample()
+    h = m.begin()
+    clock.advance(0.5)
+    meter.fail = True  # its end cannot be read, nor anything after it
+    m.end(h, [("r", 1.0)])
+    clock.advance(0.5)
+    m.stop()
+    assert h.charges is not None and h.charges["r"].measurement == "unavailable"

@@ -245,7 +245,9 @@ class DeviceMonitor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop sampling, take a last reading and finalize every closed job (no joule left behind)."""
+        """Stop sampling, take a last reading and finalize every job (no joule left behind): a job
+        nobody ended is closed at the last reading with no members (its energy is idle); a closed job
+        the meter could not be read past is answered with what was measured, `unavailable`."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -256,8 +258,17 @@ class DeviceMonitor:
         self._settle_last_step()
         with self._lock:
             self._promote_latest_locked()
+            if self._open:
+                end_s = max(
+                    self._latest[0] if self._latest is not None else self._clock(), self._last_boundary_s
+                )
+                for job in list(self._open.values()):
+                    assert job.handle is not None
+                    self._close_locked(job.handle, [], None, end_s)
             finished = self._advance_locked(commit_idle=True)
-            if self._pending_idle_j and not self._open:
+            if stale := [j for j in self._jobs.values() if j.end_s is not None]:
+                finished += self._commit_locked(stale, measurement="unavailable")
+            if self._pending_idle_j:
                 finished += self._commit_locked([], flush_idle=True)
         self._resolve(finished)
 
@@ -297,11 +308,14 @@ class DeviceMonitor:
                 self._insert_locked(reading)
                 finished = []
                 waiting = [j.end_s for j in self._jobs.values() if j.end_s is not None]
-                if waiting and self._latest is not None:
-                    if self._latest[0] - min(waiting) >= self.max_finalize_delay_s:
+                if waiting:
+                    if (
+                        self._latest is not None
+                        and self._latest[0] - min(waiting) >= self.max_finalize_delay_s
+                    ):
                         self._promote_latest_locked()
                     elif reading is None and self._clock() - min(waiting) >= self.max_finalize_delay_s:
-                        finished = self._finalize_unmeasured_locked()
+                        finished = self._finalize_unmeasured_locked()  # (never read at all, too)
                 finished += self._advance_locked(commit_idle=True)
                 period_s = self.finalize_poll_s if self._idle_with_waiting_locked() else self.sample_period_s
             self._resolve(finished)
@@ -318,9 +332,7 @@ class DeviceMonitor:
         """The meter has failed past the end of waiting jobs: answer them with the energy measured up to
         the last good reading, labelled `unavailable`. Nothing is invented: what the meter shows across
         the outage once it recovers goes to the jobs still open then, or to idle."""
-        if not self._points:
-            return []
-        last_good_s = self._points[-1][0]
+        last_good_s = self._points[-1][0] if self._points else -math.inf  # never read: nothing measured
         finished = self._advance_locked()  # everything up to the last good reading
         done = [j for j in self._jobs.values() if j.end_s is not None and j.end_s > last_good_s]
         if not done:
