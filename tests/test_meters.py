@@ -141,6 +141,21 @@ def test_counter_reset_carries_energy_and_invents_none(
     assert all(r.levelno == logging.WARNING for r in resets)
 
 
+def test_a_counter_that_steps_back_without_a_reset_adds_nothing(
+    nvml: FakeNvml, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step back by less than a restart from zero could explain (36 MJ since the driver loaded, 1 mJ
+    back a second later) is a glitch: taken as a reset it would add the counter's whole total."""
+    nvml.nvmlDeviceGetTotalEnergyConsumption.side_effect = [36_000_000, 36_001_000, 36_000_999, 36_001_500]
+    with (
+        caplog.at_level(logging.WARNING, logger="proxy.energy.nvml"),
+        NvmlMeter("cuda:0", clock=itertools.count().__next__) as meter,
+    ):
+        energies_j = [meter.read().energy_j for _ in range(3)]
+    assert energies_j == [1.0, 1.0, 1.5]
+    assert any("stepped back" in r.getMessage() for r in caplog.records)
+
+
 def test_unsupported_counter_falls_back_to_trapezoid_power(
     nvml: FakeNvml, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -144,6 +144,9 @@ def nvml_available() -> bool:
 
 
 _CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
+# More than any board draws (a B200 is rated 1,000 W): a counter that restarted from zero since the last
+# read cannot show more than this times the time between them
+MAX_BOARD_WATTS = 2_000.0
 
 
 def visible_device_selector(device: str, cuda_visible_devices: str | None) -> int | str:
@@ -330,6 +333,18 @@ class NvmlMeter(EnergyMeter):
     def _read_counter(self) -> Reading:
         raw_mj = self._total_energy_mj()
         t_s = self._clock()
+        if raw_mj < self._last_raw_mj and raw_mj > max(t_s - self._last_t_s, 0.0) * MAX_BOARD_WATTS * 1000:
+            # Back, but by less than a restart from zero since the last read could explain (more than
+            # any board draws in that time): a glitch, not a reset. Nothing is added until the counter
+            # passes its last value again (taking it as a restart would add its whole total).
+            logger.warning(
+                "%s: NVML energy counter stepped back (%d mJ -> %d mJ) without a reset; ignored",
+                self.device,
+                self._last_raw_mj,
+                raw_mj,
+            )
+            self._last_t_s = t_s
+            return Reading(t_s, (self._carried_mj + self._last_raw_mj - self._base_mj) / 1000.0)
         if raw_mj < self._last_raw_mj:
             logger.warning(
                 "%s: NVML energy counter went backwards (%d mJ -> %d mJ), likely a driver reload or "
