@@ -896,3 +896,35 @@ def test_stop_finalizes_every_job_open_or_unreadable_and_keeps_the_books(policy:
     clock.advance(0.5)
     m.stop()
     assert h.charges is not None and h.charges["r"].measurement == "unavailable"
+
+
+def test_the_sampler_goes_on_after_a_fault_of_its_own() -> None:
+    """A tick that fails other than by a meter error (a bug, a commit's bookkeeping) is logged and the
+    sampler goes on: a stepped meter's ended jobs are still answered."""
+
+    class Broken(SyntheticMeter):
+        faults = 3
+
+        def read(self) -> Any:
+            if self.faults and threading.current_thread().name.startswith("sampler"):
+                self.faults -= 1
+                raise RuntimeError("not a MeterError")
+            return super().read()
+
+    calls = {"n": 0}
+
+    def on_commit(device: str, idle_j: float, commits: list[Any]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("the books failed once")
+
+    meter = Broken("cuda:0", update_period_s=0.05)
+    m = DeviceMonitor(meter, sample_period_s=0.01, finalize_poll_s=0.005, on_commit=on_commit)
+    m.start()
+    try:
+        h = m.begin()
+        time.sleep(0.05)
+        m.end(h, [("r", 1.0)])
+        assert h.result.result(timeout=10)["r"].joules >= 0
+    finally:
+        m.stop()

@@ -297,28 +297,36 @@ class DeviceMonitor:
                 self._insert_locked(reading)
 
     def _run(self) -> None:
+        """The sampler thread: a tick every period (`_tick`); a fault of a tick's is logged and the
+        next tick comes as usual (a dead sampler would leave stepped meters' jobs unanswered)."""
         period_s = self.sample_period_s
         while True:
             self._wake.wait(period_s)
             self._wake.clear()
             if self._stop.is_set():
                 return
-            reading = self._read()  # outside the lock (an NVML read can take milliseconds); a failed
-            with self._lock:  # read is simply retried next period
-                self._insert_locked(reading)
-                finished = []
-                waiting = [j.end_s for j in self._jobs.values() if j.end_s is not None]
-                if waiting:
-                    if (
-                        self._latest is not None
-                        and self._latest[0] - min(waiting) >= self.max_finalize_delay_s
-                    ):
-                        self._promote_latest_locked()
-                    elif reading is None and self._clock() - min(waiting) >= self.max_finalize_delay_s:
-                        finished = self._finalize_unmeasured_locked()  # (never read at all, too)
-                finished += self._advance_locked(commit_idle=True)
-                period_s = self.finalize_poll_s if self._idle_with_waiting_locked() else self.sample_period_s
-            self._resolve(finished)
+            try:
+                period_s = self._tick()
+            except Exception:
+                log.exception("energy sampler on %s: a tick failed; sampling goes on", self.device)
+                period_s = self.sample_period_s
+
+    def _tick(self) -> float:
+        """Read the meter, finalize what can be, and return the period until the next tick."""
+        reading = self._read()  # outside the lock (an NVML read can take milliseconds); a failed
+        with self._lock:  # read is simply retried next period
+            self._insert_locked(reading)
+            finished = []
+            waiting = [j.end_s for j in self._jobs.values() if j.end_s is not None]
+            if waiting:
+                if self._latest is not None and self._latest[0] - min(waiting) >= self.max_finalize_delay_s:
+                    self._promote_latest_locked()
+                elif reading is None and self._clock() - min(waiting) >= self.max_finalize_delay_s:
+                    finished = self._finalize_unmeasured_locked()  # (never read at all, too)
+            finished += self._advance_locked(commit_idle=True)
+            period_s = self.finalize_poll_s if self._idle_with_waiting_locked() else self.sample_period_s
+        self._resolve(finished)
+        return period_s
 
     def _idle_with_waiting_locked(self) -> bool:
         """No job runs on the device and some ended job waits for the counter's next change point.
@@ -915,7 +923,10 @@ class DeviceMonitor:
             out.append((job, charges))
         self.committed_idle_j += idle_j
         if self._on_commit is not None and (commits or idle_j):
-            self._on_commit(self.device, idle_j, commits)
+            try:
+                self._on_commit(self.device, idle_j, commits)
+            except Exception:  # the books' (metrics, carbon) fault: the jobs are final all the same
+                log.exception("energy monitor on %s: recording a commit failed", self.device)
         return out
 
     @staticmethod
