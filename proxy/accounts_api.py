@@ -102,8 +102,20 @@ def raise_forbidden() -> None:
     raise PermissionDenied("a user key can only read its own usage", code="forbidden")
 
 
+def _require_key_admin(request: web.Request) -> None:
+    """An admin who came with a key: with auth off (`--auth none`) everyone is an admin, and keys
+    minted or revoked then would hold once the server runs with keys on the same ledger."""
+    principal = _principal(request)
+    require_admin(principal)
+    if principal.key_id is None:
+        raise PermissionDenied(
+            "keys are created and revoked only with auth on (--auth keys), or with 'wattproxy keys'",
+            code="auth_off",
+        )
+
+
 async def create_key(request: web.Request) -> web.Response:
-    require_admin(_principal(request))
+    _require_key_admin(request)
     body = KeyCreate.model_validate(parse_body(await request.read()))
     secret, record = new_key(
         body.user,
@@ -128,7 +140,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    require_admin(_principal(request))
+    _require_key_admin(request)
     key_id = request.match_info["key_id"]
     ledger = request.app[LEDGER]
     if not await ledger.revoke_key(key_id):

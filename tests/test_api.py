@@ -293,6 +293,17 @@ def test_body_over_the_limit_is_413(server: LiveServer) -> None:
     assert "too large" in str(err["message"])
 
 
+def test_keys_are_not_minted_or_revoked_with_auth_off(server: LiveServer) -> None:
+    """With `--auth none` everyone is an admin: a key created then would hold once the same ledger is
+    served with keys on. Creating and revoking are refused (403 `auth_off`); listing is not."""
+    created = requests.post(server.base_url + "/v1/keys", json={"user": "mallory", "admin": True}, timeout=30)
+    assert created.status_code == 403 and created.json()["error"]["code"] == "auth_off"
+    revoked = requests.delete(server.base_url + "/v1/keys/key_0123456789ab", timeout=30)
+    assert revoked.status_code == 403 and revoked.json()["error"]["code"] == "auth_off"
+    listed = requests.get(server.base_url + "/v1/keys", timeout=30)
+    assert listed.status_code == 200 and all(k["user"] != "mallory" for k in listed.json()["data"])
+
+
 def test_method_not_allowed_is_enveloped(server: LiveServer) -> None:
     resp = requests.get(server.base_url + CHAT, timeout=10)
     _error(resp, 405)
