@@ -914,6 +914,12 @@ def test_choices_count_their_prompt_once_and_do_not_repeat_each_other(make_serve
     ]
     assert seeded[0][0] != seeded[0][1]  # two samples, not one sample twice
     assert seeded[0] == seeded[1]  # seeded: repeatable
+    for seed in (-1, -(2**63), 2**63 - 1):  # any int64, as OpenAI and vLLM take it
+        twice = [
+            c.chat.completions.create(**ask, temperature=1.0, seed=seed).choices[0].message.content
+            for _ in range(2)
+        ]  # type: ignore[call-overload]
+        assert twice[0] == twice[1]
 
 
 def test_more_choices_than_the_queue_holds_is_a_400(make_server) -> None:  # type: ignore[no-untyped-def]
