@@ -126,6 +126,12 @@ _ERROR_TYPES = {
 # -- errors -----------------------------------------------------------------------------------------
 
 
+def _default_type(status: int) -> str:
+    """The error type of an upstream's status where its answer names none (and the status label of
+    wattproxy_requests_total: bounded, it follows the status, not the upstream)."""
+    return _ERROR_TYPES.get(status, "upstream_error" if status >= 500 else "invalid_request_error")
+
+
 class UpstreamAnswered(ApiError):
     """An upstream's non-2xx answer, passed through with its status and OpenAI envelope. `type` (the
     status label of wattproxy_requests_total) is bounded: it follows the status, not the upstream."""
@@ -134,7 +140,7 @@ class UpstreamAnswered(ApiError):
         error = envelope["error"]
         super().__init__(str(error.get("message", "")), retry_after_s=retry_after_s)
         self.status = status
-        self.type = _ERROR_TYPES.get(status, "upstream_error" if status >= 500 else "invalid_request_error")
+        self.type = _default_type(status)
         self._envelope = envelope
 
     def body(self) -> dict[str, object]:
@@ -144,7 +150,7 @@ class UpstreamAnswered(ApiError):
 def _envelope(status: int, body: bytes) -> dict[str, Any]:
     """The OpenAI envelope of an upstream's error body (`_envelope_of` its JSON object), or of a
     plain-text one."""
-    default_type = _ERROR_TYPES.get(status, "upstream_error" if status >= 500 else "invalid_request_error")
+    default_type = _default_type(status)
     try:
         obj = json.loads(body)
     except ValueError:
@@ -182,9 +188,7 @@ def _envelope_of(status: int, obj: dict[str, Any]) -> dict[str, Any]:
     return {
         "error": {
             "message": message if isinstance(message, str) else json.dumps(message),
-            "type": kind
-            if isinstance(kind, str) and kind
-            else _ERROR_TYPES.get(status, "upstream_error" if status >= 500 else "invalid_request_error"),
+            "type": kind if isinstance(kind, str) and kind else _default_type(status),
             "param": param if isinstance(param, str) else None,
             "code": code if isinstance(code, str | int) and not isinstance(code, bool) else None,
         }
@@ -713,7 +717,8 @@ class UpstreamServing:
         finally:
             self._sent(activity)
         result: BackendResult
-        if isinstance(req, ImageGenerationRequest):
+        if image:
+            assert isinstance(req, ImageGenerationRequest)
             usage, source, request_obj, result = self._image_usage(req, body)
         else:
             usage, source, request_obj, result = self._text_usage(req, body)

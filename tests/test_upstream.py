@@ -638,32 +638,29 @@ def test_slow_and_erroring_upstreams_give_their_statuses(
 ) -> None:
     proxy = make_proxy(stub.url, upstream={"read_timeout_s": 0.3})
 
-    def chat(model: str) -> requests.Response:
-        return _chat(proxy, model)
-
     t0 = time.monotonic()
-    slow = chat("slow")
+    slow = _chat(proxy, "slow")
     assert slow.status_code == 504 and slow.json()["error"]["code"] == "upstream_timeout"
     assert time.monotonic() - t0 < 2.5
-    flat = chat("flat-400")  # vLLM's flat error shape becomes the OpenAI envelope
+    flat = _chat(proxy, "flat-400")  # vLLM's flat error shape becomes the OpenAI envelope
     assert flat.status_code == 400
     assert flat.json() == {
         "error": {"message": "bad top_k", "type": "BadRequestError", "param": "top_k", "code": 400}
     }
-    text = chat("text-500")  # a 5xx page's text is not passed on (it can be a stack trace)
+    text = _chat(proxy, "text-500")  # a 5xx page's text is not passed on (it can be a stack trace)
     assert text.status_code == 500 and text.json()["error"]["message"] == "the upstream answered 500"
-    crashed = chat("error-200")  # not passed on as a success
+    crashed = _chat(proxy, "error-200")  # not passed on as a success
     assert crashed.status_code == 502 and crashed.json()["error"]["code"] == "upstream_bad_response"
-    dated = chat("dated-503")
+    dated = _chat(proxy, "dated-503")
     assert dated.status_code == 503 and 25 <= int(dated.headers["Retry-After"]) <= 31
-    busy = chat("overloaded-503")
+    busy = _chat(proxy, "overloaded-503")
     assert busy.status_code == 503 and busy.json()["error"]["message"] == "busy"
-    auth = chat("auth-401")  # the upstream refused WattProxy's credentials: not the client's fault
+    auth = _chat(proxy, "auth-401")  # the upstream refused WattProxy's credentials: not the client's fault
     assert auth.status_code == 502 and auth.json()["error"]["code"] == "upstream_auth_failed"
-    garbage = chat("not-json")
+    garbage = _chat(proxy, "not-json")
     assert garbage.status_code == 502 and garbage.json()["error"]["code"] == "upstream_bad_response"
 
-    ok = chat("ok-no-usage")  # no usage from the upstream: WattProxy's estimate, said so
+    ok = _chat(proxy, "ok-no-usage")  # no usage from the upstream: WattProxy's estimate, said so
     assert ok.status_code == 200
     usage = ok.json()["usage"]
     assert usage["completion_tokens"] == 7 and usage["energy"]["usage_source"] == "estimate"  # 25 chars / 4
@@ -689,24 +686,21 @@ def test_error_answers_reach_the_client_in_the_openai_envelope(
 ) -> None:
     proxy = make_proxy(stub.url)
 
-    def chat(model: str) -> requests.Response:
-        return _chat(proxy, model)
-
     for model in ("flat-error-200", "empty-200"):  # a 200 that is no answer is not passed on as one
-        r = chat(model)
+        r = _chat(proxy, model)
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_bad_response", r.text
-    assert "engine dead" in chat("flat-error-200").json()["error"]["message"]
-    partial = chat("partial-422")  # every field of the envelope there
+    assert "engine dead" in _chat(proxy, "flat-error-200").json()["error"]["message"]
+    partial = _chat(proxy, "partial-422")  # every field of the envelope there
     assert partial.status_code == 422
     assert partial.json() == {
         "error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}
     }
-    odd = chat("list-message-400")  # and of its type: the message a string, no type or code of others
+    odd = _chat(proxy, "list-message-400")  # and of its type: the message a string, no type or code of others
     assert odd.status_code == 400
     error = odd.json()["error"]
     assert json.loads(error["message"]) == [{"loc": ["body", "n"], "msg": "too big"}]
     assert error["type"] == "invalid_request_error" and error["param"] is None and error["code"] is None
-    busy = chat("inf-503")  # a Retry-After that is no delay is not passed on (nor a 500 made of it)
+    busy = _chat(proxy, "inf-503")  # a Retry-After that is no delay is not passed on (nor a 500 made of it)
     assert busy.status_code == 503 and "Retry-After" not in busy.headers
     with pytest.raises(openai.BadRequestError, match="too big"):
         client(proxy).chat.completions.create(
@@ -793,13 +787,10 @@ def test_a_short_request_is_answered_without_waiting_for_a_long_plain_one(
 ) -> None:
     proxy = make_proxy(stub.url)
 
-    def chat(model: str) -> requests.Response:
-        return _chat(proxy, model)
-
     with ThreadPoolExecutor(1) as pool:
-        long = pool.submit(chat, "long-plain")
+        long = pool.submit(_chat, proxy, "long-plain")
         time.sleep(0.3)  # the long request is in flight upstream
-        short = chat("ok-no-usage")
+        short = _chat(proxy, "ok-no-usage")
         assert short.status_code == 200
         assert not long.done()  # answered while the long one was still running: its energy did not wait
         assert long.result().status_code == 200
