@@ -89,14 +89,18 @@ def load_backend(
     dtype: str = "auto",
     own_process: bool = False,
     torch_threads: int | None = None,
+    cuda_graphs: bool = False,
 ) -> Backend:
     """Construct the backend for `task` and load it (blocking: call from a worker thread).
 
     `own_process`: the model runs in a child process (`backends.process`), which sets its torch
-    threads to `torch_threads` (None: torch's default); this process keeps only the tokenizer."""
+    threads to `torch_threads` (None: torch's default); this process keeps only the tokenizer.
+    `cuda_graphs`: images only (`DiffusersImageBackend`)."""
     with LOADING:
         quiet_progress_bars()
         backend: Backend
+        if cuda_graphs and task != "image":
+            raise ValueError(f"{name}: cuda_graphs is for image models, not {task!r}")
         if task == "text":
             from backends.text_transformers import TransformersTextBackend
 
@@ -104,7 +108,7 @@ def load_backend(
         elif task == "image":
             from backends.image_diffusers import DiffusersImageBackend
 
-            backend = DiffusersImageBackend(name, source, device=device, dtype=dtype)
+            backend = DiffusersImageBackend(name, source, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
         else:
             raise ValueError(f"unknown task {task!r}; expected 'text' or 'image'")
         if not own_process:
@@ -123,6 +127,7 @@ def load_backend(
             device=device,
             dtype=dtype,
             torch_threads=torch_threads,
+            cuda_graphs=cuda_graphs,
         )
         process.start()
     process.wait_loaded()  # without the lock: models called for at once load side by side

@@ -20,6 +20,7 @@ from diffusers.utils import deprecation_utils
 
 from backends import release_device_memory, synchronize_device, torch_dtype
 from backends.base import BackendRequest, BackendResult, ImageRequest, ImageResult, Task
+from backends.cuda_graphs import GraphedDenoiser
 
 SEED_RANGE = 2**32  # drawn seeds stay well inside JSON's exact integers (2**53)
 # diffusers renamed `torch_dtype` to `dtype` (PR #14205); older releases know only the former.
@@ -38,18 +39,30 @@ def image_work_units(request: ImageRequest) -> float:
 class DiffusersImageBackend:
     """A text-to-image `DiffusionPipeline` (safetensors, no remote code or custom pipelines).
 
-    `dtype="auto"`: float16 on CUDA, float32 elsewhere.
+    `dtype="auto"`: float16 on CUDA, float32 elsewhere. `cuda_graphs`: replay the denoiser's steps as
+    CUDA graphs (`backends.cuda_graphs`; a CUDA device and a pipeline with a UNet only).
     """
 
     task: Task = "image"
 
-    def __init__(self, name: str, source: str | Path, device: str = "cpu", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        name: str,
+        source: str | Path,
+        device: str = "cpu",
+        dtype: str = "auto",
+        cuda_graphs: bool = False,
+    ) -> None:
         if dtype != "auto":
             torch_dtype(dtype)  # fail at construction on a bad name
+        if cuda_graphs and torch.device(device).type != "cuda":
+            raise ValueError(f"{name}: cuda_graphs needs a CUDA device, not {device!r}")
         self.name = name
         self.source = str(source)
         self.device = device
         self.dtype = dtype
+        self.cuda_graphs = cuda_graphs
+        self.graphs: GraphedDenoiser | None = None  # where cuda_graphs, once loaded
         self._lock = threading.Lock()  # one pipeline call at a time: a pipeline holds per-call state
         self._pipe: Any = None
         self._scheduler_config: Any = None
@@ -63,8 +76,17 @@ class DiffusersImageBackend:
         pipe = DiffusionPipeline.from_pretrained(self.source, use_safetensors=True, **{_DTYPE_KWARG: dtype})
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
+        graphs = None
+        if self.cuda_graphs:
+            unet = getattr(pipe, "unet", None)
+            if unet is None:
+                raise ValueError(
+                    f"{self.name}: cuda_graphs needs a pipeline with a UNet, not {type(pipe).__name__}"
+                )
+            graphs = GraphedDenoiser(unet)
         with self._lock:
             self._pipe = pipe
+            self.graphs = graphs
             self._scheduler_config = pipe.scheduler.config
 
     @property
@@ -129,7 +151,10 @@ class DiffusersImageBackend:
     def close(self) -> None:
         """Drop the pipeline and return its device memory."""
         with self._lock:
+            if self.graphs is not None:
+                self.graphs.remove()
             self._pipe = None
+            self.graphs = None
         release_device_memory(self.device)
 
     def _loaded(self) -> Any:

@@ -77,6 +77,7 @@ def _child_main(
     device: str,
     dtype: str,
     torch_threads: int | None,
+    cuda_graphs: bool = False,
 ) -> None:
     """The model process: load, answer "ready", then run each batch it is sent until told to stop."""
     import torch
@@ -86,7 +87,7 @@ def _child_main(
     if torch_threads:
         torch.set_num_threads(torch_threads)
     try:
-        backend = load_backend(task, name, source, device=device, dtype=dtype)
+        backend = load_backend(task, name, source, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
     except BaseException as e:
         conn.send(("failed", _sendable(e), time.process_time()))
         return
@@ -187,13 +188,14 @@ class ProcessBackend:
         device: str = "cpu",
         dtype: str = "auto",
         torch_threads: int | None = None,
+        cuda_graphs: bool = False,
         start_timeout_s: float = 600.0,
     ) -> None:
         self.front = front
         self.name = name
         self.task: Task = task
         self.device = device
-        self._args = (task, name, source, device, dtype, torch_threads)
+        self._args = (task, name, source, device, dtype, torch_threads, cuda_graphs)
         self._start_timeout_s = start_timeout_s
         self._lock = threading.Lock()  # one batch at a time, and one child
         self._conn: Connection | None = None
@@ -330,9 +332,9 @@ class ProcessBackend:
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(_PROJECT_ROOT), env.get("PYTHONPATH"))))
-        task, name, source, device, dtype, torch_threads = self._args
+        task, name, source, device, dtype, torch_threads, cuda_graphs = self._args
         argv = [sys.executable, "-m", "backends.process", str(child.fileno()), task, name, source, device]
-        argv += [dtype, str(torch_threads or 0)]
+        argv += [dtype, str(torch_threads or 0), "1" if cuda_graphs else "0"]
         self._serial = next(_serials)
         try:
             process = subprocess.Popen(
@@ -423,13 +425,13 @@ def _deliver(consumer: Callable[[str], None] | None, piece: str) -> Callable[[st
 
 
 def main(argv: Sequence[str]) -> None:
-    """`python -m backends.process FD TASK NAME SOURCE DEVICE DTYPE TORCH_THREADS` (ProcessBackend)."""
+    """`python -m backends.process FD TASK NAME SOURCE DEVICE DTYPE TORCH_THREADS CUDA_GRAPHS`."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the server's to act on (module docstring)
         signal.signal(sig, signal.SIG_IGN)
-    fd, task, name, source, device, dtype, threads = argv
+    fd, task, name, source, device, dtype, threads, graphs = argv
     if task not in ("text", "image"):
         raise SystemExit(f"unknown task {task!r}")
-    _child_main(Connection(int(fd)), task, name, source, device, dtype, int(threads) or None)
+    _child_main(Connection(int(fd)), task, name, source, device, dtype, int(threads) or None, graphs == "1")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ With `--diagnostics`, the batch-1 conditions are instead: direct; direct with a 
 device's energy counter every 50 ms, as the server's sampler does (what the reads alone cost a call);
 two clients; two clients with a server reading no NVML at all (a synthetic meter). With
 `--own-process`, the model is served from a process of its own, two clients at batch 1 and sixteen at
-batch 8. (An earlier run also had eight clients at batch 8, where the device waits for every answer:
-bench/results/profiles.md has it.)
+batch 8. With `--cuda-graphs`, the denoiser's steps are replayed as CUDA graphs
+(`cuda_graphs = true`) in every condition, direct calls with the replays turned off are added
+(diagnostic: what the graphs change), and before the rounds the same requests are run both ways to
+check that the images agree. (An earlier run also had eight clients at batch 8, where the device waits
+for every answer: bench/results/profiles.md has it.)
 
 Each served condition is a server of its own (`create_app`, meter nvml, its sampler and finalization
 as `wattproxy serve` runs them, max_wait_ms 100), started before and stopped after its requests; the
@@ -145,6 +148,7 @@ class Condition:
     poll_s: float = 0.0  # direct calls: a thread reads the device's counter this often (0: none)
     meter: str = "nvml"  # served: the server's meter ("synthetic": no NVML read at all)
     png: bool = False  # direct calls: the PNGs made inside each call, on its thread
+    eager: bool = False  # direct calls, with --cuda-graphs: the denoiser run eagerly (no graph replays)
 
     @property
     def served(self) -> bool:
@@ -154,7 +158,7 @@ class Condition:
     def diagnostic(self) -> bool:
         """A variant that takes one part of the server's work apart (compared with direct, not counted
         for the target)."""
-        return self.poll_s > 0 or self.meter != "nvml" or self.png
+        return self.poll_s > 0 or self.meter != "nvml" or self.png or self.eager
 
     @property
     def images(self) -> int:
@@ -203,6 +207,7 @@ def block_figures(calls: Sequence[Sequence[float]], client_wall_s: float) -> dic
 POLL_LABEL = ", NVML read every 50 ms"
 SYNTHETIC_LABEL = ", synthetic meter"
 PNG_LABEL = ", PNGs made in the call"
+EAGER_LABEL = ", eager (no CUDA graphs)"
 
 
 def condition_of(label: str, images: int) -> Condition:
@@ -211,7 +216,8 @@ def condition_of(label: str, images: int) -> Condition:
     clients = 0 if label.startswith("direct") else int(label.split(", ")[1].split()[0])
     poll_s = 0.05 if label.endswith(POLL_LABEL) else 0.0
     meter = "synthetic" if label.endswith(SYNTHETIC_LABEL) else "nvml"
-    return Condition(label, batch, clients, images // batch, poll_s, meter, label.endswith(PNG_LABEL))
+    png, eager = label.endswith(PNG_LABEL), label.endswith(EAGER_LABEL)
+    return Condition(label, batch, clients, images // batch, poll_s, meter, png, eager)
 
 
 class Poller:
@@ -275,11 +281,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="serve the model from a process of its own (own_process = true); direct calls stay in this "
         "process; only the conditions with a request always queued (2 clients at batch 1, 16 at batch 8)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="the denoiser's steps replayed as CUDA graphs (cuda_graphs = true), direct and served alike; "
+        "adds direct calls run eagerly (diagnostic) and checks that graphs and eager calls give the same "
+        "images",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         return reanalyse(args.from_json, args.out)
     smoke = args.smoke
-    name = NAME + ("_own" if args.own_process else "")
+    if smoke and args.cuda_graphs:
+        parser.error("--cuda-graphs needs a CUDA GPU: not with --smoke")
+    graphs = args.cuda_graphs
+    name = NAME + ("_own" if args.own_process else "") + ("_graphs" if graphs else "")
     device, dtype, preset, side, steps = (
         ("cpu", "float32", "tiny-sd", 64, 2) if smoke else ("cuda:0", "float16", "sd15", 512, 30)
     )
@@ -309,6 +325,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             Condition("served, 1 client, batch 1", 1, 1, b1_calls),
             Condition("served, 2 clients, batches of 1", 1, 2, b1_calls),
             Condition("direct, batch 8", 8, 0, b8_calls),
+            Condition("served, 16 clients, batches of 8", 8, 16, b8_calls),
+            Condition("direct, batch 1" + EAGER_LABEL, 1, 0, b1_calls, eager=True),
+            Condition("direct, batch 8" + EAGER_LABEL, 8, 0, b8_calls, eager=True),
+        ]
+        if graphs
+        else [
+            Condition("direct, batch 1", 1, 0, b1_calls),
+            Condition("served, 1 client, batch 1", 1, 1, b1_calls),
+            Condition("served, 2 clients, batches of 1", 1, 2, b1_calls),
+            Condition("direct, batch 8", 8, 0, b8_calls),
             Condition("direct, batch 8" + PNG_LABEL, 8, 0, b8_calls, png=True),
             Condition("served, 16 clients, batches of 8", 8, 16, b8_calls),
         ]
@@ -326,12 +352,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info(gpu=not smoke)
     print_flush(f"building/loading {preset} ...")
     path = ensure_model(preset, cache, dtype=dtype)
-    backend = TimedBackend(load_backend("image", preset, path, device=device, dtype=dtype))
+    backend = TimedBackend(
+        load_backend("image", preset, path, device=device, dtype=dtype, cuda_graphs=graphs)
+    )
     serving = backend
     if args.own_process:
         print_flush(f"loading {preset} in a model process of its own ...")
         serving = TimedBackend(
-            load_backend("image", preset, path, device=device, dtype=dtype, own_process=True)
+            load_backend(
+                "image", preset, path, device=device, dtype=dtype, own_process=True, cuda_graphs=graphs
+            )
         )
     size = f"{side}x{side}"
     meters: dict[str, Any] | None = None
@@ -360,16 +390,59 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": i,
         }
 
+    def set_graphs(on: bool) -> None:
+        denoiser = getattr(backend.inner, "graphs", None)
+        if denoiser is not None:
+            denoiser.enabled = on
+
+    def graphs_check() -> dict[str, Any]:
+        """The same requests with graphs and eagerly: how far apart their images are (8-bit levels)."""
+        import numpy as np
+
+        check: dict[str, Any] = {}
+        for batch in (1, 8):
+            requests = [image(10_000 + j) for j in range(batch)]
+            outputs = []
+            for on in (True, False):
+                set_graphs(on)
+                t0 = time.perf_counter()
+                results = backend.inner.run(requests)
+                backend.inner.synchronize()
+                outputs.append(
+                    (
+                        time.perf_counter() - t0,
+                        [np.asarray(im, dtype=np.int16) for r in results for im in r.images],
+                    )
+                )
+            set_graphs(True)
+            (graph_s, with_graphs), (eager_s, eager) = outputs
+            diffs = [np.abs(a - b) for a, b in zip(with_graphs, eager, strict=True)]
+            check[f"batch {batch}"] = {
+                "images": len(diffs),
+                "max_abs_level_diff": int(max(int(d.max()) for d in diffs)),
+                "differing_values_share": float(
+                    sum(int((d > 0).sum()) for d in diffs) / sum(d.size for d in diffs)
+                ),
+                "graphs_call_s": graph_s,
+                "eager_call_s": eager_s,
+            }
+        denoiser = backend.inner.graphs
+        check["captured_shapes"] = denoiser.shapes
+        check["captures"] = denoiser.captures
+        return check
+
     def direct(c: Condition, first: int) -> dict[str, Any]:
         backend.take_calls()
         poller = Poller(probe.energy_j, c.poll_s) if c.poll_s else contextlib.nullcontext()
         backend.png_in_call = c.png
+        set_graphs(not c.eager)
         e0, t0 = probe.energy_j(), time.perf_counter()
         with poller:
             for k in range(c.calls):
                 backend.run([image(first + k * c.batch + j) for j in range(c.batch)])
         wall, joules = time.perf_counter() - t0, probe.energy_j() - e0
         backend.png_in_call = False
+        set_graphs(True)
         reads = poller.reads if isinstance(poller, Poller) else 0
         return {
             "calls": backend.take_calls(),
@@ -458,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if serving is not backend:
             serving.inner.run([image(0)])
             serving.inner.run([image(j) for j in range(8)])
+        check = graphs_check() if graphs else None
+        if check is not None:
+            print_flush(f"graphs against eager: {json.dumps(check)}")
         first = 100
         for r in range(rounds):
             order = conditions[r % len(conditions) :] + conditions[: r % len(conditions)]
@@ -488,6 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": " ".join(["python", "bench/gpu_served.py", *argv_list]),
             "model": {"preset": preset, "dtype": dtype, "size": size, "steps": steps, "device": device},
             "blocks": blocks,
+            "cuda_graphs": graphs,
+            "graphs_check": check,
         }
     )
     markdown = render(data)
@@ -581,6 +659,44 @@ def _spread(values: Sequence[float]) -> str:
     return f"{median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def graphs_note(data: dict[str, Any]) -> str:
+    """With --cuda-graphs: what the graphs are, and how far their images are from eager calls'."""
+    check = data.get("graphs_check")
+    if not data.get("cuda_graphs") or not check:
+        return ""
+    rows = md_table(
+        [
+            "batch",
+            "images",
+            "max abs difference (8-bit levels)",
+            "values that differ",
+            "call s with graphs (capture done)",
+            "call s eager",
+        ],
+        [
+            [
+                key,
+                v["images"],
+                v["max_abs_level_diff"],
+                f"{v['differing_values_share']:.4%}",
+                v["graphs_call_s"],
+                v["eager_call_s"],
+            ]
+            for key, v in check.items()
+            if key.startswith("batch")
+        ],
+    )
+    return f"""
+CUDA graphs (`cuda_graphs = true`, backends/cuda_graphs.py): every condition, direct and served, replays
+the UNet's forward pass as one graph per input shape ({check["captured_shapes"]} shapes captured in the
+warm-up); the text encoder, scheduler and VAE run eagerly. The conditions marked "eager" are direct calls
+with the replays turned off (the same pipeline, the same process). Before the rounds, the same requests
+(seeds 10000 on) were run both ways:
+
+{rows}
+"""
+
+
 def render(data: dict[str, Any]) -> str:
     m, smoke = data["model"], data["smoke"]
     rows = data["conditions"]
@@ -656,14 +772,14 @@ def render(data: dict[str, Any]) -> str:
     )
     smoke_note = "\n**Smoke run on a CPU: tiny-sd and a synthetic meter; it proves the code path only.**\n"
     name = data["benchmark"]
-    own = name.endswith("_own")
+    own = "_own" in name
     title = (
         ", the model in a process of its own"
         if own
         else ", diagnostic conditions"
         if name.endswith("_diagnostics")
         else ""
-    )
+    ) + (", the denoiser's steps as CUDA graphs" if data.get("cuda_graphs") else "")
     where = (
         " in this process for the direct calls, and once in a model process of its own\n"
         "  (`own_process = true`) for the servers"
@@ -712,6 +828,7 @@ Command: `{data["command"]}`
   the counter showed before the server's first read or after its last is listed apart: an update of
   the counter landing between two reads at either end brings a whole step's energy with it.
 
+{graphs_note(data)}
 {timing}
 
 {ratios}

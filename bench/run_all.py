@@ -5,7 +5,7 @@
 
 Runs `bench.serving`, `bench.accounting`, `bench.overhead`, `bench.upstream` (with LiteLLM where it is
 installed: see that module), `bench.ledger_bench` and `bench.metrics_render`, and the GPU benchmarks
-(`bench/gpu_energy.py`, `bench/gpu_served.py` with and without `--own-process`,
+(`bench/gpu_energy.py`, `bench/gpu_served.py` plain, with `--own-process` and with `--cuda-graphs`,
 `bench/nvml_interference.py`; `bench/gpu_check.sh` runs `gpu_served` on a bare GPU machine, and the
 others where asked) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
 results in the results directory are kept as they are; if there is no `gpu_energy` result, a clearly
@@ -39,13 +39,17 @@ ORDER = (
     "gpu_energy",
     "gpu_served",
     "gpu_served_own",
+    "gpu_served_graphs",
     "nvml_interference",
 )
 CPU_BENCHMARKS = ("serving", "accounting", "overhead", "upstream", "ledger", "metrics_render")
 GPU = "gpu_energy"
-GPU_BENCHMARKS = ("gpu_energy", "gpu_served", "gpu_served_own", "nvml_interference")
+GPU_BENCHMARKS = ("gpu_energy", "gpu_served", "gpu_served_own", "gpu_served_graphs", "nvml_interference")
 # a GPU benchmark that is another one's script with arguments of its own
-GPU_COMMANDS = {"gpu_served_own": ("gpu_served", "--own-process")}
+GPU_COMMANDS = {
+    "gpu_served_own": ("gpu_served", "--own-process"),
+    "gpu_served_graphs": ("gpu_served", "--cuda-graphs"),
+}
 
 HEADER = """# WattProxy benchmark results
 
@@ -162,6 +166,8 @@ def gpu_benchmarks(out_dir: Path, mode: str, names: Sequence[str], extra: Sequen
     wanted = gpu_visible() if mode == "auto" else mode == "yes"
     if wanted:
         commands = [GPU_COMMANDS.get(name, (name,)) for name in names]
+        if "--smoke" in extra:  # CUDA graphs need a CUDA device: there is no smoke run of them
+            commands = [c for c in commands if "--cuda-graphs" not in c]
         return all(
             [
                 run([sys.executable, f"bench/{script}.py", *args, "--out", _shown(out_dir), *extra])

@@ -370,6 +370,7 @@ async def _load_model(
                     dtype=ms.dtype,
                     own_process=ms.own_process,
                     torch_threads=settings.torch_threads,
+                    cuda_graphs=ms.cuda_graphs,
                 ),
             )
     except Exception as e:

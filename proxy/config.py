@@ -77,6 +77,11 @@ class ModelSettings(_Strict):
     # lock (backends/process.py): the server's request handling then does not slow the model down.
     # false: in the server's process (a few seconds less to start, one CUDA context for all models).
     own_process: bool = True
+    # Images on a CUDA device: replay each denoising step as a CUDA graph (backends/cuda_graphs.py), one
+    # launch in place of about a thousand, so that the host's kernel launching no longer sets the pace of
+    # a small batch. The first request of each size and batch captures its graph (a few steps' time and
+    # that shape's activation memory, kept for the last 4 shapes).
+    cuda_graphs: bool = False
     # text limits
     max_tokens: int = Field(256, ge=1)  # upper bound on max_tokens a request may ask for
     # max_tokens of a request that sends none. None, as OpenAI's API: a chat goes on to its end of
@@ -114,6 +119,10 @@ class ModelSettings(_Strict):
             raise ValueError("default_max_tokens exceeds max_tokens")
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps exceeds max_steps")
+        if self.cuda_graphs and self.task != "image":
+            raise ValueError("cuda_graphs is for image models")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device!r}")
         return self
 
 

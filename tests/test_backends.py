@@ -15,9 +15,11 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from PIL import Image
+from pydantic import ValidationError
 
 from backends import load_backend, tiny
 from backends.base import Backend, ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
+from backends.cuda_graphs import GraphedDenoiser, as_kwargs, call_inputs, replay_key
 from backends.image_diffusers import DiffusersImageBackend, image_work_units
 from backends.text_transformers import (
     FALLBACK_CHAT_TEMPLATE,
@@ -26,6 +28,7 @@ from backends.text_transformers import (
     _Row,
     _RowPenalties,
 )
+from proxy.config import ModelSettings
 
 BACKENDS_DIR = Path(__file__).resolve().parent.parent / "backends"
 
@@ -540,6 +543,120 @@ def test_sdxl_layout_loads_and_generates(cache_dir: Path) -> None:
         assert Image.open(io.BytesIO(result.images_png[0])).size == (64, 64)
     finally:
         backend.close()
+
+
+def _unet_call_keys(backend: DiffusersImageBackend, *requests: ImageRequest) -> list[set[object]]:
+    """For each request run alone: the graphs its UNet calls would replay (`replay_key`)."""
+    unet = backend._loaded().unet
+    eager = unet.forward
+    keys: list[object] = []
+
+    def recording(sample, timestep, encoder_hidden_states=None, *args, **kwargs):
+        keys.append(replay_key(sample, timestep, encoder_hidden_states, args, kwargs))
+        out = eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        inputs = call_inputs(sample, timestep, encoder_hidden_states, args, kwargs)
+        if inputs is not None:  # a graph is captured from the inputs put back as keywords: the same call
+            again = eager(**as_kwargs({k: v.clone() for k, v in inputs.items()}), return_dict=False)
+            assert torch.equal(again[0], out[0])
+        return out
+
+    unet.forward = recording
+    found = []
+    try:
+        for request in requests:
+            keys.clear()
+            backend.run([request])
+            found.append(set(keys))
+    finally:
+        del unet.forward
+    return found
+
+
+def test_sd_pipelines_call_their_unet_as_a_graph_replays_it(
+    image: DiffusersImageBackend, cache_dir: Path
+) -> None:
+    """With cuda_graphs, a graph replays a UNet call whose inputs are tensors of known roles: the real
+    pipelines' calls must all be such, with one shape per batch (a diffusers release that passed more
+    would silently run eagerly)."""
+    guided, plain = _unet_call_keys(
+        image,
+        ImageRequest(prompt="a boat", steps=3, seed=1, n=2),  # guidance 7.5: two copies of each image
+        ImageRequest(prompt="a boat", steps=2, seed=1, guidance_scale=1.0),
+    )
+    assert None not in guided | plain
+    assert len(guided) == len(plain) == 1  # every step's call has the same inputs' shapes
+    names = {name: shape for name, _, shape, _ in next(iter(guided))}
+    assert set(names) == {"sample", "timestep", "encoder_hidden_states"}
+    assert names["sample"][0] == 4 and dict((n, s) for n, _, s, _ in next(iter(plain)))["sample"][0] == 1
+
+    sdxl = load_backend("image", "tiny-sdxl", tiny.ensure_model("tiny-sdxl", cache_dir))
+    try:
+        assert isinstance(sdxl, DiffusersImageBackend)
+        (keys,) = _unet_call_keys(sdxl, ImageRequest(prompt="a café", steps=2, seed=1))
+    finally:
+        sdxl.close()
+    assert None not in keys and len(keys) == 1
+    assert {name for name, *_ in next(iter(keys))} == {
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+        "added_cond_kwargs.text_embeds",
+        "added_cond_kwargs.time_ids",
+    }
+
+
+def test_a_call_a_graph_cannot_replay_has_no_replay_key() -> None:
+    sample, text = torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 32)
+    t = torch.tensor(981)
+    plain = {"return_dict": False, "timestep_cond": None, "cross_attention_kwargs": None}
+    with torch.inference_mode():
+        key = replay_key(sample, t, text, (), plain)
+        assert key is not None
+        assert replay_key(sample, t, text, (), {**plain, "cross_attention_kwargs": {}}) == key
+        assert replay_key(sample, torch.tensor([1, 2]), text, (), plain) not in (None, key)  # one per row
+        sdxl = {
+            **plain,
+            "added_cond_kwargs": {"text_embeds": torch.zeros(2, 8), "time_ids": torch.zeros(2, 6)},
+        }
+        assert replay_key(sample, t, text, (), sdxl) not in (None, key)
+        assert replay_key(sample, t, text, (), {**plain, "timestep_cond": torch.zeros(2, 4)}) not in (
+            None,
+            key,
+        )
+        assert replay_key(torch.zeros(1, 4, 8, 8), t, text[:1], (), plain) != key  # another shape
+        refused = [
+            (t, (), {}),  # return_dict defaults to True
+            (t, (), {**plain, "return_dict": True}),
+            (t, (), {**plain, "cross_attention_kwargs": {"scale": 0.5}}),  # LoRA scale
+            (t, (), {**plain, "mid_block_additional_residual": sample}),  # ControlNet
+            (t, (), {**plain, "down_block_additional_residuals": (sample,)}),
+            (t, (), {**plain, "added_cond_kwargs": {"text_embeds": text, "scale": 1.0}}),
+            (t, (), {**plain, "timestep_cond": torch.zeros(2, 4, device="meta")}),  # another device
+            (t, (), {**plain, "something_new": 1}),
+            (t, (None,), plain),
+            (981, (), plain),  # a Python number
+            (torch.tensor([1, 2, 3]), (), plain),
+        ]
+        for timestep, args, kwargs in refused:
+            assert replay_key(sample, timestep, text, args, kwargs) is None, (timestep, args, kwargs)
+    assert replay_key(sample, t, text, (), plain) is None  # autograd on
+
+
+def test_cuda_graphs_need_a_cuda_device_and_an_image_model(cache_dir: Path) -> None:
+    source = tiny.ensure_model("tiny-sd", cache_dir)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        DiffusersImageBackend("tiny-sd", source, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs is for image models"):
+        load_backend("text", "tiny-gpt2", tiny.ensure_model("tiny-gpt2", cache_dir), cuda_graphs=True)
+    with pytest.raises(ValueError, match="CUDA graphs need the denoiser on a CUDA device"):
+        GraphedDenoiser(torch.nn.Linear(2, 2))
+    base = {"name": "m", "task": "image", "source": "tiny:tiny-sd", "cuda_graphs": True}
+    with pytest.raises(ValidationError, match="cuda_graphs needs a CUDA device, not 'cpu'"):
+        ModelSettings.model_validate(base)
+    with pytest.raises(ValidationError, match="cuda_graphs is for image models"):
+        ModelSettings.model_validate({**base, "task": "text", "device": "cuda:0"})
+    assert ModelSettings.model_validate({**base, "device": "cuda:1"}).cuda_graphs
+    assert not ModelSettings.model_validate({**base, "cuda_graphs": False}).cuda_graphs
 
 
 def test_backends_never_import_the_proxy() -> None:

@@ -166,10 +166,36 @@ def test_gpu_served_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert redone["conditions"] == data["conditions"] and "reanalysed" in redone
     assert tables((again / "gpu_served.md").read_text(encoding="utf-8")) == [timing, ratios]
     # a GPU run recorded before the outside joules were kept is analysed again with "-" for them
-    old_run, recorded = tmp_path / "old", Path(gpu_served.__file__).parent / "results" / "gpu_served.json"
-    assert gpu_served.main(["--from-json", str(recorded), "--out", str(old_run)]) == 0
+    recorded = json.loads(
+        (Path(gpu_served.__file__).parent / "results" / "gpu_served.json").read_text(encoding="utf-8")
+    )
+    for block in recorded["blocks"]:
+        block.pop("outside_j", None)
+    old_json, old_run = tmp_path / "old.json", tmp_path / "old"
+    old_json.write_text(json.dumps(recorded), encoding="utf-8")
+    assert gpu_served.main(["--from-json", str(old_json), "--out", str(old_run)]) == 0
     _, old_ratios = tables((old_run / "gpu_served.md").read_text(encoding="utf-8"))
-    assert {row[-1] for row in old_ratios[1:]} == {"-, -, -, -"}
+    assert {row[-1] for row in old_ratios[1:] if row[6] != "(diagnostic)"} == {
+        ", ".join(["-"] * recorded["rounds"])
+    }
+
+
+def test_a_recorded_cuda_graphs_run_is_analysed_again(tmp_path: Path) -> None:
+    """`--cuda-graphs` needs a CUDA GPU (no smoke run): its recorded run's raw calls go through the same
+    analysis, the eager conditions as diagnostics against the graphed direct calls."""
+    recorded = Path(gpu_served.__file__).parent / "results" / "gpu_served_graphs.json"
+    assert gpu_served.main(["--from-json", str(recorded), "--out", str(tmp_path)]) == 0
+    markdown = (tmp_path / "gpu_served_graphs.md").read_text(encoding="utf-8")
+    check, timing, ratios = tables(markdown)
+    assert check[0][:3] == ["batch", "images", "max abs difference (8-bit levels)"]
+    assert [row[0] for row in check[1:]] == ["batch 1", "batch 8"]
+    eager = {row[0]: row for row in ratios[1:] if "eager" in row[0]}
+    assert set(eager) == {
+        "direct, batch 1, eager (no CUDA graphs)",
+        "direct, batch 8, eager (no CUDA graphs)",
+    }
+    assert all(row[1] == row[0].split(", eager")[0] and row[6] == "(diagnostic)" for row in eager.values())
+    assert len(timing) - 1 == len(json.loads(recorded.read_text(encoding="utf-8"))["conditions"])
 
 
 def test_gpu_served_default_conditions_smoke(model_cache: Path, tmp_path: Path) -> None:
