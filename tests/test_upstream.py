@@ -69,6 +69,7 @@ class Stub:
         "fast-stream", "endless-stream", "odd-sse", "huge-line", "done-then-stall", "usage-on-choices",
         "dated-503", "slow-stream", "error-200", "slow-429", "slow-start-stream", "tgi-error-stream",
         "flat-error-stream", "flat-error-200", "empty-200", "partial-422", "list-message-400", "inf-503",
+        "cut-stream", "no-done-stream",
     )  # fmt: skip
     IMAGE_MODELS = ("slow-image",)
     SLOW_S = 2.0  # how long "slow-start-stream" takes to its first token, "slow-image" to its answer
@@ -128,6 +129,8 @@ class Stub:
             "slow-start-stream",
             "tgi-error-stream",
             "flat-error-stream",
+            "cut-stream",
+            "no-done-stream",
         ):
             return await self._stream(request, model)
         if model == "slow":
@@ -246,6 +249,15 @@ class Stub:
             for event in (chunk, error):
                 await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        if model in ("cut-stream", "no-done-stream"):  # the body ends without [DONE]: "cut-stream" before
+            # its choice's finish_reason (an upstream that died mid-answer), "no-done-stream" after it
+            reason = None if model == "cut-stream" else "stop"
+            for content, finish in (("one", None), ("two", reason)):
+                choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish}
+                chunk = {"id": "n", "object": "chat.completion.chunk", "model": model, "choices": [choice]}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await resp.write_eof()
             return resp
         if model == "odd-sse":
@@ -728,6 +740,32 @@ def test_error_events_mid_stream_reach_the_client_in_the_openai_envelope(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert [r.status for r in records] == ["error", "error"] and all(r.joules > 0 for r in records)
+
+
+def test_a_stream_the_upstream_cut_short_is_an_error_not_an_answer(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """A stream whose body ends without [DONE] while a choice has no finish_reason was cut short (the
+    upstream died mid-answer): the client gets an error event (the official client raises) and the
+    ledger an error. One that ends without [DONE] after every choice finished is taken as complete."""
+    proxy = make_proxy(stub.url)
+    cut = {**STREAMED_CHAT, "model": "cut-stream"}
+    raw = requests.post(proxy.base_url + CHAT, json=cut, timeout=30).text
+    events = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == ["one", "two"]
+    assert json.loads(events[-2])["error"]["code"] == "upstream_bad_response" and events[-1] == "[DONE]"
+    with pytest.raises(openai.APIError, match="ended before its end"):
+        list(client(proxy).chat.completions.create(**cut))  # type: ignore[call-overload]
+    whole = {**STREAMED_CHAT, "model": "no-done-stream"}
+    chunks = list(client(proxy).chat.completions.create(**whole))  # type: ignore[call-overload]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "onetwo"
+    assert proxy.app is not None
+    deadline = time.monotonic() + 10
+    while len(records := proxy.call(proxy.app[LEDGER].records())) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    by_model = sorted((r.model, r.status) for r in records)
+    assert by_model == [("cut-stream", "error"), ("cut-stream", "error"), ("no-done-stream", "ok")]
 
 
 def test_a_request_refused_after_a_while_is_charged_what_it_was_given(
