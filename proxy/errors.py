@@ -135,6 +135,9 @@ def from_validation_error(e: ValidationError) -> InvalidRequest:
     loc = [str(p) for p in err.get("loc", ()) if not _UNION_TAG.fullmatch(str(p))]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
+    cause = (err.get("ctx") or {}).get("error")
+    if err.get("type") == "value_error" and isinstance(cause, ValueError):
+        msg = str(cause)  # a validator's own words, without pydantic's "Value error, " before them
     if err.get("type") == "missing":
         msg = f"'{param}' is a required property"
     elif param:

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -220,6 +221,14 @@ class _Sampling(_Request):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED_DOC)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=_ASKED_DOC)
     logit_bias: LogitBias | None = Field(None, description=_ASKED_DOC)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_of_a_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> Any:
+        # as OpenAI's API and vLLM: options of a stream that is not asked for are a mistake, not a no-op
+        if options is not None and not info.data.get("stream", False):
+            raise ValueError("The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+        return options
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """`logit_bias` as (token id, bias) pairs in token order, zero biases left out."""
