@@ -360,8 +360,11 @@ class TransformersTextBackend:
     """
 
     task: Task = "text"
-    # the request fields that ask the model for something (`proxy.protocol._ASKED_DOC`) it does
-    honours: frozenset[str] = frozenset({"presence_penalty", "frequency_penalty", "logit_bias"})
+    # the request fields that ask the model for something (`proxy.protocol._ASKED_DOC`) it does, and
+    # "prompt_token_ids": a completion's prompt given as token ids (run on `prompt_ids` as they are)
+    honours: frozenset[str] = frozenset(
+        {"presence_penalty", "frequency_penalty", "logit_bias", "prompt_token_ids"}
+    )
 
     def __init__(
         self,

@@ -819,14 +819,17 @@ async def _completions(
 ) -> web.StreamResponse:
     ms = served.settings
     _check_supported(served, req)
-    prompts = req.prompts()
+    prompts: list[tuple[str, tuple[int, ...] | None]] = [(p, None) for p in req.prompts()]
+    if not prompts:  # token ids (the backend takes them: `_check_supported`)
+        prompts = [("", _checked_ids(served, ids)) for ids in req.token_prompts()]
     _check_n(ms, req.n, len(prompts))
     max_tokens, limit_param = _max_tokens(ms, chat=False, max_tokens=req.max_tokens)
     bases = []
     sampling = _sampling(served, req)
-    for p in prompts:
+    for p, ids in prompts:
         base = TextRequest(
             prompt=p,
+            prompt_ids=ids,
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
@@ -840,6 +843,18 @@ async def _completions(
     if req.stream:
         return await _stream_members(request, served, bases, _CompletionChunks, req.stream_options)
     return await _answer_members(request, served, bases, completion_json)
+
+
+def _checked_ids(served: ServedModel, ids: list[int]) -> tuple[int, ...]:
+    """A prompt's token ids, each one the model has (an id past its vocabulary is a 400)."""
+    vocab = served.vocab_size()
+    if vocab is not None and (outside := next((t for t in ids if t >= vocab), None)) is not None:
+        raise InvalidRequest(
+            f"token id {outside} in 'prompt' is outside this model's vocabulary (ids 0 to {vocab - 1})",
+            param="prompt",
+            code="invalid_token_id",
+        )
+    return tuple(ids)
 
 
 async def _images_generations(

@@ -206,7 +206,16 @@ LogitBias = Annotated[
 ]
 
 
+def _sampling_schema(schema: dict[str, Any]) -> None:
+    """As `_nullable_in_schema`, and: stream_options (an object) only with stream true."""
+    _nullable_in_schema(schema)
+    schema["if"] = {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]}
+    schema["then"] = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
+
+
 class _Sampling(_Request):
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_sampling_schema)
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -326,9 +335,10 @@ class CompletionRequest(_Sampling):
         return [[_integral(x) for x in p] if type(p) is list else _integral(p) for p in v]
 
     def unsupported(self, model: str, honoured: frozenset[str] = frozenset()) -> tuple[str, str] | None:
-        """As `_Request.unsupported`, a prompt of token ids, and `best_of` other than 1 or `n` (the best of
-        more candidates than are returned)."""
-        if self.token_prompts():
+        """As `_Request.unsupported`, a prompt of token ids where the backend does not take them
+        (`prompt_token_ids` not in `honoured`), and `best_of` other than 1 or `n` (the best of more
+        candidates than are returned)."""
+        if "prompt_token_ids" not in honoured and self.token_prompts():
             return "prompt", (
                 f"Unsupported value: 'prompt' as token ids with model '{model}', which WattProxy serves "
                 "itself. Only text prompts are supported."

@@ -34,6 +34,8 @@ class ServedModel:
     def tokenized(self, request: TextRequest) -> tuple[TextRequest, int]:
         """(the request, its prompt's tokens). Where the backend gives the prompt's token ids, the
         request returned carries them, so that its batch does not tokenize it again."""
+        if request.prompt_ids is not None:  # a prompt given as token ids
+            return request, len(request.prompt_ids)
         tokenize = getattr(self.backend, "prompt_ids", None)
         if tokenize is not None:
             ids = tuple(tokenize(request))

@@ -157,6 +157,40 @@ def test_completions_plain_and_streamed(either_server: LiveServer) -> None:
     assert pieces[-1].usage is not None
 
 
+def test_a_completion_prompt_may_be_token_ids(either_server: LiveServer) -> None:
+    """A prompt of token ids (one prompt's, or several's) runs on those ids: the answer of the text they
+    encode, its tokens counted from the ids; an id past the vocabulary is a 400 naming the prompt."""
+    server = either_server
+    c = client(server)
+    served = server.app[SERVICE].models["tiny-gpt2"]  # type: ignore[index]
+    words = "The energy of one joule"
+    ids = list(served.backend.prompt_ids(TextRequest(prompt=words)))
+    by_text = c.completions.create(model="tiny-gpt2", prompt=words, max_tokens=5, temperature=0)
+    by_ids = c.completions.create(model="tiny-gpt2", prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage is not None and by_text.usage is not None
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == len(ids)
+    two = c.completions.create(model="tiny-gpt2", prompt=[ids, ids[:2]], max_tokens=3, temperature=0)
+    assert len(two.choices) == 2 and two.usage is not None and two.usage.prompt_tokens == len(ids) + 2
+    streamed = c.completions.create(
+        model="tiny-gpt2",
+        prompt=ids,
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces = list(streamed)
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == by_text.choices[0].text
+    assert pieces[-1].usage is not None and pieces[-1].usage.prompt_tokens == len(ids)
+    vocab = served.vocab_size()
+    with pytest.raises(openai.BadRequestError) as refused:
+        c.completions.create(model="tiny-gpt2", prompt=[[1, 2], [3, vocab]], max_tokens=2)
+    body = refused.value.body
+    assert (body["param"], body["code"]) == ("prompt", "invalid_token_id")  # type: ignore[index]
+    assert str(vocab) in body["message"]  # type: ignore[index]
+
+
 def test_images_b64_png_of_requested_size_and_count(either_server: LiveServer) -> None:
     server = either_server
     c = client(server)

@@ -76,7 +76,7 @@ LIMIT_REFUSALS = {
     "invalid_size": {"size"},
     "prompt_too_long": {"prompt"},
     "context_length_exceeded": {"prompt", "messages", "max_tokens", "max_completion_tokens"},
-    "invalid_token_id": {"logit_bias"},  # a token id past the model's vocabulary
+    "invalid_token_id": {"logit_bias", "prompt"},  # a token id past the model's vocabulary
     "wrong_task": {"model"},  # a served model of the other task (the fuzzer learns names from answers)
 }
 # What a model served in process refuses though the document (which proxy mode shares) takes it: a

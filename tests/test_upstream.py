@@ -941,8 +941,8 @@ def test_what_only_the_upstreams_model_does_is_sent_on_as_asked(
 def test_prompts_of_token_ids_are_sent_on_and_counted_exactly(
     stub: Stub, make_proxy: Callable[..., ProxyServer]
 ) -> None:
-    """A completion's prompt as token ids (one prompt's, or several's), which a model served in process
-    refuses, reaches the upstream as it was sent; its tokens are the ids, counted, not estimated."""
+    """A completion's prompt as token ids (one prompt's, or several's) reaches the upstream as it was
+    sent; its tokens are the ids, counted, not estimated."""
     proxy = make_proxy(stub.url + "/v1")
     c = client(proxy)
     one = c.completions.create(model="ok-no-usage", prompt=[15496, 995, 0, 7], max_tokens=3)
