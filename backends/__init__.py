@@ -90,15 +90,19 @@ def load_backend(
     own_process: bool = False,
     torch_threads: int | None = None,
     cuda_graphs: bool = False,
+    batch_timeout_s: float | None = None,
 ) -> Backend:
     """Construct the backend for `task` and load it (blocking: call from a worker thread).
 
     `own_process`: the model runs in a child process (`backends.process`), which sets its torch
     threads to `torch_threads` (None: torch's default); this process keeps only the tokenizer.
-    `cuda_graphs`: images only (`DiffusersImageBackend`)."""
+    `cuda_graphs`: images only (`DiffusersImageBackend`). `batch_timeout_s`: a model process that runs a
+    batch longer is killed (`own_process` only: a model in this process cannot be stopped)."""
     with LOADING:
         quiet_progress_bars()
         backend: Backend
+        if batch_timeout_s is not None and not own_process:
+            raise ValueError(f"{name}: batch_timeout_s needs own_process (a model here cannot be stopped)")
         if cuda_graphs and task != "image":
             raise ValueError(f"{name}: cuda_graphs is for image models, not {task!r}")
         if task == "text":
@@ -128,6 +132,7 @@ def load_backend(
             dtype=dtype,
             torch_threads=torch_threads,
             cuda_graphs=cuda_graphs,
+            batch_timeout_s=batch_timeout_s,
         )
         process.start()
     process.wait_loaded()  # without the lock: models called for at once load side by side

@@ -18,7 +18,9 @@ where models run in processes of their own. A child reports when a batch ends, s
 the job that spent it.
 
 A child that dies fails the batch it was running (RuntimeError, recorded as a failed job) and is
-started again, its model loaded again, at the next batch.
+started again, its model loaded again, at the next batch. So does a child that runs a batch for longer
+than `batch_timeout_s` (where set): it is taken as hung (a deadlock, a kernel that never returns) and
+killed, so that the device's queue moves on.
 
 A child's life is its server's: it runs in a session of its own and ignores SIGINT and SIGTERM, so that
 a terminal's Ctrl-C or a service manager's SIGTERM to every process of the service reaches the server
@@ -189,9 +191,13 @@ class ProcessBackend:
         dtype: str = "auto",
         torch_threads: int | None = None,
         cuda_graphs: bool = False,
+        batch_timeout_s: float | None = None,
         start_timeout_s: float = 600.0,
     ) -> None:
+        if batch_timeout_s is not None and not batch_timeout_s > 0:
+            raise ValueError(f"batch_timeout_s must be above 0, got {batch_timeout_s}")
         self.front = front
+        self.batch_timeout_s = batch_timeout_s
         self.name = name
         self.task: Task = task
         self.device = device
@@ -278,9 +284,13 @@ class ProcessBackend:
                         while conn.recv()[0] == "pieces":
                             pass
                     _send(conn, batch)
+                timeout_s = self.batch_timeout_s
+                deadline = None if timeout_s is None else time.monotonic() + timeout_s
                 while True:
                     if wake is not None and self._ahead is None:
-                        ready = wait((conn, wake))
+                        ready = wait((conn, wake), _left_s(deadline))
+                        if not ready:
+                            self._hung()
                         if wake in ready:
                             with contextlib.suppress(BlockingIOError):
                                 wake.recv(4096)
@@ -290,6 +300,8 @@ class ProcessBackend:
                                 self.sent_ahead += 1
                             if conn not in ready:
                                 continue
+                    elif deadline is not None and not conn.poll(_left_s(deadline)):
+                        self._hung()
                     answer = conn.recv()
                     if answer[0] != "pieces":
                         break
@@ -372,6 +384,23 @@ class ProcessBackend:
             raise value
         log.info("model %s runs in process %d", self.name, process.pid)
 
+    def _hung(self) -> None:
+        """The running batch has taken longer than `batch_timeout_s`: kill the model process, and fail
+        the batch (RuntimeError); the next batch starts a new one."""
+        log.error(
+            "the model process of %s ran a batch for more than batch_timeout_s (%g s): killing it",
+            self.name,
+            self.batch_timeout_s,
+        )
+        if self._process is not None:
+            self._process.kill()
+        code = self._stop()
+        raise RuntimeError(
+            f"the model process of {self.name} ran a batch for more than batch_timeout_s "
+            f"({self.batch_timeout_s:g} s) and was stopped (exit code {code}); it is started again at the "
+            "next batch"
+        )
+
     def _stop(self, grace_s: float = 5.0) -> int | None:
         """Close the pipe and end the process (killed if it does not exit within grace_s: it ignores
         SIGTERM)."""
@@ -386,6 +415,11 @@ class ProcessBackend:
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait()
+
+
+def _left_s(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (time.monotonic), 0 once past; None (no limit) without one."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _send(conn: Connection, batch: Sequence[BackendRequest]) -> None:

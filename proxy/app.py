@@ -371,6 +371,7 @@ async def _load_model(
                     own_process=ms.own_process,
                     torch_threads=settings.torch_threads,
                     cuda_graphs=ms.cuda_graphs,
+                    batch_timeout_s=ms.batch_timeout_s,
                 ),
             )
     except Exception as e:

@@ -82,6 +82,11 @@ class ModelSettings(_Strict):
     # a small batch. The first request of each size and batch captures its graph (a few steps' time and
     # that shape's activation memory, kept for the last 4 shapes).
     cuda_graphs: bool = False
+    # A model process (own_process) that runs one batch longer than this is taken as hung (a deadlock,
+    # a kernel that never returns): it is killed, the batch fails (its requests answered 500 and
+    # recorded as errors, charged what the device drew meanwhile) and a new process starts at the next
+    # batch. Set it well above the longest batch the model's limits allow. None: no limit.
+    batch_timeout_s: float | None = Field(None, gt=0)
     # text limits
     max_tokens: int = Field(256, ge=1)  # upper bound on max_tokens a request may ask for
     # max_tokens of a request that sends none. None, as OpenAI's API: a chat goes on to its end of
@@ -123,6 +128,10 @@ class ModelSettings(_Strict):
             raise ValueError("cuda_graphs is for image models")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device!r}")
+        if self.batch_timeout_s is not None and not self.own_process:
+            raise ValueError(
+                "batch_timeout_s needs own_process = true (a model in the server's process cannot be stopped)"
+            )
         return self
 
 

@@ -22,7 +22,7 @@ from backends.base import ChatMessage, ImageRequest, TextRequest, TextResult
 from backends.process import ProcessBackend
 from backends.tiny import ensure_model
 from proxy.config import ModelSettings
-from proxy.state import MONITORS, SERVICE
+from proxy.state import LEDGER, MONITORS, SERVICE
 from tests.conftest import LiveServer
 from tests.test_backends import StepLog, check_step_log
 
@@ -175,6 +175,71 @@ def test_errors_come_back_and_a_dead_model_process_is_started_again(
     own._process.wait(10)
     assert own.run([request]) == here.run([request])  # type: ignore[attr-defined]
     assert own.pid not in (None, first, second)
+
+
+def test_a_hung_model_process_is_killed_after_batch_timeout_s_and_the_server_answers(
+    make_server,  # type: ignore[no-untyped-def]
+) -> None:
+    """A model process that stops making progress (stopped with SIGSTOP mid-batch: a deadlock, a
+    kernel that never returns, as far as the server can tell) is killed once its batch has run for
+    batch_timeout_s: that request is answered 500 and recorded as an error, and the next one runs in a
+    new model process. Without the limit the device's queue would wait for it for ever."""
+    timeout_s = 3.0
+    server: LiveServer = make_server(
+        models=[
+            ModelSettings(
+                name="tiny-gpt2",
+                task="text",
+                source="tiny:tiny-gpt2",
+                max_tokens=400,
+                own_process=True,
+                batch_timeout_s=timeout_s,
+            )
+        ],
+    )
+    backend = server.app[SERVICE].models["tiny-gpt2"].backend  # type: ignore[index]
+    assert isinstance(backend, ProcessBackend) and backend.batch_timeout_s == timeout_s
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+    def chat(max_tokens: int, stream: bool = False) -> object:
+        return client.chat.completions.create(
+            model="tiny-gpt2",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=stream,
+        )
+
+    first = backend.pid
+    assert first is not None
+    chat(4)  # a batch well within the limit runs as usual
+    assert backend.pid == first
+    stream = chat(400, stream=True)
+    next(iter(stream))  # type: ignore[call-overload]  # the batch runs in the model process
+    os.kill(first, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in stream:  # type: ignore[attr-defined]
+            pass
+    assert time.monotonic() - t0 < timeout_s + 10
+    assert _exited(first)
+    answer = chat(4)  # a new model process
+    assert answer.choices[0].message.content  # type: ignore[attr-defined]
+    assert backend.pid not in (None, first)
+    ledger = server.app[LEDGER]  # type: ignore[index]
+    deadline = time.monotonic() + 10
+    while len(records := server.call(ledger.records())) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sorted(r.status for r in records) == ["error", "ok", "ok"]
+
+
+def test_batch_timeout_s_is_for_a_model_in_a_process_of_its_own() -> None:
+    with pytest.raises(ValueError, match="batch_timeout_s needs own_process"):
+        ModelSettings(name="m", task="text", source="tiny:tiny-gpt2", own_process=False, batch_timeout_s=5)
+    with pytest.raises(ValueError, match="batch_timeout_s"):
+        ModelSettings(name="m", task="text", source="tiny:tiny-gpt2", batch_timeout_s=0)
+    assert ModelSettings(name="m", task="text", source="tiny:tiny-gpt2").batch_timeout_s is None
 
 
 def test_the_model_process_leaves_ctrl_c_and_sigterm_to_its_server(
