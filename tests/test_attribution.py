@@ -861,6 +861,41 @@ def test_jobs_are_answered_when_the_meter_was_never_read(update_period_s: float)
         m.stop()
 
 
+@pytest.mark.parametrize("update_period_s", [0.0, 0.1])  # continuous, stepped
+def test_a_job_from_before_the_meters_first_reading_is_not_labelled_measured(update_period_s: float) -> None:
+    """A meter unreadable at first that comes back before max_finalize_delay_s: the jobs that ran before
+    its first good reading lie where nothing was measured, so their joules (none, or only what ran
+    after that reading) are labelled `unavailable`, not `measured`; a job after it is `measured`."""
+    clock = FakeClock(0.0)
+    meter = _FailingMeter(clock=clock, update_period_s=update_period_s)
+    meter.fail = True
+    m = DeviceMonitor(meter, clock=clock, max_finalize_delay_s=5.0)  # type: ignore[arg-type]
+    m.sample()  # fails: no timeline yet
+    before = m.begin()
+    clock.advance(0.5)
+    m.end(before, [("before", 1.0)])
+    straddling = m.begin()
+    clock.advance(0.5)
+    meter.fail = False
+    m.sample()  # the first good reading
+    clock.advance(0.5)
+    m.end(straddling, [("straddling", 1.0)])
+    after = m.begin()
+    clock.advance(0.5)
+    m.end(after, [("after", 1.0)])
+    for _ in range(3):
+        clock.advance(0.2)
+        m.sample()
+    m.stop()
+    charges = {**before.charges, **straddling.charges, **after.charges}  # type: ignore[dict-item]
+    assert {k: c.measurement for k, c in charges.items()} == {
+        "before": "unavailable",
+        "straddling": "unavailable",
+        "after": "synthetic",  # the meter's own label
+    }
+    assert charges["before"].joules == 0.0 and charges["straddling"].joules > 0
+
+
 @pytest.mark.parametrize("policy", ["separate", "amortize"])
 def test_stop_finalizes_every_job_open_or_unreadable_and_keeps_the_books(policy: str) -> None:
     """At stop, a job nobody ended is closed at the last reading with its energy idle, and one the

@@ -232,6 +232,9 @@ class DeviceMonitor:
         self.committed_attributed_j = 0.0
         self.read_errors = 0
         self._first_energy_j: float | None = None
+        # the first good reading's time: before it nothing was measured (a job that ran partly before
+        # it is labelled `unavailable`); +inf until there is one
+        self._timeline_start_s = math.inf
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by `end` when the device goes idle with jobs to finalize
         self._thread: threading.Thread | None = None
@@ -392,7 +395,7 @@ class DeviceMonitor:
         self._latest = point
         if self._first_energy_j is None:
             self._first_energy_j = point[1]
-            self._pending_idle_from_s = point[0]  # the timeline starts here
+            self._pending_idle_from_s = self._timeline_start_s = point[0]  # the timeline starts here
         self._recent.append(point)
         if not self._points or self.meter.continuous or point[1] != self._points[-1][1]:
             self._points.append(point)
@@ -881,6 +884,7 @@ class DeviceMonitor:
             idle_j -= charged_j
         out: list[tuple[_Job, dict[Hashable, Charge]]] = []
         commits: list[tuple[Hashable, Charge]] = []
+        label = measurement or self.meter.measurement
         for job in done:
             del self._jobs[job.key]
             if job.state == _ACTIVE:  # committed before the sweep reached its end (the meter failed)
@@ -903,12 +907,14 @@ class DeviceMonitor:
                     strict=True,
                 )
             charges: dict[Hashable, Charge] = {}
+            # a job that began before the meter's first good reading was measured in part at most
+            job_label = label if job.start_s >= self._timeline_start_s else "unavailable"
             for member, e_j, i_j, u_j, s in shares:
                 charge = Charge(  # positional, in field order (hot path: keywords cost more)
                     e_j + i_j,  # joules
                     i_j,  # idle_joules
                     u_j,  # uncertainty_joules
-                    measurement or self.meter.measurement,  # measurement
+                    job_label,  # measurement
                     self.device,  # device
                     job.start_s,  # start_s
                     job.end_s,  # end_s
