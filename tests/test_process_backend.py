@@ -365,6 +365,21 @@ def test_a_model_that_cannot_load_fails_its_load(model_cache: Path, tmp_path: Pa
         load_backend("text", "missing", tmp_path / "nothing-here", own_process=True)
 
 
+def test_the_model_process_is_given_cuda_graphs(model_cache: Path) -> None:
+    """`cuda_graphs` reaches the model process, which builds its backend with it: on this CPU it then
+    refuses to load as the server's own check would (a CUDA device is needed)."""
+    source = ensure_model("tiny-sd", model_cache / "models")
+    from backends.image_diffusers import DiffusersImageBackend
+
+    front = DiffusersImageBackend("tiny-sd", source)
+    own = ProcessBackend(front, task="image", name="tiny-sd", source=str(source), cuda_graphs=True)
+    try:
+        with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+            own.load()
+    finally:
+        own.close()
+
+
 def test_images_in_their_own_process_are_the_same_images(model_cache: Path, one_thread: None) -> None:
     source = ensure_model("tiny-sd", model_cache / "models")
     own = load_backend("image", "tiny-sd", source, own_process=True, torch_threads=1)
