@@ -13,16 +13,20 @@ masks and SDXL's added conditions (`added_cond_kwargs`, a dict of tensors), with
 under no autograd. A call with anything else (ControlNet residuals, `cross_attention_kwargs` such as a
 LoRA scale) runs eagerly. The first call of each input shape runs twice eagerly (to let the libraries
 choose their kernels and allocate their workspaces outside the capture) and is then captured; the last
-`max_graphs` shapes are kept, each with its own inputs, output and memory pool.
+`max_graphs` shapes are kept, each with its own inputs, output and memory pool. A shape whose capture
+fails (an operation a graph cannot hold) is logged and runs eagerly from then on.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 4  # input shapes kept captured (size x batch); each holds its activations' memory
 WARMUP_RUNS = 2  # eager runs on the capture stream before a capture
@@ -86,6 +90,7 @@ class GraphedDenoiser:
         self.replays = 0
         self._stream = torch.cuda.Stream(device=device)
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self._uncapturable: set[Hashable] = set()  # shapes whose capture failed: eager
         module.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it first
 
     def forward(
@@ -97,7 +102,16 @@ class GraphedDenoiser:
         key = _key(inputs)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = _Graph(self.eager, self._stream, inputs)
+            if key in self._uncapturable:
+                return self.eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            try:
+                graph = _Graph(self.eager, self._stream, inputs)
+            except Exception:  # an operation that cannot be captured: this shape runs eagerly from now on
+                log.exception(
+                    "a CUDA graph of the denoiser for %s could not be captured: it runs eagerly", key
+                )
+                self._uncapturable.add(key)
+                return self.eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
             self.captures += 1
             self._graphs[key] = graph
             while len(self._graphs) > self.max_graphs:
