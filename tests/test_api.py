@@ -1192,7 +1192,6 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
     ("completion", {"logprobs": 2}, "logprobs"),
     ("completion", {"best_of": 3}, "best_of"),
     ("completion", {"suffix": "end"}, "suffix"),
-    ("completion", {"prompt": [15496, 995]}, "prompt"),
     ("image", {"quality": "hd"}, "quality"),
     ("image", {"style": "natural"}, "style"),
     ("image", {"output_format": "jpeg"}, "output_format"),
