@@ -23,13 +23,13 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client import CollectorRegistry
 
 from backends import load_backend
-from backends.base import Backend, ImageRequest, ImageResult, TextResult
+from backends.base import Backend, BackendRequest, ImageRequest, ImageResult, TextRequest, TextResult
 from backends.process import cpu_seconds as process_cpu_seconds
 from proxy import accounts_api, api
 from proxy.auth import KeyCache, Principal, auth_middleware, new_key
 from proxy.budgets import Budgets
 from proxy.carbon import CarbonModel, build_carbon
-from proxy.config import Settings
+from proxy.config import Settings, parse_size
 from proxy.energy.meter import EnergyMeter, open_meter
 from proxy.energy.monitor import Charge, DeviceMonitor
 from proxy.errors import ApiError, InvalidRequest, Overloaded, ServerError, error_middleware, error_response
@@ -379,6 +379,8 @@ async def _load_model(
         log.exception("loading model %s from %s failed", name, ms.source)
         return
     served.backend = backend
+    if ms.warmup is True or (ms.warmup == "auto" and ms.device.startswith("cuda")):
+        await _warm_up(name, served, backend, scheduler.devices[ms.device])
     queue = ModelQueue(
         name=name,
         task=ms.task,
@@ -395,6 +397,30 @@ async def _load_model(
     scheduler.add_model(queue)
     served.queue = queue
     log.info("model %s (%s) ready on %s", name, ms.task, ms.device)
+
+
+async def _warm_up(name: str, served: ServedModel, backend: Backend, worker: DeviceWorker) -> None:
+    """The model's first request, run before it takes any (`ModelSettings.warmup`); a failure is logged
+    (the requests would fail alike) and the model is served all the same."""
+    ms = served.settings
+    request: BackendRequest
+    if ms.task == "text":
+        request = TextRequest(prompt="Hello", max_tokens=1, temperature=0.0)
+    else:
+        width, height = parse_size(ms.default_size)
+        request = ImageRequest(
+            prompt="warm-up",
+            width=width,
+            height=height,
+            steps=1,
+            guidance_scale=ms.default_guidance_scale,
+            seed=0,
+        )
+    _, error, _, run_s = await worker.warm_up(backend, request)
+    if error is not None:
+        log.error("warming model %s up failed: %s: %s", name, type(error).__name__, error)
+    else:
+        log.info("model %s warmed up in %.3f s", name, run_s)
 
 
 class _NoRequestBytes(logging.Filter):

@@ -87,6 +87,11 @@ class ModelSettings(_Strict):
     # recorded as errors, charged what the device drew meanwhile) and a new process starts at the next
     # batch. Set it well above the longest batch the model's limits allow. None: no limit.
     batch_timeout_s: float | None = Field(None, gt=0)
+    # Before the model takes requests, one small request (a 1-token completion; an image of the default
+    # size, 1 step) runs on its device's thread, charged to nobody (its energy is idle), so that the
+    # first client does not pay the device's and the libraries' first-call costs (a CUDA context's
+    # kernels, cuBLAS's handles, with cuda_graphs the graph of a batch of 1). "auto": on CUDA devices.
+    warmup: bool | Literal["auto"] = "auto"
     # text limits
     max_tokens: int = Field(256, ge=1)  # upper bound on max_tokens a request may ask for
     # max_tokens of a request that sends none. None, as OpenAI's API: a chat goes on to its end of

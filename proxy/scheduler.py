@@ -56,6 +56,9 @@ class RequestTag:
     carbon: CarbonCharge | None = None
 
 
+# A member nobody is charged for (a model's warm-up, `DeviceWorker.warm_up`): its job's energy is idle.
+UNCHARGED = RequestTag("", "", "", "")
+
 Status = Literal["ok", "error", "cancelled"]
 
 
@@ -226,6 +229,15 @@ class DeviceWorker:
                 self._waker.send(b"\0")
         return future
 
+    def warm_up(self, backend: Backend, request: BackendRequest) -> asyncio.Future[JobResult]:
+        """Run `request` on this device's thread as a job of its own that nobody is charged for (its
+        energy is idle), so that the thread's first real batch does not pay the device's and the
+        libraries' first-call costs (a CUDA graph's capture among them)."""
+        item = WorkItem(
+            request, UNCHARGED, backend.batch_key(request), 0.0, asyncio.get_running_loop().create_future()
+        )
+        return self.submit(backend, [item])
+
     def _main(self) -> None:
         job = self._jobs.get()
         begun: JobHandle | None = None  # the next job's handle, begun at the last one's end
@@ -277,7 +289,7 @@ class DeviceWorker:
         if flushes := _end_flushes(requests):
             flush_all(flushes)  # pieces still held go to the loop before the job's end does
         units = [r.work_units for r in results] if results is not None else [0.0] * len(items)
-        members = [(it.tag, w) for it, w in zip(items, units, strict=True)]
+        members = [(it.tag, w) for it, w in zip(items, units, strict=True) if it.tag is not UNCHARGED]
         if self._sent_ahead:  # the model process runs the next job already, whatever this one did
             self._sent_ahead = False
             return (results, error, handle, run_s), self.monitor.split(handle, members)

@@ -432,6 +432,56 @@ class HeldBackend(BackendWrapper):
         return self.inner.run(batch)
 
 
+class CountingBackend(BackendWrapper):
+    """Test-only: records every batch the real backend runs."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.batches: list[list[BackendRequest]] = []
+
+    def run(self, batch: Sequence[BackendRequest]) -> list[BackendResult]:
+        self.batches.append(list(batch))
+        return self.inner.run(batch)
+
+
+def test_a_model_warms_up_before_it_takes_requests_charged_to_nobody(make_server, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    """warmup = true: before the server is ready, each model has run one small request on its device's
+    thread; nobody is charged for it (no record, no request counted, its energy idle, the books
+    closed). "auto" (the default) warms up on CUDA devices only: not here."""
+    models_dir = model_cache / "models"
+    text = CountingBackend(load_backend("text", "tiny-gpt2", ensure_model("tiny-gpt2", models_dir)))
+    image = CountingBackend(load_backend("image", "tiny-sd", ensure_model("tiny-sd", models_dir)))
+    models = [
+        ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2", warmup=True),
+        ModelSettings(
+            name="tiny-sd", task="image", source="tiny:tiny-sd", warmup=True, default_size="128x128"
+        ),
+    ]
+    server = make_server(models=models, app_kwargs={"backends": {"tiny-gpt2": text, "tiny-sd": image}})
+    assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+    ((warm_text,),) = text.batches
+    ((warm_image,),) = image.batches
+    assert isinstance(warm_text, TextRequest) and warm_text.max_tokens == 1
+    assert (warm_image.width, warm_image.height, warm_image.steps) == (128, 128, 1)  # type: ignore[union-attr]
+    assert server.call(server.app[LEDGER].records()) == []  # type: ignore[index]
+    assert sum(v for _, v in metric_samples(server, "wattproxy_requests_total")) == 0
+    idle = sum(v for _, v in metric_samples(server, "wattproxy_idle_energy_kwh_total"))
+    device = sum(v for _, v in metric_samples(server, "wattproxy_device_energy_kwh_total"))
+    assert idle > 0 and idle == pytest.approx(device, rel=1e-9)  # the warm-ups' energy is idle
+
+    _chat(client(server), 0)
+    assert len(text.batches) == 2
+    (record,) = server.call(server.app[LEDGER].records())  # type: ignore[index]
+    charged = sum(v for _, v in metric_samples(server, "wattproxy_energy_kwh_total"))
+    assert record.joules > 0 and charged * 3.6e6 == pytest.approx(record.joules, rel=1e-9)
+
+    plain = CountingBackend(load_backend("text", "tiny-gpt2", ensure_model("tiny-gpt2", models_dir)))
+    auto = [ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2")]
+    assert auto[0].warmup == "auto"
+    make_server(models=auto, app_kwargs={"backends": {"tiny-gpt2": plain}})
+    assert plain.batches == []  # a CPU device: no warm-up
+
+
 def _until(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 20
     while not condition():
