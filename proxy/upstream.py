@@ -273,29 +273,18 @@ def _chars(req: ChatCompletionRequest | CompletionRequest) -> int:
     return sum(len(p) for p in req.prompts())
 
 
-def _track_finish(choices: Any, unfinished: set[Any], finished: set[Any]) -> None:
-    """Note which of a stream chunk's choices (by index) have come to their finish_reason."""
-    if not isinstance(choices, list):
-        return
-    for choice in choices:
-        if isinstance(choice, dict):
-            index = choice.get("index", 0)
-            index = index if isinstance(index, int | str) else repr(index)
-            if choice.get("finish_reason"):
-                finished.add(index)
-                unfinished.discard(index)
-            elif index not in finished:
-                unfinished.add(index)
-
-
-def _choices_text(choices: Any) -> str:
-    """The generated text in a chunk's or an answer's choices: content, reasoning, tool arguments."""
+def _choices_text(choices: Any, finished: set[Any] | None = None) -> str:
+    """The generated text in a chunk's or an answer's choices: content, reasoning, tool arguments.
+    `finished`: the indexes of the choices that come to their finish_reason here are added to it."""
     if not isinstance(choices, list):
         return ""
     parts: list[str] = []
     for choice in choices:
         if not isinstance(choice, dict):
             continue
+        if finished is not None and choice.get("finish_reason"):
+            index = choice.get("index", 0)
+            finished.add(index if type(index) is int else repr(index))
         text = choice.get("text")
         if isinstance(text, str):
             parts.append(text)
@@ -882,8 +871,10 @@ class UpstreamServing:
         activity = self._begin(tag)
         activity.add(prompt_estimate)
         piece_text: list[str] = []  # the open piece's generated text: counted once, when it closes
-        unfinished: set[Any] = set()  # choices (by index) seen without a finish_reason yet
-        finished: set[Any] = set()
+        finished: set[Any] = set()  # the choices (by index) that have come to their finish_reason
+        choices_asked = req.n * (
+            1 if isinstance(req, ChatCompletionRequest) else len(req.prompts() or req.token_prompts())
+        )
 
         def count_piece() -> None:  # one tokenizer call a piece, not an event
             nonlocal completion_estimate
@@ -925,9 +916,7 @@ class UpstreamServing:
                                     held_usage = {**exact, "choices": []}
                                     data = json.dumps({**exact, "usage": None}).encode()
                                 last_data = data
-                                choices = chunk.get("choices")
-                                piece_text.append(_choices_text(choices))
-                                _track_finish(choices, unfinished, finished)
+                                piece_text.append(_choices_text(chunk.get("choices"), finished))
                             frames.append(sse_frame(data))  # the bytes as they came
                         if frames:
                             await _send_event(resp, b"".join(frames))
@@ -939,10 +928,10 @@ class UpstreamServing:
                         if now - activity.last_split_s >= self.split_interval_s:
                             count_piece()
                             activity.split(now)
-                    if not done and not upstream_failed and (unfinished or not finished):
-                        # the body ended with a choice unfinished (or none at all) and no [DONE]: cut
-                        # short (an upstream that ends its streams without [DONE] after every choice's
-                        # finish_reason is taken at its word)
+                    if not done and not upstream_failed and len(finished) < choices_asked:
+                        # the body ended before [DONE] with a choice unfinished: cut short (an upstream
+                        # that ends its streams without [DONE] after every choice's finish_reason is
+                        # taken at its word)
                         raise UpstreamBadResponse("the upstream's stream ended before its end ([DONE])")
                 except UpstreamError as e:
                     failure = _api_error(e)
