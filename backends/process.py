@@ -211,6 +211,9 @@ class ProcessBackend:
         # the batch sent ahead, and the serial number of the model process it was sent to
         self._ahead: tuple[int, list[BackendRequest]] | None = None
         self.sent_ahead = 0  # batches sent before the one running ended
+        # model processes that ended other than by `close`: "died" (found gone, while running a batch
+        # or between batches), "hung" (killed after batch_timeout_s)
+        self.exits = {"died": 0, "hung": 0}
 
     # what the server asks before a batch: the front's
 
@@ -267,6 +270,7 @@ class ProcessBackend:
         with self._lock:
             sent_ahead, self._ahead = self._ahead, None
             if self._process is not None and self._process.poll() is not None:
+                self.exits["died"] += 1
                 log.warning(
                     "the model process of %s exited (exit code %s) between batches; starting it again",
                     self.name,
@@ -310,6 +314,7 @@ class ProcessBackend:
                     if flushes:
                         flush_all(flushes)
             except (EOFError, OSError) as e:  # the pipe: the model process is gone
+                self.exits["died"] += 1
                 code = self._stop()
                 raise RuntimeError(
                     f"the model process of {self.name} exited (exit code {code}) while running a batch; "
@@ -392,6 +397,7 @@ class ProcessBackend:
             self.name,
             self.batch_timeout_s,
         )
+        self.exits["hung"] += 1
         if self._process is not None:
             self._process.kill()
         code = self._stop()

@@ -275,6 +275,7 @@ def create_app(
             intensity=intensity,
             budgets=budgets.remaining_kwh,
             phone_charge_kwh=settings.phone_charge_kwh,
+            model_exits=lambda: _model_exits(service),
         )
         yield
         await scheduler.stop()
@@ -397,6 +398,17 @@ async def _load_model(
     scheduler.add_model(queue)
     served.queue = queue
     log.info("model %s (%s) ready on %s", name, ms.task, ms.device)
+
+
+def _model_exits(service: Service) -> dict[tuple[str, str], int]:
+    """(model, reason) -> model processes that ended other than by the server (`ProcessBackend.exits`),
+    for every model served from a process of its own."""
+    out: dict[tuple[str, str], int] = {}
+    for name, served in list(service.models.items()):
+        exits = getattr(served.backend, "exits", None)
+        if isinstance(exits, dict):
+            out.update(((name, reason), n) for reason, n in exits.items())
+    return out
 
 
 async def _warm_up(name: str, served: ServedModel, backend: Backend, worker: DeviceWorker) -> None:

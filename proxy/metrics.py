@@ -122,8 +122,10 @@ class _ScrapeCollector(Collector):
         intensity: Callable[[], tuple[str, str, float] | None],
         budgets: Callable[[], dict[str, float]],
         phone_charge_kwh: float | None = None,
+        model_exits: Callable[[], dict[tuple[str, str], int]] = dict,
     ) -> None:
         self._phone_charge_kwh = phone_charge_kwh
+        self._model_exits = model_exits
         self._book = book
         self._budgets = budgets
         self._power = power
@@ -198,6 +200,15 @@ class _ScrapeCollector(Collector):
             ("user",),
             [((user,), kwh) for user, kwh in sorted(self._budgets().items())],
         )
+        exits = self._model_exits()
+        if exits:
+            yield RowFamily(
+                "wattproxy_model_process_exits",
+                "counter",
+                "Model processes that ended other than by the server: died, or killed as hung",
+                ("model", "reason"),
+                [(key, n) for key, n in sorted(exits.items())],
+            )
         if self._phone_charge_kwh is not None:
             yield RowFamily(
                 "wattproxy_phone_charge_kwh",
@@ -472,8 +483,11 @@ class Metrics:
         intensity: Callable[[], tuple[str, str, float] | None],
         budgets: Callable[[], dict[str, float]] = dict,
         phone_charge_kwh: float | None = None,
+        model_exits: Callable[[], dict[tuple[str, str], int]] = dict,
     ) -> None:
-        collector = _ScrapeCollector(self.book, power, queue_depths, intensity, budgets, phone_charge_kwh)
+        collector = _ScrapeCollector(
+            self.book, power, queue_depths, intensity, budgets, phone_charge_kwh, model_exits
+        )
         self.registry.register(collector)
 
 

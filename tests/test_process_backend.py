@@ -15,7 +15,9 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends import load_backend, process
 from backends.base import ChatMessage, ImageRequest, TextRequest, TextResult
@@ -156,6 +158,7 @@ def test_errors_come_back_and_a_dead_model_process_is_started_again(
     assert own.run([request]) == here.run([request])  # type: ignore[attr-defined]  # the process went on
 
     # dies while it runs a batch (killed at its first streamed piece): that batch fails
+    died_before = own.exits["died"]
     first = own.pid
     assert first is not None
 
@@ -175,6 +178,7 @@ def test_errors_come_back_and_a_dead_model_process_is_started_again(
     own._process.wait(10)
     assert own.run([request]) == here.run([request])  # type: ignore[attr-defined]
     assert own.pid not in (None, first, second)
+    assert own.exits["died"] - died_before == 2 and own.exits["hung"] == 0
 
 
 def test_a_hung_model_process_is_killed_after_batch_timeout_s_and_the_server_answers(
@@ -226,6 +230,15 @@ def test_a_hung_model_process_is_killed_after_batch_timeout_s_and_the_server_ans
     answer = chat(4)  # a new model process
     assert answer.choices[0].message.content  # type: ignore[attr-defined]
     assert backend.pid not in (None, first)
+    exits = {
+        (s.labels["model"], s.labels["reason"]): s.value
+        for family in text_string_to_metric_families(
+            requests.get(server.base_url + "/metrics", timeout=10).text
+        )
+        for s in family.samples
+        if s.name == "wattproxy_model_process_exits_total"
+    }
+    assert exits == {("tiny-gpt2", "hung"): 1.0, ("tiny-gpt2", "died"): 0.0}
     ledger = server.app[LEDGER]  # type: ignore[index]
     deadline = time.monotonic() + 10
     while len(records := server.call(ledger.records())) < 3:
