@@ -40,6 +40,7 @@ from proxy.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    EmbeddingRequest,
     EnergyUsage,
     ImageData,
     ImageGenerationRequest,
@@ -66,7 +67,7 @@ from proxy.state import (
 
 JOULES_PER_KWH = 3.6e6
 _R = TypeVar("_R")
-_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest, ImageGenerationRequest)
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest, ImageGenerationRequest, EmbeddingRequest)
 
 
 def _json(model: BaseModel, *, headers: dict[str, str] | None = None) -> web.Response:
@@ -201,7 +202,7 @@ def _admit(request: web.Request) -> None:
 async def _forward(
     request: web.Request,
     served: ServedModel,
-    req: ChatCompletionRequest | CompletionRequest | ImageGenerationRequest,
+    req: ChatCompletionRequest | CompletionRequest | ImageGenerationRequest | EmbeddingRequest,
 ) -> web.StreamResponse:
     """Proxy mode: the upstream server runs the request, WattProxy accounts it (proxy/upstream.py)."""
     _admit(request)
@@ -947,7 +948,18 @@ def _generation(
     return handler
 
 
+async def _embeddings(request: web.Request, served: ServedModel, req: EmbeddingRequest) -> web.StreamResponse:
+    """A model WattProxy serves itself makes no embeddings (they are forwarded in proxy mode)."""
+    raise InvalidRequest(
+        f"model '{served.settings.name}' is a text generation model that WattProxy serves itself, which "
+        "makes no embeddings (embeddings are served in proxy mode, by the upstream's embedding models)",
+        param="model",
+        code="wrong_task",
+    )
+
+
 chat_completions = _generation(ChatCompletionRequest, "text", _chat_completions)
+embeddings = _generation(EmbeddingRequest, "text", _embeddings)
 completions = _generation(CompletionRequest, "text", _completions)
 images_generations = _generation(ImageGenerationRequest, "image", _images_generations)
 
@@ -1006,6 +1018,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/images/generations", images_generations)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/healthz", healthz)

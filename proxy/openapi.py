@@ -116,6 +116,8 @@ def openapi_document() -> dict[str, Any]:
         p.Completion,
         p.ImageGenerationRequest,
         p.ImagesResponse,
+        p.EmbeddingRequest,
+        p.EmbeddingList,
         p.ModelList,
         p.ModelCard,
         p.ErrorEnvelope,
@@ -146,6 +148,12 @@ def openapi_document() -> dict[str, Any]:
         ),
         "/v1/images/generations": _generate(
             "Image generation (b64_json PNG)", p.ImageGenerationRequest, p.ImagesResponse, None
+        ),
+        "/v1/embeddings": _generate(
+            "Embeddings (proxy mode: forwarded to the upstream; a model served in process makes none)",
+            p.EmbeddingRequest,
+            p.EmbeddingList,
+            None,
         ),
         "/v1/models": {
             "get": {

@@ -78,6 +78,7 @@ class _Request(_NullMeansDefault):
         "best_of",
         "top_logprobs",
         "logprobs",
+        "dimensions",
         mode="before",
         check_fields=False,
     )
@@ -360,6 +361,43 @@ class CompletionRequest(_Sampling):
         return self.prompt if type(self.prompt[0]) is list else [self.prompt]  # type: ignore[list-item,return-value]
 
 
+class EmbeddingRequest(_Request):
+    """OpenAI's embeddings request. Served in proxy mode only (a model WattProxy serves itself makes no
+    embeddings): forwarded as the client sent it, its `input` counted as prompt tokens."""
+
+    model: str
+    # a text, texts, or token ids (one input's or several's)
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = Field(None, max_length=256)  # accepted, never used as a metric label
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _integral_ids(cls, v: object) -> object:
+        """Token ids as JSON Schema's integers, which include 2.0 (as `_integral`)."""
+        if type(v) is not list or not v or type(v[0]) is str:
+            return v
+        return [[_integral(x) for x in p] if type(p) is list else _integral(p) for p in v]
+
+    def texts(self) -> list[str]:
+        """The inputs given as text (none where they are token ids)."""
+        if isinstance(self.input, str):
+            return [self.input]
+        return self.input if type(self.input[0]) is str else []  # type: ignore[return-value]
+
+    def token_inputs(self) -> list[list[int]]:
+        """The inputs given as token ids (none where they are text)."""
+        if isinstance(self.input, str) or type(self.input[0]) is str:
+            return []
+        return self.input if type(self.input[0]) is list else [self.input]  # type: ignore[list-item,return-value]
+
+
 class ImageGenerationRequest(_Request):
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -502,6 +540,25 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    energy: EnergyUsage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # a base64 string with encoding_format "base64"
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ImageData(BaseModel):

@@ -92,14 +92,15 @@ from proxy.config import ModelSettings, Settings, UpstreamSettings, parse_size
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
 from proxy.errors import ApiError, BadGateway, GatewayTimeout, Overloaded, sse_frame
 from proxy.metrics import JOULES_PER_KWH
-from proxy.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
+from proxy.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ImageGenerationRequest
 from proxy.scheduler import Outcome, Recorder, RequestTag, Status
 from proxy.state import MONITORS, RECORDER, REQUEST_ID, SERVICE, UPSTREAM, ServedModel, Service
 
 log = logging.getLogger(__name__)
 
 UsageSource = Literal["upstream", "estimate"]
-ForwardedRequest = ChatCompletionRequest | CompletionRequest | ImageGenerationRequest
+ForwardedRequest = ChatCompletionRequest | CompletionRequest | ImageGenerationRequest | EmbeddingRequest
+TextForwarded = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 
 CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text, where no tokenizer is configured
 # Image requests that leave these out get the upstream's defaults, unknown here: assume OpenAI's size
@@ -266,10 +267,12 @@ class TokenCounter:
         return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
 
 
-def _chars(req: ChatCompletionRequest | CompletionRequest) -> int:
-    """The characters of a text request's prompts or messages."""
+def _chars(req: TextForwarded) -> int:
+    """The characters of a text request's prompts, messages or inputs."""
     if isinstance(req, ChatCompletionRequest):
         return sum(len(m.text()) for m in req.messages)
+    if isinstance(req, EmbeddingRequest):
+        return sum(len(t) for t in req.texts())
     return sum(len(p) for p in req.prompts())
 
 
@@ -541,6 +544,8 @@ class UpstreamServing:
             if req.model is None:
                 raw = json.dumps({**json.loads(raw), "model": tag.model}).encode()
             return await self._plain(request, tag, "/v1/images/generations", raw, headers, req)
+        if isinstance(req, EmbeddingRequest):
+            return await self._plain(request, tag, "/v1/embeddings", raw, headers, req)
         path = "/v1/chat/completions" if isinstance(req, ChatCompletionRequest) else "/v1/completions"
         if not req.stream:
             return await self._plain(request, tag, path, raw, headers, req)
@@ -560,13 +565,15 @@ class UpstreamServing:
             self._ticker = asyncio.create_task(self._tick_all())
         return activity
 
-    def _prompt_tokens(self, req: ChatCompletionRequest | CompletionRequest) -> int:
+    def _prompt_tokens(self, req: TextForwarded) -> int:
         counted = self._prompt_counts.get(id(req))
         return counted if counted is not None else self._count_prompt(req)
 
-    def _count_prompt(self, req: ChatCompletionRequest | CompletionRequest) -> int:
+    def _count_prompt(self, req: TextForwarded) -> int:
         if isinstance(req, ChatCompletionRequest):
             return sum(self.counter.count(m.text()) for m in req.messages)
+        if isinstance(req, EmbeddingRequest):
+            return sum(self.counter.count(t) for t in req.texts()) + sum(map(len, req.token_inputs()))
         return sum(self.counter.count(p) for p in req.prompts()) + sum(map(len, req.token_prompts()))
 
     def _unfinished(self, activity: Activity, req: ForwardedRequest) -> tuple[BackendRequest, BackendResult]:
@@ -693,18 +700,19 @@ class UpstreamServing:
         req: ForwardedRequest,
     ) -> web.Response:
         image = isinstance(req, ImageGenerationRequest)
+        embedding = isinstance(req, EmbeddingRequest)
         try:
             try:
                 answer = await self.client.post(path, raw, headers)
                 body = json.loads(answer.body)
                 if not isinstance(body, dict):
                     raise ValueError("not a JSON object")
-                if not isinstance(body.get("data" if image else "choices"), list):
+                if not isinstance(body.get("data" if image or embedding else "choices"), list):
                     # a 200 that is no answer (an error object, vLLM's flat one, `{}`): not passed on
                     error = body.get("error") if "error" in body else body.get("message")
                     raise UpstreamBadResponse(
                         f"the upstream {self.client.shown_url} answered 200 without "
-                        + ("images" if image else "choices")
+                        + ("images" if image else "embeddings" if embedding else "choices")
                         + (f": {json.dumps(error)[:300]}" if error is not None else "")
                     )
             except ValueError:
@@ -805,9 +813,16 @@ class UpstreamServing:
         return False
 
     def _text_usage(
-        self, req: ChatCompletionRequest | CompletionRequest, body: dict[str, Any]
+        self, req: TextForwarded, body: dict[str, Any]
     ) -> tuple[dict[str, Any], UsageSource, BackendRequest, TextResult]:
         upstream = body.get("usage")
+        if isinstance(req, EmbeddingRequest):  # its inputs' tokens are all its work
+            reported = upstream.get("prompt_tokens") if isinstance(upstream, dict) else None
+            known = type(reported) is int and reported >= 0
+            prompt = reported if known else self._prompt_tokens(req)
+            usage = dict(upstream) if isinstance(upstream, dict) else {}
+            usage.update(prompt_tokens=prompt, total_tokens=prompt)
+            return usage, "upstream" if known else "estimate", TextRequest(), _text_result(prompt, 0)
         tokens = _token_usage(upstream)
         source: UsageSource
         if tokens is not None:

@@ -325,6 +325,13 @@ IMAGES = "/v1/images/generations"
             "stream_options",
             "invalid_request_error",
         ),
+        (  # a model served in process makes no embeddings (proxy mode forwards them)
+            "/v1/embeddings",
+            {"model": "tiny-gpt2", "input": "a joule"},
+            400,
+            "model",
+            "invalid_request_error",
+        ),
         ("/v1/nowhere", {}, 404, None, "not_found_error"),
     ],
 )

@@ -95,6 +95,7 @@ class Stub:
         self.port = 0
         self.chat_bodies: list[dict[str, Any]] = []  # every chat request's body, as the stub got it
         self.completion_bodies: list[dict[str, Any]] = []  # and every completion request's
+        self.embedding_bodies: list[dict[str, Any]] = []  # and every embeddings request's
         self.slow_done = False  # "slow-start-stream" or "slow-image" has come to its answer
 
     @property
@@ -188,6 +189,21 @@ class Stub:
         return web.json_response(
             {"id": "c", "object": "text_completion", "model": body["model"], "choices": choices}
         )
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """Two numbers an input; usage (5 tokens an input) unless the model is "ok-no-usage"."""
+        body = await request.json()
+        self.embedding_bodies.append(body)
+        inputs = body["input"]
+        count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+        answer: dict[str, Any] = {
+            "object": "list",
+            "model": body["model"],
+            "data": [{"object": "embedding", "index": i, "embedding": [0.25, -0.5]} for i in range(count)],
+        }
+        if body["model"] != "ok-no-usage":
+            answer["usage"] = {"prompt_tokens": 5 * count, "total_tokens": 5 * count}
+        return web.json_response(answer)
 
     async def _stream(self, request: web.Request, model: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -288,6 +304,7 @@ class Stub:
             app.router.add_post(CHAT, self._chat)
             app.router.add_post("/v1/completions", self._completion)
             app.router.add_post("/v1/images/generations", self._image)
+            app.router.add_post("/v1/embeddings", self._embeddings)
             self.runner = web.AppRunner(app, handler_cancellation=True)
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -936,6 +953,50 @@ def test_what_only_the_upstreams_model_does_is_sent_on_as_asked(
     assert sent["messages"] == messages and {k: sent[k] for k in asked} == asked
     assert answer.usage is not None and _energy(answer.usage)["usage_source"] == "estimate"
     assert answer.usage.prompt_tokens == -(-len("What is in this picture?") // 4)  # 4 characters a token
+
+
+def test_embeddings_are_forwarded_and_charged_by_their_inputs_tokens(
+    stub: Stub, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """/v1/embeddings goes to the upstream as the client sent it; the answer comes back with the energy
+    in its usage, each request charged by its input tokens (the upstream's count, or WattProxy's
+    estimate where it gives none; token ids counted exactly), and recorded; the books close."""
+    proxy = make_proxy(stub.url + "/v1")
+    c = client(proxy)
+    both = c.embeddings.create(model="slow", input=["a joule", "a watt-hour"])
+    assert stub.embedding_bodies[-1] == {
+        "model": "slow",
+        "input": ["a joule", "a watt-hour"],
+        "encoding_format": "base64",
+    }
+    assert [d.index for d in both.data] == [0, 1] and both.data[0].embedding == [0.25, -0.5]
+    assert (both.usage.prompt_tokens, both.usage.total_tokens) == (10, 10)
+    energy = _energy(both.usage)
+    assert (
+        energy["usage_source"] == "upstream"
+        and energy["joules"] > 0
+        and energy["measurement"].endswith("-timeline")
+    )
+    guessed = c.embeddings.create(model="ok-no-usage", input="twelve chars")
+    assert (
+        guessed.usage.prompt_tokens == 3 and _energy(guessed.usage)["usage_source"] == "estimate"
+    )  # 4 a token
+    ids = c.embeddings.create(model="ok-no-usage", input=[[1, 2, 3], [4, 5]])
+    assert ids.usage.prompt_tokens == 5 and len(ids.data) == 2
+    assert proxy.app is not None
+    deadline = time.monotonic() + 10
+    while len(records := proxy.call(proxy.app[LEDGER].records())) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sorted((r.prompt_tokens, r.completion_tokens, r.status) for r in records) == [
+        (3, 0, "ok"),
+        (5, 0, "ok"),
+        (10, 0, "ok"),
+    ]
+    monitor = proxy.app[MONITORS]["cuda:0"]
+    proxy.stop()
+    charged = sum(r.joules for r in records)
+    assert math.isclose(charged + monitor.committed_idle_j, monitor.meter_delta_j, rel_tol=1e-9)
 
 
 def test_prompts_of_token_ids_are_sent_on_and_counted_exactly(
