@@ -302,17 +302,40 @@ class ChatCompletionRequest(_Sampling):
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# a text, texts, or token ids (one's or several's): a completion's prompt, an embeddings request's input
+TextsOrIds = (
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
+
+
+def _integral_ids(v: object) -> object:
+    """Token ids as JSON Schema's integers, which include 2.0 (as `_integral`)."""
+    if type(v) is not list or not v or type(v[0]) is str:
+        return v
+    return [[_integral(x) for x in p] if type(p) is list else _integral(p) for p in v]
+
+
+def _texts(value: Any) -> list[str]:
+    """A `TextsOrIds` value's texts (none where it is token ids)."""
+    if isinstance(value, str):
+        return [value]
+    return value if type(value[0]) is str else []  # type: ignore[no-any-return]
+
+
+def _id_lists(value: Any) -> list[list[int]]:
+    """A `TextsOrIds` value's token-id lists (none where it is text)."""
+    if isinstance(value, str) or type(value[0]) is str:
+        return []
+    return value if type(value[0]) is list else [value]  # type: ignore[no-any-return]
 
 
 class CompletionRequest(_Sampling):
     # text, texts, or token ids (one prompt's or several's): an upstream in proxy mode takes ids, a model
     # served in process text (`unsupported`)
-    prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    )
+    prompt: TextsOrIds
     # asked of the model (see _ASKED_DOC)
     logprobs: int | None = Field(None, ge=0, description=_ASKED_DOC)
     echo: bool | None = Field(None, description=_ASKED_DOC)
@@ -329,11 +352,8 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _integral_ids(cls, v: object) -> object:
-        """Token ids as JSON Schema's integers, which include 2.0 (as `_integral`)."""
-        if type(v) is not list or not v or type(v[0]) is str:
-            return v
-        return [[_integral(x) for x in p] if type(p) is list else _integral(p) for p in v]
+    def _prompt_ids(cls, v: object) -> object:
+        return _integral_ids(v)
 
     def unsupported(self, model: str, honoured: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """As `_Request.unsupported`, a prompt of token ids where the backend does not take them
@@ -350,15 +370,11 @@ class CompletionRequest(_Sampling):
 
     def prompts(self) -> list[str]:
         """The prompts given as text (none where they are token ids)."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        return self.prompt if type(self.prompt[0]) is str else []  # type: ignore[return-value]
+        return _texts(self.prompt)
 
     def token_prompts(self) -> list[list[int]]:
         """The prompts given as token ids (none where they are text)."""
-        if isinstance(self.prompt, str) or type(self.prompt[0]) is str:
-            return []
-        return self.prompt if type(self.prompt[0]) is list else [self.prompt]  # type: ignore[list-item,return-value]
+        return _id_lists(self.prompt)
 
 
 class EmbeddingRequest(_Request):
@@ -366,36 +382,23 @@ class EmbeddingRequest(_Request):
     embeddings): forwarded as the client sent it, its `input` counted as prompt tokens."""
 
     model: str
-    # a text, texts, or token ids (one input's or several's)
-    input: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    )
+    input: TextsOrIds
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = Field(None, max_length=256)  # accepted, never used as a metric label
 
     @field_validator("input", mode="before")
     @classmethod
-    def _integral_ids(cls, v: object) -> object:
-        """Token ids as JSON Schema's integers, which include 2.0 (as `_integral`)."""
-        if type(v) is not list or not v or type(v[0]) is str:
-            return v
-        return [[_integral(x) for x in p] if type(p) is list else _integral(p) for p in v]
+    def _input_ids(cls, v: object) -> object:
+        return _integral_ids(v)
 
     def texts(self) -> list[str]:
         """The inputs given as text (none where they are token ids)."""
-        if isinstance(self.input, str):
-            return [self.input]
-        return self.input if type(self.input[0]) is str else []  # type: ignore[return-value]
+        return _texts(self.input)
 
     def token_inputs(self) -> list[list[int]]:
         """The inputs given as token ids (none where they are text)."""
-        if isinstance(self.input, str) or type(self.input[0]) is str:
-            return []
-        return self.input if type(self.input[0]) is list else [self.input]  # type: ignore[list-item,return-value]
+        return _id_lists(self.input)
 
 
 class ImageGenerationRequest(_Request):
