@@ -87,7 +87,6 @@ class GraphedDenoiser:
         self.enabled = True  # False: every call runs eagerly (the captured graphs are kept)
         self.max_graphs = max_graphs
         self.captures = 0  # graphs captured so far (evicted ones included)
-        self.replays = 0
         self._stream = torch.cuda.Stream(device=device)
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._uncapturable: set[Hashable] = set()  # shapes whose capture failed: eager
@@ -118,7 +117,6 @@ class GraphedDenoiser:
                 self._graphs.popitem(last=False)
         else:
             self._graphs.move_to_end(key)
-        self.replays += 1
         return (graph.replay(inputs),)
 
     @property
@@ -126,12 +124,9 @@ class GraphedDenoiser:
         """Input shapes captured now."""
         return len(self._graphs)
 
-    def clear(self) -> None:
-        """Drop every captured graph (their memory goes back to PyTorch's allocator)."""
-        self._graphs.clear()
-
     def remove(self) -> None:
-        """Drop the graphs and give the module its own forward back."""
+        """Drop the graphs (their memory goes back to PyTorch's allocator) and give the module its own
+        forward back."""
         self._graphs.clear()
         if self.module.__dict__.get("forward") == self.forward:
             del self.module.forward

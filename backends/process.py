@@ -398,9 +398,7 @@ class ProcessBackend:
             self.batch_timeout_s,
         )
         self.exits["hung"] += 1
-        if self._process is not None:
-            self._process.kill()
-        code = self._stop()
+        code = self._stop(grace_s=0.0)  # killed at once: it ignores SIGTERM, and a hung one would not exit
         raise RuntimeError(
             f"the model process of {self.name} ran a batch for more than batch_timeout_s "
             f"({self.batch_timeout_s:g} s) and was stopped (exit code {code}); it is started again at the "

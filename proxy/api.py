@@ -442,14 +442,8 @@ def _sampling(served: ServedModel, req: ChatCompletionRequest | CompletionReques
     if req.presence_penalty is None and req.frequency_penalty is None and req.logit_bias is None:
         return {}  # the usual request
     bias = req.logit_bias_pairs()
-    vocab = served.vocab_size() if bias else None
-    if vocab is not None and bias[-1][0] >= vocab:
-        raise InvalidRequest(
-            f"logit_bias names token {bias[-1][0]}; model '{served.settings.name}' has tokens 0 to "
-            f"{vocab - 1}",
-            param="logit_bias",
-            code="invalid_token_id",
-        )
+    if bias:
+        _check_token_id(served, bias[-1][0], "logit_bias")
     return {
         "presence_penalty": req.presence_penalty or 0.0,
         "frequency_penalty": req.frequency_penalty or 0.0,
@@ -822,7 +816,8 @@ async def _completions(
     _check_supported(served, req)
     prompts: list[tuple[str, tuple[int, ...] | None]] = [(p, None) for p in req.prompts()]
     if not prompts:  # token ids (the backend takes them: `_check_supported`)
-        prompts = [("", _checked_ids(served, ids)) for ids in req.token_prompts()]
+        prompts = [("", tuple(ids)) for ids in req.token_prompts()]
+        _check_token_id(served, max(max(ids) for _, ids in prompts), "prompt")
     _check_n(ms, req.n, len(prompts))
     max_tokens, limit_param = _max_tokens(ms, chat=False, max_tokens=req.max_tokens)
     bases = []
@@ -846,16 +841,15 @@ async def _completions(
     return await _answer_members(request, served, bases, completion_json)
 
 
-def _checked_ids(served: ServedModel, ids: list[int]) -> tuple[int, ...]:
-    """A prompt's token ids, each one the model has (an id past its vocabulary is a 400)."""
+def _check_token_id(served: ServedModel, largest: int, param: str) -> None:
+    """400 `invalid_token_id` where `param`'s largest token id is past the model's vocabulary."""
     vocab = served.vocab_size()
-    if vocab is not None and (outside := next((t for t in ids if t >= vocab), None)) is not None:
+    if vocab is not None and largest >= vocab:
         raise InvalidRequest(
-            f"token id {outside} in 'prompt' is outside this model's vocabulary (ids 0 to {vocab - 1})",
-            param="prompt",
+            f"{param} names token {largest}; model '{served.settings.name}' has tokens 0 to {vocab - 1}",
+            param=param,
             code="invalid_token_id",
         )
-    return tuple(ids)
 
 
 async def _images_generations(

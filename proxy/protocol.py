@@ -333,8 +333,8 @@ def _id_lists(value: Any) -> list[list[int]]:
 
 
 class CompletionRequest(_Sampling):
-    # text, texts, or token ids (one prompt's or several's): an upstream in proxy mode takes ids, a model
-    # served in process text (`unsupported`)
+    # text, texts, or token ids (one prompt's or several's); token ids only where the backend takes them
+    # (`unsupported`)
     prompt: TextsOrIds
     # asked of the model (see _ASKED_DOC)
     logprobs: int | None = Field(None, ge=0, description=_ASKED_DOC)

@@ -271,9 +271,14 @@ def _chars(req: TextForwarded) -> int:
     """The characters of a text request's prompts, messages or inputs."""
     if isinstance(req, ChatCompletionRequest):
         return sum(len(m.text()) for m in req.messages)
+    return sum(map(len, _texts_and_ids(req)[0]))
+
+
+def _texts_and_ids(req: CompletionRequest | EmbeddingRequest) -> tuple[list[str], list[list[int]]]:
+    """A completion's prompts, or an embeddings request's inputs: those given as text, and as token ids."""
     if isinstance(req, EmbeddingRequest):
-        return sum(len(t) for t in req.texts())
-    return sum(len(p) for p in req.prompts())
+        return req.texts(), req.token_inputs()
+    return req.prompts(), req.token_prompts()
 
 
 def _choices_text(choices: Any, finished: set[Any] | None = None) -> str:
@@ -572,9 +577,8 @@ class UpstreamServing:
     def _count_prompt(self, req: TextForwarded) -> int:
         if isinstance(req, ChatCompletionRequest):
             return sum(self.counter.count(m.text()) for m in req.messages)
-        if isinstance(req, EmbeddingRequest):
-            return sum(self.counter.count(t) for t in req.texts()) + sum(map(len, req.token_inputs()))
-        return sum(self.counter.count(p) for p in req.prompts()) + sum(map(len, req.token_prompts()))
+        texts, ids = _texts_and_ids(req)
+        return sum(self.counter.count(t) for t in texts) + sum(map(len, ids))
 
     def _unfinished(self, activity: Activity, req: ForwardedRequest) -> tuple[BackendRequest, BackendResult]:
         """What a request that got no answer is recorded with: the work it asked for as far as it is
@@ -888,7 +892,7 @@ class UpstreamServing:
         piece_text: list[str] = []  # the open piece's generated text: counted once, when it closes
         finished: set[Any] = set()  # the choices (by index) that have come to their finish_reason
         choices_asked = req.n * (
-            1 if isinstance(req, ChatCompletionRequest) else len(req.prompts() or req.token_prompts())
+            1 if isinstance(req, ChatCompletionRequest) else sum(map(len, _texts_and_ids(req)))
         )
 
         def count_piece() -> None:  # one tokenizer call a piece, not an event
