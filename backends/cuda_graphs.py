@@ -61,9 +61,20 @@ class _Graph:
             for _ in range(WARMUP_RUNS):
                 eager(**kwargs, return_dict=False)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread of the process may use the device meanwhile (another model)
-        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
-            self.output = eager(**kwargs, return_dict=False)[0]
+        # Not `torch.cuda.graph(...)`: where the capture fails, its exit raises before it restores the
+        # current stream, and this thread's later work would all run on the capture stream. Here the
+        # stream context always ends, and a failed capture is ended and its memory pool let go.
+        pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize(device)  # as `torch.cuda.graph` does: nothing of the warm-up pending
+        with torch.cuda.stream(stream):
+            # thread_local: another thread of the process may use the device meanwhile (another model)
+            self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                self.output = eager(**kwargs, return_dict=False)[0]
+            except BaseException:
+                _abandon(self.graph, device, pool)
+                raise
+            self.graph.capture_end()
         current.wait_stream(stream)
 
     def replay(self, inputs: dict[str, Any]) -> Any:
@@ -71,6 +82,27 @@ class _Graph:
             self.inputs[name].copy_(tensor)
         self.graph.replay()
         return self.output.clone()  # the next replay overwrites the static output
+
+
+def _abandon(graph: torch.cuda.CUDAGraph, device: torch.device, pool: Any) -> None:
+    """End a capture whose forward pass failed. Where the failure invalidated the capture (an operation
+    a graph cannot hold), ending it raises before PyTorch's allocator stops routing the capture's
+    allocations to its pool; while it routes, the allocator defers freeing blocks used on several
+    streams. The pool is then let go here (PyTorch's private calls, where this version has them)."""
+    try:
+        graph.capture_end()
+        return  # ended cleanly: the graph gives its pool back when it is dropped
+    except Exception:
+        pass
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        call = getattr(torch._C, name, None)
+        if call is None:
+            return
+        try:
+            call(index, pool)
+        except Exception:  # this version's allocator had let go of it already
+            log.debug("%s after a failed capture", name, exc_info=True)
 
 
 class GraphedDenoiser:

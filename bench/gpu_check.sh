@@ -4,7 +4,9 @@
 # (images, served against direct calls in interleaved rounds, the model in process; each call's
 # thread CPU time and context switches recorded; about 4 minutes on an H200 at ROUNDS=3), then the same
 # with the denoiser as CUDA graphs (--cuda-graphs; about 3 minutes; GRAPHS=0 skips it), so that a
-# task's 15 minutes of device time leave room for a second run. Where OWN=1, also
+# task's 15 minutes of device time leave room for a second run. PLAIN=0 skips the first (eager) run.
+# Where SDXL=1, also bench/gpu_graphs.py (SDXL with CUDA graphs: images against eager ones, time,
+# J/image, a capture that fails; about 3 minutes, the model's build included). Where OWN=1, also
 # bench/gpu_served.py --own-process (the model in a process of its own; about 3 minutes); where
 # ENERGY=1, bench/gpu_energy.py without its images (the counter step, the chats in process, in a
 # model process of their own and through proxy mode; about 4 minutes); where INTERFERENCE=1,
@@ -24,9 +26,14 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,power.limit,power.draw,temperature.gpu,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, diffusers, pynvml; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
 rc=0
-python3 bench/gpu_served.py --rounds "${ROUNDS:-3}" --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served.log" || rc=1
+if [ "${PLAIN:-1}" = 1 ]; then
+  python3 bench/gpu_served.py --rounds "${ROUNDS:-3}" --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served.log" || rc=1
+fi
 if [ "${GRAPHS:-1}" = 1 ]; then
   python3 bench/gpu_served.py --cuda-graphs --rounds "${ROUNDS:-3}" --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served_graphs.log" || rc=1
+fi
+if [ "${SDXL:-0}" = 1 ]; then
+  python3 bench/gpu_graphs.py --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_graphs.log" || rc=1
 fi
 if [ "${OWN:-0}" = 1 ]; then
   python3 bench/gpu_served.py --own-process --rounds 3 --out "$OUT" --cache-dir "$CACHE" 2>&1 | tee "$OUT/gpu_served_own.log" || rc=1

@@ -24,9 +24,11 @@ two clients; two clients with a server reading no NVML at all (a synthetic meter
 `--own-process`, the model is served from a process of its own, two clients at batch 1 and sixteen at
 batch 8. With `--cuda-graphs`, the denoiser's steps are replayed as CUDA graphs
 (`cuda_graphs = true`) in every condition, direct calls with the replays turned off are added
-(diagnostic: what the graphs change), and before the rounds the same requests are run both ways to
-check that the images agree. (An earlier run also had eight clients at batch 8, where the device waits
-for every answer: bench/results/profiles.md has it.)
+(diagnostic: what the graphs change), so is a server whose device thread reads the NVML counter at
+each job boundary (diagnostic: what those reads cost, now that the sampler's thread does them), and
+before the rounds the same requests are run both ways to check that the images agree. (An earlier run
+also had eight clients at batch 8, where the device waits for every answer: bench/results/profiles.md
+has it.)
 
 Each served condition is a server of its own (`create_app`, meter nvml, its sampler and finalization
 as `wattproxy serve` runs them, max_wait_ms 100), started before and stopped after its requests; the
@@ -146,7 +148,9 @@ class Condition:
     clients: int  # 0: direct calls, no server
     calls: int  # pipeline calls per block
     poll_s: float = 0.0  # direct calls: a thread reads the device's counter this often (0: none)
-    meter: str = "nvml"  # served: the server's meter ("synthetic": no NVML read at all)
+    # served: the server's meter ("synthetic": no NVML read at all; "nvml-boundary-reads": NVML, read by
+    # the device thread at each job boundary, as before the boundaries took the clock's time)
+    meter: str = "nvml"
     png: bool = False  # direct calls: the PNGs made inside each call, on its thread
     eager: bool = False  # direct calls, with --cuda-graphs: the denoiser run eagerly (no graph replays)
 
@@ -206,6 +210,7 @@ def block_figures(calls: Sequence[Sequence[float]], client_wall_s: float) -> dic
 
 POLL_LABEL = ", NVML read every 50 ms"
 SYNTHETIC_LABEL = ", synthetic meter"
+BOUNDARY_READS_LABEL = ", NVML read at each job boundary"
 PNG_LABEL = ", PNGs made in the call"
 EAGER_LABEL = ", eager (no CUDA graphs)"
 
@@ -215,7 +220,13 @@ def condition_of(label: str, images: int) -> Condition:
     batch = 1 if "batch 1" in label or "batches of 1" in label else 8
     clients = 0 if label.startswith("direct") else int(label.split(", ")[1].split()[0])
     poll_s = 0.05 if label.endswith(POLL_LABEL) else 0.0
-    meter = "synthetic" if label.endswith(SYNTHETIC_LABEL) else "nvml"
+    meter = (
+        "synthetic"
+        if label.endswith(SYNTHETIC_LABEL)
+        else "nvml-boundary-reads"
+        if label.endswith(BOUNDARY_READS_LABEL)
+        else "nvml"
+    )
     png, eager = label.endswith(PNG_LABEL), label.endswith(EAGER_LABEL)
     return Condition(label, batch, clients, images // batch, poll_s, meter, png, eager)
 
@@ -328,6 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             Condition("served, 16 clients, batches of 8", 8, 16, b8_calls),
             Condition("direct, batch 1" + EAGER_LABEL, 1, 0, b1_calls, eager=True),
             Condition("direct, batch 8" + EAGER_LABEL, 8, 0, b8_calls, eager=True),
+            Condition(
+                "served, 2 clients, batches of 1" + BOUNDARY_READS_LABEL,
+                1,
+                2,
+                b1_calls,
+                meter="nvml-boundary-reads",
+            ),
         ]
         if graphs
         else [
@@ -345,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backends.tiny import ensure_model
     from bench.gpu_energy import MeterProbe, NvmlProbe, Probe
     from proxy.config import ModelSettings, Settings
-    from proxy.energy.meter import SyntheticMeter
+    from proxy.energy.meter import EnergyMeter, SyntheticMeter
     from proxy.state import MONITORS
 
     cache = (args.cache_dir or default_cache_dir()) / "models"
@@ -455,6 +473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         block_meters = meters
         if c.meter == "synthetic" and not smoke:  # the server reads no NVML; the script's probe still does
             block_meters = {device: SyntheticMeter(device, update_period_s=0.1)}
+        boundary_meter = None  # smoke: the synthetic meter, which the device thread reads anyway
+        if c.meter == "nvml-boundary-reads" and not smoke:
+            from proxy.energy.nvml import NvmlMeter
+
+            boundary_meter = NvmlMeter(device)
+            boundary_meter.blocking_reads = False  # the device thread reads it at each job boundary
+            block_meters = {device: boundary_meter}
+        same_counter = block_meters is meters or c.meter == "nvml-boundary-reads"
         model = ModelSettings.model_validate(
             {
                 "name": preset,
@@ -482,7 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cache_dir": str(cache.parent),
                 "data_dir": data_dir,
                 "auth": "none",
-                "meter": "synthetic" if block_meters else "nvml",
+                "meter": "synthetic"
+                if block_meters and not isinstance(boundary_meter, EnergyMeter)
+                else "nvml",
                 "models": [model],
                 "log_level": "WARNING",
             }
@@ -518,10 +546,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "idle_j": monitor.committed_idle_j,
             # what the script's counter showed before the server's first read or after its last (a step of
             # a stepped counter landing between the two reads at either end): not the server's to see
-            "outside_j": life_j - monitor.meter_delta_j if block_meters is meters else None,
+            "outside_j": life_j - monitor.meter_delta_j if same_counter else None,
             # against the script's counter: meaningless for a synthetic meter on a GPU
             "conservation_error": (responses_j + monitor.committed_idle_j - life_j) / life_j
-            if block_meters is meters
+            if same_counter
             else None,
         }
 
@@ -822,8 +850,10 @@ Command: `{data["command"]}`
 - Diagnostic conditions (where run) take the server's work apart, and do not count for the target:
   direct calls with a thread of this process reading the NVML counter every 50 ms (as the server's
   sampler does), a server whose meter is synthetic (it reads no NVML at all; conservation is then
-  not comparable with the device counter, "-"), and direct calls that make their PNGs inside the
-  call (as the server's device thread did until the PNGs moved to a worker thread after the job).
+  not comparable with the device counter, "-"), direct calls that make their PNGs inside the
+  call (as the server's device thread did until the PNGs moved to a worker thread after the job),
+  and a server whose device thread reads the NVML counter at each job boundary (as it did until
+  the boundaries took the clock's time and left the reads to the sampler thread).
 - J/image (responses): the joules the server attributed to its answers (idle excluded); J/image (device
   counter, direct calls only): the script's own counter delta over the block, over its images.
 - Conservation error: the server's response and idle joules against the script's counter delta over

@@ -8,7 +8,16 @@ import json
 import re
 from pathlib import Path
 
-from bench import accounting, gpu_energy, gpu_served, nvml_interference, run_all, serving, upstream
+from bench import (
+    accounting,
+    gpu_energy,
+    gpu_graphs,
+    gpu_served,
+    nvml_interference,
+    run_all,
+    serving,
+    upstream,
+)
 from bench.common import read_status
 
 
@@ -243,6 +252,18 @@ def test_gpu_served_own_process_smoke(model_cache: Path, tmp_path: Path) -> None
     assert all(r["responses_j_per_image"] > 0 and r["measurement"] == "synthetic" for r in served)
     for block in data["blocks"]:  # the model process ran the served calls, at their batch sizes
         assert sum(call[2] for call in block["calls"]) == block["images"]
+
+
+def test_gpu_graphs_smoke(model_cache: Path, tmp_path: Path) -> None:
+    """SDXL's graphs script, eagerly on the CPU (tiny-sdxl): the same requests give the same images."""
+    assert gpu_graphs.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
+    markdown, data = check_result(tmp_path, "gpu_graphs", "smoke")
+    ((_, *rows),) = tables(markdown)
+    assert [r[0] for r in rows] == ["batch 1", "batch 2"]
+    for batch in data["batches"].values():
+        assert batch["max_abs_level_diff"] == 0 and batch["images"] > 0
+        assert len(batch["graphs"]["call_s"]) == len(batch["eager"]["call_s"]) == 3
+    assert not data["fallback"]["run"] and "needs a CUDA device" in markdown
 
 
 def test_nvml_interference_smoke(model_cache: Path, tmp_path: Path) -> None:

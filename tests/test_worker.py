@@ -83,6 +83,58 @@ def test_back_to_back_jobs_share_their_boundary_read_and_conserve_energy() -> No
     assert all(ch.joules > 0 and ch.measurement == "synthetic" for ch in charges)
 
 
+class SteppedBlockingMeter(CountingMeter):
+    """As NVML's counter: stepped (every 30 ms) and its reads block (each takes 3 ms here)."""
+
+    blocking_reads = True
+
+    def __init__(self) -> None:
+        SyntheticMeter.__init__(self, "cuda:0", idle_watts=50.0, busy_watts=300.0, update_period_s=0.03)
+        self.readers = []
+
+    def read(self) -> Reading:
+        time.sleep(0.003)
+        return super().read()
+
+
+def test_a_device_thread_never_waits_for_a_blocking_meter_read() -> None:
+    """A meter whose reads block (NVML: 3-4.6 ms a read on an H200) is never read by the device thread
+    at a job's boundaries: the device would sit idle for each read. The boundaries are the clock's,
+    the sampler reads (woken at a job's start on an idle device, polling at its end), each job is final
+    once the counter has stepped past its end, and the books close."""
+    meter = SteppedBlockingMeter()
+    monitor = DeviceMonitor(meter, sample_period_s=0.05, finalize_poll_s=0.002)
+    monitor.start()
+    worker = DeviceWorker("cuda:0", monitor)
+    backend = SleepingBackend()
+
+    async def run_all() -> list[tuple[object, ...]]:
+        loop = asyncio.get_running_loop()
+
+        def item(prompt: str) -> WorkItem:
+            tag = RequestTag(request_id=prompt, model="sleeper", task="image", user="u")
+            return WorkItem(ImageRequest(prompt=prompt), tag, "all", 0.0, loop.create_future())
+
+        worker.gate.clear()  # three back to back, then one alone on an idle device
+        futures = [worker.submit(backend, [item(p)]) for p in ("a", "b", "c")]
+        worker.gate.set()
+        done = list(await asyncio.gather(*futures))
+        await asyncio.sleep(0.1)
+        done.append(await worker.submit(backend, [item("d")]))
+        return done
+
+    done = asyncio.run(run_all())
+    handles = [h for _, _, h, _ in done]  # type: ignore[misc]
+    charges = [next(iter(h.result.result(timeout=5).values())) for h in handles]  # type: ignore[union-attr]
+    worker.close()
+    monitor.stop()
+    assert "device-cuda:0" not in meter.readers and meter.readers  # the sampler's reads only
+    assert charges[0].end_s == charges[1].start_s and charges[1].end_s == charges[2].start_s
+    assert all(ch.joules > 0 and ch.measurement == "synthetic" for ch in charges)
+    jobs_j = sum(ch.joules for ch in charges)
+    assert abs(jobs_j + monitor.committed_idle_j - monitor.processed_j) < 1e-9 * monitor.processed_j
+
+
 def test_a_job_taken_early_still_runs_when_its_predecessor_breaks_at_the_split() -> None:
     """A bug at the shared read fails the job that ended there (its batcher sees it), never the job
     taken from the queue: that one runs next, begun with a read of its own."""

@@ -427,11 +427,17 @@ class DeviceMonitor:
     def begin(self, *, on_loop: bool = False) -> JobHandle:
         """Mark the start of a job (call after synchronizing the device). Never raises on meter errors.
 
-        `on_loop`: the caller is an event loop (proxy mode), which must not wait for a meter whose
-        reads block (NVML: milliseconds a read): the boundary is then the clock's time, placed between
-        the sampler's readings like any instant between two counter steps."""
+        A meter whose reads block (NVML: milliseconds a read) is not read at a job's boundaries: its
+        boundaries are the clock's time, placed between the sampler's readings like any instant
+        between two counter steps. Neither an event loop (proxy mode) nor a device thread waits for
+        such a read: the device would sit idle for it between jobs. `on_loop`: the caller is an event
+        loop; otherwise (a device thread) the sampler is woken to read at once on its own thread, so
+        that a counter step that ended while the device was idle is read as idle, not spread over the
+        job's first milliseconds (proxy mode's requests begin too often for a read each)."""
         self.meter.job_started()
-        reading = self._boundary_read(on_loop)
+        reading = self._boundary_read()
+        if reading is None and not on_loop:
+            self._wake.set()
         with self._lock:
             if not self._jobs and self.meter.continuous and self._idle_start_locked(reading):
                 return self._open_locked(reading.t_s)  # type: ignore[union-attr]
@@ -451,8 +457,9 @@ class DeviceMonitor:
         """Mark the end of a job (after synchronizing the device) with its members and work units.
 
         Members with all-zero work units share equally (e.g. a batch that failed before reporting).
-        `on_loop` as for `begin`."""
-        reading = self._boundary_read(on_loop)
+        A meter whose reads block is not read here (see `begin`); when the device is left idle with
+        jobs to finalize, the sampler is woken to poll for the counter's next step."""
+        reading = self._boundary_read()
         self.meter.job_finished()
         with self._lock:
             if len(self._jobs) == 1 and reading is not None and self.meter.continuous:
@@ -478,8 +485,10 @@ class DeviceMonitor:
 
         For long activities whose work arrives piecemeal (a streamed upstream response): each piece is
         a closed job with its own weight, so other jobs sharing the device need not wait for the whole
-        activity to end before their energy is final. `on_loop` as for `begin`."""
-        reading = self._boundary_read(on_loop)
+        activity to end before their energy is final. Also the boundary between back-to-back jobs
+        on a device thread. A meter whose reads block is not read here (see `begin`), and the sampler
+        is not woken: the device is busy on both sides of the instant."""
+        reading = self._boundary_read()
         with self._lock:
             end_s = self._close_locked(handle, members, weight, self._time_locked(reading))
             following = self._open_locked(end_s)
@@ -558,9 +567,10 @@ class DeviceMonitor:
         self._intervals += 1
         return energy_j - e0
 
-    def _boundary_read(self, on_loop: bool) -> Reading | None:
-        """The reading a job boundary is placed at; none for an event loop when reads block."""
-        return None if on_loop and self.meter.blocking_reads else self._read()
+    def _boundary_read(self) -> Reading | None:
+        """The reading a job boundary is placed at; none where the meter's reads block (the boundary
+        is then the clock's time)."""
+        return None if self.meter.blocking_reads else self._read()
 
     def _time_locked(self, reading: Reading | None) -> float:
         """Put a boundary's reading on the timeline; the time it stands for (the clock's without one),
