@@ -258,6 +258,36 @@ def test_stop_reads_the_step_that_shows_the_last_jobs_tail(idle_watts: float) ->
     assert close(m.committed_attributed_j + m.committed_idle_j, m.meter_delta_j)
 
 
+class _BlockingStepped(SyntheticMeter):
+    """A stepped synthetic meter whose reads count as blocking (NVML's): no boundary reads it."""
+
+    blocking_reads = True
+
+
+@pytest.mark.parametrize("idle_watts", [0.0, 10.0])
+def test_stop_waits_for_a_step_after_a_reading_taken_after_the_last_job(idle_watts: float) -> None:
+    """A job's boundaries are the clock's (a meter whose reads block). The first reading after its
+    end shows a change, but from the counter's update at 0.2, before the end at 0.25: that change
+    lacks the job's last 50 ms. Stopping, the monitor must wait for the update at 0.3 (a change since
+    a reading taken after the end), or the ledger lacks 5 J of busy power here."""
+    clock = TickingClock(0.0, tick=0.01)
+    meter = _BlockingStepped("cpu", idle_watts=idle_watts, busy_watts=100.0, update_period_s=0.1, clock=clock)
+    m = DeviceMonitor(meter, clock=clock, sample_period_s=60.0)
+    m.sample()  # no sampler thread: every reading is this test's
+    clock.advance(0.15)
+    job = m.begin()
+    clock.advance(0.1)  # t = 0.25; the counter shows t = 0.2
+    m.end(job, [("r", 1.0)])
+    clock.advance(0.01)
+    m.sample()  # t = 0.26: the update of 0.2, first read now
+    assert job.result.done()  # a change point past its end
+    clock.ticking = True
+    m.stop()
+    assert clock.t < 0.25 + 0.16  # polled until the update at 0.3 was read, not longer
+    assert m.meter_delta_j == pytest.approx(100.0 * 0.1 + idle_watts * 0.2)  # the whole busy 0.1 s
+    assert close(m.committed_attributed_j + m.committed_idle_j, m.meter_delta_j)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.tuples(st.floats(0.0, 0.3), st.floats(0.0, 0.3), st.integers(1, 4)), min_size=1, max_size=8),

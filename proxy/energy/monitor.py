@@ -282,18 +282,28 @@ class DeviceMonitor:
 
     def _settle_last_step(self) -> None:
         """Before the last reading of a stepped meter: poll (every `finalize_poll_s`) until the counter
-        has moved after the last job boundary, or a reading is `SETTLE_STEPS` steps past it (a device
-        drawing nothing while idle need not move); at most that long in all."""
+        has moved since a reading taken after the last job boundary, or a reading is `SETTLE_STEPS`
+        steps past it (a device drawing nothing while idle need not move); at most that long in all.
+
+        Since a reading taken after the boundary (or at it: the boundary's own read): a change first
+        read after the boundary may be an update from before it (where the boundary is the clock's, a
+        meter whose reads block), which lacks the job's tail; an update after such a reading cannot."""
         step_s = 0.0 if self.meter.continuous else self.meter.step_hint_s
         if step_s <= 0 or self._last_boundary_s == -math.inf:
             return
         until_s = self._last_boundary_s + self.SETTLE_STEPS * step_s
+        since_j: float | None = None  # the counter at the first reading taken after the boundary
         for _ in range(math.ceil(self.SETTLE_STEPS * step_s / self.finalize_poll_s) + 1):
             with self._lock:
-                latest, points = self._latest, self._points
-                moved = bool(points) and points[-1][0] > self._last_boundary_s
-                if moved or latest is None or latest[0] >= until_s:
+                latest = self._latest
+                if latest is None or latest[0] >= until_s:
                     return
+                boundary_s = self._last_boundary_s  # a reading at it is the boundary's own, if any
+                if latest[0] > boundary_s or (latest[0] == boundary_s and not self.meter.blocking_reads):
+                    if since_j is not None and latest[1] > since_j:
+                        return
+                    if since_j is None:
+                        since_j = latest[1]
             time.sleep(self.finalize_poll_s)
             reading = self._read()
             with self._lock:
