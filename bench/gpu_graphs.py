@@ -299,8 +299,9 @@ Command: `{data["command"]}`
         "" if memory is None else f" ({memory['allocated_gib']:.1f} GiB allocated)"
     }.
 - First call after loading (cold: the libraries' first calls, the graph's two eager warm-up runs and
-  its capture) {data["first_call_s"]:.2f} s; the second {data["second_call_s"]:.2f} s. The first request
-  of a server started with `warmup = "auto"` (the default on CUDA devices) does not pay the difference.
+  its capture) {data["first_call_s"]:.2f} s; the second {data["second_call_s"]:.2f} s. A server started
+  with `warmup = "auto"` (the default on CUDA devices) pays the difference before it takes requests:
+  its warm-up runs one image of the default size, which captures the batch-1 graph of that size.
 - Calls with and without graphs alternated, {data["command"].split("--rounds ")[-1]} of each per batch size;
   joules from the device's NVML counter around each call (synchronized; counter steps of about 100 ms).
 
