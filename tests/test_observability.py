@@ -27,6 +27,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import ModelSettings
 from tests.conftest import LiveServer, add_key, settings_for_tests
 from tests.prom import Prometheus, find_binary, promtool, running_prometheus, scrape_config
 
@@ -72,6 +73,8 @@ CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "wattproxy_phone_charge_kwh": ("gauge", set()),  # the dashboard's smartphone-charge unit
     "wattproxy_open_connections": ("gauge", set()),
     "wattproxy_connections_refused": ("counter", {"reason"}),
+    # models in processes of their own only (tiny-gpt2 here): none has died, the counts are 0
+    "wattproxy_model_process_exits": ("counter", {"model", "reason"}),
 }
 # What issue 6 asks the dashboard to show, by the titles of the panels that show it.
 REQUIRED_PANELS = {
@@ -165,6 +168,19 @@ def server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         auth="keys",
         phone_charge_kwh=KWH_PER_SMARTPHONE_CHARGE,
         energy={"sample_period_s": 0.02, "max_finalize_delay_s": 0.5},
+        models=[  # the chat model in a process of its own, as `wattproxy serve` runs models by default
+            ModelSettings(
+                name="tiny-gpt2",
+                task="text",
+                source="tiny:tiny-gpt2",
+                max_tokens=64,
+                max_n=4,
+                own_process=True,
+            ),
+            ModelSettings(
+                name="tiny-sd", task="image", source="tiny:tiny-sd", max_batch_size=4, max_steps=20
+            ),
+        ],
     )
     API_KEYS.extend(add_key(settings.db_url(), user, **budget) for user, budget in KEY_USERS.items())
     live = LiveServer(settings).start()
