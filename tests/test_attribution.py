@@ -565,6 +565,40 @@ class _GatedMeter(SyntheticMeter):
         return super().read()
 
 
+def test_a_job_starting_on_an_idle_device_wakes_the_sampler_but_a_loops_does_not() -> None:
+    """A device thread's job start on a blocking meter reads nothing itself and wakes the sampler to
+    read at once (a counter step that ended while the device was idle is then read as idle, not spread
+    over the job's first milliseconds); an event loop's (proxy mode: a start a request) does not."""
+    clock = FakeClock()
+    meter = _GatedMeter(clock)
+    m = DeviceMonitor(meter, clock=clock, sample_period_s=60.0)  # no tick of its own during the test
+    m.start()
+    try:
+        time.sleep(0.05)  # the sampler thread is waiting out its period
+        reads = meter.reads
+        looped = m.begin(on_loop=True)
+        time.sleep(0.2)
+        assert meter.reads == reads  # nothing read: neither the loop nor the sampler
+        clock.advance(1.0)
+        m.end(looped, [("a", 1.0)], on_loop=True)
+        deadline = time.monotonic() + 5  # (the end wakes it: the device is idle with a job to finalize)
+        while meter.reads == reads and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert looped.result.result(timeout=5)
+        reads = meter.reads
+        clock.advance(1.0)
+        job = m.begin()  # a device thread's
+        deadline = time.monotonic() + 5
+        while meter.reads == reads and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert meter.reads > reads  # the sampler's read, woken by the start
+        clock.advance(1.0)
+        m.end(job, [("b", 1.0)])
+    finally:
+        m.stop()
+    assert math.isclose(job.result.result(timeout=5)["b"].joules, 110.0, rel_tol=1e-9)
+
+
 def test_the_lock_is_not_held_while_the_meter_reads() -> None:
     """A boundary from an event loop neither reads a blocking meter nor waits for a read in progress
     (an NVML read takes milliseconds: the loop would stall on every request)."""
