@@ -5,8 +5,8 @@ item and every queued item with the same `batch_key`, up to `max_batch_size`, wa
 `max_wait_ms` (counted from the oldest item's arrival) for more, unless every member it answered in
 the last `max_wait_ms` has been followed by an arrival: then no batch-mate is on its way (a lone
 client, say, that sends its next request once answered) and the batch starts at once. The batch runs
-as one *job* on the device's single worker thread, bracketed by the device monitor's meter reads
-after synchronization.
+as one *job* on the device's single worker thread, bracketed by the device monitor's boundaries
+after synchronization (meter reads, or the clock's time for a meter whose reads block: NVML's).
 While a job runs, the queue fills, so batches grow with load; a full batch that is waiting then is
 handed to the device at once, to start as soon as the running job ends (a partial one stays in the
 queue, where later arrivals can join it). A request whose client leaves while it is queued is dropped
@@ -191,7 +191,7 @@ _Job = tuple[asyncio.AbstractEventLoop, asyncio.Future[JobResult], Backend, Sequ
 
 
 class DeviceWorker:
-    """One thread per device; runs jobs one at a time and brackets each with meter reads.
+    """One thread per device; runs jobs one at a time and brackets each with the monitor's boundaries.
 
     The thread is its own (a queue in, `call_soon_threadsafe` out) rather than a one-thread executor:
     the round trip of every batch is then cheaper (no concurrent future chained to an asyncio one)."""
@@ -259,8 +259,9 @@ class DeviceWorker:
         """Run one job (begun already at the last job's end, or now) and return its result; in the
         worker thread, never raising: a failed batch is still a measured job. When the job succeeded
         and another is queued and free to start, that one is taken (`_taken`) and begun at this job's
-        end with the same meter read (second): one read instead of two between back-to-back jobs (an
-        NVML read takes milliseconds), and no instant between them that belongs to neither."""
+        end at the same boundary (second): one mark instead of two between back-to-back jobs (one
+        meter read where the meter is read there), and no instant between them that belongs to
+        neither."""
         if begun is None:
             self.gate.wait()
             backend.synchronize()
@@ -303,9 +304,9 @@ class DeviceWorker:
 
     def _ahead_of(self, backend: Backend) -> Callable[[], list[BackendRequest] | None]:
         """For `run_ahead`: take the next job from the queue, while the device is not paused; its
-        requests, where it is for the same backend (it is sent ahead, and begins at this job's end
-        with the same meter read), else None (it runs next as usual). The model process starts a
-        job sent ahead as soon as the running one ends, so the meter read that ends the running job
+        requests, where it is for the same backend (it is sent ahead, and begins at this job's
+        end, at the same boundary), else None (it runs next as usual). The model process starts a
+        job sent ahead as soon as the running one ends, so the boundary that ends the running job
         (here, once its answer is read) falls a little after the next one began: that sliver of the
         next job's energy is charged to the running one."""
 

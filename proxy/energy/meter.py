@@ -78,8 +78,9 @@ class EnergyMeter(abc.ABC):
         continuous: True when each ``read()`` reflects energy up to that very instant; False when
             the underlying counter moves in steps (a short window can read 0 J).
         step_hint_s: expected update period of the underlying counter, s (0.0 when continuous).
-        blocking_reads: True when a read can block for milliseconds (NVML): an event loop then never
-            reads it (see `DeviceMonitor.begin`).
+        blocking_reads: True when a read can block for milliseconds (NVML): no job boundary reads
+            it, on an event loop or a device thread; the sampler thread does (see
+            `DeviceMonitor.begin`).
     """
 
     device: str

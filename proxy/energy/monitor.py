@@ -468,7 +468,8 @@ class DeviceMonitor:
 
         Members with all-zero work units share equally (e.g. a batch that failed before reporting).
         A meter whose reads block is not read here (see `begin`); when the device is left idle with
-        jobs to finalize, the sampler is woken to poll for the counter's next step."""
+        jobs to finalize, the sampler is woken to poll for the counter's next step. `on_loop` changes
+        nothing here (kept beside `begin`'s for the callers)."""
         reading = self._boundary_read()
         self.meter.job_finished()
         with self._lock:
@@ -497,7 +498,7 @@ class DeviceMonitor:
         a closed job with its own weight, so other jobs sharing the device need not wait for the whole
         activity to end before their energy is final. Also the boundary between back-to-back jobs
         on a device thread. A meter whose reads block is not read here (see `begin`), and the sampler
-        is not woken: the device is busy on both sides of the instant."""
+        is not woken: the device is busy on both sides of the instant. `on_loop` as for `end`."""
         reading = self._boundary_read()
         with self._lock:
             end_s = self._close_locked(handle, members, weight, self._time_locked(reading))
