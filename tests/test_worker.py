@@ -46,6 +46,12 @@ class SleepingBackend:
     def close(self) -> None: ...
 
 
+def item(prompt: str) -> WorkItem:
+    """An image request for SleepingBackend, its future on the running loop."""
+    tag = RequestTag(request_id=prompt, model="sleeper", task="image", user="u")
+    return WorkItem(ImageRequest(prompt=prompt), tag, "all", 0.0, asyncio.get_running_loop().create_future())
+
+
 def test_back_to_back_jobs_share_their_boundary_read_and_conserve_energy() -> None:
     meter = CountingMeter()
     monitor = DeviceMonitor(meter)  # no sampler: every read is a job boundary's
@@ -53,12 +59,6 @@ def test_back_to_back_jobs_share_their_boundary_read_and_conserve_energy() -> No
     backend = SleepingBackend()
 
     async def run_all() -> list[tuple[object, ...]]:
-        loop = asyncio.get_running_loop()
-
-        def item(prompt: str) -> WorkItem:
-            tag = RequestTag(request_id=prompt, model="sleeper", task="image", user="u")
-            return WorkItem(ImageRequest(prompt=prompt), tag, "all", 0.0, loop.create_future())
-
         worker.gate.clear()  # all four queued before the first starts
         futures = [worker.submit(backend, [item(p)]) for p in ("a", "b", "fail", "c")]
         worker.gate.set()
@@ -109,12 +109,6 @@ def test_a_device_thread_never_waits_for_a_blocking_meter_read() -> None:
     backend = SleepingBackend()
 
     async def run_all() -> list[tuple[object, ...]]:
-        loop = asyncio.get_running_loop()
-
-        def item(prompt: str) -> WorkItem:
-            tag = RequestTag(request_id=prompt, model="sleeper", task="image", user="u")
-            return WorkItem(ImageRequest(prompt=prompt), tag, "all", 0.0, loop.create_future())
-
         worker.gate.clear()  # three back to back, then one alone on an idle device
         futures = [worker.submit(backend, [item(p)]) for p in ("a", "b", "c")]
         worker.gate.set()
@@ -154,12 +148,6 @@ def test_a_job_taken_early_still_runs_when_its_predecessor_breaks_at_the_split()
     monitor.split = broken_once  # type: ignore[method-assign]
 
     async def run_all() -> list[object]:
-        loop = asyncio.get_running_loop()
-
-        def item(prompt: str) -> WorkItem:
-            tag = RequestTag(request_id=prompt, model="sleeper", task="image", user="u")
-            return WorkItem(ImageRequest(prompt=prompt), tag, "all", 0.0, loop.create_future())
-
         worker.gate.clear()
         futures = [worker.submit(backend, [item(p)]) for p in ("a", "b")]
         worker.gate.set()
