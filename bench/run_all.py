@@ -46,14 +46,7 @@ ORDER = (
 )
 CPU_BENCHMARKS = ("serving", "accounting", "overhead", "upstream", "ledger", "metrics_render")
 GPU = "gpu_energy"
-GPU_BENCHMARKS = (
-    "gpu_energy",
-    "gpu_served",
-    "gpu_served_own",
-    "gpu_served_graphs",
-    "gpu_graphs",
-    "nvml_interference",
-)
+GPU_BENCHMARKS = tuple(name for name in ORDER if name not in CPU_BENCHMARKS)
 # a GPU benchmark that is another one's script with arguments of its own
 GPU_COMMANDS = {
     "gpu_served_own": ("gpu_served", "--own-process"),
