@@ -54,6 +54,21 @@ class TextRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Log probabilities: None, not asked; k (0-20): each generated token's, with the k most likely
+    # tokens at its position (OpenAI's `logprobs`/`top_logprobs`; a backend that gives them says so in
+    # its `honours`).
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, its log probability under the model (its raw distribution:
+    before penalties, bias, temperature and top_p, as vLLM gives them by default), and the `k` most
+    likely tokens at its position with theirs, most likely first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,9 @@ class TextResult:
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
     work_units: float  # prompt + generated tokens: the share of the batch's energy this member gets
+    # where asked (`TextRequest.logprobs`): the tokens that make `text`, in order (the stop token and
+    # tokens wholly past a stop string left out; the token a stop string cuts into kept)
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from backends.base import (
     Task,
     TextRequest,
     TextResult,
+    TokenLogprob,
     flush_all,
     flushes_of,
 )
@@ -57,6 +58,11 @@ _REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for a multi-byte character c
 
 # Below this, logits / temperature overflow float32 (inf, then NaN probabilities): sample greedily.
 GREEDY_BELOW = 1e-5
+# A log probability of -inf (a token the model rules out) as OpenAI and vLLM report it: JSON has no -inf.
+LOGPROB_FLOOR = -9999.0
+
+# (token id, its log probability, the top ids and their log probabilities) of a row's token
+_Entry = tuple[int, float, list[int], list[float]]
 
 
 class _Row:
@@ -69,6 +75,9 @@ class _Row:
 
     def __init__(self, request: TextRequest, tokenizer: Any, eos_ids: frozenset[int]) -> None:
         self.request = request
+        # where asked (`TextRequest.logprobs`): an entry a generated token, EOS excluded
+        self.entries: list[_Entry] | None = [] if request.logprobs is not None else None
+        self.cut = False  # its text was cut at a stop string
         self.completion_tokens = 0  # generated tokens, EOS included
         self.finish_reason: Literal["stop", "length"] | None = None
         self.text = ""  # emitted so far
@@ -89,8 +98,8 @@ class _Row:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, token_id: int) -> None:
-        """Take the row's next generated token."""
+    def push(self, token_id: int, entry: _Entry | None = None) -> None:
+        """Take the row's next generated token (with its log probabilities, where asked)."""
         if self.finished:
             return
         self.completion_tokens += 1
@@ -98,6 +107,8 @@ class _Row:
             self._finish("stop")
             return
         self._ids.append(token_id)
+        if self.entries is not None and entry is not None:
+            self.entries.append(entry)
         if self._at_end:
             if self.completion_tokens >= self.request.max_tokens:
                 self._finish("length")
@@ -136,6 +147,7 @@ class _Row:
         if not hits:
             return False
         self._decoded = self._decoded[: min(hits)]
+        self.cut = True
         return True
 
     def _stop_prefix_len(self) -> int:
@@ -182,9 +194,14 @@ class _BatchStream(BaseStreamer):
     """
 
     def __init__(
-        self, rows: list[_Row], prompt_width: int, flushes: tuple[Callable[[], None], ...] = ()
+        self,
+        rows: list[_Row],
+        prompt_width: int,
+        flushes: tuple[Callable[[], None], ...] = (),
+        logprobs: _RowLogprobs | None = None,
     ) -> None:
         self.rows = rows
+        self._logprobs = logprobs
         # the streamed members' consumers' flushes, called after every step (base.TextRequest)
         self._flushes = flushes
         self._prompt_width = prompt_width
@@ -212,10 +229,57 @@ class _BatchStream(BaseStreamer):
         if step <= self._steps:
             return
         self._steps = step
-        for row, token in zip(self.rows, tokens, strict=True):
-            row.push(token)
+        if self._logprobs is not None:
+            entries = self._logprobs.entries(tokens)
+            for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
+                row.push(token, entries.get(i))
+        else:
+            for row, token in zip(self.rows, tokens, strict=True):
+                row.push(token)
         if self._flushes:
             flush_all(self._flushes)
+
+
+class _RowLogprobs(LogitsProcessor):
+    """The first of a batch's processors where a row asks for log probabilities: at each step, the
+    raw log probabilities of those rows (the model's distribution, before penalties, bias, temperature
+    and top_p) and their most likely tokens, kept for the step's tokens (`entries`). Scores pass on
+    unchanged."""
+
+    def __init__(self, requests: Sequence[TextRequest]) -> None:
+        self._asked = [(i, r.logprobs or 0) for i, r in enumerate(requests) if r.logprobs is not None]
+        self._rows = torch.tensor([i for i, _ in self._asked], dtype=torch.long)
+        self._k = max(k for _, k in self._asked)
+        self._step: tuple[torch.Tensor, list[list[float]], list[list[int]]] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logprobs = torch.log_softmax(scores.index_select(0, self._rows.to(scores.device)).float(), dim=-1)
+        values: list[list[float]] = [[] for _ in self._asked]
+        ids: list[list[int]] = [[] for _ in self._asked]
+        if self._k:
+            top = logprobs.topk(min(self._k, logprobs.shape[-1]), dim=-1)
+            values, ids = top.values.tolist(), top.indices.tolist()
+        self._step = (logprobs, values, ids)
+        return scores
+
+    def entries(self, tokens: list[int]) -> dict[int, _Entry]:
+        """The last step's entries, by row, for the tokens the rows took at it."""
+        if self._step is None:
+            return {}
+        logprobs, values, ids = self._step
+        self._step = None
+        taken = [tokens[i] for i, _ in self._asked]
+        index = torch.tensor(taken, dtype=torch.long, device=logprobs.device).unsqueeze(-1)
+        chosen = logprobs.gather(-1, index).squeeze(-1).tolist()
+        return {
+            i: (
+                taken[j],
+                max(chosen[j], LOGPROB_FLOOR),
+                ids[j][:k],
+                [max(v, LOGPROB_FLOOR) for v in values[j][:k]],
+            )
+            for j, (i, k) in enumerate(self._asked)
+        }
 
 
 class _RowsFinished(StoppingCriteria):
@@ -363,7 +427,14 @@ class TransformersTextBackend:
     # the request fields that ask the model for something (`proxy.protocol._ASKED_DOC`) it does, and
     # "prompt_token_ids": a completion's prompt given as token ids (run on `prompt_ids` as they are)
     honours: frozenset[str] = frozenset(
-        {"presence_penalty", "frequency_penalty", "logit_bias", "prompt_token_ids"}
+        {
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "prompt_token_ids",
+            "logprobs",
+            "top_logprobs",
+        }
     )
 
     def __init__(
@@ -393,6 +464,7 @@ class TransformersTextBackend:
         self._pad_id = 0
         self._max_context_tokens: int | None = None
         self._logits_size: int | None = None  # the model's output vocabulary (config.vocab_size)
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone (log probabilities; `_lock`)
 
     def load(self) -> None:
         """Load tokenizer and weights onto `device` (blocking)."""
@@ -522,7 +594,8 @@ class TransformersTextBackend:
                 input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
                 attention_mask[i, width - len(prompt) :] = 1
             rows = [_Row(request, tokenizer, self._eos_ids) for request in requests]
-            stream = _BatchStream(rows, prompt_width=width, flushes=flushes_of(requests))
+            recorder = _RowLogprobs(requests) if any(r.logprobs is not None for r in requests) else None
+            stream = _BatchStream(rows, prompt_width=width, flushes=flushes_of(requests), logprobs=recorder)
             # Greedy steps: every row's sampling is done by the processors, each row its own
             config = GenerationConfig(
                 max_new_tokens=max(request.max_tokens for request in requests),
@@ -530,7 +603,7 @@ class TransformersTextBackend:
                 eos_token_id=sorted(self._eos_ids),
                 pad_token_id=self._pad_id,
             )
-            processors: list[LogitsProcessor] = []
+            processors: list[LogitsProcessor] = [recorder] if recorder is not None else []
             if _asks_penalties(requests):
                 processors.append(_RowPenalties(requests, width))  # before temperature, as OpenAI's
             if any(request.temperature >= GREEDY_BELOW for request in requests):
@@ -551,9 +624,32 @@ class TransformersTextBackend:
                 completion_tokens=row.completion_tokens,
                 finish_reason=row.finish_reason or "length",
                 work_units=float(len(prompt) + row.completion_tokens),
+                logprobs=None if row.entries is None else self._token_logprobs(row, tokenizer),
             )
             for row, prompt in zip(rows, prompts, strict=True)
         ]
+
+    def _token_text(self, token_id: int, tokenizer: Any) -> str:
+        """A token's text as OpenAI's log probabilities show it (decoded alone; cached)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self._token_texts[token_id] = text
+        return text  # type: ignore[no-any-return]
+
+    def _token_logprobs(self, row: _Row, tokenizer: Any) -> tuple[TokenLogprob, ...]:
+        """The row's entries as TokenLogprob, the tokens of its text only: where a stop string cut the
+        text, the tokens wholly past the cut are left out (the one it cuts into is kept)."""
+        out = []
+        seen = 0  # characters of the text the tokens so far stand for
+        for token_id, logprob, ids, values in row.entries or ():
+            if row.cut and seen >= len(row.text):
+                break
+            token = self._token_text(token_id, tokenizer)
+            seen += len(token)
+            top = tuple((self._token_text(i, tokenizer), v) for i, v in zip(ids, values, strict=True))
+            out.append(TokenLogprob(token, logprob, top))
+        return tuple(out)
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""

@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic_core import to_json
 
-from backends.base import ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
+from backends.base import ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult, TokenLogprob
 from proxy.config import ModelSettings, parse_size
 from proxy.errors import (
     STREAM,
@@ -381,6 +381,40 @@ def _text_results(outcomes: Sequence[Outcome]) -> list[TextResult]:
     return results  # type: ignore[return-value]
 
 
+def _chat_logprobs(tokens: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """ChatLogprobs.model_dump of a choice's tokens (None where they were not asked)."""
+    if tokens is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.token.encode()),
+                "top_logprobs": [{"token": x, "logprob": v, "bytes": list(x.encode())} for x, v in t.top],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(tokens: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """CompletionLogprobs.model_dump of a choice's tokens (None where they were not asked)."""
+    if tokens is None:
+        return None
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
 def chat_completion_json(
     request_id: str, model: str, outcomes: Sequence[Outcome], energy: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -395,7 +429,7 @@ def chat_completion_json(
                 "index": i,
                 "message": {"role": "assistant", "content": r.text},
                 "finish_reason": r.finish_reason,
-                "logprobs": None,
+                "logprobs": _chat_logprobs(r.logprobs),
             }
             for i, r in enumerate(_text_results(outcomes))
         ],
@@ -413,7 +447,12 @@ def completion_json(
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+            {
+                "index": i,
+                "text": r.text,
+                "finish_reason": r.finish_reason,
+                "logprobs": _completion_logprobs(r.logprobs),
+            }
             for i, r in enumerate(_text_results(outcomes))
         ],
         "usage": _usage_json(outcomes, energy),
@@ -755,6 +794,8 @@ async def _chat_completions(
         ms, chat=True, max_completion_tokens=req.max_completion_tokens, max_tokens=req.max_tokens
     )
     messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    _check_logprobs(logprobs, req.stream, "logprobs")
     base = TextRequest(
         messages=messages,
         max_tokens=max_tokens,
@@ -762,6 +803,7 @@ async def _chat_completions(
         top_p=req.top_p,
         stop=req.stop_list(),
         seed=req.seed,
+        logprobs=logprobs,
         **_sampling(served, req),
     )
     base = await _check_prompt(served, base, "messages", limit_param)
@@ -820,6 +862,7 @@ async def _completions(
         _check_token_id(served, max(max(ids) for _, ids in prompts), "prompt")
     _check_n(ms, req.n, len(prompts))
     max_tokens, limit_param = _max_tokens(ms, chat=False, max_tokens=req.max_tokens)
+    _check_logprobs(req.logprobs, req.stream, "logprobs")
     bases = []
     sampling = _sampling(served, req)
     for p, ids in prompts:
@@ -831,6 +874,7 @@ async def _completions(
             top_p=req.top_p,
             stop=req.stop_list(),
             seed=req.seed,
+            logprobs=req.logprobs,
             **sampling,
         )
         base = await _check_prompt(served, base, "prompt", limit_param)
@@ -839,6 +883,18 @@ async def _completions(
     if req.stream:
         return await _stream_members(request, served, bases, _CompletionChunks, req.stream_options)
     return await _answer_members(request, served, bases, completion_json)
+
+
+def _check_logprobs(logprobs: int | None, stream: bool | None, param: str) -> None:
+    """Log probabilities from a model served in process come with plain answers only: 400
+    `unsupported_value` for a stream asking for them."""
+    if logprobs is not None and stream:
+        raise InvalidRequest(
+            "Unsupported value: log probabilities with stream: true. A model WattProxy serves itself "
+            "gives them in plain (non-streamed) answers only.",
+            param=param,
+            code="unsupported_value",
+        )
 
 
 def _check_token_id(served: ServedModel, largest: int, param: str) -> None:

@@ -258,7 +258,23 @@ _SAMPLING_NEUTRAL: Neutral = (
 )
 
 
+def _chat_schema(schema: dict[str, Any]) -> None:
+    """As `_sampling_schema`, and: top_logprobs (above 0) only with logprobs true."""
+    _sampling_schema(schema)
+    schema["allOf"] = [
+        {
+            "if": {
+                "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+                "required": ["top_logprobs"],
+            },
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    ]
+
+
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_chat_schema)
+
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     # asked of the model (see _ASKED_DOC): tools, structured output, log probabilities, audio
@@ -271,6 +287,14 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20, description=_ASKED_DOC)
     modalities: list[str] | None = Field(None, description=_ASKED_DOC)
     audio: dict[str, Any] | None = Field(None, description=_ASKED_DOC)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        # as OpenAI's API and vLLM: alternatives of log probabilities that are not asked for are a mistake
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
     NEUTRAL: ClassVar[Neutral] = (
         ("tools", _empty, "the default (no tools)"),
@@ -337,7 +361,7 @@ class CompletionRequest(_Sampling):
     # (`unsupported`)
     prompt: TextsOrIds
     # asked of the model (see _ASKED_DOC)
-    logprobs: int | None = Field(None, ge=0, description=_ASKED_DOC)
+    logprobs: int | None = Field(None, ge=0, le=20, description=_ASKED_DOC)
     echo: bool | None = Field(None, description=_ASKED_DOC)
     best_of: int | None = Field(None, ge=1, description=_ASKED_DOC)
     suffix: str | None = Field(None, description=_ASKED_DOC)
@@ -492,11 +516,37 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's text as UTF-8
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at its position, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's log probabilities (`logprobs: true`; `top_logprobs` alternatives a token)."""
+
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A completion choice's log probabilities (`logprobs: k`), in OpenAI's legacy shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]  # each token's start in the choice's text
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -533,7 +583,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -1228,7 +1228,6 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ("chat", {"tool_choice": "required"}, "tool_choice"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities"),
     (
         "chat",
@@ -1246,7 +1245,6 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
         "messages.0.content.1.type",
     ),
     ("completion", {"echo": True}, "echo"),
-    ("completion", {"logprobs": 2}, "logprobs"),
     ("completion", {"best_of": 3}, "best_of"),
     ("completion", {"suffix": "end"}, "suffix"),
     ("image", {"quality": "hd"}, "quality"),
@@ -1257,7 +1255,7 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
 
 
 def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server: LiveServer) -> None:
-    """Tools, JSON mode, log probabilities, audio, image parts, an image's quality, style, format or
+    """Tools, JSON mode, audio, image parts, an image's quality, style, format or
     background: a clear 400
     `unsupported_value` naming the parameter, never an answer made as if it had not been asked; their
     defaults, as clients send them, are answered; nothing refused is run or recorded."""
@@ -1302,6 +1300,93 @@ def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server:
     neutral_image = c.images.generate(**image, quality="standard", output_format="png", background="auto")  # type: ignore[arg-type]
     assert neutral_image.data and neutral_image.data[0].b64_json
     assert len(server.call(server.app[LEDGER].records())) == 3  # type: ignore[index]
+
+
+def _reference_logprobs(
+    source: Path, prompt: str, steps: int, k: int
+) -> list[tuple[str, float, list[float]]]:
+    """Greedy decoding of `prompt` with transformers alone: each step's token text, its log probability
+    and the `k` largest, from the model's raw distribution."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+            token = int(logprobs.argmax())
+            text = tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            out.append((text, float(logprobs[token]), logprobs.topk(k).values.tolist()))
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=-1)
+    return out
+
+
+def test_log_probabilities_of_a_model_served_in_process(either_server: LiveServer, model_cache: Path) -> None:
+    """`logprobs` (completions) and `logprobs` + `top_logprobs` (chat) from a transformers model, in this
+    process or one of its own: the raw model's log probabilities of the tokens that make the text (those
+    of transformers run alone, greedy), the most likely alternatives in order, the tokens spelling the
+    text; asking for them changes nothing else; with a stop string, the tokens past it are left out;
+    with a stream, or top_logprobs without logprobs, or over 20 alternatives: a 400 naming the
+    parameter."""
+    server = either_server
+    c = client(server)
+    ask = {"model": "tiny-gpt2", "prompt": "The lighthouse", "max_tokens": 6, "temperature": 0}
+    plain = c.completions.create(**ask)  # type: ignore[call-overload]
+    answer = c.completions.create(**ask, logprobs=3)  # type: ignore[call-overload]
+    choice = answer.choices[0]
+    assert choice.text == plain.choices[0].text and plain.choices[0].logprobs is None
+    lp = choice.logprobs
+    reference = _reference_logprobs(ensure_model("tiny-gpt2", model_cache), "The lighthouse", 6, 3)
+    generated = answer.usage.completion_tokens - (choice.finish_reason == "stop")  # the stop token has none
+    assert (
+        len(lp.tokens) == generated == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    )
+    for i, (token, logprob, top) in enumerate(reference[:generated]):
+        assert lp.tokens[i] == token
+        assert lp.token_logprobs[i] == pytest.approx(logprob, abs=1e-4)
+        assert sorted(lp.top_logprobs[i].values(), reverse=True) == pytest.approx(
+            top[: len(lp.top_logprobs[i])], abs=1e-4
+        )
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    chat = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2}
+    sampled = c.chat.completions.create(**chat, temperature=0.9, seed=7, logprobs=True, top_logprobs=2)  # type: ignore[call-overload]
+    again = c.chat.completions.create(**chat, temperature=0.9, seed=7)  # type: ignore[call-overload]
+    for with_lp, without in zip(sampled.choices, again.choices, strict=True):
+        assert with_lp.message.content == without.message.content and without.logprobs is None
+        content = with_lp.logprobs.content
+        assert content and "".join(t.token for t in content) == with_lp.message.content
+        for t in content:
+            assert t.logprob <= 0 and bytes(t.bytes) == t.token.encode()
+            alternatives = [a.logprob for a in t.top_logprobs]
+            assert len(alternatives) == 2 and alternatives == sorted(alternatives, reverse=True)
+            assert t.logprob <= alternatives[0] + 1e-6  # sampled: at most the likeliest's
+    no_top = c.chat.completions.create(**chat, temperature=0, logprobs=True)  # type: ignore[call-overload]
+    for choice_ in no_top.choices:
+        assert all(t.top_logprobs == [] for t in choice_.logprobs.content)
+
+    # a stop string where the greedy text first shows it, past its start: the tokens past it go
+    fox = {**ask, "prompt": "A fox"}
+    text = c.completions.create(**fox).choices[0].text  # type: ignore[call-overload]
+    at = next(i for i in range(2, len(text) - 1) if text.find(text[i : i + 2]) == i)
+    cut = c.completions.create(**fox, logprobs=0, stop=[text[at : at + 2]]).choices[0]  # type: ignore[call-overload]
+    assert cut.text == text[:at] and cut.finish_reason == "stop"
+    spelled = "".join(cut.logprobs.tokens)
+    assert spelled.startswith(cut.text) and len(spelled) - len(cut.logprobs.tokens[-1]) < len(cut.text)
+
+    for call, kwargs, param in (
+        (c.completions.create, {**ask, "logprobs": 1, "stream": True}, "logprobs"),
+        (c.completions.create, {**ask, "logprobs": 21}, "logprobs"),
+        (c.chat.completions.create, {**chat, "logprobs": True, "stream": True}, "logprobs"),
+        (c.chat.completions.create, {**chat, "top_logprobs": 2}, "top_logprobs"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            call(**kwargs)
+        assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
 
 
 def test_penalties_and_logit_bias_shape_each_choice_of_a_batch(either_server: LiveServer) -> None:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from backends.base import TextRequest, TextResult
+from backends.base import TextRequest, TextResult, TokenLogprob
 from proxy.api import (
     _ChatChunks,
     _CompletionChunks,
@@ -40,11 +40,15 @@ from proxy.ledger import _day, _utc
 from proxy.protocol import (
     ChatChoice,
     ChatCompletion,
+    ChatLogprobs,
     ChatMessageOut,
     ChunkChoice,
     ChunkDelta,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
+    TokenLogprobOut,
+    TopLogprob,
 )
 from proxy.scheduler import Outcome, RequestTag
 
@@ -58,6 +62,14 @@ numbers = st.one_of(
     st.booleans(),
 )
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+# a generated token's log probabilities, as a backend reports them (finite, at most 0; the floor -9999)
+logprob_values = st.floats(min_value=-9999.0, max_value=0.0) | st.sampled_from([0.0, -0.0, -9999.0, -1e-300])
+token_logprobs = st.builds(
+    TokenLogprob,
+    token=texts,
+    logprob=logprob_values,
+    top=st.lists(st.tuples(texts, logprob_values), max_size=3).map(tuple),
+)
 
 
 @st.composite
@@ -93,6 +105,7 @@ def outcomes(draw: st.DrawFn) -> list[Outcome]:
             completion_tokens=draw(st.integers(min_value=0, max_value=10**6)),
             finish_reason=draw(st.sampled_from(["stop", "length"])),
             work_units=1.0,
+            logprobs=draw(st.none() | st.lists(token_logprobs, max_size=4).map(tuple)),
         )
         tag = RequestTag(request_id=f"r{i}", model="m", task="text", user="u", carbon=carbon)
         members.append(Outcome(tag, REQUEST, result, None, charge, "ok", 0.0, 0.0, 1, 0.0))
@@ -117,7 +130,26 @@ def test_chat_and_completion_answers_are_the_bytes_of_their_models(members: list
         created=chat["created"],
         model="model-é",
         choices=[
-            ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason)  # type: ignore[union-attr]
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content=r.text),  # type: ignore[union-attr]
+                finish_reason=r.finish_reason,  # type: ignore[union-attr]
+                logprobs=None
+                if r.logprobs is None  # type: ignore[union-attr]
+                else ChatLogprobs(
+                    content=[
+                        TokenLogprobOut(
+                            token=t.token,
+                            logprob=t.logprob,
+                            bytes=list(t.token.encode()),
+                            top_logprobs=[
+                                TopLogprob(token=x, logprob=v, bytes=list(x.encode())) for x, v in t.top
+                            ],
+                        )
+                        for t in r.logprobs  # type: ignore[union-attr]
+                    ]
+                ),
+            )
             for i, r in enumerate(results)
         ],
         usage=usage,
@@ -130,7 +162,21 @@ def test_chat_and_completion_answers_are_the_bytes_of_their_models(members: list
         created=completion["created"],
         model="m",
         choices=[
-            CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)  # type: ignore[union-attr]
+            CompletionChoice(
+                index=i,
+                text=r.text,  # type: ignore[union-attr]
+                finish_reason=r.finish_reason,  # type: ignore[union-attr]
+                logprobs=None
+                if r.logprobs is None  # type: ignore[union-attr]
+                else CompletionLogprobs(
+                    tokens=[t.token for t in r.logprobs],  # type: ignore[union-attr]
+                    token_logprobs=[t.logprob for t in r.logprobs],  # type: ignore[union-attr]
+                    top_logprobs=[dict(t.top) for t in r.logprobs],  # type: ignore[union-attr]
+                    text_offset=list(itertools.accumulate((len(t.token) for t in r.logprobs), initial=0))[
+                        :-1
+                    ],  # type: ignore[union-attr]
+                ),
+            )
             for i, r in enumerate(results)
         ],
         usage=usage,
