@@ -35,10 +35,12 @@ from proxy.openapi import openapi_document
 from proxy.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
     ChunkChoice,
     ChunkDelta,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     EmbeddingRequest,
     EnergyUsage,
@@ -672,7 +674,7 @@ async def _stream_text(
         else:
             for index, o in enumerate(outcomes):
                 assert isinstance(o.result, TextResult)
-                await _sse(resp, make_chunk.finish(index, o.result.finish_reason))
+                await _sse(resp, make_chunk.finish(index, o.result.finish_reason, o.result.logprobs))
             if include_usage:
                 await _sse(resp, make_chunk.usage(_text_usage(outcomes)))
         await _sse(resp, "[DONE]")
@@ -718,8 +720,13 @@ class _ChatChunks:
     def piece(self, index: int, text: str) -> bytes:
         return f'{self._head}{index},"delta":{{"content":{_json_string(text)}}}}}]}}'.encode()
 
-    def finish(self, index: int, reason: str) -> ChatCompletionChunk:
-        return self._chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason)])  # type: ignore[arg-type]
+    def finish(
+        self, index: int, reason: str, logprobs: Sequence[TokenLogprob] | None = None
+    ) -> ChatCompletionChunk:
+        """A member's last chunk: its finish reason, and where asked all its tokens' log probabilities
+        (a stream's come with its last chunk, not with each piece)."""
+        lp = None if logprobs is None else ChatLogprobs.model_validate(_chat_logprobs(logprobs))
+        return self._chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         chunk = self._chunk([], usage).model_dump(exclude_none=True)
@@ -741,8 +748,11 @@ class _CompletionChunks(_ChatChunks):
         text_json = _json_string(text)
         return f'{self._head}{index},"text":{text_json},"finish_reason":null,"logprobs":null}}]}}'.encode()
 
-    def finish(self, index: int, reason: str) -> dict[str, Any]:  # type: ignore[override]
-        return self._completion([CompletionChoice(index=index, text="", finish_reason=reason)])  # type: ignore[arg-type]
+    def finish(
+        self, index: int, reason: str, logprobs: Sequence[TokenLogprob] | None = None
+    ) -> dict[str, Any]:  # type: ignore[override]
+        lp = None if logprobs is None else CompletionLogprobs.model_validate(_completion_logprobs(logprobs))
+        return self._completion([CompletionChoice(index=index, text="", finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         return self._completion([], usage)
@@ -795,7 +805,6 @@ async def _chat_completions(
     )
     messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    _check_logprobs(logprobs, req.stream, "logprobs")
     base = TextRequest(
         messages=messages,
         max_tokens=max_tokens,
@@ -862,7 +871,6 @@ async def _completions(
         _check_token_id(served, max(max(ids) for _, ids in prompts), "prompt")
     _check_n(ms, req.n, len(prompts))
     max_tokens, limit_param = _max_tokens(ms, chat=False, max_tokens=req.max_tokens)
-    _check_logprobs(req.logprobs, req.stream, "logprobs")
     bases = []
     sampling = _sampling(served, req)
     for p, ids in prompts:
@@ -883,18 +891,6 @@ async def _completions(
     if req.stream:
         return await _stream_members(request, served, bases, _CompletionChunks, req.stream_options)
     return await _answer_members(request, served, bases, completion_json)
-
-
-def _check_logprobs(logprobs: int | None, stream: bool | None, param: str) -> None:
-    """Log probabilities from a model served in process come with plain answers only: 400
-    `unsupported_value` for a stream asking for them."""
-    if logprobs is not None and stream:
-        raise InvalidRequest(
-            "Unsupported value: log probabilities with stream: true. A model WattProxy serves itself "
-            "gives them in plain (non-streamed) answers only.",
-            param=param,
-            code="unsupported_value",
-        )
 
 
 def _check_token_id(served: ServedModel, largest: int, param: str) -> None:

@@ -161,7 +161,7 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 _ASKED_DOC = (
     "Proxy mode: sent to the upstream as it is. A model served in process takes the default (absent, "
     "null, 0, false or empty), and another value where it honours it (a transformers text model: the "
-    "penalties and logit_bias); else a 400 `unsupported_value`."
+    "penalties, logit_bias and log probabilities); else a 400 `unsupported_value`."
 )
 
 
@@ -567,7 +567,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

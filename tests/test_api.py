@@ -1328,9 +1328,9 @@ def test_log_probabilities_of_a_model_served_in_process(either_server: LiveServe
     """`logprobs` (completions) and `logprobs` + `top_logprobs` (chat) from a transformers model, in this
     process or one of its own: the raw model's log probabilities of the tokens that make the text (those
     of transformers run alone, greedy), the most likely alternatives in order, the tokens spelling the
-    text; asking for them changes nothing else; with a stop string, the tokens past it are left out;
-    with a stream, or top_logprobs without logprobs, or over 20 alternatives: a 400 naming the
-    parameter."""
+    text; asking for them changes nothing else; with a stop string, the tokens past it are left out; a
+    stream's come with each choice's last chunk, the same as a plain answer's; top_logprobs without
+    logprobs, or over 20 alternatives: a 400 naming the parameter."""
     server = either_server
     c = client(server)
     ask = {"model": "tiny-gpt2", "prompt": "The lighthouse", "max_tokens": 6, "temperature": 0}
@@ -1378,11 +1378,26 @@ def test_log_probabilities_of_a_model_served_in_process(either_server: LiveServe
     spelled = "".join(cut.logprobs.tokens)
     assert spelled.startswith(cut.text) and len(spelled) - len(cut.logprobs.tokens[-1]) < len(cut.text)
 
+    streamed = list(c.completions.create(**ask, logprobs=3, stream=True))  # type: ignore[call-overload]
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == choice.text
+    carried = [ch.choices[0].logprobs for ch in streamed if ch.choices and ch.choices[0].logprobs]
+    assert len(carried) == 1 and carried[0].model_dump() == lp.model_dump()  # with the last chunk
+    chat_stream = list(
+        c.chat.completions.create(**chat, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    )  # type: ignore[call-overload]
+    chat_plain = c.chat.completions.create(**chat, temperature=0, logprobs=True, top_logprobs=2)  # type: ignore[call-overload]
+    for plain_choice in chat_plain.choices:
+        pieces = [
+            ch.choices[0] for ch in chat_stream if ch.choices and ch.choices[0].index == plain_choice.index
+        ]
+        assert "".join(p.delta.content or "" for p in pieces) == plain_choice.message.content
+        logged = [t for p in pieces if p.logprobs for t in p.logprobs.content]
+        assert [t.model_dump() for t in logged] == [t.model_dump() for t in plain_choice.logprobs.content]
+
     for call, kwargs, param in (
-        (c.completions.create, {**ask, "logprobs": 1, "stream": True}, "logprobs"),
         (c.completions.create, {**ask, "logprobs": 21}, "logprobs"),
-        (c.chat.completions.create, {**chat, "logprobs": True, "stream": True}, "logprobs"),
         (c.chat.completions.create, {**chat, "top_logprobs": 2}, "top_logprobs"),
+        (c.chat.completions.create, {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ):
         with pytest.raises(openai.BadRequestError) as refused:
             call(**kwargs)
