@@ -230,8 +230,12 @@ def test_an_answers_carbon_figures_agree_when_its_members_ran_under_different_in
         result = TextResult("x", 1, 1, "stop", 1.0)
         outcomes.append(Outcome(tag, REQUEST, result, None, charge, "ok", 0.0, 0.0, 1, 0.0))
     e = _energy_fields(outcomes)
-    operational = e["co2_grams"] - (e["embodied_co2_grams"] or 0.0)
-    assert math.isclose(operational, e["kwh"] * e["carbon_intensity_g_per_kwh"] * e["pue"], rel_tol=1e-9)
+    operational = e["kwh"] * e["carbon_intensity_g_per_kwh"] * e["pue"]
+    # the identity as a sum (co2 less embodied would cancel: embodied can be 1e7 times the operational)
+    assert math.isclose(e["co2_grams"], operational + (e["embodied_co2_grams"] or 0.0), rel_tol=1e-9)
+    embodied = sum(m[2] for m in members)
+    assert math.isclose(operational, sum(j / 3.6e6 * i * pue for j, i, _ in members), rel_tol=1e-9)
+    assert math.isclose(e["embodied_co2_grams"] or 0.0, embodied, rel_tol=1e-9, abs_tol=1e-300)
     assert set(e["carbon_source"].split(" + ")) == {f"csv:{m[1]:g}" for m in members}
 
 
