@@ -464,7 +464,7 @@ class TransformersTextBackend:
         self._pad_id = 0
         self._max_context_tokens: int | None = None
         self._logits_size: int | None = None  # the model's output vocabulary (config.vocab_size)
-        self._token_texts: dict[int, str] = {}  # token id -> its text alone (log probabilities; `_lock`)
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone (log probabilities; `run` only)
 
     def load(self) -> None:
         """Load tokenizer and weights onto `device` (blocking)."""
