@@ -6,7 +6,7 @@
 Runs `bench.serving`, `bench.accounting`, `bench.overhead`, `bench.upstream` (with LiteLLM where it is
 installed: see that module), `bench.ledger_bench` and `bench.metrics_render`, and the GPU benchmarks
 (`bench/gpu_energy.py`, `bench/gpu_served.py` plain, with `--own-process` and with `--cuda-graphs`,
-`bench/gpu_graphs.py` (SDXL with CUDA graphs),
+`bench/gpu_graphs.py` (SDXL with CUDA graphs), `bench/gpu_logprobs.py`,
 `bench/nvml_interference.py`; `bench/gpu_check.sh` runs `gpu_served` on a bare GPU machine, and the
 others where asked) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
 results in the results directory are kept as they are; if there is no `gpu_energy` result, a clearly
@@ -42,6 +42,7 @@ ORDER = (
     "gpu_served_own",
     "gpu_served_graphs",
     "gpu_graphs",
+    "gpu_logprobs",
     "nvml_interference",
 )
 CPU_BENCHMARKS = ("serving", "accounting", "overhead", "upstream", "ledger", "metrics_render")

@@ -12,6 +12,7 @@ from bench import (
     accounting,
     gpu_energy,
     gpu_graphs,
+    gpu_logprobs,
     gpu_served,
     nvml_interference,
     run_all,
@@ -264,6 +265,17 @@ def test_gpu_graphs_smoke(model_cache: Path, tmp_path: Path) -> None:
         assert batch["max_abs_level_diff"] == 0 and batch["images"] > 0
         assert len(batch["graphs"]["call_s"]) == len(batch["eager"]["call_s"]) == 3
     assert not data["fallback"]["run"] and "needs a CUDA device" in markdown
+
+
+def test_gpu_logprobs_smoke(model_cache: Path, tmp_path: Path) -> None:
+    """The log-probabilities check on the CPU (tiny-gpt2): every token compared, none apart."""
+    assert gpu_logprobs.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache)]) == 0
+    markdown, data = check_result(tmp_path, "gpu_logprobs", "smoke")
+    assert len(tables(markdown)) == 2
+    check = data["check"]
+    assert check["tokens_compared"] == check["tokens_served"] > 0 and check["completions_that_diverged"] == 0
+    assert check["max_abs_chosen_logprob_diff"] < 1e-4 and check["max_abs_top_logprob_diff"] < 1e-4
+    assert data["ratio_with_over_without"] > 0
 
 
 def test_nvml_interference_smoke(model_cache: Path, tmp_path: Path) -> None:
