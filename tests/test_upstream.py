@@ -922,8 +922,8 @@ def test_what_only_the_upstreams_model_does_is_sent_on_as_asked(
     stub: Stub, make_proxy: Callable[..., ProxyServer]
 ) -> None:
     """Tools, JSON mode, log probabilities, penalties and image parts, which a model served in process
-    refuses, reach the upstream as the client sent them, an image of 2 MiB in base64 included (proxy
-    mode's body limit is 20 MiB, not 1); the prompt estimate counts the text parts."""
+    refuses or answers itself, reach the upstream as the client sent them, an image of 2 MiB in base64
+    included (proxy mode's body limit is 20 MiB, not 1); the prompt estimate counts the text parts."""
     proxy = make_proxy(stub.url + "/v1")
     picture = "data:image/png;base64," + "iVBORw0K" * (1 << 18)  # 2 MiB of base64
     asked: dict[str, Any] = {
