@@ -171,7 +171,7 @@ class InFlight:
 
     def step(self) -> None:
         handle = self.handles.popleft()
-        self.monitor.end(handle, [(next(self.members), 20.0)], 20.0, on_loop=True)
+        self.monitor.end(handle, [(next(self.members), 20.0)], 20.0)
         self.handles.append(self.monitor.begin(on_loop=True))
 
 

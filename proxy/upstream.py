@@ -407,7 +407,7 @@ class Activity:
         for i, monitor in enumerate(self.monitors):
             piece = self._piece_tag()
             self.pieces.append((self.handles[i], piece))
-            self.handles[i] = monitor.split(self.handles[i], [(piece, units)], units, on_loop=True)
+            self.handles[i] = monitor.split(self.handles[i], [(piece, units)], units)
         self.pending = 0.0
         self.last_split_s = now_s
 
@@ -421,9 +421,9 @@ class Activity:
             if charged:
                 piece = self._piece_tag()
                 self.pieces.append((self.handles[i], piece))
-                monitor.end(self.handles[i], [(piece, units)], units, on_loop=True)
+                monitor.end(self.handles[i], [(piece, units)], units)
             else:
-                monitor.end(self.handles[i], [], 0.0, on_loop=True)
+                monitor.end(self.handles[i], [], 0.0)
 
     async def charges(self) -> list[tuple[Charge, RequestTag]]:
         """Every piece's charge on every device, once final (each with the tag its carbon is on)."""

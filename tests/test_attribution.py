@@ -580,7 +580,7 @@ def test_a_job_starting_on_an_idle_device_wakes_the_sampler_but_a_loops_does_not
         time.sleep(0.2)
         assert meter.reads == reads  # nothing read: neither the loop nor the sampler
         clock.advance(1.0)
-        m.end(looped, [("a", 1.0)], on_loop=True)
+        m.end(looped, [("a", 1.0)])
         deadline = time.monotonic() + 5  # (the end wakes it: the device is idle with a job to finalize)
         while meter.reads == reads and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -616,7 +616,7 @@ def test_the_lock_is_not_held_while_the_meter_reads() -> None:
         def boundaries() -> None:
             job = m.begin(on_loop=True)
             clock.advance(1.0)
-            m.end(job, [("r", 1.0)], on_loop=True)
+            m.end(job, [("r", 1.0)])
             handles.append(job)
             done.set()
 
@@ -708,9 +708,9 @@ def test_overlapping_jobs_get_what_the_reference_attribution_gives_them(
             work = sum(jobs[i][2])
             pieces.append((handles[i], work if work > 0 else 1.0))
             if kind == 1:
-                handles[i] = m.split(handles[i], members, on_loop=jobs[i][4])
+                handles[i] = m.split(handles[i], members)
             else:
-                m.end(handles[i], members, on_loop=jobs[i][4])
+                m.end(handles[i], members)
     clock.advance(0.5)
     m.stop()
     points = change_points(meter.readings, continuous=period == 0.0)
@@ -781,7 +781,7 @@ def test_a_timeline_compacted_under_many_open_jobs_still_conserves(
         elif kind == 1:
             handles[i] = m.begin(on_loop=True)
         else:
-            m.end(handles[i], [(i, 2.0 if jobs[i][2] else 0.0)], on_loop=True)
+            m.end(handles[i], [(i, 2.0 if jobs[i][2] else 0.0)])
     clock.advance(0.5)
     m.stop()
     charges = [h.result.result(timeout=1)[i] for i, h in handles.items()]

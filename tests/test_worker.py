@@ -189,7 +189,7 @@ async def test_final_charges_wake_the_loop_once_for_handles_finalized_together()
         # ended from the loop: final once the sampler reads past the ends (a job whose end the sampler
         # has read past before the next end is finalized by that next end, on the loop, at once)
         for i, h in enumerate(handles):
-            monitor.end(h, [(i, 1.0)], 1.0, on_loop=True)
+            monitor.end(h, [(i, 1.0)], 1.0)
         charges = await asyncio.wait_for(asyncio.gather(*waits, again), 10)
     finally:
         loop.call_soon_threadsafe = original  # type: ignore[method-assign]

@@ -461,15 +461,13 @@ class DeviceMonitor:
         handle: JobHandle,
         members: Sequence[tuple[Hashable, float]],
         weight: float | None = None,
-        *,
-        on_loop: bool = False,
     ) -> None:
         """Mark the end of a job (after synchronizing the device) with its members and work units.
 
         Members with all-zero work units share equally (e.g. a batch that failed before reporting).
         A meter whose reads block is not read here (see `begin`); when the device is left idle with
-        jobs to finalize, the sampler is woken to poll for the counter's next step. `on_loop` changes
-        nothing here (kept beside `begin`'s for the callers)."""
+        jobs to finalize, the sampler is woken to poll for the counter's next step. (The same from an
+        event loop or a device thread.)"""
         reading = self._boundary_read()
         self.meter.job_finished()
         with self._lock:
@@ -489,8 +487,6 @@ class DeviceMonitor:
         handle: JobHandle,
         members: Sequence[tuple[Hashable, float]],
         weight: float | None = None,
-        *,
-        on_loop: bool = False,
     ) -> JobHandle:
         """End a job now and start its continuation at the same instant (no gap, no overlap).
 
@@ -498,7 +494,7 @@ class DeviceMonitor:
         a closed job with its own weight, so other jobs sharing the device need not wait for the whole
         activity to end before their energy is final. Also the boundary between back-to-back jobs
         on a device thread. A meter whose reads block is not read here (see `begin`), and the sampler
-        is not woken: the device is busy on both sides of the instant. `on_loop` as for `end`."""
+        is not woken: the device is busy on both sides of the instant."""
         reading = self._boundary_read()
         with self._lock:
             end_s = self._close_locked(handle, members, weight, self._time_locked(reading))
