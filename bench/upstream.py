@@ -6,14 +6,17 @@ of a second stub that streams at a decoding server's pace (its CPU per event sen
     python -m bench.upstream --out bench/results      # full run (about 11 minutes)
     python -m bench.upstream --smoke                  # a few requests, times nothing
 
-Processes: the stub upstream (aiohttp; a fixed chat completion with usage, built once), WattProxy
+Processes: the stub upstream (aiohttp; a fixed chat completion with usage, built once), an aiohttp
+forwarder in front of it that does nothing but forward (the floor of a proxy built on aiohttp's server
+and client, as issue 9 asks: what no accounting can be measured against), WattProxy
 (`python -m proxy serve --upstream ...`: auth none, synthetic meter on cuda:0, the default SQLite
 ledger in a temporary directory, so every request is accounted and durably committed before it is
 answered), the same with its ledger on /dev/shm where there is one (a commit without a disk fsync:
 the difference is the durable commit's cost), LiteLLM's proxy (`litellm --model openai/... --api_base
 ...`, no database, no master key), and the load generator: `wrk` (one thread; `apt-get install wrk`)
-where it is installed, else closed-loop aiohttp clients. The targets (the stub called directly,
-WattProxy, LiteLLM) are measured in rounds, in rotated order; each figure is the median over rounds.
+where it is installed, else closed-loop aiohttp clients. The targets (the stub called directly, the
+forwarder, WattProxy, LiteLLM) are measured in rounds, in rotated order; each figure is the median over
+rounds.
 Added latency = a proxy's percentile minus the direct call's percentile in the same round.
 
 LiteLLM pins many packages, so it lives in a virtual environment of its own, found on PATH or at
@@ -82,7 +85,7 @@ ANSWER = {
     ],
     "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22},
 }
-TARGETS = ("direct", "wattproxy", "wattproxy_shm", "litellm")
+TARGETS = ("direct", "forwarder", "wattproxy", "wattproxy_shm", "litellm")
 # Streaming: the stub streams token chunks (a role chunk first, then a finish chunk, a usage chunk and
 # [DONE]), each written on its own: STREAM_TOKENS as fast as it can ("burst": the proxy is the
 # bottleneck), or one every PACE_MS ("paced": a decoding upstream; then what counts is the proxy's CPU),
@@ -204,6 +207,52 @@ def serve_stub(port: int, pace_s: float = 0.0) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, handle_signals=True)
 
 
+def serve_forwarder(port: int, upstream: str) -> None:
+    """The floor of a proxy built as issue 9 asks (an aiohttp server, one shared aiohttp client session):
+    each chat is read, POSTed to `upstream` as it came, and its answer's bytes sent back. No validation,
+    no accounting, no ledger. On the event loop `wattproxy serve` picks (uvloop where installed)."""
+    from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
+
+    from proxy.cli import run_event_loop
+
+    async def main() -> None:
+        session = ClientSession(
+            connector=TCPConnector(limit=0),
+            cookie_jar=DummyCookieJar(),
+            timeout=ClientTimeout(total=None, sock_read=60),
+        )
+
+        async def forward(request: web.Request) -> web.Response:
+            body = await request.read()
+            async with session.post(
+                upstream + request.path, data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
+                answer = await resp.read()
+                return web.Response(body=answer, status=resp.status, content_type="application/json")
+
+        async def list_models(request: web.Request) -> web.Response:
+            async with session.get(upstream + request.path) as resp:
+                return web.Response(
+                    body=await resp.read(), status=resp.status, content_type="application/json"
+                )
+
+        app = web.Application()
+        app.router.add_post(CHAT_PATH, forward)
+        app.router.add_get("/v1/models", list_models)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        await session.close()
+
+    run_event_loop(main(), "auto")
+
+
 # --- processes -------------------------------------------------------------------------------------
 
 
@@ -306,6 +355,14 @@ def services(litellm: Path | None, tmp: Path, shm: Path | None) -> Iterator[dict
             "stub_paced", [*paced_cmd, "--pace-ms", str(PACE_MS)], paced_port, tmp
         )
         wait_ready(running["direct_paced"], "/v1/models", 60)
+        forwarder_port = free_port()
+        running["forwarder"] = start(
+            "forwarder",
+            [sys.executable, "-m", "bench.upstream", "--serve-forwarder", str(forwarder_port), stub_url],
+            forwarder_port,
+            tmp,
+        )
+        wait_ready(running["forwarder"], "/v1/models", 60)
         for target, data_dir, upstream_url in (
             ("wattproxy", tmp / "wattproxy", stub_url),
             ("wattproxy_shm", shm, stub_url),
@@ -684,6 +741,11 @@ def summarize(run: Run, concurrencies: Sequence[int], rounds: int) -> dict[str, 
                 ),
                 "added_p50_litellm_over_wattproxy": None,
             }
+            if "forwarder" in out["targets"]:
+                f = run.of("forwarder", c)
+                out["ratios"][str(c)]["rps_forwarder_over_litellm"] = median(
+                    a.rps / b.rps for a, b in zip(f, lite, strict=True) if b.rps > 0
+                )
             added_w = out["targets"]["wattproxy"][str(c)]["added_p50_ms"]
             added_l = out["targets"]["litellm"][str(c)]["added_p50_ms"]
             if added_w > 0:
@@ -694,6 +756,7 @@ def summarize(run: Run, concurrencies: Sequence[int], rounds: int) -> dict[str, 
 
 LABELS = {
     "direct": "stub, called directly",
+    "forwarder": "aiohttp forwarder, no accounting (the floor)",
     "wattproxy": "WattProxy",
     "wattproxy_shm": "WattProxy, ledger on /dev/shm",
     "litellm": "LiteLLM proxy",
@@ -845,6 +908,17 @@ def render(
         "",
         "- Upstream: an aiohttp stub on localhost that answers every chat completion at once with the same "
         "fixed body (with usage). Both proxies forward to it; the stub is also called directly.",
+        *(
+            [
+                "- aiohttp forwarder (the floor): `python -m bench.upstream --serve-forwarder`, an aiohttp "
+                "server on the same event loop as WattProxy's whose one handler reads the request, POSTs it "
+                "to the stub with one shared aiohttp client session (as issue 9 asks of the upstream "
+                "backend) and sends the answer's bytes back: no validation, accounting, ledger or metrics. "
+                "No proxy built that way answers faster here."
+            ]
+            if "forwarder" in summary["targets"]
+            else []
+        ),
         "- WattProxy: `python -m proxy serve --upstream <stub> --auth none --meter synthetic` (one process, "
         "on the event loop `wattproxy serve` picks: uvloop where it is installed): each request is "
         "forwarded, accounted on the upstream device's timeline, and committed to the SQLite "
@@ -876,11 +950,15 @@ def render(
         "",
         md_table(["target", *(f"{c} conn." for c in concurrencies)], added_rows),
     ]
+    if "forwarder" in summary["targets"]:
+        parts += ["", floor_note(summary, concurrencies[0])]
     if ratios:
+        with_floor = all("rps_forwarder_over_litellm" in r for r in ratios.values())
         ratio_rows = [
             [
                 c,
                 f"{r['rps_wattproxy_over_litellm']:.1f}x",
+                *([f"{r['rps_forwarder_over_litellm']:.1f}x"] if with_floor else []),
                 f"{r['added_p50_litellm_over_wattproxy']:.1f}x"
                 if r["added_p50_litellm_over_wattproxy"]
                 else "-",
@@ -892,13 +970,49 @@ def render(
             "### WattProxy vs LiteLLM",
             "",
             md_table(
-                ["connections", "req/s: WattProxy / LiteLLM", "added p50: LiteLLM / WattProxy"], ratio_rows
+                [
+                    "connections",
+                    "req/s: WattProxy / LiteLLM",
+                    *(["req/s: forwarder / LiteLLM"] if with_floor else []),
+                    "added p50: LiteLLM / WattProxy",
+                ],
+                ratio_rows,
             ),
         ]
     if streams is not None:
         parts += render_streams(streams, concurrencies, paced_concurrency)
     parts += ["", targets_verdict(summary, concurrencies[0])]
     return "\n".join(parts) + "\n"
+
+
+def floor_note(summary: dict[str, Any], c: int) -> str:
+    """What the forwarder (no accounting) and the durable commit take of a round trip at `c` connections
+    in this run, against what 20 times LiteLLM's requests/s asks of it (where LiteLLM was measured)."""
+    t = summary["targets"]
+    floor, wattproxy = t["forwarder"][str(c)], t["wattproxy"][str(c)]
+    text = (
+        f"The floor at {c} connection: the aiohttp forwarder, which only reads a request, POSTs it with one "
+        f"aiohttp client session and sends the answer back, did {floor['rps']:,.0f} requests/s (p50 "
+        f"{fmt(floor['p50_ms'])} ms, {fmt(floor['added_p50_ms'])} ms added to the stub's); WattProxy did "
+        f"{wattproxy['rps'] / floor['rps']:.2f} of that (p50 {fmt(wattproxy['p50_ms'])} ms)"
+    )
+    if "wattproxy_shm" in t:
+        shm = t["wattproxy_shm"][str(c)]
+        text += (
+            f", of which the durable commit (its ledger on disk against on /dev/shm) took "
+            f"{fmt(wattproxy['p50_ms'] - shm['p50_ms'])} ms p50"
+        )
+    text += "."
+    if "litellm" in t:
+        need_rps = TARGET_RPS_RATIO * t["litellm"][str(c)]["rps"]
+        text += (
+            f" {TARGET_RPS_RATIO:g}x LiteLLM's requests/s is {need_rps:,.0f} requests/s, a round trip of "
+            f"{fmt(c * 1e3 / need_rps)} ms: the forwarder reached {floor['rps'] / need_rps:.2f} of it, and "
+            "whatever WattProxy does beyond forwarding (validation, the timeline, attribution, carbon, the "
+            "ledger's commit before the answer, metrics) would have to fit in "
+            f"{fmt(max(c * 1e3 / need_rps - c * 1e3 / floor['rps'], 0.0))} ms."
+        )
+    return text
 
 
 def targets_verdict(summary: dict[str, Any], first_concurrency: int) -> str:
@@ -912,9 +1026,19 @@ def targets_verdict(summary: dict[str, Any], first_concurrency: int) -> str:
     ratios = [r["rps_wattproxy_over_litellm"] for r in summary["ratios"].values()]
     if ratios:
         met = min(ratios) >= TARGET_RPS_RATIO
+        floors = [
+            r["rps_forwarder_over_litellm"]
+            for r in summary["ratios"].values()
+            if "rps_forwarder_over_litellm" in r
+        ]
         lines.append(
             f"at least {TARGET_RPS_RATIO:g}x LiteLLM's requests/s: {min(ratios):.1f}x to {max(ratios):.1f}x, "
             f"{'met' if met else 'not met'}"
+            + (
+                f" (the aiohttp forwarder with no accounting: {min(floors):.1f}x to {max(floors):.1f}x)"
+                if floors
+                else ""
+            )
         )
     return "; ".join(lines) + "."
 
@@ -947,9 +1071,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-streams", action="store_true", help="leave out the streaming measurements")
     parser.add_argument("--serve-stub", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--pace-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-forwarder", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_stub is not None:
         serve_stub(args.serve_stub, args.pace_ms / 1000)
+        return 0
+    if args.serve_forwarder is not None:
+        serve_forwarder(int(args.serve_forwarder[0]), args.serve_forwarder[1])
         return 0
     concurrencies = [int(c) for c in (args.concurrency or ("1,4" if args.smoke else "1,8,32,64")).split(",")]
     seconds = args.seconds or (1.0 if args.smoke else 5.0)

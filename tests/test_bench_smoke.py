@@ -292,11 +292,13 @@ def test_upstream_smoke(tmp_path: Path) -> None:
     assert upstream.main(argv) == 0
     markdown, data = check_result(tmp_path, "upstream", "smoke")
     latency, rps, added, burst, paced = tables(markdown)
-    assert [row[0] for row in latency[1:]] == ["stub, called directly", "WattProxy"]
+    floor = "aiohttp forwarder, no accounting (the floor)"
+    assert [row[0] for row in latency[1:]] == ["stub, called directly", floor, "WattProxy"]
     assert rps[0] == ["target", "req/s at 1 conn.", "req/s at 2 conn."]
-    assert [row[0] for row in added[1:]] == ["WattProxy"]
+    assert [row[0] for row in added[1:]] == [floor, "WattProxy"]
     targets = data["summary"]["targets"]
-    assert set(targets) == {"direct", "wattproxy"}
+    assert set(targets) == {"direct", "forwarder", "wattproxy"}
+    assert "The floor at 1 connection: the aiohttp forwarder" in markdown
     for per_c in targets.values():
         assert all(row["rps"] > 0 and row["errors"] == 0 for row in per_c.values())
     # streams: through WattProxy in front of the burst stub, and of the paced one (2 at once here)
