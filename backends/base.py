@@ -39,8 +39,10 @@ class TextRequest:
     # it has a `flush` method, the backend calls that after every decoding step and once the batch
     # ends (`flush_all`): the consumer may hold a step's pieces and pass them on together. Where it
     # also has `interval_s` (seconds), it takes pieces no more often than that: a backend that sends
-    # them from another process may hold them that long too (backends/process.py).
-    on_text: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
+    # them from another process may hold them that long too (backends/process.py). A piece is the text
+    # (str), or, where the request asks for log probabilities, a TextPiece: the text with the tokens
+    # given out with it.
+    on_text: Callable[[str | TextPiece], None] | None = field(default=None, compare=False, hash=False)
     # The prompt's token ids, where the server already tokenized it with this model's tokenizer to
     # check its length (`prompt_ids` of the backend): `run` then does not tokenize it a second time.
     prompt_ids: tuple[int, ...] | None = field(default=None, compare=False, hash=False, repr=False)
@@ -72,6 +74,18 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class TextPiece:
+    """A streamed piece of text with the log probabilities of the tokens given out with it: those
+    generated since the previous piece, whose text this piece releases or begins (text held back, a
+    possible stop string or a character's first bytes, comes with a later piece, and so do its
+    tokens). A stream's pieces' tokens, followed by the rest of its result's (`TextResult.logprobs`
+    past them), are that result's, in order."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
 class TextResult:
     text: str
     prompt_tokens: int
@@ -79,7 +93,8 @@ class TextResult:
     finish_reason: Literal["stop", "length"]
     work_units: float  # prompt + generated tokens: the share of the batch's energy this member gets
     # where asked (`TextRequest.logprobs`): the tokens that make `text`, in order (the stop token and
-    # tokens wholly past a stop string left out; the token a stop string cuts into kept)
+    # tokens wholly past a stop string left out; the token a stop string cuts into kept; a streamed
+    # member's also every token its pieces gave out, TextPiece)
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 

@@ -47,7 +47,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from backends.base import BackendRequest, BackendResult, Task, TextRequest, flush_all, flushes_of
+from backends.base import BackendRequest, BackendResult, Task, TextPiece, TextRequest, flush_all, flushes_of
 
 log = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `backends` is importable from
@@ -128,7 +128,7 @@ class _StepSender:
 
     def __init__(self, conn: Connection, interval_s: float = 0.0) -> None:
         self._conn = conn
-        self._held: list[tuple[int, str]] = []
+        self._held: list[tuple[int, str | TextPiece]] = []
         self._interval_s = interval_s
         self._last_s = 0.0
 
@@ -154,10 +154,12 @@ class _MemberSink:
 
     __slots__ = ("_held", "_index", "flush")
 
-    def __init__(self, held: list[tuple[int, str]], index: int, flush: Callable[[], None]) -> None:
+    def __init__(
+        self, held: list[tuple[int, str | TextPiece]], index: int, flush: Callable[[], None]
+    ) -> None:
         self._held, self._index, self.flush = held, index, flush
 
-    def __call__(self, piece: str) -> None:
+    def __call__(self, piece: str | TextPiece) -> None:
         self._held.append((self._index, piece))
 
 
@@ -449,7 +451,9 @@ def _same_batch(
     return all(a is b for a, b in zip(sent[1], batch, strict=True))
 
 
-def _deliver(consumer: Callable[[str], None] | None, piece: str) -> Callable[[str], None] | None:
+def _deliver(
+    consumer: Callable[[str | TextPiece], None] | None, piece: str | TextPiece
+) -> Callable[[str | TextPiece], None] | None:
     """Hand `piece` to `consumer`; a consumer that raises gets no more (as in-process: one member's
     broken consumer must not fail its batch-mates)."""
     if consumer is None:

@@ -35,6 +35,7 @@ from backends.base import (
     BackendRequest,
     BackendResult,
     Task,
+    TextPiece,
     TextRequest,
     TextResult,
     TokenLogprob,
@@ -73,10 +74,20 @@ class _Row:
     bytes of a multi-byte character, is held back until it is resolved.
     """
 
-    def __init__(self, request: TextRequest, tokenizer: Any, eos_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        request: TextRequest,
+        tokenizer: Any,
+        eos_ids: frozenset[int],
+        token_text: Callable[[int], str] | None = None,
+    ) -> None:
         self.request = request
-        # where asked (`TextRequest.logprobs`): an entry a generated token, EOS excluded
+        # where asked (`TextRequest.logprobs`): an entry a generated token, EOS excluded; `token_text`
+        # gives a token's text as its log probabilities show it
         self.entries: list[_Entry] | None = [] if request.logprobs is not None else None
+        self._token_text = token_text
+        self._logprobs: list[TokenLogprob] = []  # the entries made TokenLogprob so far, in order
+        self._given = 0  # entries given out with streamed pieces (TextPiece)
         self.cut = False  # its text was cut at a stop string
         self.completion_tokens = 0  # generated tokens, EOS included
         self.finish_reason: Literal["stop", "length"] | None = None
@@ -168,17 +179,52 @@ class _Row:
         elif self._ids:
             self._decode(final=True)
         self.finish_reason = reason
-        self._emit(len(self._decoded))
+        self._emit(len(self._decoded), final=True)
 
-    def _emit(self, end: int) -> None:
+    def logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The tokens that make the text, once it is final: up to the token a stop string cuts into
+        (the tokens wholly past the cut left out), and at least those given out with pieces."""
+        n = max(self._kept(), self._given)
+        self._convert(n)
+        return tuple(self._logprobs[:n])
+
+    def _kept(self) -> int:
+        """How many of the entries stand for the text (its tokens' texts, until they cover it, where a
+        stop string cut it; all of them otherwise)."""
+        entries = self.entries or []
+        if not self.cut:
+            return len(entries)
+        seen = 0  # characters of the text the tokens so far stand for
+        for i in range(len(entries)):
+            if seen >= len(self.text):
+                return i
+            self._convert(i + 1)
+            seen += len(self._logprobs[i].token)
+        return len(entries)
+
+    def _convert(self, n: int) -> None:
+        """Make the first `n` entries TokenLogprob (`_logprobs`), each once."""
+        assert self.entries is not None and self._token_text is not None
+        text = self._token_text
+        for token_id, logprob, ids, values in self.entries[len(self._logprobs) : n]:
+            top = tuple((text(i), v) for i, v in zip(ids, values, strict=True))
+            self._logprobs.append(TokenLogprob(text(token_id), logprob, top))
+
+    def _emit(self, end: int, *, final: bool = False) -> None:
         piece = self._decoded[len(self.text) : end]
         if not piece:
             return
         self.text += piece
         if self._on_text is None:
             return
+        out: str | TextPiece = piece
+        if self.entries is not None:  # with the tokens generated since the last piece
+            upto = max(self._kept(), self._given) if final else len(self.entries)
+            self._convert(upto)
+            out = TextPiece(piece, tuple(self._logprobs[self._given : upto]))
+            self._given = upto
         try:
-            self._on_text(piece)
+            self._on_text(out)
         except Exception:
             # One member's broken consumer must not fail its batch-mates: stop streaming to it.
             logger.warning("on_text callback failed; streaming to it stops", exc_info=True)
@@ -593,7 +639,8 @@ class TransformersTextBackend:
             for i, prompt in enumerate(prompts):  # left padding: every row's last token is aligned
                 input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
                 attention_mask[i, width - len(prompt) :] = 1
-            rows = [_Row(request, tokenizer, self._eos_ids) for request in requests]
+            token_text = self._token_text_of(tokenizer)
+            rows = [_Row(request, tokenizer, self._eos_ids, token_text) for request in requests]
             recorder = _RowLogprobs(requests) if any(r.logprobs is not None for r in requests) else None
             stream = _BatchStream(rows, prompt_width=width, flushes=flushes_of(requests), logprobs=recorder)
             # Greedy steps: every row's sampling is done by the processors, each row its own
@@ -624,32 +671,25 @@ class TransformersTextBackend:
                 completion_tokens=row.completion_tokens,
                 finish_reason=row.finish_reason or "length",
                 work_units=float(len(prompt) + row.completion_tokens),
-                logprobs=None if row.entries is None else self._token_logprobs(row, tokenizer),
+                logprobs=None if row.entries is None else row.logprobs(),
             )
             for row, prompt in zip(rows, prompts, strict=True)
         ]
 
-    def _token_text(self, token_id: int, tokenizer: Any) -> str:
-        """A token's text as OpenAI's log probabilities show it (decoded alone; cached)."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            self._token_texts[token_id] = text
-        return text  # type: ignore[no-any-return]
+    def _token_text_of(self, tokenizer: Any) -> Callable[[int], str]:
+        """A token's text as OpenAI's log probabilities show it: decoded alone (cached)."""
+        texts = self._token_texts
 
-    def _token_logprobs(self, row: _Row, tokenizer: Any) -> tuple[TokenLogprob, ...]:
-        """The row's entries as TokenLogprob, the tokens of its text only: where a stop string cut the
-        text, the tokens wholly past the cut are left out (the one it cuts into is kept)."""
-        out = []
-        seen = 0  # characters of the text the tokens so far stand for
-        for token_id, logprob, ids, values in row.entries or ():
-            if row.cut and seen >= len(row.text):
-                break
-            token = self._token_text(token_id, tokenizer)
-            seen += len(token)
-            top = tuple((self._token_text(i, tokenizer), v) for i, v in zip(ids, values, strict=True))
-            out.append(TokenLogprob(token, logprob, top))
-        return tuple(out)
+        def token_text(token_id: int) -> str:
+            text = texts.get(token_id)
+            if text is None:
+                text = tokenizer.decode(
+                    [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+                )
+                texts[token_id] = text
+            return text  # type: ignore[no-any-return]
+
+        return token_text
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""

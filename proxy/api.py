@@ -18,7 +18,15 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic_core import to_json
 
-from backends.base import ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult, TokenLogprob
+from backends.base import (
+    ChatMessage,
+    ImageRequest,
+    ImageResult,
+    TextPiece,
+    TextRequest,
+    TextResult,
+    TokenLogprob,
+)
 from proxy.config import ModelSettings, parse_size
 from proxy.errors import (
     STREAM,
@@ -53,7 +61,16 @@ from proxy.protocol import (
     StreamOptions,
     Usage,
 )
-from proxy.scheduler import ModelQueue, NotRecorded, Outcome, PieceSink, QueueFull, RequestTag, WorkItem
+from proxy.scheduler import (
+    ModelQueue,
+    NotRecorded,
+    Outcome,
+    Piece,
+    PieceSink,
+    QueueFull,
+    RequestTag,
+    WorkItem,
+)
 from proxy.state import (
     BUDGETS,
     METRICS,
@@ -212,7 +229,7 @@ async def _forward(
 
 
 def _submit(
-    queue: ModelQueue, req: Any, tag: RequestTag, pieces: asyncio.Queue[str | None] | None = None
+    queue: ModelQueue, req: Any, tag: RequestTag, pieces: asyncio.Queue[Piece | None] | None = None
 ) -> WorkItem:
     try:
         return queue.submit(req, tag, pieces=pieces)
@@ -401,11 +418,12 @@ def _chat_logprobs(tokens: Sequence[TokenLogprob] | None) -> dict[str, Any] | No
     }
 
 
-def _completion_logprobs(tokens: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
-    """CompletionLogprobs.model_dump of a choice's tokens (None where they were not asked)."""
+def _completion_logprobs(tokens: Sequence[TokenLogprob] | None, at: int = 0) -> dict[str, Any] | None:
+    """CompletionLogprobs.model_dump of a choice's tokens (None where they were not asked); `at`, the
+    first one's offset in the choice's text (a stream's piece: the tokens' before it)."""
     if tokens is None:
         return None
-    offsets, at = [], 0
+    offsets = []
     for t in tokens:
         offsets.append(at)
         at += len(t.token)
@@ -699,6 +717,8 @@ class _ChatChunks:
     def __init__(self, rid: str, model: str, n: int) -> None:
         self.id, self.model, self.n, self.created = f"chatcmpl-{rid}", model, n, int(time.time())
         self._head = self._piece_head("chat.completion.chunk")
+        # by choice: how many tokens its pieces carried, and their characters
+        self._given: dict[int, tuple[int, int]] = {}
 
     def _piece_head(self, kind: str) -> str:
         return (
@@ -717,15 +737,36 @@ class _ChatChunks:
                 resp, self._chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
             )
 
-    def piece(self, index: int, text: str) -> bytes:
-        return f'{self._head}{index},"delta":{{"content":{_json_string(text)}}}}}]}}'.encode()
+    def piece(self, index: int, piece: Piece) -> bytes:
+        if type(piece) is str:
+            return f'{self._head}{index},"delta":{{"content":{_json_string(piece)}}}}}]}}'.encode()
+        assert isinstance(piece, TextPiece)
+        lp = ChatLogprobs.model_validate(_chat_logprobs(self._give(index, piece)))
+        choice = ChunkChoice(index=index, delta=ChunkDelta(content=piece.text), logprobs=lp)
+        return self._chunk([choice]).model_dump_json(exclude_none=True).encode()
+
+    def _give(self, index: int, piece: TextPiece) -> tuple[TokenLogprob, ...]:
+        """The tokens a piece carries, noted as given for its choice."""
+        count, chars = self._given.get(index, (0, 0))
+        self._given[index] = (count + len(piece.logprobs), chars + sum(len(t.token) for t in piece.logprobs))
+        return piece.logprobs
+
+    def _rest(self, index: int, logprobs: Sequence[TokenLogprob] | None) -> Sequence[TokenLogprob] | None:
+        """The tokens of a choice's result that none of its pieces carried (those of text no piece
+        gave out, or of none: the token a stop string cut into); None where its pieces carried them
+        all, or none were asked."""
+        given = self._given.get(index, (0, 0))[0]
+        if logprobs is None or (given and len(logprobs) <= given):
+            return None
+        return logprobs[given:]
 
     def finish(
         self, index: int, reason: str, logprobs: Sequence[TokenLogprob] | None = None
     ) -> ChatCompletionChunk:
-        """A member's last chunk: its finish reason, and where asked all its tokens' log probabilities
-        (a stream's come with its last chunk, not with each piece)."""
-        lp = None if logprobs is None else ChatLogprobs.model_validate(_chat_logprobs(logprobs))
+        """A member's last chunk: its finish reason, and where asked the log probabilities of its
+        tokens that no piece carried (each piece carries those of the tokens given out with it)."""
+        rest = self._rest(index, logprobs)
+        lp = None if rest is None else ChatLogprobs.model_validate(_chat_logprobs(rest))
         return self._chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
 
     def usage(self, usage: Usage) -> dict[str, Any]:
@@ -744,14 +785,31 @@ class _CompletionChunks(_ChatChunks):
     async def start(self, resp: web.StreamResponse) -> None:
         return None
 
-    def piece(self, index: int, text: str) -> bytes:
-        text_json = _json_string(text)
-        return f'{self._head}{index},"text":{text_json},"finish_reason":null,"logprobs":null}}]}}'.encode()
+    def piece(self, index: int, piece: Piece) -> bytes:
+        if type(piece) is str:
+            text_json = _json_string(piece)
+            return (
+                f'{self._head}{index},"text":{text_json},"finish_reason":null,"logprobs":null}}]}}'.encode()
+            )
+        assert isinstance(piece, TextPiece)
+        lp = CompletionLogprobs.model_validate(_completion_logprobs(piece.logprobs, self._offset(index)))
+        self._give(index, piece)
+        choice = CompletionChoice(index=index, text=piece.text, finish_reason=None, logprobs=lp)
+        return json.dumps(self._completion([choice])).encode()
+
+    def _offset(self, index: int) -> int:
+        """Where the next token of a choice starts in its text: after those its pieces carried."""
+        return self._given.get(index, (0, 0))[1]
 
     def finish(
         self, index: int, reason: str, logprobs: Sequence[TokenLogprob] | None = None
     ) -> dict[str, Any]:  # type: ignore[override]
-        lp = None if logprobs is None else CompletionLogprobs.model_validate(_completion_logprobs(logprobs))
+        rest = self._rest(index, logprobs)
+        lp = (
+            None
+            if rest is None
+            else CompletionLogprobs.model_validate(_completion_logprobs(rest, self._offset(index)))
+        )
         return self._completion([CompletionChoice(index=index, text="", finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
 
     def usage(self, usage: Usage) -> dict[str, Any]:

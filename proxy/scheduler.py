@@ -35,6 +35,7 @@ from backends.base import (
     BackendResult,
     ImageRequest,
     ImageResult,
+    TextPiece,
     flush_all,
     flushes_of,
 )
@@ -42,6 +43,8 @@ from proxy.carbon import CarbonCharge
 from proxy.energy.monitor import Charge, DeviceMonitor, JobHandle
 
 log = logging.getLogger(__name__)
+
+Piece = str | TextPiece  # a streamed piece: its text, with its tokens' log probabilities where asked
 
 
 @dataclass(eq=False)
@@ -84,7 +87,7 @@ class WorkItem:
     enqueued_s: float
     future: asyncio.Future[Outcome]
     # streaming: text pieces arrive here from the worker thread; None marks the end of the text
-    pieces: asyncio.Queue[str | None] | None = None
+    pieces: asyncio.Queue[Piece | None] | None = None
     state: Literal["queued", "dropped", "running", "done"] = "queued"
     units: int = 1  # what it takes of a batch's `max_batch_size`: an image request's images, else 1
 
@@ -105,14 +108,14 @@ class StepPieces:
     def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.0) -> None:
         self._loop = loop
         self._lock = threading.Lock()  # the device's thread adds and flushes; a lock in case of two
-        self._held: list[tuple[asyncio.Queue[str | None], str]] = []
+        self._held: list[tuple[asyncio.Queue[Piece | None], Piece]] = []
         self.interval_s = interval_s
         self._last_s = 0.0
 
     def sink(self) -> PieceSink:
         return PieceSink(self)
 
-    def add(self, pieces: asyncio.Queue[str | None], piece: str) -> None:
+    def add(self, pieces: asyncio.Queue[Piece | None], piece: Piece) -> None:
         with self._lock:
             self._held.append((pieces, piece))
 
@@ -149,7 +152,7 @@ def _end_flushes(requests: Sequence[BackendRequest]) -> tuple[Callable[[], None]
     return tuple(flushes)
 
 
-def _hand_over(held: list[tuple[asyncio.Queue[str | None], str]]) -> None:
+def _hand_over(held: list[tuple[asyncio.Queue[Piece | None], Piece]]) -> None:
     for pieces, piece in held:
         pieces.put_nowait(piece)
 
@@ -160,12 +163,12 @@ class PieceSink:
     __slots__ = ("_add", "flush", "interval_s", "pieces")
 
     def __init__(self, step_pieces: StepPieces) -> None:
-        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        self.pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
         self._add = step_pieces.add
         self.flush = step_pieces.flush
         self.interval_s = step_pieces.interval_s  # what the model's StepPieces holds pieces for
 
-    def __call__(self, piece: str) -> None:
+    def __call__(self, piece: Piece) -> None:
         self._add(self.pieces, piece)
 
 
@@ -400,7 +403,7 @@ class ModelQueue:
         return len(self.items)
 
     def submit(
-        self, request: BackendRequest, tag: RequestTag, *, pieces: asyncio.Queue[str | None] | None = None
+        self, request: BackendRequest, tag: RequestTag, *, pieces: asyncio.Queue[Piece | None] | None = None
     ) -> WorkItem:
         if len(self.items) >= self.max_queue:
             raise QueueFull(self.name, self._retry_after_s(len(self.items)))

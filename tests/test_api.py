@@ -1329,8 +1329,8 @@ def test_log_probabilities_of_a_model_served_in_process(either_server: LiveServe
     process or one of its own: the raw model's log probabilities of the tokens that make the text (those
     of transformers run alone, greedy), the most likely alternatives in order, the tokens spelling the
     text; asking for them changes nothing else; with a stop string, the tokens past it are left out; a
-    stream's come with each choice's last chunk, the same as a plain answer's; top_logprobs without
-    logprobs, or over 20 alternatives: a 400 naming the parameter."""
+    stream's come with the chunks of text they make, and add up to a plain answer's (with a stop string
+    too); top_logprobs without logprobs, or over 20 alternatives: a 400 naming the parameter."""
     server = either_server
     c = client(server)
     ask = {"model": "tiny-gpt2", "prompt": "The lighthouse", "max_tokens": 6, "temperature": 0}
@@ -1378,10 +1378,22 @@ def test_log_probabilities_of_a_model_served_in_process(either_server: LiveServe
     spelled = "".join(cut.logprobs.tokens)
     assert spelled.startswith(cut.text) and len(spelled) - len(cut.logprobs.tokens[-1]) < len(cut.text)
 
+    def joined(stream: list[Any]) -> dict[str, list[Any]]:
+        """A completion stream's log probabilities, chunk after chunk (each chunk's as they came)."""
+        carried = [ch.choices[0].logprobs for ch in stream if ch.choices and ch.choices[0].logprobs]
+        fields = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        return {f: [x for chunk in carried for x in getattr(chunk, f)] for f in fields}
+
     streamed = list(c.completions.create(**ask, logprobs=3, stream=True))  # type: ignore[call-overload]
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == choice.text
-    carried = [ch.choices[0].logprobs for ch in streamed if ch.choices and ch.choices[0].logprobs]
-    assert len(carried) == 1 and carried[0].model_dump() == lp.model_dump()  # with the last chunk
+    texts = [ch.choices[0] for ch in streamed if ch.choices and ch.choices[0].text]
+    assert len(texts) > 1 and all(t.logprobs and t.logprobs.tokens for t in texts)  # with the text they make
+    assert joined(streamed) == lp.model_dump()  # offsets in the whole text, as a plain answer's
+    finish = [ch.choices[0] for ch in streamed if ch.choices and ch.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].logprobs is None  # every token went with its text
+    cut_streamed = list(c.completions.create(**fox, logprobs=0, stop=[text[at : at + 2]], stream=True))  # type: ignore[call-overload]
+    assert "".join(ch.choices[0].text for ch in cut_streamed if ch.choices) == cut.text
+    assert joined(cut_streamed) == cut.logprobs.model_dump()
     chat_stream = list(
         c.chat.completions.create(**chat, temperature=0, logprobs=True, top_logprobs=2, stream=True)
     )  # type: ignore[call-overload]
@@ -1391,6 +1403,7 @@ def test_log_probabilities_of_a_model_served_in_process(either_server: LiveServe
             ch.choices[0] for ch in chat_stream if ch.choices and ch.choices[0].index == plain_choice.index
         ]
         assert "".join(p.delta.content or "" for p in pieces) == plain_choice.message.content
+        assert all(p.logprobs and p.logprobs.content for p in pieces if p.delta.content)
         logged = [t for p in pieces if p.logprobs for t in p.logprobs.content]
         assert [t.model_dump() for t in logged] == [t.model_dump() for t in plain_choice.logprobs.content]
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from backends import load_backend, tiny
-from backends.base import Backend, ChatMessage, ImageRequest, ImageResult, TextRequest, TextResult
+from backends.base import Backend, ChatMessage, ImageRequest, ImageResult, TextPiece, TextRequest, TextResult
 from backends.cuda_graphs import GraphedDenoiser, as_kwargs, call_inputs, replay_key
 from backends.image_diffusers import DiffusersImageBackend, image_work_units
 from backends.text_transformers import (
@@ -478,6 +479,47 @@ def test_a_row_decoded_at_its_end_reads_as_one_decoded_step_by_step(
         step_by_step.completion_tokens,
     )
     assert "".join(streamed) == step_by_step.text
+
+
+@given(
+    picks=st.lists(st.integers(min_value=0, max_value=2**20), max_size=30),
+    stop_at=st.none()
+    | st.tuples(st.integers(min_value=0, max_value=60), st.integers(min_value=1, max_value=4)),
+)
+@hyp_settings(max_examples=300, deadline=None)
+def test_a_streamed_rows_pieces_carry_its_tokens_log_probabilities_in_order(
+    text: TransformersTextBackend, picks: list[int], stop_at: tuple[int, int] | None
+) -> None:
+    """With log probabilities asked, each streamed piece carries the tokens generated since the one
+    before (TextPiece); what the pieces carried, then the rest of the result's, are the result's, in
+    order, whatever the tokens (byte tokens cut characters, which are held back) and wherever a stop
+    string cuts the text (its possible start is held back too). The result is the one the same row
+    gets unstreamed, but for tokens a piece already gave out (kept: a stream cannot take them back)."""
+    tokenizer = text._tokenizer
+    tokens = [pick % len(tokenizer) for pick in picks if pick % len(tokenizer) != tokenizer.eos_token_id]
+    eos = frozenset({tokenizer.eos_token_id})
+    whole = tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    stop = () if stop_at is None else (whole[stop_at[0] : stop_at[0] + stop_at[1]] or "\x00",)
+    token_text = text._token_text_of(tokenizer)
+    pieces: list[Any] = []
+    ask = TextRequest(prompt="x", max_tokens=len(tokens) + 1, stop=stop, logprobs=0)
+    streamed = _Row(replace(ask, on_text=pieces.append), tokenizer, eos, token_text)
+    plain = _Row(ask, tokenizer, eos, token_text)
+    for i, token in enumerate(tokens):
+        for row in (streamed, plain):
+            row.push(token, (token, -float(i), [], []))
+    for row in (streamed, plain):
+        row.finish_if_running()
+    assert all(isinstance(piece, TextPiece) for piece in pieces)
+    assert "".join(piece.text for piece in pieces) == streamed.text == plain.text
+    given = [t for piece in pieces for t in piece.logprobs]
+    result = streamed.logprobs()
+    assert list(result[: len(given)]) == given  # the pieces' first, in order, then the rest
+    assert [-t.logprob for t in result] == list(range(len(result)))  # the tokens in the order they came
+    assert result[: len(plain.logprobs())] == plain.logprobs()
+    assert len(result) == max(len(plain.logprobs()), len(given))
+    if not plain.cut:
+        assert len(result) == len(tokens)  # every token, when no stop string cut the text
 
 
 # --- images -----------------------------------------------------------------------------------------
