@@ -9,6 +9,7 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -129,10 +130,28 @@ def error_response(err: ApiError, request_id: str | None = None) -> web.Response
 _UNION_TAG = re.compile(r"str|int|float|bool|none|constrained-\w+|[a-z-]+\[.*\]|[A-Z]\w*|function-.*")
 
 
+def _field(err: Any) -> list[str]:
+    """An error's location without the union members pydantic names in it."""
+    return [str(p) for p in err.get("loc", ()) if not _UNION_TAG.fullmatch(str(p))]
+
+
 def from_validation_error(e: ValidationError) -> InvalidRequest:
-    """The first pydantic error, with the offending field as `param` (dotted path)."""
-    err = e.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if not _UNION_TAG.fullmatch(str(p))]
+    """The first pydantic error, with the offending field as `param` (dotted path). Where the field is
+    a union (`stop`: a string or a list of them), the error of the member the value has the type of
+    (five stop strings: "at most 4 items", not "should be a valid string")."""
+    errors = e.errors()
+    err = errors[0]
+    loc = _field(err)
+    if err.get("type", "").endswith("_type"):
+        err = next(
+            (
+                x
+                for x in errors[1:]
+                if _field(x)[: len(loc)] == loc and not x.get("type", "").endswith("_type")
+            ),
+            err,
+        )
+        loc = _field(err)
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     cause = (err.get("ctx") or {}).get("error")

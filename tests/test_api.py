@@ -308,7 +308,7 @@ IMAGES = "/v1/images/generations"
             CHAT,
             {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "stop": ["s" * 513]},
             400,
-            "stop",
+            "stop.0",  # the list's first string is too long
             "invalid_request_error",
         ),
         (  # options of a stream not asked for: OpenAI's API and vLLM refuse them too
@@ -346,6 +346,30 @@ def test_errors_use_the_openai_envelope(
             "Invalid value for 'stream_options': The 'stream_options' parameter is only allowed when "
             "'stream' is enabled."
         )
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [
+        (["a", "b", "c", "d", "e"], "List should have at most 4 items after validation, not 5"),
+        ("s" * 513, "String should have at most 512 characters"),
+        (5, "Input should be a valid string"),  # of no member's type: the first member's words
+    ],
+)
+def test_a_value_refused_by_a_union_is_explained_by_the_member_of_its_type(
+    stop: object, message: str
+) -> None:
+    """`stop` is a string or a list of up to 4: five strings are refused for being five, not for not
+    being a string (pydantic reports every member's error, the string's first)."""
+    from pydantic import ValidationError
+
+    from proxy.errors import from_validation_error
+    from proxy.protocol import CompletionRequest
+
+    with pytest.raises(ValidationError) as refused:
+        CompletionRequest.model_validate({"model": "tiny-gpt2", "prompt": "x", "stop": stop})
+    err = from_validation_error(refused.value)
+    assert (err.param, err.message) == ("stop", f"Invalid value for 'stop': {message}")
 
 
 def test_body_over_the_limit_is_413(server: LiveServer) -> None:
