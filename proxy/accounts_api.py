@@ -53,10 +53,12 @@ async def usage(request: web.Request) -> web.Response:
         raise InvalidRequest(str(e), param=param, code="invalid_value") from e
     group_by = q.get("group_by") or None
     if group_by is not None and group_by not in GROUPS:
-        raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}", param="group_by")
+        raise InvalidRequest(
+            f"group_by must be one of {', '.join(GROUPS)}", param="group_by", code="invalid_value"
+        )
     fmt = q.get("format", "json")
     if fmt not in ("json", "csv"):
-        raise InvalidRequest("format must be json or csv", param="format")
+        raise InvalidRequest("format must be json or csv", param="format", code="invalid_value")
     if principal.admin:
         user = q.get("user") or None
     else:
