@@ -60,6 +60,9 @@ class TextRequest:
     # tokens at its position (OpenAI's `logprobs`/`top_logprobs`; a backend that gives them says so in
     # its `honours`).
     logprobs: int | None = None
+    # A completion's `echo`: the result's text starts with the prompt's, and its log probabilities (where
+    # asked) with the prompt's tokens', the first of which has none (nothing comes before it).
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class TokenLogprob:
     likely tokens at its position with theirs, most likely first."""
 
     token: str
-    logprob: float
+    logprob: float | None  # None: an echoed prompt's first token, which nothing comes before
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -94,7 +97,7 @@ class TextResult:
     work_units: float  # prompt + generated tokens: the share of the batch's energy this member gets
     # where asked (`TextRequest.logprobs`): the tokens that make `text`, in order (the stop token and
     # tokens wholly past a stop string left out; the token a stop string cuts into kept; a streamed
-    # member's also every token its pieces gave out, TextPiece)
+    # member's also every token its pieces gave out, TextPiece), after the prompt's where it is echoed
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 

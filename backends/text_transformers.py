@@ -480,6 +480,7 @@ class TransformersTextBackend:
             "prompt_token_ids",
             "logprobs",
             "top_logprobs",
+            "echo",
         }
     )
 
@@ -664,17 +665,66 @@ class TransformersTextBackend:
                 streamer=stream,
             )
             stream.end()  # idempotent: rows already finished keep their reason
-        return [
-            TextResult(
-                text=row.text,
-                prompt_tokens=len(prompt),
-                completion_tokens=row.completion_tokens,
-                finish_reason=row.finish_reason or "length",
-                work_units=float(len(prompt) + row.completion_tokens),
-                logprobs=None if row.entries is None else row.logprobs(),
+            echoed = [
+                self._echoed(model, tokenizer, request, prompt, token_text) if request.echo else None
+                for request, prompt in zip(requests, prompts, strict=True)
+            ]
+        results = []
+        for row, prompt, echo in zip(rows, prompts, echoed, strict=True):
+            logprobs = None if row.entries is None else row.logprobs()
+            work_units = float(len(prompt) + row.completion_tokens)
+            text = row.text
+            if echo is not None:
+                text = echo[0] + text
+                if logprobs is not None:  # the prompt ran through the model once more for them
+                    logprobs = echo[1] + logprobs
+                    work_units += len(prompt)
+            results.append(
+                TextResult(
+                    text=text,
+                    prompt_tokens=len(prompt),
+                    completion_tokens=row.completion_tokens,
+                    finish_reason=row.finish_reason or "length",
+                    work_units=work_units,
+                    logprobs=logprobs,
+                )
             )
-            for row, prompt in zip(rows, prompts, strict=True)
-        ]
+        return results
+
+    def _echoed(
+        self,
+        model: Any,
+        tokenizer: Any,
+        request: TextRequest,
+        prompt: list[int],
+        token_text: Callable[[int], str],
+    ) -> tuple[str, tuple[TokenLogprob, ...]]:
+        """What an echo puts before the completion: the prompt's text (as sent; decoded, special tokens
+        left out, where it came as token ids), and where log probabilities are asked its tokens' under
+        the model: none for the first, each other's from the model's distribution at the position
+        before it, with the `logprobs` most likely there. One more pass of the prompt alone through the
+        model, whose logits it holds at once (prompt tokens x vocabulary x 4 bytes)."""
+        text = request.prompt or tokenizer.decode(  # token ids (an empty prompt: the start token)
+            prompt, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        if request.logprobs is None:
+            return text, ()
+        k = request.logprobs
+        ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        chosen = logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
+        top_ids: list[list[int]] = [[] for _ in chosen]
+        top_values: list[list[float]] = [[] for _ in chosen]
+        if k and chosen:
+            top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            top_ids, top_values = top.indices.tolist(), top.values.tolist()
+        out = [TokenLogprob(token_text(prompt[0]), None)]
+        for token, value, ids_at, values_at in zip(prompt[1:], chosen, top_ids, top_values, strict=True):
+            alternatives = tuple(
+                (token_text(i), max(v, LOGPROB_FLOOR)) for i, v in zip(ids_at, values_at, strict=True)
+            )
+            out.append(TokenLogprob(token_text(token), max(value, LOGPROB_FLOOR), alternatives))
+        return text, tuple(out)
 
     def _token_text_of(self, tokenizer: Any) -> Callable[[int], str]:
         """A token's text as OpenAI's log probabilities show it: decoded alone (cached)."""

@@ -430,7 +430,7 @@ def _completion_logprobs(tokens: Sequence[TokenLogprob] | None, at: int = 0) -> 
     return {
         "tokens": [t.token for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [dict(t.top) for t in tokens],
+        "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],  # an echo's first
         "text_offset": offsets,
     }
 
@@ -923,6 +923,13 @@ async def _completions(
 ) -> web.StreamResponse:
     ms = served.settings
     _check_supported(served, req)
+    if req.echo and req.stream:
+        raise InvalidRequest(
+            f"Unsupported value: 'echo' with 'stream' with model '{ms.name}', which WattProxy serves itself: "
+            "an echoed completion is answered whole (stream false).",
+            param="echo",
+            code="unsupported_value",
+        )
     prompts: list[tuple[str, tuple[int, ...] | None]] = [(p, None) for p in req.prompts()]
     if not prompts:  # token ids (the backend takes them: `_check_supported`)
         prompts = [("", tuple(ids)) for ids in req.token_prompts()]
@@ -941,6 +948,7 @@ async def _completions(
             stop=req.stop_list(),
             seed=req.seed,
             logprobs=req.logprobs,
+            echo=bool(req.echo),
             **sampling,
         )
         base = await _check_prompt(served, base, "prompt", limit_param)

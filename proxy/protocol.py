@@ -161,7 +161,7 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 _ASKED_DOC = (
     "Proxy mode: sent to the upstream as it is. A model served in process takes the default (absent, "
     "null, 0, false or empty), and another value where it honours it (a transformers text model: the "
-    "penalties, logit_bias and log probabilities); else a 400 `unsupported_value`."
+    "penalties, logit_bias, log probabilities and a completion's echo); else a 400 `unsupported_value`."
 )
 
 
@@ -537,8 +537,8 @@ class CompletionLogprobs(BaseModel):
     """A completion choice's log probabilities (`logprobs: k`), in OpenAI's legacy shape."""
 
     tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]  # each token's start in the choice's text
 
 

@@ -1268,7 +1268,6 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
         },
         "messages.0.content.1.type",
     ),
-    ("completion", {"echo": True}, "echo"),
     ("completion", {"best_of": 3}, "best_of"),
     ("completion", {"suffix": "end"}, "suffix"),
     ("image", {"quality": "hd"}, "quality"),
@@ -1439,6 +1438,59 @@ def test_log_probabilities_of_a_model_served_in_process(either_server: LiveServe
         with pytest.raises(openai.BadRequestError) as refused:
             call(**kwargs)
         assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+
+
+def test_an_echoed_completion_starts_with_its_prompt_and_scores_it(
+    either_server: LiveServer, model_cache: Path
+) -> None:
+    """`echo` on a transformers model (in this process or one of its own): the text starts with the
+    prompt; with `logprobs`, the prompt's tokens come first, the first with none (null, as OpenAI
+    gives it), each other's the raw model's at the position before it (transformers alone, to 1e-4).
+    As lm-evaluation-harness asks to score a continuation (token ids, `max_tokens` 1, `logprobs` 1):
+    one value a prompt token, then the generated one's. A stream is not echoed: 400 naming echo."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    server = either_server
+    c = client(server)
+    ask = {"model": "tiny-gpt2", "prompt": "The lighthouse keeper", "max_tokens": 4, "temperature": 0}
+    plain = c.completions.create(**ask).choices[0]  # type: ignore[call-overload]
+    echoed = c.completions.create(**ask, echo=True).choices[0]  # type: ignore[call-overload]
+    assert echoed.text == ask["prompt"] + plain.text and echoed.logprobs is None
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_model("tiny-gpt2", model_cache)).eval()
+    ids = server.app[SERVICE].models["tiny-gpt2"].backend.prompt_ids(TextRequest(prompt=ask["prompt"]))  # type: ignore[union-attr]
+    with torch.inference_mode():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    scored = c.completions.create(**ask, echo=True, logprobs=2)  # type: ignore[call-overload]
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == echoed.text
+    assert len(lp.tokens) == len(ids) + (
+        scored.usage.completion_tokens - (scored.choices[0].finish_reason == "stop")
+    )
+    assert "".join(lp.tokens[: len(ids)]) == ask["prompt"]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(reference[i - 1, ids[i]]), abs=1e-4)
+        top = sorted(lp.top_logprobs[i].values(), reverse=True)
+        assert top == pytest.approx(reference[i - 1].topk(len(top)).values.tolist(), abs=1e-4)
+    generated = c.completions.create(**ask, logprobs=2).choices[0].logprobs  # type: ignore[call-overload]
+    assert lp.tokens[len(ids) :] == generated.tokens
+    assert lp.token_logprobs[len(ids) :] == pytest.approx(generated.token_logprobs, abs=1e-6)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    harness = c.completions.create(  # type: ignore[call-overload]
+        model="tiny-gpt2", prompt=list(ids), max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    scores = harness.choices[0].logprobs.token_logprobs
+    assert harness.usage.prompt_tokens == len(ids)
+    assert scores[: len(ids)] == pytest.approx(lp.token_logprobs[: len(ids)], abs=1e-6)
+    assert len(scores) == len(ids) + (harness.choices[0].finish_reason == "length")
+    assert harness.usage.energy["joules"] > 0  # type: ignore[union-attr]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        c.completions.create(**ask, echo=True, stream=True)  # type: ignore[call-overload]
+    assert (refused.value.body["param"], refused.value.body["code"]) == ("echo", "unsupported_value")  # type: ignore[index]
 
 
 def test_penalties_and_logit_bias_shape_each_choice_of_a_batch(either_server: LiveServer) -> None:
