@@ -223,6 +223,17 @@ class _Row:
             self._convert(upto)
             out = TextPiece(piece, tuple(self._logprobs[self._given : upto]))
             self._given = upto
+        self._hand(out)
+
+    def lead(self, text: str, logprobs: tuple[TokenLogprob, ...]) -> None:
+        """Stream what an echo puts before the completion (the prompt, with its tokens' log
+        probabilities where asked), before any of it; it is not part of `text`, on which stop strings
+        and limits work."""
+        if self._on_text is not None and (text or logprobs):
+            self._hand(TextPiece(text, logprobs) if self.entries is not None else text)
+
+    def _hand(self, out: str | TextPiece) -> None:
+        assert self._on_text is not None
         try:
             self._on_text(out)
         except Exception:
@@ -642,6 +653,13 @@ class TransformersTextBackend:
                 attention_mask[i, width - len(prompt) :] = 1
             token_text = self._token_text_of(tokenizer)
             rows = [_Row(request, tokenizer, self._eos_ids, token_text) for request in requests]
+            echoed = [
+                self._echoed(model, tokenizer, request, prompt, token_text) if request.echo else None
+                for request, prompt in zip(requests, prompts, strict=True)
+            ]
+            for row, echo in zip(rows, echoed, strict=True):
+                if echo is not None:
+                    row.lead(*echo)
             recorder = _RowLogprobs(requests) if any(r.logprobs is not None for r in requests) else None
             stream = _BatchStream(rows, prompt_width=width, flushes=flushes_of(requests), logprobs=recorder)
             # Greedy steps: every row's sampling is done by the processors, each row its own
@@ -665,10 +683,6 @@ class TransformersTextBackend:
                 streamer=stream,
             )
             stream.end()  # idempotent: rows already finished keep their reason
-            echoed = [
-                self._echoed(model, tokenizer, request, prompt, token_text) if request.echo else None
-                for request, prompt in zip(requests, prompts, strict=True)
-            ]
         results = []
         for row, prompt, echo in zip(rows, prompts, echoed, strict=True):
             logprobs = None if row.entries is None else row.logprobs()

@@ -923,13 +923,6 @@ async def _completions(
 ) -> web.StreamResponse:
     ms = served.settings
     _check_supported(served, req)
-    if req.echo and req.stream:
-        raise InvalidRequest(
-            f"Unsupported value: 'echo' with 'stream' with model '{ms.name}', which WattProxy serves itself: "
-            "an echoed completion is answered whole (stream false).",
-            param="echo",
-            code="unsupported_value",
-        )
     prompts: list[tuple[str, tuple[int, ...] | None]] = [(p, None) for p in req.prompts()]
     if not prompts:  # token ids (the backend takes them: `_check_supported`)
         prompts = [("", tuple(ids)) for ids in req.token_prompts()]

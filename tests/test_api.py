@@ -1447,7 +1447,7 @@ def test_an_echoed_completion_starts_with_its_prompt_and_scores_it(
     prompt; with `logprobs`, the prompt's tokens come first, the first with none (null, as OpenAI
     gives it), each other's the raw model's at the position before it (transformers alone, to 1e-4).
     As lm-evaluation-harness asks to score a continuation (token ids, `max_tokens` 1, `logprobs` 1):
-    one value a prompt token, then the generated one's. A stream is not echoed: 400 naming echo."""
+    one value a prompt token, then the generated one's. A stream starts with the prompt and its tokens'."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -1488,9 +1488,17 @@ def test_an_echoed_completion_starts_with_its_prompt_and_scores_it(
     assert len(scores) == len(ids) + (harness.choices[0].finish_reason == "length")
     assert harness.usage.energy["joules"] > 0  # type: ignore[union-attr]
 
-    with pytest.raises(openai.BadRequestError) as refused:
-        c.completions.create(**ask, echo=True, stream=True)  # type: ignore[call-overload]
-    assert (refused.value.body["param"], refused.value.body["code"]) == ("echo", "unsupported_value")  # type: ignore[index]
+    streamed = [
+        ch.choices[0]
+        for ch in c.completions.create(**ask, echo=True, logprobs=2, stream=True)  # type: ignore[call-overload]
+        if ch.choices
+    ]
+    assert streamed[0].text == ask["prompt"] and streamed[0].logprobs.tokens == lp.tokens[: len(ids)]
+    assert "".join(p.text for p in streamed) == scored.choices[0].text
+    carried = [p.logprobs for p in streamed if p.logprobs]
+    assert [t for x in carried for t in x.tokens] == lp.tokens
+    assert [v for x in carried for v in x.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert [o for x in carried for o in x.text_offset] == lp.text_offset
 
 
 def test_penalties_and_logit_bias_shape_each_choice_of_a_batch(either_server: LiveServer) -> None:
