@@ -311,6 +311,14 @@ def _choices_text(choices: Any, finished: set[Any] | None = None) -> str:
     return "".join(parts)
 
 
+def _less_echo(req: TextForwarded, prompt: int, counted: int) -> int:
+    """Completion tokens counted in a completion's text, less its prompts' where the text echoes them
+    (`echo`: each choice's text starts with its prompt)."""
+    if isinstance(req, CompletionRequest) and req.echo:
+        return max(counted - req.n * prompt, 0)
+    return counted
+
+
 def _token_usage(usage: Any) -> tuple[int, int] | None:
     """(prompt, completion) tokens from an upstream usage object, or None if it reports none."""
     if not isinstance(usage, dict):
@@ -834,7 +842,7 @@ class UpstreamServing:
             source = "upstream"
         else:
             prompt = self._prompt_tokens(req)
-            completion = self.counter.count(_choices_text(body.get("choices")))
+            completion = _less_echo(req, prompt, self.counter.count(_choices_text(body.get("choices"))))
             source = "estimate"
         usage = dict(upstream) if isinstance(upstream, dict) else {}
         usage.update(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
@@ -993,7 +1001,10 @@ class UpstreamServing:
         activity.end(charged=True)
         reported = _token_usage(held_usage.get("usage") if held_usage else None)
         source: UsageSource = "upstream" if reported is not None else "estimate"
-        prompt, completion = reported if reported is not None else (prompt_estimate, completion_estimate)
+        prompt, completion = reported or (
+            prompt_estimate,
+            _less_echo(req, prompt_estimate, completion_estimate),
+        )
         failed = failure is not None or upstream_failed
         if not failed:
             self._learn_rate(_text_result(prompt, completion), self.clock() - activity.started_s)

@@ -180,12 +180,16 @@ class Stub:
         )
 
     async def _completion(self, request: web.Request) -> web.Response:
-        """A completion of 12 characters for each prompt, without usage."""
+        """A completion of 12 characters for each prompt, without usage (after the prompt, a text one,
+        where it is echoed)."""
         body = await request.json()
         self.completion_bodies.append(body)
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
         count = len(prompts) if prompts and isinstance(prompts[0], list) else 1
-        choices = [{"index": i, "text": "twelve chars", "finish_reason": "stop"} for i in range(count)]
+        echoed = prompts[0] if body.get("echo") and isinstance(prompts[0], str) else ""
+        choices = [
+            {"index": i, "text": echoed + "twelve chars", "finish_reason": "stop"} for i in range(count)
+        ]
         return web.json_response(
             {"id": "c", "object": "text_completion", "model": body["model"], "choices": choices}
         )
@@ -1003,7 +1007,8 @@ def test_prompts_of_token_ids_are_sent_on_and_counted_exactly(
     stub: Stub, make_proxy: Callable[..., ProxyServer]
 ) -> None:
     """A completion's prompt as token ids (one prompt's, or several's) reaches the upstream as it was
-    sent; its tokens are the ids, counted, not estimated."""
+    sent; its tokens are the ids, counted, not estimated. An echoed prompt is not counted as
+    completion tokens where they are estimated."""
     proxy = make_proxy(stub.url + "/v1")
     c = client(proxy)
     one = c.completions.create(model="ok-no-usage", prompt=[15496, 995, 0, 7], max_tokens=3)
@@ -1014,6 +1019,9 @@ def test_prompts_of_token_ids_are_sent_on_and_counted_exactly(
     assert stub.completion_bodies[-1]["prompt"] == [[1, 2], [3, 4, 5]]
     assert two.usage is not None and two.usage.prompt_tokens == 5 and len(two.choices) == 2
     assert _energy(two.usage)["usage_source"] == "estimate"  # the completions' tokens are estimated
+    echoed = c.completions.create(model="ok-no-usage", prompt="sixteen chars ok", max_tokens=3, echo=True)
+    assert echoed.choices[0].text == "sixteen chars oktwelve chars"
+    assert echoed.usage is not None and (echoed.usage.prompt_tokens, echoed.usage.completion_tokens) == (4, 3)
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
