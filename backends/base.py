@@ -63,6 +63,10 @@ class TextRequest:
     # A completion's `echo`: the result's text starts with the prompt's, and its log probabilities (where
     # asked) with the prompt's tokens', the first of which has none (nothing comes before it).
     echo: bool = False
+    # Structured output (OpenAI's `response_format`): a JSON Schema, as JSON text, that the text must be a
+    # value of (`{"type": "object"}` for `json_object`); each step takes only tokens that keep it a
+    # prefix of one (backends/structured.py). None: free text.
+    json_schema: str | None = None
 
 
 @dataclass(frozen=True)

@@ -492,6 +492,7 @@ class TransformersTextBackend:
             "logprobs",
             "top_logprobs",
             "echo",
+            "response_format",
         }
     )
 
@@ -523,6 +524,9 @@ class TransformersTextBackend:
         self._max_context_tokens: int | None = None
         self._logits_size: int | None = None  # the model's output vocabulary (config.vocab_size)
         self._token_texts: dict[int, str] = {}  # token id -> its text alone (log probabilities; `run` only)
+        self._formats: Any = (
+            None  # what structured output needs of the tokenizer (TokenizerData), on first use
+        )
 
     def load(self) -> None:
         """Load tokenizer and weights onto `device` (blocking)."""
@@ -672,6 +676,20 @@ class TransformersTextBackend:
             processors: list[LogitsProcessor] = [recorder] if recorder is not None else []
             if _asks_penalties(requests):
                 processors.append(_RowPenalties(requests, width))  # before temperature, as OpenAI's
+            if any(request.json_schema is not None for request in requests):  # before choosing
+                from backends.structured import RowFormats, TokenizerData  # its parser: where asked
+
+                if self._formats is None:
+                    self._formats = TokenizerData()
+                processors.append(
+                    RowFormats(
+                        [request.json_schema for request in requests],
+                        self._formats.get(tokenizer),
+                        [len(prompt) for prompt in prompts],
+                        width,
+                        lambda i: rows[i].finished,
+                    )
+                )
             if any(request.temperature >= GREEDY_BELOW for request in requests):
                 processors.append(_RowSampler(requests))
             model.generate(

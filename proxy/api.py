@@ -871,6 +871,7 @@ async def _chat_completions(
         stop=req.stop_list(),
         seed=req.seed,
         logprobs=logprobs,
+        json_schema=_json_schema(req.response_format),
         **_sampling(served, req),
     )
     base = await _check_prompt(served, base, "messages", limit_param)
@@ -879,6 +880,47 @@ async def _chat_completions(
     if req.stream:
         return await _stream_members(request, served, bases, _ChatChunks, req.stream_options)
     return await _answer_members(request, served, bases, chat_completion_json)
+
+
+def _json_schema(response_format: dict[str, Any] | None) -> str | None:
+    """The JSON Schema (JSON text) a chat's `response_format` asks its text to be a value of, where the
+    model honours it (`_check_supported` let it through): None for text, any object for `json_object`,
+    the given one for `json_schema`. Anything else is a format the model cannot be held to: 400
+    `unsupported_value` naming the part (proxy mode sends any on to its upstream as it came)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    from backends import structured  # torch and the parser: not in a server that serves none of it
+
+    if kind == "json_object":
+        return structured.JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise InvalidRequest(
+            f"Unsupported value: 'response_format.type' does not support {json.dumps(kind)[:80]}; "
+            "supported: 'text', 'json_object' or 'json_schema'",
+            param="response_format.type",
+            code="unsupported_value",
+        )
+    spec = (response_format or {}).get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(
+            "'response_format.json_schema.schema' is a required property: the JSON Schema (an object) that "
+            "the answer must follow",
+            param="response_format.json_schema.schema",
+            code="unsupported_value",
+        )
+    text = json.dumps(schema)
+    try:
+        structured.check_schema(text)
+    except ValueError as e:
+        raise InvalidRequest(
+            f"Unsupported value: 'response_format.json_schema.schema' is not a JSON Schema WattProxy can "
+            f"enforce ({str(e)[:300]})",
+            param="response_format.json_schema.schema",
+            code="unsupported_value",
+        ) from e
+    return text
 
 
 def _choices(base: TextRequest, n: int) -> list[TextRequest]:

@@ -161,7 +161,8 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 _ASKED_DOC = (
     "Proxy mode: sent to the upstream as it is. A model served in process takes the default (absent, "
     "null, 0, false or empty), and another value where it honours it (a transformers text model: the "
-    "penalties, logit_bias, log probabilities and a completion's echo); else a 400 `unsupported_value`."
+    "penalties, logit_bias, log probabilities, a completion's echo and a chat's response_format); else a "
+    "400 `unsupported_value`."
 )
 
 

@@ -1251,7 +1251,6 @@ def test_metrics_have_no_series_that_cannot_move_and_exact_bucket_bounds(server:
 _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ("chat", {"tool_choice": "required"}, "tool_choice"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities"),
     (
         "chat",
@@ -1499,6 +1498,77 @@ def test_an_echoed_completion_starts_with_its_prompt_and_scores_it(
     assert [t for x in carried for t in x.tokens] == lp.tokens
     assert [v for x in carried for v in x.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-6)
     assert [o for x in carried for o in x.text_offset] == lp.text_offset
+
+
+_ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_follows_the_schema_asked(either_server: LiveServer) -> None:
+    """`response_format` on a transformers model (in this process or one of its own): with a JSON
+    Schema, the text is a value of it (the tiny model has random weights: only the enforcement makes it
+    JSON), sampled or greedy, streamed or not, and a request beside it in the batch is answered as
+    alone; `json_object` gives an object; a format that is not one, or a schema that is not one, is a
+    400 naming it."""
+    server = either_server
+    c = client(server)
+    chat = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "Is the sky green?"}]}
+    asked = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": _ANSWER_SCHEMA, "strict": True},
+    }
+
+    def valid(text: str) -> dict[str, Any]:
+        value = json.loads(text)
+        assert set(value) == {"ok", "color"} and type(value["ok"]) is bool, value
+        assert value["color"] in ("red", "green", "blue"), value
+        return value  # type: ignore[no-any-return]
+
+    free = c.chat.completions.create(**chat, max_tokens=24, temperature=0).choices[0].message.content  # type: ignore[call-overload]
+    with ThreadPoolExecutor(4) as pool:  # batched together, each its own
+        answers = list(
+            pool.map(
+                lambda extra: c.chat.completions.create(**chat, **extra),  # type: ignore[call-overload]
+                [
+                    {"response_format": asked, "max_tokens": 64, "temperature": 0},
+                    {"response_format": asked, "max_tokens": 64, "temperature": 1.0, "seed": 5, "n": 2},
+                    {"max_tokens": 24, "temperature": 0},
+                ],
+            )
+        )
+    for answer in answers[:2]:
+        for choice in answer.choices:
+            assert choice.finish_reason == "stop", choice
+            valid(choice.message.content)
+    assert answers[2].choices[0].message.content == free
+
+    pieces = c.chat.completions.create(
+        **chat, response_format=asked, max_tokens=64, temperature=0, stream=True
+    )  # type: ignore[call-overload]
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in pieces if ch.choices)
+    assert valid(streamed) == valid(answers[0].choices[0].message.content)
+
+    any_object = c.chat.completions.create(  # type: ignore[call-overload]
+        **chat, response_format={"type": "json_object"}, max_tokens=16, temperature=0
+    )
+    assert any_object.choices[0].message.content.lstrip().startswith("{")
+
+    for response_format, param in (
+        ({"type": "xml"}, "response_format.type"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}},
+            "response_format.json_schema.schema",
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(**chat, response_format=response_format, max_tokens=4)  # type: ignore[call-overload]
+        body = refused.value.body
+        assert (body["param"], body["code"]) == (param, "unsupported_value"), body  # type: ignore[index]
 
 
 def test_penalties_and_logit_bias_shape_each_choice_of_a_batch(either_server: LiveServer) -> None:

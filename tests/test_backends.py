@@ -522,6 +522,40 @@ def test_a_streamed_rows_pieces_carry_its_tokens_log_probabilities_in_order(
         assert len(result) == len(tokens)  # every token, when no stop string cut the text
 
 
+def test_rows_asking_for_a_json_schema_get_a_value_of_it_in_a_batch_with_free_rows(
+    text: TransformersTextBackend,
+) -> None:
+    """One batch: greedy and sampled rows held to a JSON Schema (backends.structured), one to any
+    object, and free rows. Each held row's text is a value of its schema (random weights: the enforcing
+    alone makes it so); each free row's is what it is alone; the enforced rows' log probabilities are
+    still the model's own (raw, before the enforcing)."""
+    schema = json.dumps(
+        {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+            "required": ["ok", "n"],
+            "additionalProperties": False,
+        }
+    )
+    free = TextRequest(prompt="The lighthouse", max_tokens=12, temperature=0)
+    held = TextRequest(prompt="hello", max_tokens=48, temperature=0, json_schema=schema, logprobs=0)
+    sampled = TextRequest(prompt="a fox", max_tokens=48, temperature=1.0, seed=3, json_schema=schema)
+    obj = TextRequest(prompt="x", max_tokens=8, temperature=0, json_schema='{"type": "object"}')
+    results = _text(text, free, held, sampled, obj, replace(free, prompt="Another one"))
+    assert (
+        results[0] == _text(text, free)[0]
+        and results[4] == _text(text, replace(free, prompt="Another one"))[0]
+    )
+    for r in results[1:3]:
+        value = json.loads(r.text)
+        assert r.finish_reason == "stop" and type(value["ok"]) is bool and value["n"] in (1, 2, 3), r.text
+    assert results[3].text.lstrip().startswith("{")
+    assert results[1].logprobs is not None and all(
+        t.logprob is not None and t.logprob <= 0 for t in results[1].logprobs
+    )
+    assert "".join(t.token for t in results[1].logprobs) == results[1].text
+
+
 # --- images -----------------------------------------------------------------------------------------
 
 

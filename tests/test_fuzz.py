@@ -80,7 +80,8 @@ LIMIT_REFUSALS = {
     "wrong_task": {"model"},  # a served model of the other task (the fuzzer learns names from answers)
 }
 # What a model served in process refuses though the document (which proxy mode shares) takes it: a
-# parameter asking for what the model does not do, or a content part other than text.
+# parameter asking for what the model does not do (or a part of one: `response_format.type`), or a
+# content part other than text.
 UNSUPPORTED_IN_PROCESS = (
     ChatCompletionRequest.ASKED | CompletionRequest.ASKED | ImageGenerationRequest.ASKED | {"prompt"}
 )  # "prompt": as token ids
@@ -112,7 +113,7 @@ def positive_data_within_limits(
         response.status_code == 400
         and code == "unsupported_value"
         and isinstance(param, str)
-        and (param in UNSUPPORTED_IN_PROCESS or CONTENT_PART_TYPE.fullmatch(param))
+        and (param.split(".")[0] in UNSUPPORTED_IN_PROCESS or CONTENT_PART_TYPE.fullmatch(param))
     ):
         return None
     raise RefusedWithinLimits(
