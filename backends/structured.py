@@ -98,27 +98,28 @@ class RowFormats(LogitsProcessor):
         self,
         schemas: Sequence[str | None],
         data: TokenEnforcerTokenizerData,
-        prompt_lengths: Sequence[int],
         prompt_width: int,
         finished: Callable[[int], bool],
     ) -> None:
-        # (row, its enforcer, where its own tokens start in the batch's left-padded input_ids)
-        self._rows = [
-            (i, _enforcer(data, schema), prompt_width - length)
-            for i, (schema, length) in enumerate(zip(schemas, prompt_lengths, strict=True))
-            if schema is not None
-        ]
+        # (row, its enforcer): a row's tokens are those it generated, after the batch's prompt width
+        self._rows = [(i, _enforcer(data, schema)) for i, schema in enumerate(schemas) if schema is not None]
+        self._width = prompt_width
         self._finished = finished
         eos = data.eos_token_id
         self._eos = [eos] if isinstance(eos, int) else list(eos)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         size = scores.shape[-1]
-        for i, enforcer, start in self._rows:
+        for i, enforcer in self._rows:
             if self._finished(i):
                 continue
-            # the row's prompt and what it generated (the first call sees its prompt alone: the root)
-            allowed = enforcer.get_allowed_tokens(input_ids[i, start:].tolist()).allowed_tokens
+            # what the row generated so far (none at the first step: the parser's root, as vLLM calls
+            # it); the enforcer keys its states by that, and only the last is needed for the next step:
+            # the one before goes, so that a row's states take memory in its length, not its square
+            generated = tuple(input_ids[i, self._width :].tolist())
+            allowed = enforcer.get_allowed_tokens(list(generated)).allowed_tokens
+            if generated:
+                enforcer.prefix_states.pop(generated[:-1], None)
             allowed = [t for t in allowed if t < size] or self._eos  # a dead end: the text ends there
             keep = torch.zeros(size, dtype=torch.bool, device=scores.device)
             keep[torch.tensor(allowed, dtype=torch.long, device=scores.device)] = True

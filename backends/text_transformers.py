@@ -685,7 +685,6 @@ class TransformersTextBackend:
                     RowFormats(
                         [request.json_schema for request in requests],
                         self._formats.get(tokenizer, sorted(self._eos_ids)),
-                        [len(prompt) for prompt in prompts],
                         width,
                         lambda i: rows[i].finished,
                     )

@@ -556,6 +556,33 @@ def test_rows_asking_for_a_json_schema_get_a_value_of_it_in_a_batch_with_free_ro
     assert "".join(t.token for t in results[1].logprobs) == results[1].text
 
 
+def test_a_rows_format_keeps_one_parser_state_however_long_it_runs(text: TransformersTextBackend) -> None:
+    """RowFormats step by step on a left-padded batch: the held row takes only allowed tokens, the free
+    row's scores pass unchanged, and the enforcer keeps the last state alone (not one a prefix)."""
+    from backends.structured import RowFormats, tokenizer_data
+
+    tokenizer = text._tokenizer
+    data = tokenizer_data(tokenizer, [tokenizer.eos_token_id])
+    finished = [False, False]
+    formats = RowFormats(['{"type": "object"}', None], data, 3, lambda i: finished[i])
+    input_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    vocab = len(tokenizer)
+    for _ in range(30):
+        scores = torch.randn(2, vocab)
+        free = scores[1].clone()
+        out = formats(input_ids, scores)
+        assert torch.equal(out[1], free)
+        token = int(out[0].argmax())
+        assert out[0, token] > float("-inf")
+        if token == tokenizer.eos_token_id:
+            finished[0] = True
+        input_ids = torch.cat([input_ids, torch.tensor([[token], [1]])], dim=1)
+        ((_, enforcer),) = formats._rows
+        assert len(enforcer.prefix_states) <= 2
+    held = tokenizer.decode(input_ids[0, 3:].tolist(), skip_special_tokens=True)
+    assert held.lstrip().startswith("{")
+
+
 # --- images -----------------------------------------------------------------------------------------
 
 
