@@ -8,6 +8,7 @@ energy around `run()` and splits it by the `work_units` each result reports.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,19 @@ Task = Literal["text", "image"]
 class ChatMessage:
     role: str
     content: str
+    # an assistant's calls of tools (OpenAI's `tool_calls`, as JSON text, each call's arguments an
+    # object), and a tool's answer's `tool_call_id`: what a chat template renders of a tool call's turn
+    tool_calls: str | None = None
+    tool_call_id: str | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it (transformers' `apply_chat_template`)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls is not None:
+            message["tool_calls"] = json.loads(self.tool_calls)
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,8 @@ class TextRequest:
     # value of (`{"type": "object"}` for `json_object`); each step takes only tokens that keep it a
     # prefix of one (backends/structured.py). None: free text.
     json_schema: str | None = None
+    # The tools a chat offers (OpenAI's `tools`, as JSON text), for its chat template to render.
+    tools: str | None = None
 
 
 @dataclass(frozen=True)

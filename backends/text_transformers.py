@@ -9,6 +9,7 @@ padding of the later steps, which is why `work_units` counts only each row's own
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -46,9 +47,12 @@ from backends.base import (
 logger = logging.getLogger(__name__)
 
 # For tokenizers without a chat template (base models such as GPT-2): one "role: content" line per
-# message, then "assistant:" for the model to continue.
+# message (an assistant's tool calls after its content, as JSON), the tools offered first where there
+# are any, then "assistant:" for the model to continue.
 FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if tools %}tools: {{ tools | tojson }}\n{% endif %}"
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+    "{% if message['tool_calls'] %}{{ message['tool_calls'] | tojson }}{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
@@ -493,6 +497,8 @@ class TransformersTextBackend:
             "top_logprobs",
             "echo",
             "response_format",
+            "tools",
+            "tool_choice",
         }
     )
 
@@ -824,10 +830,11 @@ class TransformersTextBackend:
             encode = lambda text, special: tokenizer(text, add_special_tokens=special)["input_ids"]  # noqa: E731
         if request.messages is not None:
             rendered = tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in request.messages],
+                [m.as_template_message() for m in request.messages],
                 chat_template=None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE,
                 add_generation_prompt=True,
                 tokenize=False,
+                **({"tools": json.loads(request.tools)} if request.tools is not None else {}),
             )
             ids = encode(rendered, False)  # the template has the special tokens
         else:

@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -861,8 +862,25 @@ async def _chat_completions(
     max_tokens, limit_param = _max_tokens(
         ms, chat=True, max_completion_tokens=req.max_completion_tokens, max_tokens=req.max_tokens
     )
-    messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
+    messages = tuple(
+        ChatMessage(
+            role=m.role,
+            content=m.text(),
+            tool_calls=None if m.tool_calls is None else _template_calls(m.tool_calls, i),
+            tool_call_id=m.tool_call_id,
+        )
+        for i, m in enumerate(req.messages)
+    )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    tools, call_schema, called = _tool_choice(req, ms.name)
+    if call_schema is not None and req.stream:
+        raise InvalidRequest(
+            f"Unsupported value: 'stream' with tool_choice {json.dumps(req.tool_choice)[:80]} with model "
+            f"'{ms.name}', which WattProxy serves itself: an answer that calls tools is answered whole "
+            "(stream false).",
+            param="stream",
+            code="unsupported_value",
+        )
     base = TextRequest(
         messages=messages,
         max_tokens=max_tokens,
@@ -871,7 +889,8 @@ async def _chat_completions(
         stop=req.stop_list(),
         seed=req.seed,
         logprobs=logprobs,
-        json_schema=_json_schema(req.response_format),
+        json_schema=call_schema if call_schema is not None else _json_schema(req.response_format),
+        tools=tools,
         **_sampling(served, req),
     )
     base = await _check_prompt(served, base, "messages", limit_param)
@@ -879,7 +898,168 @@ async def _chat_completions(
     bases = _choices(base, req.n)
     if req.stream:
         return await _stream_members(request, served, bases, _ChatChunks, req.stream_options)
+    if call_schema is not None:
+        return await _answer_members(request, served, bases, _tool_calls_json(called))
     return await _answer_members(request, served, bases, chat_completion_json)
+
+
+def _template_calls(calls: list[dict[str, Any]], at: int) -> str:
+    """An assistant turn's `tool_calls` as chat templates take them (JSON text): each call's arguments
+    an object (OpenAI sends them as JSON text); 400 naming one that is not."""
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(
+                f"messages.{at}.tool_calls.{j}.function needs a name",
+                param=f"messages.{at}.tool_calls.{j}.function",
+                code="unsupported_value",
+            )
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                arguments = None
+        if not isinstance(arguments, dict):
+            raise InvalidRequest(
+                f"messages.{at}.tool_calls.{j}.function.arguments must be a JSON object",
+                param=f"messages.{at}.tool_calls.{j}.function.arguments",
+                code="unsupported_value",
+            )
+        out.append({**call, "type": "function", "function": {**function, "arguments": arguments}})
+    return json.dumps(out)
+
+
+def _tool_choice(req: ChatCompletionRequest, model: str) -> tuple[str | None, str | None, str | None]:
+    """A chat's tools as its template takes them (JSON text), the JSON Schema its answer is held to
+    where it must call one (`tool_choice` "required": a list of calls, one where `parallel_tool_calls`
+    is false; a named function: that function's arguments), and that function's name. "auto" is
+    refused: choosing between text and a call needs a parser of the model family's own call format,
+    which WattProxy does not have (vLLM refuses it too without one); "none" renders the tools alone."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none", "auto"):
+            raise InvalidRequest(
+                f"Unsupported value: 'tool_choice' with model '{model}' is only allowed when 'tools' are "
+                "given",
+                param="tool_choice",
+                code="unsupported_value",
+            )
+        return None, None, None
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(req.tools):
+        function = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise InvalidRequest(
+                f"Unsupported value: tools.{i} is not a function tool; model '{model}', which WattProxy "
+                "serves itself, supports functions only",
+                param=f"tools.{i}",
+                code="unsupported_value",
+            )
+        name, parameters = function.get("name"), function.get("parameters") or {"type": "object"}
+        if not isinstance(name, str) or not name or not isinstance(parameters, dict):
+            raise InvalidRequest(
+                f"tools.{i}.function needs a name and, where it has parameters, a JSON Schema object",
+                param=f"tools.{i}.function",
+                code="unsupported_value",
+            )
+        functions[name] = parameters
+    tools = json.dumps(req.tools)
+    if choice == "none":
+        return tools, None, None
+    called: str | None = None
+    if choice == "required":
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"enum": [name]}, "parameters": parameters},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for name, parameters in functions.items()
+        ]
+        schema: dict[str, Any] = {
+            "type": "array",
+            "minItems": 1,
+            "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+        }
+        if req.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        called = choice["function"].get("name")
+        if called not in functions:
+            raise InvalidRequest(
+                f"tool_choice names function {json.dumps(called)[:80]}, which is not one of the tools",
+                param="tool_choice.function.name",
+                code="unsupported_value",
+            )
+        schema = functions[called]
+    else:
+        raise InvalidRequest(
+            f"Unsupported value: 'tool_choice' does not support {json.dumps(choice)[:80]} with model "
+            f"'{model}', which WattProxy serves itself: choosing between text and a call needs the model "
+            "family's tool-call parser, which WattProxy does not have. Supported: 'required', a named "
+            "function, or 'none'.",
+            param="tool_choice",
+            code="unsupported_value",
+        )
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise InvalidRequest(
+            f"Unsupported value: 'response_format' with a tool_choice that calls a tool, with model "
+            f"'{model}': the call's arguments are what its schema holds",
+            param="response_format",
+            code="unsupported_value",
+        )
+    from backends import structured
+
+    text = json.dumps(schema)
+    try:
+        structured.check_schema(text)
+    except ValueError as e:
+        raise InvalidRequest(
+            f"Unsupported value: the tools' parameters are not JSON Schemas WattProxy can enforce with "
+            f"model '{model}' ({str(e)[:300]})",
+            param="tools",
+            code="unsupported_value",
+        ) from e
+    return tools, text, called
+
+
+def _tool_calls_json(
+    called: str | None,
+) -> Callable[[str, str, Sequence[Outcome], Mapping[str, Any]], dict[str, Any]]:
+    """chat_completion_json for a chat that must call a tool (`called`, or any of them where None):
+    each choice whose text is a whole value of its schema becomes that call (or those calls), with
+    finish_reason "tool_calls"; one cut short (max_tokens) stays text, with finish_reason "length"."""
+
+    def body(rid: str, model: str, outcomes: Sequence[Outcome], energy: Mapping[str, Any]) -> dict[str, Any]:
+        answer = chat_completion_json(rid, model, outcomes, energy)
+        for choice, result in zip(answer["choices"], _text_results(outcomes), strict=True):
+            calls = _calls(result.text, called) if result.finish_reason == "stop" else None
+            if calls is not None:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                choice["finish_reason"] = "tool_calls"
+        return answer
+
+    return body
+
+
+def _calls(text: str, called: str | None) -> list[dict[str, Any]] | None:
+    """The tool calls a held answer's text makes (None where it is not a whole value)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    pairs = [(called, value)] if called is not None else [(c["name"], c["parameters"]) for c in value]
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)},
+        }
+        for name, arguments in pairs
+    ]
 
 
 def _json_schema(response_format: dict[str, Any] | None) -> str | None:

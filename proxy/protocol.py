@@ -133,6 +133,9 @@ class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | OtherPart] | None = None
+    # a turn that called tools (an assistant's), and a tool's answer to one: for the chat template
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's text: its text parts (other parts have none)."""
@@ -161,8 +164,8 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 _ASKED_DOC = (
     "Proxy mode: sent to the upstream as it is. A model served in process takes the default (absent, "
     "null, 0, false or empty), and another value where it honours it (a transformers text model: the "
-    "penalties, logit_bias, log probabilities, a completion's echo and a chat's response_format); else a "
-    "400 `unsupported_value`."
+    "penalties, logit_bias, log probabilities, a completion's echo, a chat's response_format, and tools "
+    "with tool_choice 'required' or a named function); else a 400 `unsupported_value`."
 )
 
 
@@ -281,6 +284,7 @@ class ChatCompletionRequest(_Sampling):
     # asked of the model (see _ASKED_DOC): tools, structured output, log probabilities, audio
     tools: list[dict[str, Any]] | None = Field(None, description=_ASKED_DOC)
     tool_choice: str | dict[str, Any] | None = Field(None, description=_ASKED_DOC)
+    parallel_tool_calls: bool | None = None  # false: at most one call (tool_choice "required")
     functions: list[dict[str, Any]] | None = Field(None, description=_ASKED_DOC)
     function_call: str | dict[str, Any] | None = Field(None, description=_ASKED_DOC)
     response_format: dict[str, Any] | None = Field(None, description=_ASKED_DOC)
@@ -517,6 +521,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ToolCallMessageOut(BaseModel):
+    """An answer that calls tools (`tool_choice` "required" or a named function)."""
+
+    role: Literal["assistant"] = "assistant"
+    content: None = None
+    tool_calls: list[ToolCallOut]
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float
@@ -545,8 +568,8 @@ class CompletionLogprobs(BaseModel):
 
 class ChatChoice(BaseModel):
     index: int
-    message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
+    message: ChatMessageOut | ToolCallMessageOut
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChatLogprobs | None = None
 
 

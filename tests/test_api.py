@@ -1249,8 +1249,10 @@ def test_metrics_have_no_series_that_cannot_move_and_exact_bucket_bounds(server:
 
 # What a model served in process does not do, asked through the official client: (call, kwargs, param).
 _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ("chat", {"tool_choice": "required"}, "tool_choice"),
+    # tools with tool_choice "auto" (the default): choosing between text and a call needs a parser
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tool_choice"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),  # without tools
+    ("chat", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities"),
     (
         "chat",
@@ -1277,8 +1279,8 @@ _UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
 
 
 def test_what_a_model_served_in_process_cannot_do_is_refused_not_ignored(server: LiveServer) -> None:
-    """Tools, JSON mode, audio, image parts, an image's quality, style, format or
-    background: a clear 400
+    """Tools the model would have to choose between text and (tool_choice "auto"), the deprecated
+    functions, audio, image parts, an image's quality, style, format or background: a clear 400
     `unsupported_value` naming the parameter, never an answer made as if it had not been asked; their
     defaults, as clients send them, are answered; nothing refused is run or recorded."""
     c = client(server)
@@ -1569,6 +1571,122 @@ def test_structured_output_follows_the_schema_asked(either_server: LiveServer) -
             c.chat.completions.create(**chat, response_format=response_format, max_tokens=4)  # type: ignore[call-overload]
         body = refused.value.body
         assert (body["param"], body["code"]) == (param, "unsupported_value"), body  # type: ignore[index]
+
+
+_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "celsius": {"type": "boolean"}},
+            "required": ["city", "celsius"],
+            "additionalProperties": False,
+        },
+    },
+}
+_TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+_PING = {  # no parameters: an empty object (the tiny model's answers fit its 64 tokens)
+    "type": "function",
+    "function": {
+        "name": "ping",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+
+
+def test_a_chat_that_must_call_a_tool_calls_it(either_server: LiveServer) -> None:
+    """`tools` with `tool_choice` a named function or "required", on a transformers model (in this
+    process or one of its own): the answer is a call (or calls) whose arguments are a value of the
+    function's parameters (held to them as structured output: the tiny model has random weights),
+    with finish_reason "tool_calls"; the tools and a previous turn's calls reach the chat template
+    (more prompt tokens); "none" answers text; "auto", a stream, an unknown function or tool_choice
+    without tools are 400s naming the parameter."""
+    server = either_server
+    c = client(server)
+    chat = {
+        "model": "tiny-gpt2",
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "max_tokens": 64,
+    }
+
+    def arguments(call: Any, tool: dict[str, Any]) -> dict[str, Any]:
+        value = json.loads(call.function.arguments)
+        schema = tool["function"]["parameters"]
+        assert set(value) == set(schema.get("required", ())), value
+        for key, spec in schema["properties"].items():
+            assert value[key] in spec["enum"] if "enum" in spec else type(value[key]) is bool, value
+        return value  # type: ignore[no-any-return]
+
+    named = c.chat.completions.create(  # type: ignore[call-overload]
+        **chat, tools=[_WEATHER, _TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}}
+    )
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments(call, _WEATHER)
+
+    required = c.chat.completions.create(  # type: ignore[call-overload]
+        **chat,
+        tools=[_PING, _TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0.8,
+        seed=2,
+    )
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    (call,) = choice.message.tool_calls
+    arguments(call, {"ping": _PING, "get_time": _TIME}[call.function.name])
+
+    plain = c.chat.completions.create(**chat, temperature=0)  # type: ignore[call-overload]
+    offered = c.chat.completions.create(**chat, temperature=0, tools=[_WEATHER], tool_choice="none")  # type: ignore[call-overload]
+    assert offered.choices[0].finish_reason != "tool_calls" and offered.choices[0].message.tool_calls is None
+    assert offered.usage.prompt_tokens > plain.usage.prompt_tokens  # the tools are in the prompt
+    history = [
+        *chat["messages"],
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [named.choices[0].message.tool_calls[0].model_dump()],
+        },
+        {"role": "tool", "tool_call_id": named.choices[0].message.tool_calls[0].id, "content": "12 C, rain"},
+    ]
+    answered = c.chat.completions.create(  # type: ignore[call-overload]
+        model="tiny-gpt2", messages=history, max_tokens=8, tools=[_WEATHER], tool_choice="none"
+    )
+    without_call = [*history[:1], {"role": "assistant", "content": None}, history[2]]
+    bare = c.chat.completions.create(  # type: ignore[call-overload]
+        model="tiny-gpt2", messages=without_call, max_tokens=8, tools=[_WEATHER], tool_choice="none"
+    )
+    assert answered.usage.prompt_tokens > bare.usage.prompt_tokens  # the call reached the template
+
+    for kwargs, param in (
+        ({"tools": [_WEATHER]}, "tool_choice"),  # "auto", the default with tools
+        ({"tools": [_WEATHER], "tool_choice": "auto"}, "tool_choice"),
+        ({"tools": [_WEATHER], "tool_choice": "required", "stream": True}, "stream"),
+        (
+            {"tools": [_WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(**chat, **kwargs)  # type: ignore[call-overload]
+        assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
 
 
 def test_penalties_and_logit_bias_shape_each_choice_of_a_batch(either_server: LiveServer) -> None:

@@ -86,6 +86,9 @@ UNSUPPORTED_IN_PROCESS = (
     ChatCompletionRequest.ASKED | CompletionRequest.ASKED | ImageGenerationRequest.ASKED | {"prompt"}
 )  # "prompt": as token ids
 CONTENT_PART_TYPE = re.compile(r"messages\.\d+\.content\.\d+\.type")
+# a previous turn's tool call that a chat template cannot be given (no function name, arguments that
+# are not an object): the document takes any object there, as proxy mode sends them on as they came
+TOOL_CALL_PART = re.compile(r"messages\.\d+\.tool_calls\.\d+\.function(\.arguments)?")
 
 
 class RefusedWithinLimits(Failure):
@@ -113,7 +116,11 @@ def positive_data_within_limits(
         response.status_code == 400
         and code == "unsupported_value"
         and isinstance(param, str)
-        and (param.split(".")[0] in UNSUPPORTED_IN_PROCESS or CONTENT_PART_TYPE.fullmatch(param))
+        and (
+            param.split(".")[0] in UNSUPPORTED_IN_PROCESS
+            or CONTENT_PART_TYPE.fullmatch(param)
+            or TOOL_CALL_PART.fullmatch(param)
+        )
     ):
         return None
     raise RefusedWithinLimits(
