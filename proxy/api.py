@@ -563,10 +563,21 @@ async def _check_prompt(
     within the model's limits; a default max_tokens (`limit_param` None) capped at what the context
     leaves."""
     chars = len(req.prompt) if req.prompt is not None else sum(len(m.content) for m in req.messages or ())
-    if chars > TOKENIZE_ON_LOOP_MAX_CHARS:
-        req, counted = await asyncio.to_thread(served.tokenized, req)
-    else:
-        req, counted = served.tokenized(req)
+    try:
+        if chars > TOKENIZE_ON_LOOP_MAX_CHARS:
+            req, counted = await asyncio.to_thread(served.tokenized, req)
+        else:
+            req, counted = served.tokenized(req)
+    except Exception as e:
+        if not type(e).__module__.startswith("jinja2"):
+            raise
+        # the model's chat template refused the messages (`raise_exception` in it: roles that do not
+        # alternate, more tool calls in a turn than it renders, ...): the request's fault, not the server's
+        raise InvalidRequest(
+            f"model '{served.settings.name}''s chat template refused these messages: {str(e)[:300]}",
+            param=param,
+            code="invalid_value",
+        ) from e
     if counted > served.settings.max_prompt_tokens:
         raise InvalidRequest(
             f"the prompt has {counted} tokens, above this model's limit "

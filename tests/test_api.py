@@ -1689,6 +1689,24 @@ def test_a_chat_that_must_call_a_tool_calls_it(either_server: LiveServer) -> Non
         assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
 
 
+def test_messages_a_models_chat_template_refuses_are_a_400(server: LiveServer) -> None:
+    """A chat template that raises for the messages (as real ones do for roles that do not alternate,
+    or more tool calls in a turn than they render): 400 naming messages, not a server error."""
+    backend = server.app[SERVICE].models["tiny-gpt2"].backend  # type: ignore[index]
+    tokenizer = backend._counting_tokenizer  # type: ignore[union-attr]
+    tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client(server).chat.completions.create(
+                model="tiny-gpt2", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+    finally:
+        tokenizer.chat_template = None
+    body = refused.value.body
+    assert (body["param"], body["code"]) == ("messages", "invalid_value"), body  # type: ignore[index]
+    assert "roles must alternate" in body["message"]  # type: ignore[index]
+
+
 def test_penalties_and_logit_bias_shape_each_choice_of_a_batch(either_server: LiveServer) -> None:
     """OpenAI's presence and frequency penalties and logit bias, on a transformers model (in this process
     or one of its own): each member of a batch gets its own (the same answer alone as batched with
