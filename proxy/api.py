@@ -1060,9 +1060,9 @@ def _calls(text: str, called: str | None) -> list[dict[str, Any]] | None:
     """The tool calls a held answer's text makes (None where it is not a whole value)."""
     try:
         value = json.loads(text)
-    except ValueError:
+        pairs = [(called, value)] if called is not None else [(c["name"], c["parameters"]) for c in value]
+    except (ValueError, KeyError, TypeError):  # cut short (a stop string): text, as it came
         return None
-    pairs = [(called, value)] if called is not None else [(c["name"], c["parameters"]) for c in value]
     return [
         {
             "id": f"call_{uuid.uuid4().hex[:24]}",
