@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 FALLBACK_CHAT_TEMPLATE = (
     "{% if tools %}tools: {{ tools | tojson }}\n{% endif %}"
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
-    "{% if message['tool_calls'] %}{{ message['tool_calls'] | tojson }}{% endif %}\n{% endfor %}"
+    # (a newline right after a block tag is dropped: transformers renders with trim_blocks)
+    "{% if message['tool_calls'] %}{{ message['tool_calls'] | tojson }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
