@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import re
 import sys
@@ -60,6 +61,7 @@ from proxy.protocol import (
     ModelCard,
     ModelList,
     StreamOptions,
+    ToolCallDeltaOut,
     Usage,
 )
 from proxy.scheduler import (
@@ -684,11 +686,14 @@ async def _stream_text(
         for index, streamer in enumerate(streamers):
             pieces = streamer.pieces
             while (piece := await pieces.get()) is not None:
-                frame = sse_frame(make_chunk.piece(index, piece))
+                data = make_chunk.piece(index, piece)  # b"": held (a stream that must call tools)
+                frame = sse_frame(data) if data else b""
                 # pieces handed over together go out in one write (up to the end of the text, None)
                 while not pieces.empty() and (piece := pieces.get_nowait()) is not None:
-                    frame += sse_frame(make_chunk.piece(index, piece))
-                await _send_event(resp, frame)
+                    if data := make_chunk.piece(index, piece):
+                        frame += sse_frame(data)
+                if frame:
+                    await _send_event(resp, frame)
                 if piece is None:
                     break
         try:
@@ -788,6 +793,35 @@ class _ChatChunks:
         return chunk
 
 
+class _ToolCallChunks(_ChatChunks):
+    """The chunks of a stream that must call tools (`called`, or any of them where None): its text, the
+    calls' JSON, is held, and goes out at the choice's end as the calls, every one in one delta with
+    finish_reason "tool_calls" (and the log probabilities, where asked); a text cut short goes out then
+    as content, with its own finish_reason."""
+
+    def __init__(self, rid: str, model: str, n: int, called: str | None = None) -> None:
+        super().__init__(rid, model, n)
+        self.called = called
+        self._texts: dict[int, list[str]] = {}
+
+    def piece(self, index: int, piece: Piece) -> bytes:
+        self._texts.setdefault(index, []).append(piece if type(piece) is str else piece.text)  # type: ignore[union-attr]
+        return b""
+
+    def finish(
+        self, index: int, reason: str, logprobs: Sequence[TokenLogprob] | None = None
+    ) -> ChatCompletionChunk:
+        text = "".join(self._texts.pop(index, ()))
+        calls = _calls(text, self.called) if reason == "stop" else None
+        lp = None if logprobs is None else ChatLogprobs.model_validate(_chat_logprobs(logprobs))
+        if calls is None:
+            delta = ChunkDelta(content=text or None)
+        else:
+            delta = ChunkDelta(tool_calls=[ToolCallDeltaOut(index=i, **call) for i, call in enumerate(calls)])
+            reason = "tool_calls"
+        return self._chunk([ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
+
+
 class _CompletionChunks(_ChatChunks):
     def __init__(self, rid: str, model: str, n: int) -> None:
         super().__init__(rid, model, n)
@@ -884,14 +918,6 @@ async def _chat_completions(
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     tools, call_schema, called = _tool_choice(req, ms.name)
-    if call_schema is not None and req.stream:
-        raise InvalidRequest(
-            f"Unsupported value: 'stream' with tool_choice {json.dumps(req.tool_choice)[:80]} with model "
-            f"'{ms.name}', which WattProxy serves itself: an answer that calls tools is answered whole "
-            "(stream false).",
-            param="stream",
-            code="unsupported_value",
-        )
     base = TextRequest(
         messages=messages,
         max_tokens=max_tokens,
@@ -908,7 +934,8 @@ async def _chat_completions(
     _admit(request)
     bases = _choices(base, req.n)
     if req.stream:
-        return await _stream_members(request, served, bases, _ChatChunks, req.stream_options)
+        chunks = _ChatChunks if call_schema is None else functools.partial(_ToolCallChunks, called=called)
+        return await _stream_members(request, served, bases, chunks, req.stream_options)  # type: ignore[arg-type]
     if call_schema is not None:
         return await _answer_members(request, served, bases, _tool_calls_json(called))
     return await _answer_members(request, served, bases, chat_completion_json)

@@ -582,15 +582,20 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallDeltaOut(ToolCallOut):
+    index: int  # the call's place among the choice's calls
+
+
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = None  # a stream that must call tools: all at its end
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChatLogprobs | None = None
 
 

@@ -1612,8 +1612,8 @@ def test_a_chat_that_must_call_a_tool_calls_it(either_server: LiveServer) -> Non
     process or one of its own): the answer is a call (or calls) whose arguments are a value of the
     function's parameters (held to them as structured output: the tiny model has random weights),
     with finish_reason "tool_calls"; the tools and a previous turn's calls reach the chat template
-    (more prompt tokens); "none" answers text; "auto", a stream, an unknown function or tool_choice
-    without tools are 400s naming the parameter."""
+    (more prompt tokens); a stream sends the calls in one delta at its end; "none" answers text;
+    "auto", an unknown function or tool_choice without tools are 400s naming the parameter."""
     server = either_server
     c = client(server)
     chat = {
@@ -1652,6 +1652,23 @@ def test_a_chat_that_must_call_a_tool_calls_it(either_server: LiveServer) -> Non
     (call,) = choice.message.tool_calls
     arguments(call, {"ping": _PING, "get_time": _TIME}[call.function.name])
 
+    weather = {
+        "tools": [_WEATHER, _TIME],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    }
+    greedy = c.chat.completions.create(**chat, **weather, temperature=0).choices[0].message.tool_calls  # type: ignore[call-overload]
+    streamed = [
+        ch.choices[0]
+        for ch in c.chat.completions.create(**chat, **weather, temperature=0, stream=True)
+        if ch.choices
+    ]  # type: ignore[call-overload]
+    assert not any(ch.delta.content for ch in streamed)  # the calls' JSON is not sent as text
+    (end,) = [ch for ch in streamed if ch.finish_reason]
+    assert end.finish_reason == "tool_calls" and len(end.delta.tool_calls) == 1
+    (delta,) = end.delta.tool_calls
+    assert (delta.index, delta.type, delta.function.name) == (0, "function", "get_weather")
+    assert json.loads(delta.function.arguments) == json.loads(greedy[0].function.arguments)
+
     plain = c.chat.completions.create(**chat, temperature=0)  # type: ignore[call-overload]
     offered = c.chat.completions.create(**chat, temperature=0, tools=[_WEATHER], tool_choice="none")  # type: ignore[call-overload]
     assert offered.choices[0].finish_reason != "tool_calls" and offered.choices[0].message.tool_calls is None
@@ -1677,7 +1694,6 @@ def test_a_chat_that_must_call_a_tool_calls_it(either_server: LiveServer) -> Non
     for kwargs, param in (
         ({"tools": [_WEATHER]}, "tool_choice"),  # "auto", the default with tools
         ({"tools": [_WEATHER], "tool_choice": "auto"}, "tool_choice"),
-        ({"tools": [_WEATHER], "tool_choice": "required", "stream": True}, "stream"),
         (
             {"tools": [_WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice.function.name",
