@@ -1049,19 +1049,24 @@ def _tool_choice(req: ChatCompletionRequest, model: str) -> tuple[str | None, st
             param="response_format",
             code="unsupported_value",
         )
-    from backends import structured
+    return tools, _enforceable(schema, "tools", f"the tools' parameters, with model '{model}', are"), called
+
+
+def _enforceable(schema: dict[str, Any], param: str, what: str) -> str:
+    """`schema` as JSON text, where structured output can hold a text to it (backends.structured); else
+    a 400 `unsupported_value` naming `param` (`what` says what the schema is)."""
+    from backends import structured  # torch and the parser: not in a server that serves none of it
 
     text = json.dumps(schema)
     try:
         structured.check_schema(text)
     except ValueError as e:
         raise InvalidRequest(
-            f"Unsupported value: the tools' parameters are not JSON Schemas WattProxy can enforce with "
-            f"model '{model}' ({str(e)[:300]})",
-            param="tools",
+            f"Unsupported value: {what} not a JSON Schema WattProxy can enforce ({str(e)[:300]})",
+            param=param,
             code="unsupported_value",
         ) from e
-    return tools, text, called
+    return text
 
 
 def _tool_calls_json(
@@ -1128,17 +1133,9 @@ def _json_schema(response_format: dict[str, Any] | None) -> str | None:
             param="response_format.json_schema.schema",
             code="unsupported_value",
         )
-    text = json.dumps(schema)
-    try:
-        structured.check_schema(text)
-    except ValueError as e:
-        raise InvalidRequest(
-            f"Unsupported value: 'response_format.json_schema.schema' is not a JSON Schema WattProxy can "
-            f"enforce ({str(e)[:300]})",
-            param="response_format.json_schema.schema",
-            code="unsupported_value",
-        ) from e
-    return text
+    return _enforceable(
+        schema, "response_format.json_schema.schema", "'response_format.json_schema.schema' is"
+    )
 
 
 def _choices(base: TextRequest, n: int) -> list[TextRequest]:
