@@ -12,7 +12,6 @@ a prefix, not a whole value (finish_reason "length"/"stop"), as OpenAI's JSON mo
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,20 +61,6 @@ def tokenizer_data(tokenizer: Any, eos_ids: Sequence[int]) -> TokenEnforcerToken
 
     eos = list(eos_ids) or tokenizer.eos_token_id
     return TokenEnforcerTokenizerData(regular, decode, eos, False, len(tokenizer))
-
-
-class TokenizerData:
-    """A tokenizer's `tokenizer_data`, built on first use (a model's first structured request), once."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._data: TokenEnforcerTokenizerData | None = None
-
-    def get(self, tokenizer: Any, eos_ids: Sequence[int]) -> TokenEnforcerTokenizerData:
-        with self._lock:
-            if self._data is None:
-                self._data = tokenizer_data(tokenizer, eos_ids)
-            return self._data
 
 
 def _enforcer(data: TokenEnforcerTokenizerData, schema: str) -> TokenEnforcer:

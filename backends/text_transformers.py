@@ -531,9 +531,7 @@ class TransformersTextBackend:
         self._max_context_tokens: int | None = None
         self._logits_size: int | None = None  # the model's output vocabulary (config.vocab_size)
         self._token_texts: dict[int, str] = {}  # token id -> its text alone (log probabilities; `run` only)
-        self._formats: Any = (
-            None  # what structured output needs of the tokenizer (TokenizerData), on first use
-        )
+        self._formats: Any = None  # structured output's view of the tokenizer: built on first use
 
     def load(self) -> None:
         """Load tokenizer and weights onto `device` (blocking)."""
@@ -684,14 +682,14 @@ class TransformersTextBackend:
             if _asks_penalties(requests):
                 processors.append(_RowPenalties(requests, width))  # before temperature, as OpenAI's
             if any(request.json_schema is not None for request in requests):  # before choosing
-                from backends.structured import RowFormats, TokenizerData  # its parser: where asked
+                from backends.structured import RowFormats, tokenizer_data  # its parser: where asked
 
-                if self._formats is None:
-                    self._formats = TokenizerData()
+                if self._formats is None:  # once a model (`run` holds `_lock`)
+                    self._formats = tokenizer_data(tokenizer, sorted(self._eos_ids))
                 processors.append(
                     RowFormats(
                         [request.json_schema for request in requests],
-                        self._formats.get(tokenizer, sorted(self._eos_ids)),
+                        self._formats,
                         width,
                         lambda i: rows[i].finished,
                     )
