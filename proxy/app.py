@@ -206,6 +206,8 @@ def create_app(
 
     async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         ledger = given_ledger if given_ledger is not None else Ledger(settings.db_url())
+        if settings.ledger_inline_commit:
+            ledger.inline_when = service.alone
         await ledger.start()
         app[LEDGER] = ledger
         app[KEYS] = KeyCache(ledger, ttl_s=settings.key_cache_ttl_s)

@@ -223,6 +223,9 @@ class Settings(_Strict):
     auth: Literal["keys", "none"] = "keys"
     # Ledger database URL: sqlite:///path.db (default: wattproxy.db in data_dir) or postgresql://...
     db: str | None = None
+    # A SQLite ledger: a record made while no other request is in flight is committed on the event
+    # loop's thread (durably, as ever), sparing one client's round trip two thread hand-overs.
+    ledger_inline_commit: bool = True
     key_cache_ttl_s: float = Field(1.0, ge=0, le=60)
     budget_refresh_s: float = Field(5.0, gt=0)
     phone_charge_kwh: float = Field(0.012, gt=0)

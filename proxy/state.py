@@ -66,6 +66,10 @@ class Service:
     # without one
     upstream: str | None = None
 
+    def alone(self) -> bool:
+        """No request in flight but (at most) the caller's own: nobody waits on the event loop."""
+        return self.inflight <= 1
+
 
 SERVICE = web.AppKey("service", Service)
 SETTINGS = web.AppKey("settings", Settings)

@@ -171,6 +171,30 @@ def test_ledger_unavailable_refuses_with_503_and_loses_no_answered_record(
     server.call(ledger.close())  # a ledger given to create_app is the caller's to close
 
 
+def test_a_lone_request_is_committed_on_the_loop_and_concurrent_ones_by_the_writer(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server()
+    ledger = server.app[LEDGER]
+    inline, commits = ledger.inline_commits, ledger.commits
+    ids = []
+    for _ in range(3):  # one client: nothing else in flight when each is recorded
+        r = requests.post(server.base_url + CHAT, json=BODY, timeout=30)
+        assert r.status_code == 200
+        ids.append(r.headers["X-Request-Id"])
+    assert (ledger.inline_commits - inline, ledger.commits - commits) == (3, 3)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda _: requests.post(server.base_url + CHAT, json=BODY, timeout=30), range(8))
+        )
+    assert [a.status_code for a in answers] == [200] * 8
+    ids += [a.headers["X-Request-Id"] for a in answers]
+    assert ledger.commits - ledger.inline_commits > commits - inline  # by the writer thread
+    assert set(ids) <= {rec.request_id for rec in server.call(ledger.records())}
+
+    off = make_server(ledger_inline_commit=False)
+    assert requests.post(off.base_url + CHAT, json=BODY, timeout=30).status_code == 200
+    assert off.app[LEDGER].inline_commits == 0 and off.app[LEDGER].commits == 1
+
+
 def test_client_leaving_mid_stream_is_recorded_as_cancelled(make_server) -> None:  # type: ignore[no-untyped-def]
     server = make_server()
     gate = server.app[SCHEDULER].devices["cpu"].gate  # type: ignore[index]

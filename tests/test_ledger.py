@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from proxy.ledger import (
+    INLINE_COMMITS_PER_CHECKPOINT,
     MIGRATIONS,
     ApiKeyRecord,
     Ledger,
@@ -261,6 +262,114 @@ async def test_sqlite_runs_in_wal_with_full_sync(tmp_path: Path) -> None:
             assert await conn.scalar(text("PRAGMA busy_timeout")) == 2500
     finally:
         await ledger.close()
+
+
+async def test_inline_commits_are_durable_and_skip_the_writer_thread(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "i.db")
+    ledger, reader = Ledger(url, timeout_s=2.5), Ledger(url)
+    await ledger.start()
+    await reader.start()
+    try:
+        inline = ledger._inline[0]
+        assert inline is not None
+        # The same durable settings as the writer's; it neither waits for a lock nor checkpoints.
+        assert inline.execute("PRAGMA synchronous").fetchone() == (2,)
+        assert inline.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert inline.execute("PRAGMA busy_timeout").fetchone() == (0,)
+        assert inline.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        alone = True
+        ledger.inline_when = lambda: alone
+        for i in range(5):
+            await ledger.record([rec(f"r{i}", joules=float(i))])
+            assert await reader.count() == i + 1  # committed before record() returned
+        assert (ledger.inline_commits, ledger.commits, ledger.recorded) == (5, 5, 5)
+        # Refused data fails its caller and leaves the connection usable.
+        with pytest.raises(RecordRejected, match="r0"):
+            await ledger.record([rec("r0")])
+        await ledger.record([rec("r5")])
+        assert ledger.inline_commits == 6
+        # Where the server says others are in flight, the writer thread commits as before.
+        alone = False
+        await asyncio.gather(*(ledger.record([rec(f"g{i}")]) for i in range(20)))
+        assert ledger.inline_commits == 6
+        assert ledger.commits < 6 + 20  # grouped
+        assert await reader.count() == 26
+    finally:
+        await ledger.close()
+        await reader.close()
+
+
+async def test_inline_commit_gives_way_to_another_writer_without_waiting(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    ledger = Ledger(sqlite_url(path), timeout_s=5.0)
+    await ledger.start()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        ledger.inline_when = lambda: True
+        await ledger.record([rec("before")])
+        holder.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+        call = asyncio.create_task(ledger.record([rec("while-held")]))
+        # The event loop is not held up: the record waits in the writer thread, not on this thread.
+        await asyncio.sleep(0.2)
+        assert not call.done()
+        holder.execute("ROLLBACK")
+        await call
+        assert ledger.inline_commits == 1
+        assert ledger.commits == 2
+        # The writer thread holds its turn: an inline commit meanwhile goes to the thread's queue.
+        with ledger._commit_lock:
+            call = asyncio.create_task(ledger.record([rec("while-writing")]))
+            await asyncio.sleep(0.05)
+            assert not call.done()
+        await call
+        assert ledger.inline_commits == 1
+        await ledger.record([rec("after")])
+        assert ledger.inline_commits == 2
+        assert {r.request_id for r in await ledger.records()} == {
+            "before",
+            "while-held",
+            "while-writing",
+            "after",
+        }
+    finally:
+        holder.close()
+        await ledger.close()
+
+
+def _wal_frames(db: Path) -> int:
+    wal = db.with_name(db.name + "-wal")
+    return max((wal.stat().st_size - 32) // (4096 + 24), 0) if wal.exists() else 0
+
+
+async def test_inline_commits_have_the_writer_thread_checkpoint_the_wal(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    ledger = Ledger(sqlite_url(db))
+    await ledger.start()
+    try:
+        ledger.inline_when = lambda: True
+        n = 6 * INLINE_COMMITS_PER_CHECKPOINT
+        for i in range(n):
+            await ledger.record([rec(f"r{i:04d}")])
+            if i % 64 == 0:
+                await asyncio.sleep(0.001)  # the writer thread's turn (a server's loop sleeps too)
+            if i == 99:
+                per_commit = _wal_frames(db) / 100  # pages a one-record commit appends (3-5)
+        assert ledger.recorded == n
+        assert ledger.inline_commits > n // 2
+        # Never checkpointed, the WAL would hold n x per_commit frames; checkpointed every
+        # INLINE_COMMITS_PER_CHECKPOINT commits, it restarts from its start after each.
+        assert 0 < _wal_frames(db) < 2 * INLINE_COMMITS_PER_CHECKPOINT * per_commit, _wal_frames(db)
+    finally:
+        await ledger.close()
+    assert len(await _count_rows(db)) == n
+
+
+async def _count_rows(db: Path) -> list[tuple[str]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT request_id FROM requests").fetchall()
+    finally:
+        conn.close()
 
 
 async def test_concurrent_startups_migrate_once(ledger_url: str) -> None:
