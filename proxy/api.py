@@ -29,6 +29,7 @@ from backends.base import (
     TextResult,
     TokenLogprob,
 )
+from proxy import tool_calls
 from proxy.config import ModelSettings, parse_size
 from proxy.errors import (
     STREAM,
@@ -86,6 +87,7 @@ from proxy.state import (
     ServedModel,
     Service,
 )
+from proxy.tool_calls import ToolCallParser
 
 JOULES_PER_KWH = 3.6e6
 _R = TypeVar("_R")
@@ -822,6 +824,51 @@ class _ToolCallChunks(_ChatChunks):
         return self._chunk([ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
 
 
+class _AutoToolChunks(_ChatChunks):
+    """The chunks of a stream whose model chooses whether to call: its text goes out as content up to
+    where calls start or may start in the model's format (`tool_calls.hold_from`), which is held; at
+    the choice's end the whole text is parsed, and the calls go out in one delta with finish_reason
+    "tool_calls", or the held text as content with its own finish_reason. Log probabilities, where
+    asked, come with the choice's last chunk."""
+
+    def __init__(
+        self, rid: str, model: str, n: int, parser: ToolCallParser, functions: frozenset[str]
+    ) -> None:
+        super().__init__(rid, model, n)
+        self.parser, self.functions = parser, functions
+        self._texts: dict[int, str] = {}
+        self._sent: dict[int, int] = {}  # characters of each choice's text sent as content
+
+    def piece(self, index: int, piece: Piece) -> bytes:
+        text = self._texts.get(index, "") + (piece if type(piece) is str else piece.text)  # type: ignore[union-attr]
+        self._texts[index] = text
+        sent = self._sent.get(index, 0)
+        held = tool_calls.hold_from(self.parser, text)
+        upto = len(text) if held is None else max(held, sent)
+        if upto == sent:
+            return b""
+        self._sent[index] = upto
+        return (
+            self._chunk([ChunkChoice(index=index, delta=ChunkDelta(content=text[sent:upto]))])
+            .model_dump_json(exclude_none=True)
+            .encode()
+        )
+
+    def finish(
+        self, index: int, reason: str, logprobs: Sequence[TokenLogprob] | None = None
+    ) -> ChatCompletionChunk:
+        text, sent = self._texts.pop(index, ""), self._sent.pop(index, 0)
+        parsed = tool_calls.parse(self.parser, text, self.functions) if reason == "stop" else None
+        lp = None if logprobs is None else ChatLogprobs.model_validate(_chat_logprobs(logprobs))
+        if parsed is None:
+            delta = ChunkDelta(content=text[sent:] or None)
+        else:
+            calls = [ToolCallDeltaOut(index=i, **call) for i, call in enumerate(parsed.calls)]
+            delta = ChunkDelta(tool_calls=calls)
+            reason = "tool_calls"
+        return self._chunk([ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
+
+
 class _CompletionChunks(_ChatChunks):
     def __init__(self, rid: str, model: str, n: int) -> None:
         super().__init__(rid, model, n)
@@ -917,7 +964,7 @@ async def _chat_completions(
         for i, m in enumerate(req.messages)
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    tools, call_schema, called = _tool_choice(req, ms.name)
+    tools, call_schema, called, auto = _tool_choice(req, ms.name, ms.tool_call_parser)
     base = TextRequest(
         messages=messages,
         max_tokens=max_tokens,
@@ -934,8 +981,16 @@ async def _chat_completions(
     _admit(request)
     bases = _choices(base, req.n)
     if req.stream:
-        chunks = _ChatChunks if call_schema is None else functools.partial(_ToolCallChunks, called=called)
-        return await _stream_members(request, served, bases, chunks, req.stream_options)  # type: ignore[arg-type]
+        if auto is not None:
+            chunks: Any = functools.partial(_AutoToolChunks, parser=ms.tool_call_parser, functions=auto)
+        elif call_schema is not None:
+            chunks = functools.partial(_ToolCallChunks, called=called)
+        else:
+            chunks = _ChatChunks
+        return await _stream_members(request, served, bases, chunks, req.stream_options)
+    if auto is not None:
+        assert ms.tool_call_parser is not None
+        return await _answer_members(request, served, bases, _auto_calls_json(ms.tool_call_parser, auto))
     if call_schema is not None:
         return await _answer_members(request, served, bases, _tool_calls_json(called))
     return await _answer_members(request, served, bases, chat_completion_json)
@@ -969,12 +1024,15 @@ def _template_calls(calls: list[dict[str, Any]], at: int) -> str:
     return json.dumps(out)
 
 
-def _tool_choice(req: ChatCompletionRequest, model: str) -> tuple[str | None, str | None, str | None]:
+def _tool_choice(
+    req: ChatCompletionRequest, model: str, parser: ToolCallParser | None
+) -> tuple[str | None, str | None, str | None, frozenset[str] | None]:
     """A chat's tools as its template takes them (JSON text), the JSON Schema its answer is held to
     where it must call one (`tool_choice` "required": a list of calls, one where `parallel_tool_calls`
-    is false; a named function: that function's arguments), and that function's name. "auto" is
-    refused: choosing between text and a call needs a parser of the model family's own call format,
-    which WattProxy does not have (vLLM refuses it too without one); "none" renders the tools alone."""
+    is false; a named function: that function's arguments), that function's name, and, where the model
+    chooses ("auto", or tools without a tool_choice, as in OpenAI's API), the functions its answer may
+    call, read from its text in the model's own format (`parser`, the model's `tool_call_parser`);
+    without a parser "auto" is refused, as vLLM refuses it. "none" renders the tools alone."""
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none", "auto"):
@@ -984,7 +1042,7 @@ def _tool_choice(req: ChatCompletionRequest, model: str) -> tuple[str | None, st
                 param="tool_choice",
                 code="unsupported_value",
             )
-        return None, None, None
+        return None, None, None, None
     functions: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(req.tools):
         function = tool.get("function")
@@ -1005,7 +1063,9 @@ def _tool_choice(req: ChatCompletionRequest, model: str) -> tuple[str | None, st
         functions[name] = parameters
     tools = json.dumps(req.tools)
     if choice == "none":
-        return tools, None, None
+        return tools, None, None, None
+    if choice in (None, "auto") and parser is not None:
+        return tools, None, None, frozenset(functions)
     called: str | None = None
     if choice == "required":
         calls = [
@@ -1035,10 +1095,10 @@ def _tool_choice(req: ChatCompletionRequest, model: str) -> tuple[str | None, st
         schema = functions[called]
     else:
         raise InvalidRequest(
-            f"Unsupported value: 'tool_choice' does not support {json.dumps(choice)[:80]} with model "
-            f"'{model}', which WattProxy serves itself: choosing between text and a call needs the model "
-            "family's tool-call parser, which WattProxy does not have. Supported: 'required', a named "
-            "function, or 'none'.",
+            f"Unsupported value: 'tool_choice' does not support {json.dumps(choice or 'auto')[:80]} with "
+            f"model '{model}', which WattProxy serves itself: choosing between text and a call needs the "
+            "model family's call format, which its settings do not name (tool_call_parser). Supported: "
+            "'required', a named function, or 'none'.",
             param="tool_choice",
             code="unsupported_value",
         )
@@ -1049,7 +1109,8 @@ def _tool_choice(req: ChatCompletionRequest, model: str) -> tuple[str | None, st
             param="response_format",
             code="unsupported_value",
         )
-    return tools, _enforceable(schema, "tools", f"the tools' parameters, with model '{model}', are"), called
+    schema_text = _enforceable(schema, "tools", f"the tools' parameters, with model '{model}', are")
+    return tools, schema_text, called, None
 
 
 def _enforceable(schema: dict[str, Any], param: str, what: str) -> str:
@@ -1082,6 +1143,31 @@ def _tool_calls_json(
             calls = _calls(result.text, called) if result.finish_reason == "stop" else None
             if calls is not None:
                 choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                choice["finish_reason"] = "tool_calls"
+        return answer
+
+    return body
+
+
+def _auto_calls_json(
+    parser: ToolCallParser, functions: frozenset[str]
+) -> Callable[[str, str, Sequence[Outcome], Mapping[str, Any]], dict[str, Any]]:
+    """chat_completion_json for a chat whose model chooses whether to call: each choice whose whole text
+    is calls in the model's format (`proxy.tool_calls`) becomes them, with the text before them as its
+    content and finish_reason "tool_calls"; any other text, or one cut short, stays as it is."""
+
+    def body(rid: str, model: str, outcomes: Sequence[Outcome], energy: Mapping[str, Any]) -> dict[str, Any]:
+        answer = chat_completion_json(rid, model, outcomes, energy)
+        for choice, result in zip(answer["choices"], _text_results(outcomes), strict=True):
+            parsed = (
+                tool_calls.parse(parser, result.text, functions) if result.finish_reason == "stop" else None
+            )
+            if parsed is not None:
+                choice["message"] = {
+                    "role": "assistant",
+                    "content": parsed.content,
+                    "tool_calls": parsed.calls,
+                }
                 choice["finish_reason"] = "tool_calls"
         return answer
 

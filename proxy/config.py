@@ -92,6 +92,11 @@ class ModelSettings(_Strict):
     # first client does not pay the device's and the libraries' first-call costs (a CUDA context's
     # kernels, cuBLAS's handles, with cuda_graphs the graph of a batch of 1). "auto": on CUDA devices.
     warmup: bool | Literal["auto"] = "auto"
+    # The call format the model was trained on, for `tool_choice: "auto"` (and tools with no tool_choice,
+    # which OpenAI's API takes as "auto"): hermes (Hermes, Qwen 2.5 and 3), llama3_json (Llama 3.1-3.3),
+    # mistral (proxy/tool_calls.py). None: "auto" is refused with a 400 (required and named calls are
+    # held to the tools' schemas and need no parser).
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None
     # text limits
     max_tokens: int = Field(256, ge=1)  # upper bound on max_tokens a request may ask for
     # max_tokens of a request that sends none. None, as OpenAI's API: a chat goes on to its end of
@@ -129,6 +134,8 @@ class ModelSettings(_Strict):
             raise ValueError("default_max_tokens exceeds max_tokens")
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps exceeds max_steps")
+        if self.tool_call_parser is not None and self.task != "text":
+            raise ValueError("tool_call_parser is for text models")
         if self.cuda_graphs and self.task != "image":
             raise ValueError("cuda_graphs is for image models")
         if self.cuda_graphs and not self.device.startswith("cuda"):
