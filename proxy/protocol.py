@@ -165,7 +165,8 @@ _ASKED_DOC = (
     "Proxy mode: sent to the upstream as it is. A model served in process takes the default (absent, "
     "null, 0, false or empty), and another value where it honours it (a transformers text model: the "
     "penalties, logit_bias, log probabilities, a completion's echo, a chat's response_format, and tools "
-    "with tool_choice 'required' or a named function); else a 400 `unsupported_value`."
+    "with tool_choice 'required' or a named function, or 'auto' where the model's settings name its call "
+    "format, tool_call_parser); else a 400 `unsupported_value`."
 )
 
 
@@ -533,10 +534,11 @@ class ToolCallOut(BaseModel):
 
 
 class ToolCallMessageOut(BaseModel):
-    """An answer that calls tools (`tool_choice` "required" or a named function)."""
+    """An answer that calls tools (`tool_choice` "required" or a named function: no content; "auto": the
+    text the model wrote before its calls, if any)."""
 
     role: Literal["assistant"] = "assistant"
-    content: None = None
+    content: str | None = None
     tool_calls: list[ToolCallOut]
 
 
