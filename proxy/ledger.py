@@ -845,6 +845,10 @@ class Ledger:
                     _close_inline(self._inline)
                 return False
             error = self._sqlite_write(self._inline, conn, rows)
+            if error is None:  # counted under the lock, as the writer thread counts its commits
+                self.commits += 1
+                self.inline_commits += 1
+                self.recorded += len(rows)
         finally:
             self._commit_lock.release()
         if isinstance(error, RecordRejected):
@@ -852,9 +856,6 @@ class Ledger:
         if error is not None:
             _log_lost(len(rows), 1, error)
             raise error
-        self.commits += 1
-        self.inline_commits += 1
-        self.recorded += len(rows)
         self._inline_since_checkpoint += 1
         if self._inline_since_checkpoint >= INLINE_COMMITS_PER_CHECKPOINT:
             self._inline_since_checkpoint = 0
