@@ -11,6 +11,7 @@ a prefix, not a whole value (finish_reason "length"/"stop"), as OpenAI's JSON mo
 
 from __future__ import annotations
 
+import array
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +29,8 @@ from transformers import LogitsProcessor
 # not a model's padding forever (outlines, vLLM's first guided decoding backend, allowed one space).
 MAX_CONSECUTIVE_WHITESPACE = 2
 _CONFIG = CharacterLevelParserConfig(max_consecutive_whitespaces=MAX_CONSECUTIVE_WHITESPACE)
+
+_NONE = torch.zeros(0, dtype=torch.long)
 
 # What `response_format: {"type": "json_object"}` asks: any JSON object.
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
@@ -105,8 +108,13 @@ class RowFormats(LogitsProcessor):
             allowed = enforcer.get_allowed_tokens(list(generated)).allowed_tokens
             if generated:
                 enforcer.prefix_states.pop(generated[:-1], None)
-            allowed = [t for t in allowed if t < size] or self._eos  # a dead end: the text ends there
+            # a list of up to the whole vocabulary: through an array into a tensor, not token by token
+            # (a 30,000-token list: 0.95 ms, against 2.85 filtered and converted in Python)
+            ids = torch.frombuffer(array.array("q", allowed), dtype=torch.long) if allowed else _NONE
+            ids = ids[ids < size]
+            if not len(ids):  # a dead end: the text ends there
+                ids = torch.tensor(self._eos, dtype=torch.long)
             keep = torch.zeros(size, dtype=torch.bool, device=scores.device)
-            keep[torch.tensor(allowed, dtype=torch.long, device=scores.device)] = True
+            keep[ids.to(scores.device)] = True
             scores[i] = scores[i].masked_fill(~keep, float("-inf"))
         return scores

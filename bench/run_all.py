@@ -4,9 +4,9 @@
     python -m bench.run_all --summary-only       # only reassemble RESULTS.md from bench/results/*.md
 
 Runs `bench.serving`, `bench.accounting`, `bench.overhead`, `bench.upstream` (with LiteLLM where it is
-installed: see that module), `bench.ledger_bench` and `bench.metrics_render`, and the GPU benchmarks
-(`bench/gpu_energy.py`, `bench/gpu_served.py` plain, with `--own-process` and with `--cuda-graphs`,
-`bench/gpu_graphs.py` (SDXL with CUDA graphs), `bench/gpu_logprobs.py`,
+installed: see that module), `bench.ledger_bench`, `bench.metrics_render` and `bench.structured`, and
+the GPU benchmarks (`bench/gpu_energy.py`, `bench/gpu_served.py` plain, with `--own-process` and with
+`--cuda-graphs`, `bench/gpu_graphs.py` (SDXL with CUDA graphs), `bench/gpu_logprobs.py`,
 `bench/nvml_interference.py`; `bench/gpu_check.sh` runs `gpu_served` on a bare GPU machine, and the
 others where asked) where a CUDA GPU is visible to torch and NVML. Where none is, earlier GPU
 results in the results directory are kept as they are; if there is no `gpu_energy` result, a clearly
@@ -37,6 +37,7 @@ ORDER = (
     "upstream",
     "ledger",
     "metrics_render",
+    "structured",
     "gpu_energy",
     "gpu_served",
     "gpu_served_own",
@@ -45,7 +46,7 @@ ORDER = (
     "gpu_logprobs",
     "nvml_interference",
 )
-CPU_BENCHMARKS = ("serving", "accounting", "overhead", "upstream", "ledger", "metrics_render")
+CPU_BENCHMARKS = ("serving", "accounting", "overhead", "upstream", "ledger", "metrics_render", "structured")
 GPU = "gpu_energy"
 GPU_BENCHMARKS = tuple(name for name in ORDER if name not in CPU_BENCHMARKS)
 # a GPU benchmark that is another one's script with arguments of its own

@@ -17,6 +17,7 @@ from bench import (
     nvml_interference,
     run_all,
     serving,
+    structured,
     upstream,
 )
 from bench.common import read_status
@@ -318,6 +319,19 @@ def test_upstream_smoke(tmp_path: Path) -> None:
     # every answer was accounted, streamed ones included
     plain = sum(m["requests"] for m in data["measurements"] if m["target"] == "wattproxy")
     assert data["ledger"]["recorded"] >= data["ledger"]["sent"] > plain > 0
+
+
+def test_structured_smoke(model_cache: Path, tmp_path: Path) -> None:
+    argv = ["--smoke", "--out", str(tmp_path), "--cache-dir", str(model_cache), "--work", str(tmp_path / "w")]
+    assert structured.main(argv) == 0
+    markdown, data = check_result(tmp_path, "structured", "smoke")
+    (table,) = tables(markdown)
+    assert len(table) == 1 + 2 * len(structured.ANSWERS)  # each answer, on both tokenizers
+    vocabularies = {row["tokenizer"]: row["vocab"] for row in data["rows"]}
+    assert (
+        vocabularies["tiny-gpt2 (embedded)"] == 1019 and 1000 < vocabularies["BPE trained to 2,000"] <= 2000
+    )
+    assert all(row["steps"] > 5 and 0 <= row["refused"] <= 1 for row in data["rows"])  # one round
 
 
 def test_run_all_assembles_every_results_file(tmp_path: Path) -> None:
