@@ -11,7 +11,6 @@ import json
 import re
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -795,55 +794,31 @@ class _ChatChunks:
         return chunk
 
 
-class _ToolCallChunks(_ChatChunks):
-    """The chunks of a stream that must call tools (`called`, or any of them where None): its text, the
-    calls' JSON, is held, and goes out at the choice's end as the calls, every one in one delta with
-    finish_reason "tool_calls" (and the log probabilities, where asked); a text cut short goes out then
-    as content, with its own finish_reason."""
+class _CallChunks(_ChatChunks):
+    """The chunks of a stream whose text may be tool calls: its text goes out as content up to where
+    `hold` says calls start or may start, which is held; at the choice's end `read` reads the whole
+    text, and its calls go out in one delta with finish_reason "tool_calls", or the held text as
+    content with the choice's own finish_reason (a text cut short is never read as calls). Log
+    probabilities, where asked, come with the choice's last chunk."""
 
-    def __init__(self, rid: str, model: str, n: int, called: str | None = None) -> None:
+    def __init__(self, rid: str, model: str, n: int) -> None:
         super().__init__(rid, model, n)
-        self.called = called
-        self._texts: dict[int, list[str]] = {}
-
-    def piece(self, index: int, piece: Piece) -> bytes:
-        self._texts.setdefault(index, []).append(piece if type(piece) is str else piece.text)  # type: ignore[union-attr]
-        return b""
-
-    def finish(
-        self, index: int, reason: str, logprobs: Sequence[TokenLogprob] | None = None
-    ) -> ChatCompletionChunk:
-        text = "".join(self._texts.pop(index, ()))
-        calls = _calls(text, self.called) if reason == "stop" else None
-        lp = None if logprobs is None else ChatLogprobs.model_validate(_chat_logprobs(logprobs))
-        if calls is None:
-            delta = ChunkDelta(content=text or None)
-        else:
-            delta = ChunkDelta(tool_calls=[ToolCallDeltaOut(index=i, **call) for i, call in enumerate(calls)])
-            reason = "tool_calls"
-        return self._chunk([ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
-
-
-class _AutoToolChunks(_ChatChunks):
-    """The chunks of a stream whose model chooses whether to call: its text goes out as content up to
-    where calls start or may start in the model's format (`tool_calls.hold_from`), which is held; at
-    the choice's end the whole text is parsed, and the calls go out in one delta with finish_reason
-    "tool_calls", or the held text as content with its own finish_reason. Log probabilities, where
-    asked, come with the choice's last chunk."""
-
-    def __init__(
-        self, rid: str, model: str, n: int, parser: ToolCallParser, functions: frozenset[str]
-    ) -> None:
-        super().__init__(rid, model, n)
-        self.parser, self.functions = parser, functions
         self._texts: dict[int, str] = {}
         self._sent: dict[int, int] = {}  # characters of each choice's text sent as content
+
+    def hold(self, text: str, since: int) -> int | None:
+        """Where `text` (a stream's so far, `since` characters of it sent) is held from; None: not."""
+        raise NotImplementedError
+
+    def read(self, text: str) -> tool_calls.Parsed | None:
+        """The calls a whole answer's text makes; None where it is text."""
+        raise NotImplementedError
 
     def piece(self, index: int, piece: Piece) -> bytes:
         text = self._texts.get(index, "") + (piece if type(piece) is str else piece.text)  # type: ignore[union-attr]
         self._texts[index] = text
         sent = self._sent.get(index, 0)
-        held = tool_calls.hold_from(self.parser, text)
+        held = self.hold(text, sent)
         upto = len(text) if held is None else max(held, sent)
         if upto == sent:
             return b""
@@ -858,7 +833,7 @@ class _AutoToolChunks(_ChatChunks):
         self, index: int, reason: str, logprobs: Sequence[TokenLogprob] | None = None
     ) -> ChatCompletionChunk:
         text, sent = self._texts.pop(index, ""), self._sent.pop(index, 0)
-        parsed = tool_calls.parse(self.parser, text, self.functions) if reason == "stop" else None
+        parsed = self.read(text) if reason == "stop" else None
         lp = None if logprobs is None else ChatLogprobs.model_validate(_chat_logprobs(logprobs))
         if parsed is None:
             delta = ChunkDelta(content=text[sent:] or None)
@@ -867,6 +842,38 @@ class _AutoToolChunks(_ChatChunks):
             delta = ChunkDelta(tool_calls=calls)
             reason = "tool_calls"
         return self._chunk([ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=lp)])  # type: ignore[arg-type]
+
+
+class _ToolCallChunks(_CallChunks):
+    """A stream that must call tools (`called`, or any of them where None): all of its text, the calls'
+    JSON, is held."""
+
+    def __init__(self, rid: str, model: str, n: int, called: str | None = None) -> None:
+        super().__init__(rid, model, n)
+        self.called = called
+
+    def hold(self, text: str, since: int) -> int | None:
+        return 0
+
+    def read(self, text: str) -> tool_calls.Parsed | None:
+        return _schema_calls(text, self.called)
+
+
+class _AutoToolChunks(_CallChunks):
+    """A stream whose model chooses whether to call: held from where calls start or may start in the
+    model's format (`tool_calls.hold_from`)."""
+
+    def __init__(
+        self, rid: str, model: str, n: int, parser: ToolCallParser, functions: frozenset[str]
+    ) -> None:
+        super().__init__(rid, model, n)
+        self.parser, self.functions = parser, functions
+
+    def hold(self, text: str, since: int) -> int | None:
+        return tool_calls.hold_from(self.parser, text, since)
+
+    def read(self, text: str) -> tool_calls.Parsed | None:
+        return tool_calls.parse(self.parser, text, self.functions)
 
 
 class _CompletionChunks(_ChatChunks):
@@ -989,10 +996,15 @@ async def _chat_completions(
             chunks = _ChatChunks
         return await _stream_members(request, served, bases, chunks, req.stream_options)
     if auto is not None:
-        assert ms.tool_call_parser is not None
-        return await _answer_members(request, served, bases, _auto_calls_json(ms.tool_call_parser, auto))
+        parser = ms.tool_call_parser
+        assert parser is not None
+        return await _answer_members(
+            request, served, bases, _calls_json(lambda text: tool_calls.parse(parser, text, auto))
+        )
     if call_schema is not None:
-        return await _answer_members(request, served, bases, _tool_calls_json(called))
+        return await _answer_members(
+            request, served, bases, _calls_json(lambda text: _schema_calls(text, called))
+        )
     return await _answer_members(request, served, bases, chat_completion_json)
 
 
@@ -1130,38 +1142,17 @@ def _enforceable(schema: dict[str, Any], param: str, what: str) -> str:
     return text
 
 
-def _tool_calls_json(
-    called: str | None,
+def _calls_json(
+    read: Callable[[str], tool_calls.Parsed | None],
 ) -> Callable[[str, str, Sequence[Outcome], Mapping[str, Any]], dict[str, Any]]:
-    """chat_completion_json for a chat that must call a tool (`called`, or any of them where None):
-    each choice whose text is a whole value of its schema becomes that call (or those calls), with
-    finish_reason "tool_calls"; one cut short (max_tokens) stays text, with finish_reason "length"."""
+    """chat_completion_json for a chat whose answer may be tool calls: each choice whose whole text
+    `read` reads as calls becomes them (with the text before them, if any, as its content), with
+    finish_reason "tool_calls"; any other text, or one cut short (max_tokens), stays as it is."""
 
     def body(rid: str, model: str, outcomes: Sequence[Outcome], energy: Mapping[str, Any]) -> dict[str, Any]:
         answer = chat_completion_json(rid, model, outcomes, energy)
         for choice, result in zip(answer["choices"], _text_results(outcomes), strict=True):
-            calls = _calls(result.text, called) if result.finish_reason == "stop" else None
-            if calls is not None:
-                choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
-                choice["finish_reason"] = "tool_calls"
-        return answer
-
-    return body
-
-
-def _auto_calls_json(
-    parser: ToolCallParser, functions: frozenset[str]
-) -> Callable[[str, str, Sequence[Outcome], Mapping[str, Any]], dict[str, Any]]:
-    """chat_completion_json for a chat whose model chooses whether to call: each choice whose whole text
-    is calls in the model's format (`proxy.tool_calls`) becomes them, with the text before them as its
-    content and finish_reason "tool_calls"; any other text, or one cut short, stays as it is."""
-
-    def body(rid: str, model: str, outcomes: Sequence[Outcome], energy: Mapping[str, Any]) -> dict[str, Any]:
-        answer = chat_completion_json(rid, model, outcomes, energy)
-        for choice, result in zip(answer["choices"], _text_results(outcomes), strict=True):
-            parsed = (
-                tool_calls.parse(parser, result.text, functions) if result.finish_reason == "stop" else None
-            )
+            parsed = read(result.text) if result.finish_reason == "stop" else None
             if parsed is not None:
                 choice["message"] = {
                     "role": "assistant",
@@ -1174,21 +1165,15 @@ def _auto_calls_json(
     return body
 
 
-def _calls(text: str, called: str | None) -> list[dict[str, Any]] | None:
-    """The tool calls a held answer's text makes (None where it is not a whole value)."""
+def _schema_calls(text: str, called: str | None) -> tool_calls.Parsed | None:
+    """The calls a text held to the tools' schema makes (`called`'s arguments, or a list of
+    `{"name", "parameters"}`); None where it is not a whole value (cut short by a stop string)."""
     try:
         value = json.loads(text)
         pairs = [(called, value)] if called is not None else [(c["name"], c["parameters"]) for c in value]
     except (ValueError, KeyError, TypeError):  # cut short (a stop string): text, as it came
         return None
-    return [
-        {
-            "id": f"call_{uuid.uuid4().hex[:24]}",
-            "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments)},
-        }
-        for name, arguments in pairs
-    ]
+    return tool_calls.Parsed(None, [tool_calls.openai_call(name, arguments) for name, arguments in pairs])
 
 
 def _json_schema(response_format: dict[str, Any] | None) -> str | None:

@@ -27,10 +27,12 @@ from typing import Any, Literal
 ToolCallParser = Literal["hermes", "llama3_json", "mistral"]
 PARSERS: tuple[ToolCallParser, ...] = ("hermes", "llama3_json", "mistral")
 
-_HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
+_HERMES_START = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
 _MISTRAL_START = "[TOOL_CALLS]"
+_SPACE = re.compile(r"\s*")
+_HEAD_CHARS = 16  # of an answer's start, after white space: enough to tell a marker or a call's start
 
 
 @dataclass(frozen=True)
@@ -53,37 +55,48 @@ def parse(parser: ToolCallParser, text: str, functions: Collection[str]) -> Pars
     return _mistral(text, functions)
 
 
-def hold_from(parser: ToolCallParser, text: str) -> int | None:
+def hold_from(parser: ToolCallParser, text: str, since: int = 0) -> int | None:
     """Where a stream's text so far must be held back from (calls start there, or may yet: its end may
     be the start of the marker, or, where calls are the whole answer, nothing but white space has come);
-    None where all of it is content. The answer's whole text is `parse`d once it has ended."""
+    None where all of it is content. `since`: the characters already sent as content (no call starts
+    among them), so that each piece is looked at once, not the whole text again. The answer's whole
+    text is `parse`d once it has ended."""
     if parser == "hermes":
-        return _marker_start(text, _HERMES_START)
-    stripped = text.lstrip()
-    if not stripped:
+        return _marker_start(text, _HERMES_START, since)
+    if since:  # content went out: the answer's start was not calls
+        return None if parser == "llama3_json" else _marker_start(text, _MISTRAL_START, since)
+    at = _SPACE.match(text).end()  # type: ignore[union-attr]
+    head = text[at : at + _HEAD_CHARS]
+    if not head:
         return 0
     if parser == "llama3_json":
-        if stripped.startswith("{") or _PYTHON_TAG.startswith(stripped[: len(_PYTHON_TAG)]):
-            return 0
-        return None
-    if stripped.startswith("[") and (
-        stripped.startswith(_MISTRAL_START)
-        or _MISTRAL_START.startswith(stripped)
-        or re.match(r"\[\s*(\{|\Z)", stripped)
+        return 0 if head.startswith("{") or _PYTHON_TAG.startswith(head[: len(_PYTHON_TAG)]) else None
+    if head.startswith("[") and (
+        head.startswith(_MISTRAL_START) or _MISTRAL_START.startswith(head) or re.match(r"\[\s*(\{|\Z)", head)
     ):
         return 0  # the marker, or a list of calls that a decoder left it out of
-    return _marker_start(text, _MISTRAL_START)
+    return _marker_start(text, _MISTRAL_START, since)
 
 
-def _marker_start(text: str, marker: str) -> int | None:
-    """Where `marker` starts in `text`, or where a start of it ends `text`; else None."""
-    at = text.find(marker)
+def _marker_start(text: str, marker: str, since: int) -> int | None:
+    """Where `marker` starts in `text` (not before `since`), or where a start of it ends `text`; else
+    None."""
+    at = text.find(marker, since)
     if at >= 0:
         return at
     for k in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-k:]):
             return len(text) - k
     return None
+
+
+def openai_call(name: str, arguments: Any) -> dict[str, Any]:
+    """A call as OpenAI's API gives it: a new `id`, `type` "function", the arguments as JSON text."""
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
 
 
 def _call(name: Any, arguments: Any, functions: Collection[str]) -> dict[str, Any] | None:
@@ -94,11 +107,7 @@ def _call(name: Any, arguments: Any, functions: Collection[str]) -> dict[str, An
             return None
     if not isinstance(name, str) or name not in functions or not isinstance(arguments, dict):
         return None
-    return {
-        "id": f"call_{uuid.uuid4().hex[:24]}",
-        "type": "function",
-        "function": {"name": name, "arguments": json.dumps(arguments)},
-    }
+    return openai_call(name, arguments)
 
 
 def _object_call(value: Any, functions: Collection[str], *arg_keys: str) -> dict[str, Any] | None:
