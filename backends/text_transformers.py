@@ -682,10 +682,10 @@ class TransformersTextBackend:
             if _asks_penalties(requests):
                 processors.append(_RowPenalties(requests, width))  # before temperature, as OpenAI's
             if any(request.json_schema is not None for request in requests):  # before choosing
-                from backends.structured import RowFormats, tokenizer_data  # its parser: where asked
+                from backends.structured import Grammars, RowFormats  # the compiler: where asked
 
                 if self._formats is None:  # once a model (`run` holds `_lock`)
-                    self._formats = tokenizer_data(tokenizer, sorted(self._eos_ids))
+                    self._formats = Grammars(tokenizer, sorted(self._eos_ids), self._logits_size)
                 processors.append(
                     RowFormats(
                         [request.json_schema for request in requests],

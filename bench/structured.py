@@ -1,15 +1,17 @@
 """Structured output's cost on a vocabulary of a real model's size (`backends/structured.py`).
 
 A model served in process holds a row that asks for `response_format` (or tools that must be called) to
-its JSON Schema with lm-format-enforcer: once a model, its vocabulary is indexed (`tokenizer_data`);
-then at each decoding step each such row's allowed tokens are computed and the others masked
-(`RowFormats`, on the CPU, under the interpreter lock, one row after another). Both costs grow with the
-vocabulary, and the embedded tiny model's 1,019 tokens say little about a real model's 32,000-150,000.
+its JSON Schema with xgrammar: once a model, its vocabulary is indexed (`Grammars`); once a schema, the
+schema is compiled over it (then cached); then at each decoding step each such row's matcher takes the
+row's last token and fills the row's bitmask of allowed tokens, and the tokens outside it are masked
+(`RowFormats`, on the CPU, one row after another). These costs grow with the vocabulary, and the
+embedded tiny model's 1,019 tokens say little about a real model's 32,000-150,000.
 No real tokenizer can be downloaded here, so this trains a byte-level BPE (GPT-2's kind) on the Python
 standard library's sources to a real model's vocabulary size, and times, beside the tiny model's:
 
-- indexing the vocabulary (`structured.tokenizer_data`), once;
-- each step of `RowFormats` for one row, as served (its enforcer, the mask over the scores), while the
+- indexing the vocabulary (`structured.Grammars`), once;
+- compiling each answer's schema, the first time (not cached);
+- each step of `RowFormats` for one row, as served (its matcher, the mask over the scores), while the
   row writes a fixed answer token by token (its natural tokenization), for answers of three shapes.
 
     python -m bench.structured                  # 32,000 and 64,000 tokens (each trained in ~10 s, kept)
@@ -57,8 +59,8 @@ _CITY = {
     "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"}},
     "required": ["city", "days", "metric"],
 }
-# (name, schema, the answer the row writes): free text in a string (lm-format-enforcer's cached
-# shortcut), numbers and keys (a walk of the vocabulary's prefix tree), and a list of objects.
+# (name, schema, the answer the row writes): free text in a string, numbers and keys, and a list of
+# objects (what lm-format-enforcer, the parser before xgrammar, walked the vocabulary's tree for).
 ANSWERS: tuple[tuple[str, dict[str, Any], str], ...] = (
     (
         "object: a sentence, an integer, a boolean",
@@ -96,7 +98,8 @@ ANSWERS: tuple[tuple[str, dict[str, Any], str], ...] = (
 class Row:
     tokenizer: str
     vocab: int
-    index_s: float  # tokenizer_data, once a model
+    index_s: float  # Grammars, once a model
+    compile_ms: float  # the answer's schema compiled, the first time
     answer: str
     steps: int
     refused: int  # steps where the answer's own next token was not allowed (0: the schema takes it)
@@ -140,16 +143,19 @@ def measure(name: str, tokenizer: Any, rounds: int) -> list[Row]:
     from backends import structured
 
     t0 = time.perf_counter()
-    data = structured.tokenizer_data(tokenizer, [tokenizer.eos_token_id])
+    grammars = structured.Grammars(tokenizer, [tokenizer.eos_token_id])
     index_s = time.perf_counter() - t0
     vocab = len(tokenizer)
     rows = []
     for answer_name, schema, answer in ANSWERS:
+        t0 = time.perf_counter()
+        grammars.compiled(json.dumps(schema))
+        compile_s = time.perf_counter() - t0
         target = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
         times: list[float] = []
         refused = 0
-        for _ in range(rounds):  # a new enforcer a round, as a new request gets
-            formats = structured.RowFormats([json.dumps(schema)], data, 1, lambda i: False)
+        for _ in range(rounds):  # a new matcher a round, as a new request gets
+            formats = structured.RowFormats([json.dumps(schema)], grammars, 1, lambda i: False)
             generated: list[int] = []
             for token in target:
                 input_ids = torch.tensor([[0, *generated]], dtype=torch.long)
@@ -167,6 +173,7 @@ def measure(name: str, tokenizer: Any, rounds: int) -> list[Row]:
                 tokenizer=name,
                 vocab=vocab,
                 index_s=index_s,
+                compile_ms=compile_s * 1e3,
                 answer=answer_name,
                 steps=steps,
                 refused=refused,
@@ -189,18 +196,19 @@ def render(rows: Sequence[Row], info: dict[str, str], argv: Sequence[str], smoke
         "",
         machine_markdown(info),
         "",
-        f"- lm-format-enforcer {version('lm-format-enforcer')}, tokenizers {version('tokenizers')}. The BPE "
+        f"- xgrammar {version('xgrammar')}, tokenizers {version('tokenizers')}. The BPE "
         "tokenizer is byte-level (GPT-2's kind), trained here on the Python standard library's sources "
         "(no real model's tokenizer can be downloaded here); its tokens are code's, not a chat model's, "
         "but the parser's work depends on how many tokens there are and which characters they start "
         "with, which a real vocabulary of the same size has too.",
-        "- A step is one call of `backends.structured.RowFormats` for one row, as served: the row's allowed "
-        "tokens (lm-format-enforcer walking the vocabulary's prefix tree where the parser's state has no "
-        "cached answer) and the mask over the scores. The row writes the answer's own tokens; a batch's "
-        "rows that ask pay it one after another, on the CPU, holding the interpreter lock. `refused`: "
-        "steps where the answer's next token was not allowed (0: the schema and the parser took the "
-        "whole answer).",
-        "- Indexing: `structured.tokenizer_data`, once a model (when its first structured row runs).",
+        "- A step is one call of `backends.structured.RowFormats` for one row, as served: the row's "
+        "matcher takes the last token and fills the row's bitmask of allowed tokens, and the mask is "
+        "applied to the scores. The row writes the answer's own tokens; a batch's rows that ask pay it "
+        "one after another, on the CPU. `refused`: steps where the answer's next token was not allowed "
+        "(0: the schema took the whole answer).",
+        "- Indexing: `structured.Grammars`, once a model (when its first structured row runs). Compiling: "
+        "an answer's schema over the vocabulary, the first time a model sees it (later rows take it from "
+        "the cache).",
         "",
         md_table(
             [
@@ -208,6 +216,7 @@ def render(rows: Sequence[Row], info: dict[str, str], argv: Sequence[str], smoke
                 "vocabulary",
                 "indexing s",
                 "answer",
+                "compile ms",
                 "steps",
                 "refused",
                 "step ms p50 / p90 / max",
@@ -219,6 +228,7 @@ def render(rows: Sequence[Row], info: dict[str, str], argv: Sequence[str], smoke
                     f"{r.vocab:,}",
                     fmt(r.index_s),
                     r.answer,
+                    fmt(r.compile_ms),
                     r.steps,
                     r.refused,
                     f"{fmt(r.step_ms_p50)} / {fmt(r.step_ms_p90)} / {fmt(r.step_ms_max)}",

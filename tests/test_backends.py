@@ -556,31 +556,43 @@ def test_rows_asking_for_a_json_schema_get_a_value_of_it_in_a_batch_with_free_ro
     assert "".join(t.token for t in results[1].logprobs) == results[1].text
 
 
-def test_a_rows_format_keeps_one_parser_state_however_long_it_runs(text: TransformersTextBackend) -> None:
-    """RowFormats step by step on a left-padded batch: the held row takes only allowed tokens, the free
-    row's scores pass unchanged, and the enforcer keeps the last state alone (not one a prefix)."""
-    from backends.structured import RowFormats, tokenizer_data
+def test_a_rows_format_follows_its_grammar_step_by_step(text: TransformersTextBackend) -> None:
+    """RowFormats step by step on a left-padded batch: the held row takes only allowed tokens and its
+    text is an object's start; the free row's scores pass unchanged, and so do the held row's once it
+    is finished; a row whose schema no value satisfies may only end its text."""
+    from backends.structured import Grammars, RowFormats
 
     tokenizer = text._tokenizer
-    data = tokenizer_data(tokenizer, [tokenizer.eos_token_id])
-    finished = [False, False]
-    formats = RowFormats(['{"type": "object"}', None], data, 3, lambda i: finished[i])
-    input_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    eos = tokenizer.eos_token_id
+    grammars = Grammars(tokenizer, [eos])
+    finished = [False, False, False]
+    formats = RowFormats(['{"type": "object"}', None, '{"anyOf": []}'], grammars, 3, lambda i: finished[i])
+    input_ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 4]])
     vocab = len(tokenizer)
-    for _ in range(30):
-        scores = torch.randn(2, vocab)
-        free = scores[1].clone()
+    steps = 0
+    while not finished[0] and steps < 30:
+        scores = torch.randn(3, vocab)
+        free, after = scores[1].clone(), scores[2].clone()
         out = formats(input_ids, scores)
         assert torch.equal(out[1], free)
+        if finished[2]:
+            assert torch.equal(out[2], after)
+        else:  # nothing satisfies its schema: the end of text alone
+            assert torch.isfinite(out[2]).nonzero().flatten().tolist() == [eos]
+            finished[2] = True
+        allowed = torch.isfinite(out[0]).nonzero().flatten().tolist()
+        assert 0 < len(allowed) < vocab
         token = int(out[0].argmax())
-        assert out[0, token] > float("-inf")
-        if token == tokenizer.eos_token_id:
-            finished[0] = True
-        input_ids = torch.cat([input_ids, torch.tensor([[token], [1]])], dim=1)
-        ((_, enforcer),) = formats._rows
-        assert len(enforcer.prefix_states) <= 2
+        finished[0] = token == eos
+        input_ids = torch.cat([input_ids, torch.tensor([[token], [1], [eos]])], dim=1)
+        steps += 1
     held = tokenizer.decode(input_ids[0, 3:].tolist(), skip_special_tokens=True)
     assert held.lstrip().startswith("{")
+    if finished[0]:  # a whole object: the grammar took every token
+        json.loads(held)
+    finished[0] = True
+    scores = torch.randn(3, vocab)
+    assert torch.equal(formats(input_ids, scores.clone()), scores)  # every row finished or free
 
 
 # --- images -----------------------------------------------------------------------------------------
