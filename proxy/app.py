@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -382,6 +383,11 @@ async def _load_model(
         log.exception("loading model %s from %s failed", name, ms.source)
         return
     served.backend = backend
+    if "response_format" in served.honours():
+        # its requests' schemas are checked on the event loop (proxy.api): the checker's import
+        # (xgrammar: 0.2 s, torch and transformers being loaded) is done here, before the model is
+        # ready, not at the first such request, holding every other one
+        await loop.run_in_executor(None, importlib.import_module, "backends.structured")
     if ms.warmup is True or (ms.warmup == "auto" and ms.device.startswith("cuda")):
         await _warm_up(name, served, backend, scheduler.devices[ms.device])
     queue = ModelQueue(

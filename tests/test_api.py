@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1571,6 +1572,19 @@ def test_structured_output_follows_the_schema_asked(either_server: LiveServer) -
             c.chat.completions.create(**chat, response_format=response_format, max_tokens=4)  # type: ignore[call-overload]
         body = refused.value.body
         assert (body["param"], body["code"]) == (param, "unsupported_value"), body  # type: ignore[index]
+
+
+def test_the_schema_checker_is_imported_before_a_model_that_honours_it_is_ready(
+    make_server, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A request's JSON Schema is checked on the event loop (backends.structured): its import (xgrammar)
+    is done while the model loads, not at the first such request, stalling every other."""
+    monkeypatch.delitem(sys.modules, "backends.structured", raising=False)
+    images = ModelSettings(name="tiny-sd", task="image", source="tiny:tiny-sd")
+    make_server(models=[images])
+    assert "backends.structured" not in sys.modules  # an image model honours no response_format
+    make_server(models=[ModelSettings(name="tiny-gpt2", task="text", source="tiny:tiny-gpt2")])
+    assert "backends.structured" in sys.modules
 
 
 _WEATHER = {
