@@ -556,6 +556,15 @@ def test_rows_asking_for_a_json_schema_get_a_value_of_it_in_a_batch_with_free_ro
     assert "".join(t.token for t in results[1].logprobs) == results[1].text
 
 
+def test_the_vocabulary_is_indexed_for_structured_output_when_the_model_loads(
+    text: TransformersTextBackend,
+) -> None:
+    """Not at the first structured request, whose batch would wait for it (0.2-0.5 s)."""
+    from backends.structured import Grammars
+
+    assert isinstance(text._formats, Grammars) and text._formats.vocab_size >= len(text._tokenizer)
+
+
 def test_a_rows_format_follows_its_grammar_step_by_step(text: TransformersTextBackend) -> None:
     """RowFormats step by step on a left-padded batch: the held row takes only allowed tokens and its
     text is an object's start; the free row's scores pass unchanged, and so do the held row's once it
