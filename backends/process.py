@@ -31,7 +31,6 @@ children. A child whose server is gone reads the end of its pipe and exits.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import pickle
@@ -47,7 +46,16 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from backends.base import BackendRequest, BackendResult, Task, TextPiece, TextRequest, flush_all, flushes_of
+from backends.base import (
+    BackendRequest,
+    BackendResult,
+    Task,
+    TextPiece,
+    TextRequest,
+    flush_all,
+    flushes_of,
+    freeze_heap,
+)
 
 log = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `backends` is importable from
@@ -95,8 +103,7 @@ def _child_main(
         return
     # As the serving process does once its models are loaded (proxy.app.freeze_heap): the model's heap
     # out of the cyclic collector's reach, whose full passes over it would stall generation.
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
     conn.send(("ready", None, time.process_time()))
     try:
         while (message := conn.recv()) is not None:
