@@ -1,8 +1,11 @@
 """A thin async client for an OpenAI-compatible upstream server (vLLM, TGI, another WattProxy).
 
-One `OpenAIUpstream` owns one `aiohttp.ClientSession` for the life of the service: a pool of at most
-`max_connections` keep-alive connections, a connect timeout (TCP connect, s) and a read timeout (the
-longest wait for the next byte of an answer, s; for a plain answer that includes the whole generation).
+One `OpenAIUpstream` owns one `aiohttp.ClientSession` for the life of the service (streams, the model
+list, and everything where the base URL is `https://` or names credentials) and, for an `http://`
+upstream, one `backends.http1.Http1Pool` for plain answers (a third of aiohttp's CPU a request): each
+a pool of at most `max_connections` keep-alive connections, a connect timeout (TCP connect, s) and a
+read timeout (the longest wait for the next byte of an answer, s; for a plain answer that includes the
+whole generation).
 Pooled connections are dropped after `keepalive_timeout_s` idle (s), below the 5 s that vLLM's
 uvicorn keeps them, so a request is not sent on a connection the server is closing.
 
@@ -32,6 +35,8 @@ from typing import Literal
 
 import aiohttp
 from yarl import URL
+
+from backends import http1
 
 JSON = "application/json"
 MAX_EVENT_BYTES = 1 << 20  # one SSE line (SseParser refuses longer ones)
@@ -103,6 +108,28 @@ def _translated(base_url: str) -> Iterator[None]:
     except aiohttp.ClientPayloadError as e:
         raise UpstreamBadResponse(f"the upstream {base_url} broke off its answer") from e
     except aiohttp.ClientError as e:
+        raise UpstreamBadResponse(
+            f"the connection to the upstream {base_url} failed ({type(e).__name__})"
+        ) from e
+
+
+@contextlib.contextmanager
+def _lean_translated(base_url: str) -> Iterator[None]:
+    """`_translated` for the lean client's errors (backends.http1)."""
+    try:
+        yield
+    except http1.ConnectTimeout as e:
+        raise UpstreamTimeout(f"connecting to the upstream {base_url} timed out", "connect") from e
+    except http1.ReadTimeout as e:
+        raise UpstreamTimeout(f"the upstream {base_url} did not answer in time", "read") from e
+    except http1.ConnectError as e:
+        raise UpstreamUnreachable(f"the upstream {base_url} is unreachable ({e.strerror or e})") from e
+    except http1.Disconnected as e:
+        what = "broke off its answer" if e.partial else "closed the connection without answering"
+        raise UpstreamBadResponse(f"the upstream {base_url} {what}") from e
+    except http1.BadAnswer as e:
+        raise UpstreamBadResponse(f"the upstream {base_url} sent a bad answer ({e})") from e
+    except OSError as e:  # the connection failed while the request was written or read
         raise UpstreamBadResponse(
             f"the connection to the upstream {base_url} failed ({type(e).__name__})"
         ) from e
@@ -246,6 +273,12 @@ class OpenAIUpstream:
         self._keepalive_timeout_s = keepalive_timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
+        # plain answers from an http:// upstream without credentials in its URL: the lean client
+        parsed = URL(self.base_url)
+        self._lean = parsed.scheme == "http" and not parsed.user and not parsed.password and bool(parsed.host)
+        self._pool: http1.Http1Pool | None = None
+        self._targets: dict[str, str] = {}  # path -> the request target (the base URL's path + path)
+        self._connect_timeout_s, self._read_timeout_s = connect_timeout_s, read_timeout_s
 
     def url(self, path: str) -> URL:
         """The absolute URL of `path` (e.g. "/v1/models") under the base URL, parsed once."""
@@ -267,7 +300,22 @@ class OpenAIUpstream:
             auto_decompress=True,
         )
 
+        if self._lean:
+            parsed = URL(self.base_url)
+            assert parsed.host is not None and parsed.port is not None
+            self._pool = http1.Http1Pool(
+                parsed.host,
+                parsed.port,
+                connect_timeout_s=self._connect_timeout_s,
+                read_timeout_s=self._read_timeout_s,
+                max_connections=self._max_connections,
+                keepalive_timeout_s=self._keepalive_timeout_s,
+            )
+
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -297,6 +345,8 @@ class OpenAIUpstream:
     async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> Answer:
         """POST a JSON body (bytes, sent as is) and read the whole answer. Raises `UpstreamStatus` for a
         non-2xx answer, the transport errors above otherwise."""
+        if self._pool is not None:
+            return await self._lean_post(self._pool, path, body, headers)
         with _translated(self.shown_url):
             async with self.session.post(
                 self.url(path), data=body, headers={"Content-Type": JSON, **(headers or {})}
@@ -307,6 +357,25 @@ class OpenAIUpstream:
                         resp.status, payload, resp.content_type, _retry_after_s(resp.headers)
                     )
                 return Answer(resp.status, payload)
+
+    async def _lean_post(
+        self, pool: http1.Http1Pool, path: str, body: bytes, headers: Mapping[str, str] | None
+    ) -> Answer:
+        target = self._targets.get(path)
+        if target is None:
+            target = self._targets[path] = self.url(path).raw_path_qs
+        sent = {"Content-Type": JSON, **self._headers, **(headers or {})}
+        with _lean_translated(self.shown_url):
+            resp = await pool.post(target, sent, body)
+        if resp.status >= 300:
+            retry_after = resp.headers.get("retry-after")
+            raise UpstreamStatus(
+                resp.status,
+                resp.body,
+                resp.content_type,
+                _retry_after_s({} if retry_after is None else {"Retry-After": retry_after}),
+            )
+        return Answer(resp.status, resp.body)
 
     @contextlib.asynccontextmanager
     async def stream(
