@@ -75,6 +75,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[Response] | None = None
         self.last_data_s = 0.0  # loop time of the last byte (or of sending the request)
+        self.timer: asyncio.TimerHandle | None = None  # the read timeout's check
         self.idle_since_s = 0.0
         self.reusable = True
         self._buf = bytearray()
@@ -296,7 +297,7 @@ class Http1Pool:
             waiter: asyncio.Future[Response] = loop.create_future()
             conn.waiter = waiter
             conn.last_data_s = loop.time()
-            timer = loop.call_at(conn.last_data_s + self._read_timeout_s, self._check_read, conn, waiter)
+            conn.timer = loop.call_at(conn.last_data_s + self._read_timeout_s, self._check_read, conn, waiter)
             done = False
             try:
                 assert conn.transport is not None
@@ -305,7 +306,9 @@ class Http1Pool:
                 done = True
                 return response
             finally:
-                timer.cancel()
+                if conn.timer is not None:
+                    conn.timer.cancel()
+                    conn.timer = None
                 conn.waiter = None
                 if done and conn.reusable and conn.transport is not None:
                     conn.idle_since_s = loop.time()
@@ -321,7 +324,7 @@ class Http1Pool:
         if waited_s >= self._read_timeout_s:
             waiter.set_exception(ReadTimeout(f"no byte of the answer for {self._read_timeout_s:g} s"))
         else:
-            loop.call_at(conn.last_data_s + self._read_timeout_s, self._check_read, conn, waiter)
+            conn.timer = loop.call_at(conn.last_data_s + self._read_timeout_s, self._check_read, conn, waiter)
 
     async def _connection(self) -> _Connection:
         loop = asyncio.get_running_loop()
