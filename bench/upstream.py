@@ -921,7 +921,8 @@ def render(
         ),
         "- WattProxy: `python -m proxy serve --upstream <stub> --auth none --meter synthetic` (one process, "
         "on the event loop `wattproxy serve` picks: uvloop where it is installed): each request is "
-        "forwarded, accounted on the upstream device's timeline, and committed to the SQLite "
+        "forwarded (a plain answer through its own HTTP/1.1 client, `backends/http1.py`; a stream through "
+        "an aiohttp client session), accounted on the upstream device's timeline, and committed to the SQLite "
         f"ledger before it is answered. Its ledger held {ledger['recorded']:,} records; the load generator "
         f"counted {ledger['sent']:,} answers (requests still in flight when a measurement stopped are "
         f"recorded but not counted){'' if ledger['recorded'] >= ledger['sent'] else ' (RECORDS MISSING)'}.",
