@@ -922,10 +922,11 @@ def render(
         "- WattProxy: `python -m proxy serve --upstream <stub> --auth none --meter synthetic` (one process, "
         "on the event loop `wattproxy serve` picks: uvloop where it is installed): each request is "
         "forwarded (a plain answer through its own HTTP/1.1 client, `backends/http1.py`; a stream through "
-        "an aiohttp client session), accounted on the upstream device's timeline, and committed to the SQLite "
-        f"ledger before it is answered. Its ledger held {ledger['recorded']:,} records; the load generator "
-        f"counted {ledger['sent']:,} answers (requests still in flight when a measurement stopped are "
-        f"recorded but not counted){'' if ledger['recorded'] >= ledger['sent'] else ' (RECORDS MISSING)'}.",
+        "an aiohttp client session), accounted on the upstream device's timeline, and committed to the "
+        f"SQLite ledger before it is answered. Its ledger held {ledger['recorded']:,} records; the load "
+        f"generator counted {ledger['sent']:,} answers (requests still in flight when a measurement "
+        "stopped are recorded but not counted)"
+        f"{'' if ledger['recorded'] >= ledger['sent'] else ' (RECORDS MISSING)'}.",
         *(
             [
                 "- WattProxy, ledger on /dev/shm: the same, with its SQLite ledger on a RAM disk, so that "
