@@ -1,16 +1,18 @@
-"""A lean HTTP/1.1 client for one plain-HTTP upstream: POSTs whose whole answer is read, over a pool of
-keep-alive connections, on asyncio protocols.
+"""A lean HTTP/1.1 client for one plain-HTTP upstream: POSTs over a pool of keep-alive connections, on
+asyncio protocols, whose answer is read whole (`post`) or as its body comes (`open_stream`).
 
-Proxy mode's plain answers take this path (`OpenAIUpstream.post` on an `http://` base URL): aiohttp's
-client cost about 220 µs of CPU a request here against about 70 µs for this one (the same stub, one
-connection, `bench/results/profiles.md`), a large share of what the proxy adds. Streams, `https://`
-upstreams and the model list stay on aiohttp's client.
+Proxy mode forwards through it where the upstream's base URL is `http://` (`OpenAIUpstream`):
+aiohttp's client cost about 220 µs of CPU a request here against about 70 µs for this one (the same
+stub, one connection, `bench/results/profiles.md`), a large share of what the proxy adds. `https://`
+upstreams, URLs with credentials and the model list stay on aiohttp's client.
 
 What it does: one request at a time on a connection (no pipelining); the answer framed by
 Content-Length, chunked transfer coding, or the connection's close (RFC 9112); 1xx heads skipped; a
 gzip or deflate body decoded; connections reused while the server keeps them (HTTP/1.1 without
-`Connection: close`) and dropped after `keepalive_timeout_s` idle. Timeouts as aiohttp's: connecting
-(`connect_timeout_s`) and the longest wait for the next byte of the answer (`read_timeout_s`). Nothing
+`Connection: close`, the answer read to its end) and dropped after `keepalive_timeout_s` idle.
+Timeouts as aiohttp's: connecting (`connect_timeout_s`) and the longest wait for the next byte of the
+answer (`read_timeout_s`). A stream's unread body is held up to `MAX_BUFFERED_BYTES`, then the
+connection stops reading until the caller catches up (the upstream's sends then wait on TCP). Nothing
 is retried. A caller that is cancelled closes its connection, so the server sees its client leave.
 
 Errors: `ConnectError` (no connection), `ConnectTimeout`, `ReadTimeout`, `Disconnected` (the
@@ -25,8 +27,10 @@ import contextlib
 import socket
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers; a longer head is no answer of an OpenAI server
+MAX_BUFFERED_BYTES = 512 * 1024  # a stream's body received and not yet read: past it, reading pauses
 
 
 class ConnectError(OSError):
@@ -57,7 +61,7 @@ class BadAnswer(Exception):
 class Response:
     status: int
     headers: dict[str, str]  # names lower-cased; a repeated header's last value
-    body: bytes
+    body: bytes  # the whole body (`post`); empty for a stream's head
 
     @property
     def content_type(self) -> str:
@@ -68,17 +72,23 @@ class Response:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: the answer to the request in flight, parsed as its bytes come."""
+    """One keep-alive connection: the answer to the request in flight, parsed as its bytes come. A
+    plain request's `waiter` gets the whole answer; a stream's gets its head, and its body collects in
+    `_body` for `read_body`, with `_ended` or `_error` once there is no more."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[Response] | None = None
+        self.active = False  # a request is in flight (bytes outside one make the connection unusable)
+        self.streaming = False
         self.last_data_s = 0.0  # loop time of the last byte (or of sending the request)
         self.timer: asyncio.TimerHandle | None = None  # the read timeout's check
         self.idle_since_s = 0.0
         self.reusable = True
         self._buf = bytearray()
+        self._reader: asyncio.Future[None] | None = None  # a stream's reader waiting for bytes
+        self._paused = False
         self._reset()
 
     def _reset(self) -> None:
@@ -88,6 +98,14 @@ class _Connection(asyncio.Protocol):
         self._remaining = 0  # body bytes still expected ("length"), or of the current chunk
         self._chunk_state = "size"  # "size", "data", "data_end", "trailer"
         self._body = bytearray()
+        self._decoder: Any = None  # a stream's gzip or deflate decoder
+        self._ended = False
+        self._error: Exception | None = None
+
+    def start(self, waiter: asyncio.Future[Response], streaming: bool) -> None:
+        self._reset()
+        self.waiter, self.streaming, self.active = waiter, streaming, True
+        self.last_data_s = self._loop.time()
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -100,64 +118,98 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_data_s = self._loop.time()
-        if self.waiter is None or self.waiter.done():  # bytes nobody asked for: not reusable
+        if not self.active or self._ended or self._error is not None:  # bytes nobody asked for
             self.reusable = False
             if self.transport is not None:
                 self.transport.close()
             return
         self._buf += data
         try:
-            response = self._parse()
+            self._parse()
         except BadAnswer as e:
-            self._fail(e)
-            return
-        if response is not None:
-            self.waiter.set_result(response)
+            self.fail(e)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         self.transport = None
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        if not self.active or self._ended or self._error is not None:
             return
         if self._framing == "close":  # an answer framed by the connection's end: whole now
-            waiter.set_result(self._response(bytes(self._body)))
+            try:
+                self._complete()
+            except BadAnswer as e:
+                self.fail(e)
         else:
             partial = bool(self._framing)
-            waiter.set_exception(Disconnected("the connection closed before the whole answer", partial))
+            self.fail(Disconnected("the connection closed before the whole answer", partial))
 
-    # -- parsing -------------------------------------------------------------------------------------
+    # -- what the pool calls -------------------------------------------------------------------------
 
-    def _fail(self, error: Exception) -> None:
+    def fail(self, error: Exception) -> None:
+        """The request in flight fails with `error` (its caller gets it), and the connection closes."""
         self.reusable = False
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(error)
+        elif not self._ended and self._error is None:
+            self._error = error
+            self._wake()
         if self.transport is not None:
             self.transport.close()
 
-    def _parse(self) -> Response | None:
-        """The whole answer, where the bytes so far hold it; None: more is needed."""
+    async def read_body(self) -> bytes:
+        """A stream's body received so far and not yet read (waiting until there is some); b"" at its
+        end. Raises the error that ended it."""
+        while not self._body and not self._ended and self._error is None:
+            self._reader = self._loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        if self._body:
+            data = bytes(self._body)
+            self._body.clear()
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+            return data
+        if self._error is not None:
+            raise self._error
+        return b""
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    # -- parsing -------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    def _parse(self) -> None:
         buf = self._buf
         while not self._framing:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise BadAnswer("an answer's head longer than 64 KiB")
-                return None
+                return
             head = bytes(buf[:end])
             del buf[: end + 4]
             self._head(head)
         if self._framing == "length":
-            if len(buf) < self._remaining:
-                return None
-            body = bytes(buf[: self._remaining])
-            del buf[: self._remaining]
-            return self._response(body)
-        if self._framing == "chunked":
-            return self._chunks()
-        self._body += buf  # "close": everything until the connection ends
-        buf.clear()
-        return None
+            taken = min(len(buf), self._remaining)
+            if taken:
+                self._deliver(bytes(buf[:taken]))
+                del buf[:taken]
+                self._remaining -= taken
+            if not self._remaining:
+                self._complete()
+        elif self._framing == "chunked":
+            self._chunks()
+        elif buf:  # "close": everything until the connection ends
+            self._deliver(bytes(buf))
+            buf.clear()
 
     def _head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
@@ -188,8 +240,29 @@ class _Connection(asyncio.Protocol):
         else:
             self._framing = "close"
             self.reusable = False
+        coding = headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("", "identity", "gzip", "x-gzip", "deflate"):
+            raise BadAnswer(f"a body in an unsupported coding: {coding[:40]}")
+        if self.streaming:
+            if coding in ("gzip", "x-gzip", "deflate"):  # wbits 47: a gzip or zlib header, found
+                self._decoder = zlib.decompressobj(47)
+            assert self.waiter is not None
+            self.waiter.set_result(Response(status, headers, b""))
 
-    def _chunks(self) -> Response | None:
+    def _deliver(self, data: bytes) -> None:
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decompress(data)
+            except zlib.error as e:
+                raise BadAnswer(f"a body that does not decode: {e}") from e
+        self._body += data
+        if self.streaming:
+            self._wake()
+            if len(self._body) > MAX_BUFFERED_BYTES and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+
+    def _chunks(self) -> None:
         buf = self._buf
         while True:
             if self._chunk_state == "size":
@@ -197,7 +270,7 @@ class _Connection(asyncio.Protocol):
                 if end < 0:
                     if len(buf) > 4096:
                         raise BadAnswer("a chunk's size line longer than 4 KiB")
-                    return None
+                    return
                 size = bytes(buf[:end]).split(b";", 1)[0].strip()
                 del buf[: end + 2]
                 try:
@@ -207,15 +280,17 @@ class _Connection(asyncio.Protocol):
                 self._chunk_state = "data" if self._remaining else "trailer"
             elif self._chunk_state == "data":
                 taken = min(len(buf), self._remaining)
-                self._body += buf[:taken]
+                if not taken:
+                    return
+                self._deliver(bytes(buf[:taken]))
                 del buf[:taken]
                 self._remaining -= taken
                 if self._remaining:
-                    return None
+                    return
                 self._chunk_state = "data_end"
             elif self._chunk_state == "data_end":
                 if len(buf) < 2:
-                    return None
+                    return
                 if buf[:2] != b"\r\n":
                     raise BadAnswer("a chunk not followed by CRLF")
                 del buf[:2]
@@ -225,25 +300,32 @@ class _Connection(asyncio.Protocol):
                 if end < 0:
                     if len(buf) > MAX_HEAD_BYTES:
                         raise BadAnswer("trailer fields longer than 64 KiB")
-                    return None
+                    return
                 del buf[: end + 2]
                 if end == 0:
-                    return self._response(bytes(self._body))
+                    self._complete()
+                    return
 
-    def _response(self, body: bytes) -> Response:
+    def _complete(self) -> None:
+        """The whole answer has come."""
+        if self._buf:  # bytes past the answer: the connection's framing cannot be trusted
+            self.reusable = False
+        if self.streaming:
+            if self._decoder is not None:
+                self._body += self._decoder.flush()
+            self._ended = True
+            self._wake()
+            return
+        body = bytes(self._body)
         coding = self._headers.get("content-encoding", "identity").strip().lower()
         if coding in ("gzip", "x-gzip", "deflate"):
             try:  # wbits 47: a gzip or zlib header, found by the decoder
                 body = zlib.decompress(body, 47) if coding != "deflate" else _inflate(body)
             except zlib.error as e:
                 raise BadAnswer(f"a body that is not {coding}: {e}") from e
-        elif coding not in ("", "identity"):
-            raise BadAnswer(f"a body in an unsupported coding: {coding[:40]}")
-        response = Response(self._status, self._headers, body)
-        if self._buf:  # bytes past the answer: the connection's framing cannot be trusted
-            self.reusable = False
-        self._reset()
-        return response
+        self._ended = True
+        assert self.waiter is not None
+        self.waiter.set_result(Response(self._status, self._headers, body))
 
 
 def _inflate(body: bytes) -> bytes:
@@ -252,6 +334,40 @@ def _inflate(body: bytes) -> bytes:
         return zlib.decompress(body)
     except zlib.error:
         return zlib.decompress(body, -15)
+
+
+class Http1Stream:
+    """A streamed answer: its head (`status`, `headers`, `content_type`), then its body as it comes
+    (`read`, b"" at its end). `release` when done with it (the connection goes back to the pool where
+    the body was read to its end), `abort` to drop the connection at once."""
+
+    def __init__(self, pool: Http1Pool, conn: _Connection, head: Response) -> None:
+        self._pool, self._conn, self._head = pool, conn, head
+        self.status, self.headers = head.status, head.headers
+        self._done = False
+
+    @property
+    def content_type(self) -> str:
+        return self._head.content_type
+
+    async def read(self) -> bytes:
+        return await self._conn.read_body()
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while piece := await self.read():
+            parts.append(piece)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._pool._finish(self._conn, self._conn.ended)
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._pool._finish(self._conn, False)
 
 
 class Http1Pool:
@@ -290,41 +406,67 @@ class Http1Pool:
 
     async def post(self, path: str, headers: dict[str, str], body: bytes) -> Response:
         """POST `body` to `path` and read the whole answer."""
-        data = self.request_head(path, headers, len(body)) + body
-        async with self._slots:
-            conn = await self._connection()
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[Response] = loop.create_future()
-            conn.waiter = waiter
-            conn.last_data_s = loop.time()
-            conn.timer = loop.call_at(conn.last_data_s + self._read_timeout_s, self._check_read, conn, waiter)
-            done = False
-            try:
-                assert conn.transport is not None
-                conn.transport.write(data)
-                response = await waiter
-                done = True
-                return response
-            finally:
-                if conn.timer is not None:
-                    conn.timer.cancel()
-                    conn.timer = None
-                conn.waiter = None
-                if done and conn.reusable and conn.transport is not None:
-                    conn.idle_since_s = loop.time()
-                    self._idle.append(conn)
-                else:  # cancelled, failed, or framed by its end: the connection goes
-                    self._drop(conn)
+        conn, waiter = await self._send(path, headers, body, streaming=False)
+        done = False
+        try:
+            response = await waiter
+            done = True
+            return response
+        finally:
+            self._finish(conn, done)
 
-    def _check_read(self, conn: _Connection, waiter: asyncio.Future[Response]) -> None:
-        if waiter.done():
+    async def open_stream(self, path: str, headers: dict[str, str], body: bytes) -> Http1Stream:
+        """POST `body` to `path`; the answer once its head has come, its body to be read as it comes.
+        The caller must `release` or `abort` it."""
+        conn, waiter = await self._send(path, headers, body, streaming=True)
+        try:
+            head = await waiter
+        except BaseException:
+            self._finish(conn, False)
+            raise
+        return Http1Stream(self, conn, head)
+
+    async def _send(
+        self, path: str, headers: dict[str, str], body: bytes, streaming: bool
+    ) -> tuple[_Connection, asyncio.Future[Response]]:
+        data = self.request_head(path, headers, len(body)) + body
+        await self._slots.acquire()
+        try:
+            conn = await self._connection()
+        except BaseException:
+            self._slots.release()
+            raise
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Response] = loop.create_future()
+        conn.start(waiter, streaming)
+        conn.timer = loop.call_at(conn.last_data_s + self._read_timeout_s, self._check_read, conn)
+        assert conn.transport is not None
+        conn.transport.write(data)
+        return conn, waiter
+
+    def _finish(self, conn: _Connection, whole: bool) -> None:
+        """The request on `conn` is over (`whole`: its answer was read to its end): the connection goes
+        back to the pool where it can take another, else it closes; its slot is free."""
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        conn.active = False
+        conn.waiter = None
+        if whole and conn.reusable and conn.transport is not None:
+            conn.idle_since_s = asyncio.get_running_loop().time()
+            self._idle.append(conn)
+        else:  # cancelled, failed, not read to its end, or framed by its close: the connection goes
+            self._drop(conn)
+        self._slots.release()
+
+    def _check_read(self, conn: _Connection) -> None:
+        if not conn.active or conn.ended:
             return
         loop = asyncio.get_running_loop()
-        waited_s = loop.time() - conn.last_data_s
-        if waited_s >= self._read_timeout_s:
-            waiter.set_exception(ReadTimeout(f"no byte of the answer for {self._read_timeout_s:g} s"))
+        if loop.time() - conn.last_data_s >= self._read_timeout_s:
+            conn.fail(ReadTimeout(f"no byte of the answer for {self._read_timeout_s:g} s"))
         else:
-            conn.timer = loop.call_at(conn.last_data_s + self._read_timeout_s, self._check_read, conn, waiter)
+            conn.timer = loop.call_at(conn.last_data_s + self._read_timeout_s, self._check_read, conn)
 
     async def _connection(self) -> _Connection:
         loop = asyncio.get_running_loop()

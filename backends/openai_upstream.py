@@ -1,9 +1,9 @@
 """A thin async client for an OpenAI-compatible upstream server (vLLM, TGI, another WattProxy).
 
-One `OpenAIUpstream` owns one `aiohttp.ClientSession` for the life of the service (streams, the model
-list, and everything where the base URL is `https://` or names credentials) and, for an `http://`
-upstream, one `backends.http1.Http1Pool` for plain answers (a third of aiohttp's CPU a request): each
-a pool of at most `max_connections` keep-alive connections, a connect timeout (TCP connect, s) and a
+One `OpenAIUpstream` owns one `aiohttp.ClientSession` for the life of the service (the model list, and
+everything where the base URL is `https://` or names credentials) and, for an `http://` upstream, one
+`backends.http1.Http1Pool` for plain answers and streams (a third of aiohttp's CPU a plain request):
+each a pool of at most `max_connections` keep-alive connections, a connect timeout (TCP connect, s) and a
 read timeout (the longest wait for the next byte of an answer, s; for a plain answer that includes the
 whole generation).
 Pooled connections are dropped after `keepalive_timeout_s` idle (s), below the 5 s that vLLM's
@@ -29,7 +29,7 @@ import datetime
 import email.utils
 import json
 import math
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -135,6 +135,12 @@ def _lean_translated(base_url: str) -> Iterator[None]:
         ) from e
 
 
+def _lean_retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """`_retry_after_s` of backends.http1's headers (lower-cased names)."""
+    value = headers.get("retry-after")
+    return _retry_after_s({} if value is None else {"Retry-After": value})
+
+
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:
     """Retry-After in seconds: its delay, or the time until its HTTP date (RFC 9110), at most a day;
     None where it is neither (or not a finite, non-negative delay: `inf` and `nan` parse as floats)."""
@@ -213,20 +219,27 @@ class SseParser:
 
 class EventStream:
     """The data payloads of a server-sent-events answer, in order, the final `[DONE]` included
-    (`SseParser`'s rules)."""
+    (`SseParser`'s rules). `read` gives the body's bytes as they come (b"" at its end), `close` drops
+    the connection, `translated` maps the transport's errors (aiohttp's client, or backends.http1)."""
 
-    def __init__(self, response: aiohttp.ClientResponse, base_url: str) -> None:
-        self._response = response
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        close: Callable[[], None],
+        base_url: str,
+        translated: Callable[[str], contextlib.AbstractContextManager[None]],
+    ) -> None:
+        self._read, self._close = read, close
         self._base_url = base_url
+        self._translated = translated
 
     async def batches(self) -> AsyncIterator[list[bytes]]:
         """The events as they arrive: each list holds every event complete in what has been received
         so far (one, unless the reader fell behind: then all that are waiting, to be sent on at once)."""
-        content = self._response.content
         parser = SseParser()
         while True:
-            with _translated(self._base_url):
-                piece = await content.readany()
+            with self._translated(self._base_url):
+                piece = await self._read()
             try:
                 events = parser.feed(piece) if piece else parser.close()
             except ValueError as e:
@@ -243,7 +256,7 @@ class EventStream:
 
     def abort(self) -> None:
         """Close the connection now: the upstream sees its client leave and cancels the request."""
-        self._response.close()
+        self._close()
 
 
 class OpenAIUpstream:
@@ -361,21 +374,19 @@ class OpenAIUpstream:
     async def _lean_post(
         self, pool: http1.Http1Pool, path: str, body: bytes, headers: Mapping[str, str] | None
     ) -> Answer:
+        sent = {"Content-Type": JSON, **self._headers, **(headers or {})}
+        with _lean_translated(self.shown_url):
+            resp = await pool.post(self._target(path), sent, body)
+        if resp.status >= 300:
+            raise UpstreamStatus(resp.status, resp.body, resp.content_type, _lean_retry_after_s(resp.headers))
+        return Answer(resp.status, resp.body)
+
+    def _target(self, path: str) -> str:
+        """The request target of `path`: the base URL's path and `path`, as sent on the request line."""
         target = self._targets.get(path)
         if target is None:
             target = self._targets[path] = self.url(path).raw_path_qs
-        sent = {"Content-Type": JSON, **self._headers, **(headers or {})}
-        with _lean_translated(self.shown_url):
-            resp = await pool.post(target, sent, body)
-        if resp.status >= 300:
-            retry_after = resp.headers.get("retry-after")
-            raise UpstreamStatus(
-                resp.status,
-                resp.body,
-                resp.content_type,
-                _retry_after_s({} if retry_after is None else {"Retry-After": retry_after}),
-            )
-        return Answer(resp.status, resp.body)
+        return target
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -384,6 +395,10 @@ class OpenAIUpstream:
         """POST a JSON body that asks for a stream; yields its `EventStream` once the answer's headers
         are in. A non-2xx answer raises `UpstreamStatus` (with its whole body) before any event.
         Leaving the block early (an exception, a cancellation) closes the connection."""
+        if self._pool is not None:
+            async with self._lean_stream(self._pool, path, body, headers) as events:
+                yield events
+            return
         with _translated(self.shown_url):
             resp = await self.session.post(
                 self.url(path),
@@ -399,9 +414,34 @@ class OpenAIUpstream:
                 raise UpstreamBadResponse(
                     f"the upstream {self.shown_url} answered a stream request without one"
                 )
-            yield EventStream(resp, self.shown_url)
+            yield EventStream(resp.content.readany, resp.close, self.shown_url, _translated)
         except BaseException:
             resp.close()
+            raise
+        else:
+            resp.release()
+
+    @contextlib.asynccontextmanager
+    async def _lean_stream(
+        self, pool: http1.Http1Pool, path: str, body: bytes, headers: Mapping[str, str] | None
+    ) -> AsyncIterator[EventStream]:
+        sent = {"Content-Type": JSON, "Accept": "text/event-stream", **self._headers, **(headers or {})}
+        with _lean_translated(self.shown_url):
+            resp = await pool.open_stream(self._target(path), sent, body)
+        try:
+            if resp.status >= 300:
+                with _lean_translated(self.shown_url):
+                    payload = await resp.read_all()
+                raise UpstreamStatus(
+                    resp.status, payload, resp.content_type, _lean_retry_after_s(resp.headers)
+                )
+            if resp.content_type != "text/event-stream":
+                raise UpstreamBadResponse(
+                    f"the upstream {self.shown_url} answered a stream request without one"
+                )
+            yield EventStream(resp.read, resp.abort, self.shown_url, _lean_translated)
+        except BaseException:
+            resp.abort()
             raise
         else:
             resp.release()

@@ -314,3 +314,79 @@ def test_the_upstream_client_takes_the_lean_path_for_plain_http() -> None:
         assert OpenAIUpstream("http://user:pw@127.0.0.1:9")._lean is False
 
     asyncio.run(main())
+
+
+def test_a_stream_is_read_as_it_comes_and_its_connection_reused_once_read_to_its_end() -> None:
+    events = [b"data: %d\n\n" % i for i in range(5)]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def body(pool: http1.Http1Pool, server: ScriptedServer) -> None:
+        stream = await pool.open_stream("/s", {}, b"")
+        assert (stream.status, stream.content_type) == (200, "text/event-stream")
+        first = await stream.read()  # the first event, before the server has sent the rest
+        assert first == events[0]
+        rest = await stream.read_all()
+        assert first + rest == b"".join(events)
+        stream.release()
+        again = await pool.open_stream("/s", {}, b"")
+        assert await again.read_all() == b"".join(events)
+        again.release()
+        unread = await pool.open_stream("/s", {}, b"")  # let go before its end: the connection goes
+        assert await unread.read() == events[0]
+        unread.release()
+        assert server.connections == 1
+        assert (await pool.post("/", {}, b"")).body == b"after"
+        assert server.connections == 2
+
+    paced: list[bytes | float] = [head]
+    for i, e in enumerate(events):
+        paced += [b"%x\r\n%s\r\n" % (len(e), e), 0.05 if i == 0 else 0.0]
+    paced.append(b"0\r\n\r\n")
+    _run(
+        [
+            (paced, False),
+            (_bytewise(head + chunked), False),
+            ([head + chunked[:14], 0.3, chunked[14:]], False),  # 14 bytes: the first event's chunk
+            ([_answer(b"after")], False),
+        ],
+        body,
+    )
+
+
+def test_a_stream_that_breaks_off_or_stalls_raises_after_what_came() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 100\r\n\r\n"
+
+    async def body(pool: http1.Http1Pool, server: ScriptedServer) -> None:
+        broken = await pool.open_stream("/s", {}, b"")
+        assert await broken.read() == b"data: 1\n\n"
+        with pytest.raises(http1.Disconnected) as cut:
+            await broken.read()
+        assert cut.value.partial
+        broken.abort()
+        stalled = await pool.open_stream("/s", {}, b"")
+        assert await stalled.read() == b"data: 2\n\n"
+        with pytest.raises(http1.ReadTimeout):
+            await stalled.read()
+        stalled.abort()
+
+    _run(
+        [([head, b"data: 1\n\n", 0.05], True), ([head, b"data: 2\n\n", 1.0], True)], body, read_timeout_s=0.3
+    )
+
+
+def test_a_stream_read_slowly_pauses_its_connection_and_loses_nothing() -> None:
+    size = 3 * http1.MAX_BUFFERED_BYTES
+    payload = bytes(range(256)) * (size // 256)
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+
+    async def body(pool: http1.Http1Pool, server: ScriptedServer) -> None:
+        stream = await pool.open_stream("/s", {}, b"")
+        await asyncio.sleep(0.3)  # the server writes it all meanwhile; the client holds at most the limit
+        held = len(stream._conn._body)
+        assert held <= http1.MAX_BUFFERED_BYTES + 256 * 1024 and stream._conn._paused, held
+        got = await stream.read_all()
+        assert got == payload
+        stream.release()
+
+    _run([([head, payload], False)], body)
