@@ -7,15 +7,17 @@ row's last token and fills the row's bitmask of allowed tokens, and the tokens o
 (`RowFormats`, on the CPU, one row after another). These costs grow with the vocabulary, and the
 embedded tiny model's 1,019 tokens say little about a real model's 32,000-150,000.
 No real tokenizer can be downloaded here, so this trains a byte-level BPE (GPT-2's kind) on the Python
-standard library's sources to a real model's vocabulary size, and times, beside the tiny model's:
+standard library's sources (and, past 64,000 tokens, the installed packages') to a real model's
+vocabulary size, and times, beside the tiny model's:
 
 - indexing the vocabulary (`structured.Grammars`), once;
 - compiling each answer's schema, the first time (not cached);
 - each step of `RowFormats` for one row, as served (its matcher, the mask over the scores), while the
   row writes a fixed answer token by token (its natural tokenization), for answers of three shapes.
 
-    python -m bench.structured                  # 32,000 and 64,000 tokens (each trained in ~10 s, kept)
-    python -m bench.structured --vocab 128000
+    python -m bench.structured                  # 32,000, 64,000 and 128,000 tokens (each trained once
+                                                # in 10-20 s, and kept)
+    python -m bench.structured --vocab 32000
     python -m bench.structured --smoke          # a 2,000-token vocabulary: proves the path, times nothing
 
 Writes bench/results/structured.md (and .json) for `make bench`.
@@ -52,6 +54,9 @@ from bench.common import (
 NAME = "structured"
 WORK = REPO_ROOT / "bench" / "_work" / "structured"
 CORPUS_CHARS = 24_000_000  # of the standard library's .py files, in path order
+# the standard library has merges seen twice for about 65,000 tokens: a larger vocabulary is trained on
+# more text, the installed packages' sources after the standard library's
+LARGE_VOCAB, LARGE_CORPUS_CHARS = 64_000, 80_000_000
 EOT = "<|endoftext|>"
 
 _CITY = {
@@ -110,8 +115,9 @@ class Row:
 
 
 def trained_bpe(vocab: int, out: Path, corpus_chars: int = CORPUS_CHARS) -> Any:
-    """A byte-level BPE tokenizer (as GPT-2's) trained on the standard library's sources to `vocab`
-    tokens (or as many merges as the corpus has), saved in `out` and loaded from there next time."""
+    """A byte-level BPE tokenizer (as GPT-2's) trained on `corpus_chars` of the standard library's
+    sources, then the installed packages', to `vocab` tokens (or as many merges as the corpus has),
+    saved in `out` and loaded from there next time."""
     from transformers import PreTrainedTokenizerFast
 
     if (out / "tokenizer.json").exists():
@@ -119,10 +125,10 @@ def trained_bpe(vocab: int, out: Path, corpus_chars: int = CORPUS_CHARS) -> Any:
     from tokenizers import ByteLevelBPETokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = [p for p in sorted(stdlib.rglob("*.py")) if "site-packages" not in p.parts]
+    sources += sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*.py"))
     texts, size = [], 0
-    for path in sorted(stdlib.rglob("*.py")):
-        if "site-packages" in path.parts:
-            continue
+    for path in sources:
         text = path.read_text(encoding="utf-8", errors="ignore")
         texts.append(text)
         size += len(text)
@@ -198,7 +204,9 @@ def render(rows: Sequence[Row], info: dict[str, str], argv: Sequence[str], smoke
         "",
         f"- xgrammar {version('xgrammar')}, tokenizers {version('tokenizers')}. The BPE "
         "tokenizer is byte-level (GPT-2's kind), trained here on the Python standard library's sources "
-        "(no real model's tokenizer can be downloaded here); its tokens are code's, not a chat model's, "
+        f"(24 million characters; {LARGE_CORPUS_CHARS // 1_000_000} million, the installed packages' after "
+        "them, past 64,000 tokens; no real model's tokenizer can be downloaded here); its tokens are "
+        "code's, not a chat model's, "
         "but the parser's work depends on how many tokens there are and which characters they start "
         "with, which a real vocabulary of the same size has too.",
         "- A step is one call of `backends.structured.RowFormats` for one row, as served: the row's "
@@ -247,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     common_args(parser)
     parser.add_argument(
-        "--vocab", default="32000,64000", help="the trained tokenizers' vocabulary sizes, comma-separated"
+        "--vocab",
+        default="32000,64000,128000",
+        help="the trained tokenizers' vocabulary sizes, comma-separated",
     )
     parser.add_argument("--rounds", type=int, default=3, help="answers written per shape and tokenizer")
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: the service's)")
@@ -263,7 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiny = AutoTokenizer.from_pretrained(
         ensure_model("tiny-gpt2", (args.cache_dir or default_cache_dir()) / "models")
     )
-    bpes = {vocab: trained_bpe(vocab, args.work / f"bpe-{vocab}-{corpus}", corpus) for vocab in vocabs}
+    bpes = {}
+    for vocab in vocabs:
+        chars = corpus if vocab <= LARGE_VOCAB or args.smoke else LARGE_CORPUS_CHARS
+        bpes[vocab] = trained_bpe(vocab, args.work / f"bpe-{vocab}-{chars}", chars)
     info = machine_info()
     rows = measure("tiny-gpt2 (embedded)", tiny, rounds)
     for vocab, bpe in bpes.items():
