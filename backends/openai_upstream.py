@@ -135,16 +135,10 @@ def _lean_translated(base_url: str) -> Iterator[None]:
         ) from e
 
 
-def _lean_retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """`_retry_after_s` of backends.http1's headers (lower-cased names)."""
-    value = headers.get("retry-after")
-    return _retry_after_s({} if value is None else {"Retry-After": value})
-
-
-def _retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds: its delay, or the time until its HTTP date (RFC 9110), at most a day;
-    None where it is neither (or not a finite, non-negative delay: `inf` and `nan` parse as floats)."""
-    value = headers.get("Retry-After")
+def _retry_after_s(value: str | None) -> float | None:
+    """A Retry-After header's `value` in seconds: its delay, or the time until its HTTP date (RFC 9110),
+    at most a day; None where it is neither (or not a finite, non-negative delay: `inf` and `nan` parse
+    as floats)."""
     if value is None:
         return None
     try:
@@ -286,12 +280,12 @@ class OpenAIUpstream:
         self._keepalive_timeout_s = keepalive_timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
-        # plain answers from an http:// upstream without credentials in its URL: the lean client
+        # an http:// upstream without credentials in its URL: the lean client, to its host and port
         parsed = URL(self.base_url)
         self._lean = parsed.scheme == "http" and not parsed.user and not parsed.password and bool(parsed.host)
+        self._address = (str(parsed.host), int(parsed.port or 80)) if self._lean else None
         self._pool: http1.Http1Pool | None = None
         self._targets: dict[str, str] = {}  # path -> the request target (the base URL's path + path)
-        self._connect_timeout_s, self._read_timeout_s = connect_timeout_s, read_timeout_s
 
     def url(self, path: str) -> URL:
         """The absolute URL of `path` (e.g. "/v1/models") under the base URL, parsed once."""
@@ -313,14 +307,12 @@ class OpenAIUpstream:
             auto_decompress=True,
         )
 
-        if self._lean:
-            parsed = URL(self.base_url)
-            assert parsed.host is not None and parsed.port is not None
+        if self._address is not None:
+            assert self._timeout.sock_connect is not None and self._timeout.sock_read is not None
             self._pool = http1.Http1Pool(
-                parsed.host,
-                parsed.port,
-                connect_timeout_s=self._connect_timeout_s,
-                read_timeout_s=self._read_timeout_s,
+                *self._address,
+                connect_timeout_s=self._timeout.sock_connect,
+                read_timeout_s=self._timeout.sock_read,
                 max_connections=self._max_connections,
                 keepalive_timeout_s=self._keepalive_timeout_s,
             )
@@ -345,7 +337,9 @@ class OpenAIUpstream:
             async with self.session.get(self.url("/v1/models")) as resp:
                 body = await resp.read()
                 if resp.status >= 300:
-                    raise UpstreamStatus(resp.status, body, resp.content_type, _retry_after_s(resp.headers))
+                    raise UpstreamStatus(
+                        resp.status, body, resp.content_type, _retry_after_s(resp.headers.get("Retry-After"))
+                    )
         try:
             data = json.loads(body)["data"]
             return [
@@ -367,7 +361,10 @@ class OpenAIUpstream:
                 payload = await resp.read()
                 if resp.status >= 300:
                     raise UpstreamStatus(
-                        resp.status, payload, resp.content_type, _retry_after_s(resp.headers)
+                        resp.status,
+                        payload,
+                        resp.content_type,
+                        _retry_after_s(resp.headers.get("Retry-After")),
                     )
                 return Answer(resp.status, payload)
 
@@ -378,7 +375,9 @@ class OpenAIUpstream:
         with _lean_translated(self.shown_url):
             resp = await pool.post(self._target(path), sent, body)
         if resp.status >= 300:
-            raise UpstreamStatus(resp.status, resp.body, resp.content_type, _lean_retry_after_s(resp.headers))
+            raise UpstreamStatus(
+                resp.status, resp.body, resp.content_type, _retry_after_s(resp.headers.get("retry-after"))
+            )
         return Answer(resp.status, resp.body)
 
     def _target(self, path: str) -> str:
@@ -409,7 +408,9 @@ class OpenAIUpstream:
             if resp.status >= 300:
                 with _translated(self.shown_url):
                     payload = await resp.read()
-                raise UpstreamStatus(resp.status, payload, resp.content_type, _retry_after_s(resp.headers))
+                raise UpstreamStatus(
+                    resp.status, payload, resp.content_type, _retry_after_s(resp.headers.get("Retry-After"))
+                )
             if resp.content_type != "text/event-stream":
                 raise UpstreamBadResponse(
                     f"the upstream {self.shown_url} answered a stream request without one"
@@ -433,7 +434,7 @@ class OpenAIUpstream:
                 with _lean_translated(self.shown_url):
                     payload = await resp.read_all()
                 raise UpstreamStatus(
-                    resp.status, payload, resp.content_type, _lean_retry_after_s(resp.headers)
+                    resp.status, payload, resp.content_type, _retry_after_s(resp.headers.get("retry-after"))
                 )
             if resp.content_type != "text/event-stream":
                 raise UpstreamBadResponse(

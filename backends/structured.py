@@ -42,17 +42,20 @@ def _reason(error: Exception) -> str:
     return _WHERE.sub("", lines[-1] if lines else type(error).__name__)
 
 
-def _grammar_options() -> dict[str, Any]:
-    # strict: an object takes the properties its schema names (and others only where
-    # `additionalProperties` allows them), as OpenAI's strict structured outputs and vLLM do
-    return {"any_whitespace": True, "max_whitespace_cnt": MAX_CONSECUTIVE_WHITESPACE, "strict_mode": True}
+# strict: an object takes the properties its schema names (and others only where `additionalProperties`
+# allows them), as OpenAI's strict structured outputs and vLLM do
+_GRAMMAR_OPTIONS: dict[str, Any] = {
+    "any_whitespace": True,
+    "max_whitespace_cnt": MAX_CONSECUTIVE_WHITESPACE,
+    "strict_mode": True,
+}
 
 
 def check_schema(schema: str) -> None:
     """Raise ValueError where `schema` (JSON text) is not a JSON Schema that can be enforced (no
     vocabulary needed: the schema's grammar alone, as compiling for a model makes it)."""
     try:
-        xgr.Grammar.from_json_schema(schema, **_grammar_options())
+        xgr.Grammar.from_json_schema(schema, **_GRAMMAR_OPTIONS)
     except Exception as e:  # xgrammar's are RuntimeError, with the converter's reason
         raise ValueError(_reason(e)) from e
 
@@ -76,7 +79,7 @@ class Grammars:
     def compiled(self, schema: str) -> xgr.CompiledGrammar:
         """`schema` compiled over the vocabulary: 10-100 ms the first time on a real model's vocabulary
         (without the interpreter lock), then from the cache."""
-        return self._compiler.compile_json_schema(schema, **_grammar_options())
+        return self._compiler.compile_json_schema(schema, **_GRAMMAR_OPTIONS)
 
 
 class RowFormats(LogitsProcessor):

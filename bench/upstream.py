@@ -921,8 +921,8 @@ def render(
         ),
         "- WattProxy: `python -m proxy serve --upstream <stub> --auth none --meter synthetic` (one process, "
         "on the event loop `wattproxy serve` picks: uvloop where it is installed): each request is "
-        "forwarded (a plain answer through its own HTTP/1.1 client, `backends/http1.py`; a stream through "
-        "an aiohttp client session), accounted on the upstream device's timeline, and committed to the "
+        "forwarded (through its own HTTP/1.1 client, `backends/http1.py`, plain answers and streams "
+        "alike), accounted on the upstream device's timeline, and committed to the "
         f"SQLite ledger before it is answered. Its ledger held {ledger['recorded']:,} records; the load "
         f"generator counted {ledger['sent']:,} answers (requests still in flight when a measurement "
         "stopped are recorded but not counted)"
